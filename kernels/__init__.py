@@ -1,0 +1,117 @@
+"""TextRefiner's custom operations: the cache update and the feature alignment (SPEC 4, 9.5).
+
+    from kernels import cache_update, cache_partials, cache_apply, feature_align
+
+backend: "auto" (Triton for CUDA tensors, the PyTorch reference otherwise), "triton", or
+"torch". The Triton modules are imported only when used, so importing this package never
+touches a GPU or needs Triton. Benchmark: `python -m kernels.bench` (CUDA only).
+
+Multi-rank cache update (every rank ends with the identical cache):
+    col_max, sums, counts = cache_partials(local_tokens, cache)
+    g = col_max.clone(); all_reduce(g, MAX)
+    sums *= torch.exp(col_max - g)[:, None]      # rescale to the global column maxima
+    all_reduce(sums, SUM); all_reduce(counts, SUM)
+    cache = cache_apply(cache, g, sums, counts, momentum)
+"""
+import torch
+
+from kernels import reference
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def _use_triton(backend, tensor):
+    if backend not in BACKENDS:
+        raise ValueError(f"kernels: backend must be one of {BACKENDS}, got {backend!r}")
+    # "auto" stays on the reference until the Triton kernels land
+    return backend == "triton"
+
+
+def _check_cache_inputs(tokens, cache):
+    if tokens.dim() != 2 or cache.dim() != 2 or tokens.shape[1] != cache.shape[1]:
+        raise ValueError(f"kernels.cache_partials: expected tokens (N, D) and cache (M, D), "
+                         f"got {tuple(tokens.shape)} and {tuple(cache.shape)}")
+    if tokens.shape[0] == 0 or cache.shape[0] == 0:
+        raise ValueError(f"kernels.cache_partials: need at least one token and one cache row, "
+                         f"got N={tokens.shape[0]}, M={cache.shape[0]}")
+    if tokens.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"kernels.cache_partials: tokens must be fp32/fp16/bf16, got {tokens.dtype}")
+    if cache.dtype != torch.float32:
+        raise TypeError(f"kernels.cache_partials: cache must be fp32, got {cache.dtype}")
+    if tokens.device != cache.device:
+        raise ValueError(f"kernels.cache_partials: tokens on {tokens.device}, cache on {cache.device}")
+
+
+def cache_partials(tokens, cache, backend="auto"):
+    """One shard's partial results of the SPEC 4 cache update, all fp32.
+
+    tokens (N, D) fp32/fp16/bf16, not yet normalised; cache (M, D) fp32. With
+    X = normalise(tokens), S = X @ cache^T and a_n = argmax_m S[n, m] (ties -> lowest m):
+      col_max (M,)       col_max[m] = max_n S[n, m] over all N rows of this shard
+      slot_sums (M, D)   slot_sums[m] = sum_{n: a_n = m} exp(S[n, m] - col_max[m]) * X_n
+      slot_counts (M,)   number of rows assigned to m, as float32
+    """
+    _check_cache_inputs(tokens, cache)
+    if _use_triton(backend, tokens):
+        from kernels.cache_update import cache_partials as triton_cache_partials
+        return triton_cache_partials(tokens, cache)
+    return reference.cache_partials(tokens, cache)
+
+
+def cache_apply(cache, col_max, slot_sums, slot_counts, momentum=0.8):
+    """cache[m] <- momentum * cache[m] + (1 - momentum) * slot_sums[m] where slot_counts[m] > 0,
+    unchanged elsewhere; then every row L2-normalised. Returns a new (M, D) fp32 tensor.
+
+    col_max is the (global) column maximum slot_sums was scaled against; it is only
+    checked here, the sums already carry it.
+    """
+    m, d = cache.shape
+    if (col_max.shape != (m,) or slot_sums.shape != (m, d) or slot_counts.shape != (m,)):
+        raise ValueError(f"kernels.cache_apply: expected col_max ({m},), slot_sums ({m}, {d}), "
+                         f"slot_counts ({m},) for cache {tuple(cache.shape)}, got "
+                         f"{tuple(col_max.shape)}, {tuple(slot_sums.shape)}, {tuple(slot_counts.shape)}")
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"kernels.cache_apply: momentum must be in [0, 1], got {momentum}")
+    return reference.cache_apply(cache, slot_sums, slot_counts, momentum)
+
+
+def cache_update(tokens, cache, momentum=0.8, backend="auto"):
+    """The whole single-process SPEC 4 cache update: returns the new (M, D) fp32 cache."""
+    col_max, slot_sums, slot_counts = cache_partials(tokens, cache, backend=backend)
+    return cache_apply(cache, col_max, slot_sums, slot_counts, momentum)
+
+
+def _check_align_inputs(x, w1, b1, gamma, beta, w2, b2):
+    if x.dim() != 2:
+        raise ValueError(f"kernels.feature_align: x must be (N, D), got {tuple(x.shape)}")
+    n, d = x.shape
+    if n < 1:
+        raise ValueError("kernels.feature_align: need at least one row for batch statistics")
+    expected = dict(w1=(d, d), b1=(d,), gamma=(d,), beta=(d,), w2=(d, d), b2=(d,))
+    given = dict(w1=w1, b1=b1, gamma=gamma, beta=beta, w2=w2, b2=b2)
+    for name, shape in expected.items():
+        t = given[name]
+        if tuple(t.shape) != shape:
+            raise ValueError(f"kernels.feature_align: {name} must be {shape} for D={d}, got {tuple(t.shape)}")
+        if t.dtype != torch.float32:
+            raise TypeError(f"kernels.feature_align: {name} must be fp32, got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"kernels.feature_align: {name} on {t.device}, x on {x.device}")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"kernels.feature_align: x must be fp32/fp16/bf16, got {x.dtype}")
+
+
+def feature_align(x, w1, b1, gamma, beta, w2, b2, eps=1e-5, backend="auto", process_group=None):
+    """Linear(D, D) -> BatchNorm1d with batch statistics -> ReLU -> Linear(D, D) over (N, D).
+
+    Returns (y (N, D) fp32, mean (D,) fp32, var (D,) fp32 biased) where mean/var are the
+    batch statistics of the first Linear's output (the caller updates running stats;
+    nn.BatchNorm1d uses the unbiased var for those). Differentiable w.r.t. x and all
+    weights. With process_group, statistics and their backward reductions are summed over
+    the group (SyncBatchNorm): mean/var are those of the concatenated global batch.
+    """
+    _check_align_inputs(x, w1, b1, gamma, beta, w2, b2)
+    if _use_triton(backend, x):
+        from kernels.feature_align import feature_align as triton_feature_align
+        return triton_feature_align(x, w1, b1, gamma, beta, w2, b2, eps=eps, process_group=process_group)
+    return reference.feature_align(x, w1, b1, gamma, beta, w2, b2, eps, process_group=process_group)
