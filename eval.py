@@ -1,0 +1,297 @@
+"""Evaluate a TextRefiner / CoOp checkpoint, zero-shot CLIP, or summarise finished runs.
+
+A checkpoint written by train.py on the new classes of the same dataset (base2new):
+    python eval.py --checkpoint output/base2new/dtd/seed1/base/best.pt --subsample new \
+        --output-dir output/base2new/dtd/seed1/new
+On another dataset (cross-dataset / domain generalisation; all its classes):
+    python eval.py --checkpoint output/xd/imagenet/seed1/last.pt --dataset imagenet_a --root /data \
+        --output-dir output/xd/imagenet_a/seed1
+Sharded over GPUs (every image counted once):
+    torchrun --standalone --nproc_per_node=4 eval.py --checkpoint ... --dataset imagenet --root /data
+A run of the authors' released code (folder with prompt_learner/ and Memory/):
+    python eval.py --checkpoint their_output/dtd/.../seed1 --epoch 10 --dataset dtd --root /data \
+        --subsample new --allow-pickle
+Zero-shot CLIP with CoOp's hand-crafted prompt:
+    python eval.py --zeroshot --dataset dtd --root /data --subsample new
+Tables over seeds and datasets (base/new/HM next to the published averages):
+    python eval.py --report output/base2new
+    python eval.py --report output/xd
+Inference throughput on random ViT-B/16 weights (no data needed):
+    python eval.py --benchmark --num-classes 1000
+
+--dataset, --root, --clip, --shots and --seed default to the checkpoint's own run; --subsample
+defaults to the checkpoint's when the dataset is the same, else to all classes.
+results.json holds accuracy, macro_f1, per_class_accuracy, num_images, num_classes, split and
+the arguments.
+"""
+import argparse
+import glob
+import json
+import os
+import pickle
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import clip_model
+import data
+import train
+from textrefiner import ZeroShotCLIP
+
+# The 11 base-to-new datasets in the paper's table order, with the paper's names.
+PAPER_DATASETS = {"imagenet": "ImageNet", "caltech101": "Caltech101", "oxford_pets": "OxfordPets",
+                  "stanford_cars": "StanfordCars", "oxford_flowers": "Flowers102", "food101": "Food101",
+                  "fgvc_aircraft": "FGVCAircraft", "sun397": "SUN397", "dtd": "DTD",
+                  "eurosat": "EuroSAT", "ucf101": "UCF101"}
+# Published 11-dataset averages (base, new, HM), ViT-B/16, 16 shots, 3 seeds.
+PUBLISHED = {"CoOp": (82.69, 63.22, 71.66), "CoOp+TextRefiner": (79.74, 74.32, 76.94)}
+# Authors' BatchNorm-in-conv alignment (mid_image_trans.conv1.{0,1,3}) -> our FeatureAlign names.
+AUTHORS_ALIGN = {"0.weight": "fc1.weight", "0.bias": "fc1.bias", "1.weight": "bn.weight",
+                 "1.bias": "bn.bias", "1.running_mean": "bn.running_mean",
+                 "1.running_var": "bn.running_var", "1.num_batches_tracked": "bn.num_batches_tracked",
+                 "3.weight": "fc2.weight", "3.bias": "fc2.bias"}
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description="Evaluate a checkpoint, zero-shot CLIP, or report results.")
+    p.add_argument("--checkpoint", help="train.py's best.pt/last.pt, or an authors' run folder")
+    p.add_argument("--epoch", type=int, help="authors' folder: load model.pth.tar-EPOCH (default: model-best)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="authors' files pickle Python objects; load them fully (trusted files only)")
+    p.add_argument("--zeroshot", action="store_true", help="zero-shot CLIP instead of a checkpoint")
+    p.add_argument("--dataset", help=f"one of {', '.join(data.DATASETS)}")
+    p.add_argument("--root", help="data root")
+    p.add_argument("--subsample", choices=("all", "base", "new"))
+    p.add_argument("--split", default="test", choices=("test", "val"))
+    p.add_argument("--clip", help="CLIP name or weights file (default: the checkpoint's, else ViT-B/16)")
+    p.add_argument("--shots", type=int, help="few-shot split that defines base/new (default: checkpoint's)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--batch-size", type=int, help="per rank (default 100; --benchmark: 32)")
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--device")
+    p.add_argument("--precision", choices=("bf16", "fp16", "fp32"))
+    p.add_argument("--output-dir", help="write results.json here")
+    p.add_argument("--report", metavar="DIR", help="summarise output/base2new or output/xd and exit")
+    p.add_argument("--benchmark", action="store_true", help="time synthetic inference and exit")
+    p.add_argument("--benchmark-clip", default="ViT-B/16", choices=tuple(clip_model.CONFIGS))
+    p.add_argument("--benchmark-steps", type=int, default=20)
+    p.add_argument("--num-classes", type=int, default=100)
+    return p
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def load_authors_checkpoint(folder, epoch=None, allow_pickle=False):
+    """State dict (SPEC 10 names) from the released code's Dassl output folder:
+    prompt_learner/<file> holds {'state_dict': CustomCLIP weights} with prompt_learner.ctx and
+    the alignment as 1x1 convs mid_image_trans.conv1.{0,1,3}; Memory/<file> holds
+    {'state_dict': {'extractor.weight'}, 'memory_item': the cache}. Tensors become fp32."""
+    name = f"model.pth.tar-{epoch}" if epoch is not None else "model-best.pth.tar"
+    paths = {part: os.path.join(folder, part, name) for part in ("prompt_learner", "Memory")}
+    missing = [p for p in paths.values() if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(f"authors' checkpoint folder {folder!r}: expected {missing} "
+                                f"(choose the file with --epoch N for model.pth.tar-N)")
+    loaded = {}
+    for part, path in paths.items():
+        try:
+            loaded[part] = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+        except pickle.UnpicklingError as e:
+            raise SystemExit(f"{path} stores Python objects (Dassl pickles its scheduler), which "
+                             f"weights-only loading refuses; if you trust the file, pass --allow-pickle "
+                             f"({str(e).splitlines()[0]})")
+    learner, memory = loaded["prompt_learner"]["state_dict"], loaded["Memory"]
+    if learner["prompt_learner.ctx"].dim() != 2:
+        raise ValueError(f"{paths['prompt_learner']}: class-specific contexts (CSC) are not supported")
+    if "memory_item" not in memory:
+        raise ValueError(f"{paths['Memory']}: no 'memory_item' (the cache) in the file")
+    state = {"prompt_learner.ctx": learner["prompt_learner.ctx"],
+             "refiner.extractor.weight": memory["state_dict"]["extractor.weight"],
+             "refiner.cache": memory["memory_item"]}
+    for theirs, ours in AUTHORS_ALIGN.items():
+        tensor = learner["mid_image_trans.conv1." + theirs]
+        state["refiner.align." + ours] = tensor.flatten(1) if tensor.dim() == 4 else tensor  # (D, D, 1, 1) -> (D, D)
+    return {k: v if k.endswith("num_batches_tracked") else v.float() for k, v in state.items()}
+
+
+def read_checkpoint(args):
+    """-> (trainable state dict, hyper-parameters of the run that wrote it)."""
+    defaults = vars(train.get_parser().parse_args([]))
+    if os.path.isdir(args.checkpoint):
+        state = load_authors_checkpoint(args.checkpoint, args.epoch, args.allow_pickle)
+        n_ctx = state["prompt_learner.ctx"].shape[0]
+        # The released scripts initialise 4 context vectors from "a photo of a"; the phrase only
+        # fixes the prompt's token positions, whose embeddings the loaded ctx replaces.
+        hp = dict(defaults, n_ctx=n_ctx, ctx_init="a photo of a" if n_ctx == 4 else "",
+                  cache_size=state["refiner.cache"].shape[0], dataset=None)
+        return state, hp
+    ckpt = train.load_checkpoint(args.checkpoint)
+    return ckpt["model"], dict(defaults, **ckpt["args"])
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def run(args):
+    rank, world_size, device, _ = train.setup_runtime(args)
+    precision = train.default_precision(args, device)
+    state, hp = (None, vars(train.get_parser().parse_args([]))) if args.zeroshot else read_checkpoint(args)
+    dataset = args.dataset or hp["dataset"]
+    root = args.root or hp["root"]
+    if dataset not in data.DATASETS:
+        raise SystemExit(f"--dataset {dataset!r}: expected one of {', '.join(data.DATASETS)}")
+    if root is None or not os.path.isdir(root):
+        raise SystemExit(f"--root {root!r} is not a directory")
+    subsample = args.subsample or (hp["subsample"] if dataset == hp["dataset"] else "all")
+    shots = hp["shots"] if args.shots is None else args.shots
+    seed = hp["seed"] if args.seed is None else args.seed
+    splits = data.load_splits(dataset, root, num_shots=shots, seed=seed, subsample=subsample)
+    classnames, items = splits["classnames"], splits[args.split]
+    if not items:
+        raise SystemExit(f"{dataset}: the {args.split} split is empty")
+
+    clip = clip_model.load_clip(args.clip or hp["clip"])
+    if args.zeroshot:
+        model = ZeroShotCLIP(clip, classnames, dataset)
+    else:
+        model = train.build_model(SimpleNamespace(**hp), classnames, clip)
+        model.load_trainable_state_dict(state)
+    model.to(device)
+    loader = data.build_eval_loader(items, args.batch_size or 100, clip.config.image_resolution,
+                                    rank=rank, world_size=world_size, workers=args.workers)
+    results = train.evaluate(model, loader, classnames, device, precision)
+    results.update(split=args.split, dataset=dataset, subsample=subsample,
+                   checkpoint="zero-shot CLIP" if args.zeroshot else args.checkpoint,
+                   args=dict(vars(args), precision=precision))
+    if rank == 0:
+        if args.output_dir:
+            os.makedirs(args.output_dir, exist_ok=True)
+            train.write_json(results, os.path.join(args.output_dir, "results.json"))
+        print(f"{dataset} {subsample} {args.split}: accuracy {results['accuracy']:.2f} "
+              f"macro-F1 {results['macro_f1']:.2f} on {results['num_images']} images, "
+              f"{len(classnames)} classes")
+    return results
+
+
+# ----------------------------------------------------------------------------- reports
+
+def harmonic_mean(base, new):
+    return 2 * base * new / (base + new) if base + new > 0 else 0.0
+
+
+def seed_dirs(folder):
+    return sorted(glob.glob(os.path.join(folder, "seed*")), key=lambda d: int(d.rsplit("seed", 1)[1]))
+
+
+def read_accuracy(path):
+    with open(path) as f:
+        return json.load(f)["accuracy"]
+
+
+def collect_base2new(root):
+    """{dataset: {seed: (base acc, new acc)}} from <root>/<dataset>/seed<S>/{base,new}/results.json."""
+    runs = {}
+    for dataset in sorted(os.listdir(root)):
+        for d in seed_dirs(os.path.join(root, dataset)):
+            paths = [os.path.join(d, part, "results.json") for part in ("base", "new")]
+            if all(map(os.path.isfile, paths)):
+                seed = int(d.rsplit("seed", 1)[1])
+                runs.setdefault(dataset, {})[seed] = tuple(map(read_accuracy, paths))
+    return runs
+
+
+def summarise_base2new(runs):
+    """Per dataset: mean and std (population, as CoOp's parse_test_res) over seeds of base and
+    new accuracy, and HM of the means; the average row is the mean over the paper's datasets
+    present, HM of those means (how the paper's tables compute it)."""
+    rows = {}
+    for dataset, seeds in runs.items():
+        acc = np.array(list(seeds.values()))  # (S, 2)
+        base, new = acc.mean(0)
+        rows[dataset] = dict(seeds=sorted(seeds), base=base, new=new, hm=harmonic_mean(base, new),
+                             base_std=acc[:, 0].std(), new_std=acc[:, 1].std())
+    paper = [d for d in PAPER_DATASETS if d in rows]
+    average = None
+    if paper:
+        base = float(np.mean([rows[d]["base"] for d in paper]))
+        new = float(np.mean([rows[d]["new"] for d in paper]))
+        average = dict(datasets=paper, base=base, new=new, hm=harmonic_mean(base, new))
+    return dict(datasets=rows, average=average)
+
+
+def format_base2new(summary, title):
+    rows, average = summary["datasets"], summary["average"]
+    lines = [title, f"{'Dataset':<18}{'Seeds':<8}{'Base':>14}{'New':>14}{'HM':>8}"]
+    if average:
+        label = "Average" if len(average["datasets"]) == len(PAPER_DATASETS) else \
+            f"Average ({len(average['datasets'])}/{len(PAPER_DATASETS)})"
+        lines.append(f"{label:<18}{'':<8}{average['base']:>14.2f}{average['new']:>14.2f}{average['hm']:>8.2f}")
+    ordered = [d for d in PAPER_DATASETS if d in rows] + sorted(d for d in rows if d not in PAPER_DATASETS)
+    for d in ordered:
+        r = rows[d]
+        lines.append(f"{PAPER_DATASETS.get(d, d):<18}{','.join(map(str, r['seeds'])):<8}"
+                     f"{r['base']:>8.2f}±{r['base_std']:<5.2f}{r['new']:>8.2f}±{r['new_std']:<5.2f}{r['hm']:>8.2f}")
+    lines.append("Published 11-dataset averages (ViT-B/16, 16 shots, seeds 1-3):")
+    for name, (b, n, h) in PUBLISHED.items():
+        lines.append(f"{name:<26}{b:>14.2f}{n:>14.2f}{h:>8.2f}")
+    return "\n".join(lines)
+
+
+def collect_xd(root):
+    """{target: {seed: accuracy}} from <root>/<target>/seed<S>/results.json."""
+    runs = {}
+    for target in sorted(os.listdir(root)):
+        for d in seed_dirs(os.path.join(root, target)):
+            if os.path.isfile(os.path.join(d, "results.json")):
+                runs.setdefault(target, {})[int(d.rsplit("seed", 1)[1])] = \
+                    read_accuracy(os.path.join(d, "results.json"))
+    return runs
+
+
+def report(root):
+    """Print and write <root>/report.json: base2new layout when the runs have base/ and new/,
+    else one accuracy per dataset (xd)."""
+    if not os.path.isdir(root):
+        raise SystemExit(f"--report {root!r} is not a directory")
+    runs = collect_base2new(root)
+    if runs:
+        summary = summarise_base2new(runs)
+        text = format_base2new(summary, f"Base-to-new generalisation in {root} "
+                                        f"(mean±std over seeds; HM of the mean base and new)")
+    else:
+        xd = collect_xd(root)
+        if not xd:
+            raise SystemExit(f"--report {root}: no finished runs (<dataset>/seed<S>/results.json)")
+        summary = {t: dict(seeds=sorted(s), accuracy=float(np.mean(list(s.values()))),
+                           std=float(np.std(list(s.values())))) for t, s in xd.items()}
+        text = "\n".join([f"Accuracy in {root} (mean±std over seeds)",
+                          f"{'Dataset':<18}{'Seeds':<8}{'Accuracy':>14}"] +
+                         [f"{t:<18}{','.join(map(str, r['seeds'])):<8}{r['accuracy']:>8.2f}±{r['std']:<5.2f}"
+                          for t, r in summary.items()])
+    print(text)
+    train.write_json(summary, os.path.join(root, "report.json"))
+    return summary
+
+
+def main(argv=None):
+    p = get_parser()
+    args = p.parse_args(argv)
+    if args.report:
+        return report(args.report)
+    if args.benchmark:
+        args.batch_size = args.batch_size or 32
+        return train.benchmark(args, training=False)
+    if args.zeroshot == bool(args.checkpoint):
+        p.error("give exactly one of --checkpoint PATH and --zeroshot")
+    if args.checkpoint and not os.path.exists(args.checkpoint):
+        p.error(f"--checkpoint {args.checkpoint!r} does not exist")
+    try:
+        return run(args)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

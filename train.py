@@ -1,0 +1,475 @@
+"""Train CoOp + TextRefiner on one of the CoOp benchmarks (paper recipe by default).
+
+One process (GPU or CPU):
+    python train.py --dataset caltech101 --root /data --subsample base --seed 1 \
+        --output-dir output/base2new/caltech101/seed1/base
+Several GPUs on one node (the global --batch-size is split across the ranks):
+    torchrun --standalone --nproc_per_node=4 train.py --dataset imagenet --root /data ...
+Several nodes (run on every node, same rendezvous endpoint):
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d \
+        --rdzv_endpoint=HOST:29500 train.py ...
+Continue an interrupted run (same flags, picks up <output-dir>/last.pt):
+    python train.py ... --resume
+Throughput, no data or weights needed (random ViT-B/16, batch 32):
+    python train.py --benchmark --num-classes 100
+    python train.py --benchmark --benchmark-clip tiny --device cpu   # smoke test
+
+Writes into --output-dir: last.pt and best.pt (written atomically; each holds the
+trainable state with SPEC 10 names, optimizer, scheduler, epoch, args, RNG states
+and the best val accuracy), log.jsonl (one line per epoch, written after that
+epoch's checkpoint) and results.json (test split, best-val model).
+Evaluation helpers (evaluate, metrics, distributed setup) live here; eval.py
+imports them.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import clip_model
+import data
+from textrefiner import TextRefinerCLIP, ZeroShotCLIP
+
+LOSS_KEYS = ("loss", "loss_global", "loss_local", "loss_reg")
+# Arguments that define the computation; a resumed run must use the same values.
+RECIPE_KEYS = ("dataset", "clip", "shots", "seed", "subsample", "epochs", "batch_size", "lr",
+               "momentum", "weight_decay", "warmup_epochs", "warmup_lr", "precision", "n_ctx",
+               "ctx_init", "cache_size", "alpha", "cache_momentum", "topk", "semantic_weight",
+               "reg_weight", "no_refiner", "no_val")
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description="Train CoOp + TextRefiner (defaults: the paper's recipe).")
+    p.add_argument("--dataset", help=f"one of {', '.join(data.DATASETS)}")
+    p.add_argument("--root", help="data root holding the CoOp dataset folders")
+    p.add_argument("--clip", default="ViT-B/16", help="official CLIP name or a weights file")
+    p.add_argument("--shots", type=int, default=16, help="images per class (<= 0: all)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--subsample", default="all", choices=("all", "base", "new"))
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=32, help="global batch, split across ranks")
+    p.add_argument("--eval-batch-size", type=int, default=100, help="per rank")
+    p.add_argument("--lr", type=float, default=0.002)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--warmup-epochs", type=int, default=1)
+    p.add_argument("--warmup-lr", type=float, default=1e-5)
+    p.add_argument("--output-dir", help="checkpoints, log.jsonl and results.json go here")
+    p.add_argument("--resume", action="store_true", help="continue from <output-dir>/last.pt if present")
+    p.add_argument("--no-val", action="store_true", help="skip per-epoch val; test the last epoch")
+    p.add_argument("--workers", type=int, default=4, help="data loader workers per rank")
+    p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
+    p.add_argument("--precision", choices=("bf16", "fp16", "fp32"),
+                   help="autocast dtype of the frozen towers (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--log-interval", type=int, default=20, help="steps between progress lines")
+    p.add_argument("--n-ctx", type=int, default=4)
+    p.add_argument("--ctx-init", default="a photo of a", help='"" for random context vectors')
+    p.add_argument("--cache-size", type=int, default=25)
+    p.add_argument("--alpha", type=float, default=0.2)
+    p.add_argument("--cache-momentum", type=float, default=0.8)
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--semantic-weight", type=float, default=0.02)
+    p.add_argument("--reg-weight", type=float, default=20.0)
+    p.add_argument("--no-refiner", action="store_true", help="plain CoOp")
+    p.add_argument("--benchmark", action="store_true", help="time synthetic training steps and exit")
+    p.add_argument("--benchmark-clip", default="ViT-B/16", choices=tuple(clip_model.CONFIGS))
+    p.add_argument("--benchmark-steps", type=int, default=20)
+    p.add_argument("--num-classes", type=int, default=100, help="classes in --benchmark")
+    return p
+
+
+def check_args(p, args):
+    """Flag errors argparse cannot see; p.error exits with status 2 and the usage line."""
+    if args.benchmark:
+        return
+    for flag in ("dataset", "root", "output_dir"):
+        if getattr(args, flag) is None:
+            p.error(f"--{flag.replace('_', '-')} is required (unless --benchmark)")
+    if args.dataset not in data.DATASETS:
+        p.error(f"--dataset {args.dataset!r}: expected one of {', '.join(data.DATASETS)}")
+    if not os.path.isdir(args.root):
+        p.error(f"--root {args.root!r} is not a directory")
+    for flag in ("epochs", "batch_size", "eval_batch_size", "n_ctx", "cache_size", "topk", "log_interval"):
+        if getattr(args, flag) <= 0:
+            p.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    if not 0 <= args.warmup_epochs < args.epochs:
+        p.error(f"--warmup-epochs must be in [0, --epochs), got {args.warmup_epochs}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        p.error(f"--lr must be a positive number, got {args.lr}")
+
+
+# ----------------------------------------------------------------------------- runtime
+
+def setup_runtime(args):
+    """-> (rank, world_size, device, group). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK."""
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if not ddp:
+        return 0, 1, device, None
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    # The model's own collectives (BN statistics, cache partials) get a group of their
+    # own so they never interleave with DDP's gradient buckets.
+    return dist.get_rank(), dist.get_world_size(), device, dist.new_group()
+
+
+def autocast(device, precision):
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def default_precision(args, device):
+    return args.precision or ("bf16" if device.type == "cuda" else "fp32")
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def rng_state():
+    py = random.getstate()
+    npy = np.random.get_state()
+    return dict(python=[py[0], list(py[1]), py[2]],
+                numpy=[npy[0], torch.from_numpy(npy[1].astype(np.int64)), *npy[2:]],
+                torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+
+
+def set_rng_state(state):
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+    npy = state["numpy"]
+    np.random.set_state((npy[0], npy[1].numpy().astype(np.uint32), *npy[2:]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_atomic(obj, path):
+    """A crash mid-write leaves the previous file intact: write aside, then rename."""
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} not found")
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+class WarmupCosineLR:
+    """Per-epoch learning rate of Dassl's ConstantWarmupScheduler around
+    CosineAnnealingLR(T_max=epochs): epochs < warmup run at warmup_lr, epoch e >= warmup
+    at lr * (1 + cos(pi * (e - warmup) / epochs)) / 2 (SPEC 5)."""
+
+    def __init__(self, optimizer, lr, epochs, warmup_epochs, warmup_lr):
+        self.optimizer = optimizer
+        self.lr, self.epochs, self.warmup_epochs, self.warmup_lr = lr, epochs, warmup_epochs, warmup_lr
+        self.epoch = 0
+
+    def lr_at(self, epoch):
+        if epoch < self.warmup_epochs:
+            return self.warmup_lr
+        return self.lr * (1 + math.cos(math.pi * (epoch - self.warmup_epochs) / self.epochs)) / 2
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(epoch)
+        return self.lr_at(epoch)
+
+    def state_dict(self):
+        return dict(lr=self.lr, epochs=self.epochs, warmup_epochs=self.warmup_epochs,
+                    warmup_lr=self.warmup_lr, epoch=self.epoch)
+
+    def load_state_dict(self, state):
+        self.lr, self.epochs, self.epoch = state["lr"], state["epochs"], state["epoch"]
+        self.warmup_epochs, self.warmup_lr = state["warmup_epochs"], state["warmup_lr"]
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def metrics(confusion, classnames):
+    """confusion[true, pred] counts -> accuracy, macro-F1 (over classes that occur as a
+    label or a prediction, as sklearn's f1_score(average="macro") does), per-class accuracy."""
+    cm = confusion.double().cpu()  # (C, C)
+    tp, support, predicted = cm.diag(), cm.sum(1), cm.sum(0)
+    present = (support + predicted) > 0
+    f1 = 2 * tp / (support + predicted).clamp(min=1)
+    per_class = {name: (100 * tp[i] / support[i]).item() if support[i] > 0 else None
+                 for i, name in enumerate(classnames)}
+    total = int(cm.sum().item())
+    return dict(accuracy=100 * tp.sum().item() / max(total, 1),
+                macro_f1=100 * f1[present].mean().item() if present.any() else 0.0,
+                per_class_accuracy=per_class, num_images=total, num_classes=len(classnames))
+
+
+@torch.no_grad()
+def evaluate(model, loader, classnames, device, precision):
+    """Top-1 metrics of model(images) -> logits over this rank's shard; counts are summed
+    over all ranks, so every image of the split counts once."""
+    model.eval()
+    C = len(classnames)
+    confusion = torch.zeros(C * C, dtype=torch.int64, device=device)
+    for images, labels in loader:
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with autocast(device, precision):
+            logits = model(images)  # (B, C)
+        idx = labels * C + logits.argmax(1)
+        confusion.index_add_(0, idx, torch.ones_like(idx))
+    if dist.is_initialized():
+        dist.all_reduce(confusion)
+    return metrics(confusion.view(C, C), classnames)
+
+
+def write_json(obj, path):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+def benchmark(args, training):
+    """Steps/s and images/s of TextRefiner, plain CoOp and zero-shot CLIP on random
+    weights and synthetic images (no data or checkpoint); training=False times inference."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    precision = default_precision(args, device)
+    seed_everything(0)
+    config = clip_model.CONFIGS[args.benchmark_clip]
+    clip = clip_model.build_model(clip_model.random_state_dict(config)).to(device)
+    classnames = [f"class {i}" for i in range(args.num_classes)]
+    B, R = args.batch_size, config.image_resolution
+    images = torch.randn(B, 3, R, R, device=device)
+    labels = torch.randint(args.num_classes, (B,), device=device)
+    print(f"benchmark: {args.benchmark_clip} random weights, batch {B}, {args.num_classes} classes, "
+          f"{device}, {precision}, {'training' if training else 'inference'} steps")
+    models = [("TextRefiner", TextRefinerCLIP(clip, classnames)),
+              ("CoOp", TextRefinerCLIP(clip, classnames, refiner=False)),
+              ("zero-shot CLIP", ZeroShotCLIP(clip, classnames))]
+    rates = {}
+    for name, model in models:
+        model.to(device)
+        params = [p for p in model.parameters() if p.requires_grad]
+        trains = training and bool(params)
+        optimizer = torch.optim.SGD(params, lr=1e-5, momentum=0.9) if trains else None
+
+        def step():
+            if trains:
+                model.train()
+                with autocast(device, precision):
+                    loss = model(images, labels)["loss"]
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            else:
+                model.eval()
+                with torch.no_grad(), autocast(device, precision):
+                    model(images)
+
+        for _ in range(3):  # warm-up: kernel compilation, allocator
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(args.benchmark_steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        rate = args.benchmark_steps / (time.perf_counter() - t0)
+        rates[name] = rate
+        kind = "train" if trains else "eval"
+        print(f"{name:>15s} ({kind}): {rate:8.2f} steps/s {rate * B:9.1f} images/s")
+    first, second = ("TextRefiner", "CoOp") if training else ("TextRefiner", "zero-shot CLIP")
+    print(f"{first} step time / {second} step time: {rates[second] / rates[first]:.3f}")
+    return rates
+
+
+# ----------------------------------------------------------------------------- training
+
+def build_model(args, classnames, clip=None):
+    clip = clip if clip is not None else clip_model.load_clip(args.clip)
+    return TextRefinerCLIP(clip, classnames, n_ctx=args.n_ctx, ctx_init=args.ctx_init,
+                           cache_size=args.cache_size, alpha=args.alpha,
+                           momentum=args.cache_momentum, topk=args.topk,
+                           semantic_weight=args.semantic_weight, reg_weight=args.reg_weight,
+                           refiner=not args.no_refiner)
+
+
+def gather_rng_states(world_size):
+    """Every rank's RNG state, in rank order (each rank's data augmentation draws its own)."""
+    if world_size == 1:
+        return [rng_state()]
+    states = [None] * world_size
+    dist.all_gather_object(states, rng_state())
+    return states
+
+
+def train(args):
+    rank, world_size, device, group = setup_runtime(args)
+    master = rank == 0
+    print0 = print if master else (lambda *a, **k: None)
+    args.precision = default_precision(args, device)
+    if args.batch_size % world_size:
+        raise SystemExit(f"--batch-size {args.batch_size} must be divisible by the {world_size} ranks")
+    os.makedirs(args.output_dir, exist_ok=True)
+    last_path, best_path = (os.path.join(args.output_dir, n) for n in ("last.pt", "best.pt"))
+    log_path = os.path.join(args.output_dir, "log.jsonl")
+    ckpt = None
+    if os.path.exists(last_path):
+        if not args.resume:
+            raise SystemExit(f"{last_path} exists: pass --resume to continue that run, "
+                             f"or choose another --output-dir")
+        ckpt = load_checkpoint(last_path)
+        changed = {k: (ckpt["args"].get(k), getattr(args, k)) for k in RECIPE_KEYS
+                   if ckpt["args"].get(k) != getattr(args, k)}
+        if changed:
+            raise SystemExit(f"--resume: flags differ from the run in {last_path} "
+                             f"(checkpoint value, new value): {changed}")
+
+    seed_everything(args.seed)  # same on every rank: identical model initialisation
+    splits = data.load_splits(args.dataset, args.root, num_shots=args.shots, seed=args.seed,
+                              subsample=args.subsample)
+    if not splits["train"]:
+        raise SystemExit(f"--dataset {args.dataset} has no train split (test-only dataset)")
+    classnames = splits["classnames"]
+    model = build_model(args, classnames).to(device)
+    resolution = model.clip.config.image_resolution
+    raw_model = model
+    if world_size > 1:
+        model.set_process_group(group)
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                    broadcast_buffers=False)
+    params = [p for p in raw_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    scheduler = WarmupCosineLR(optimizer, args.lr, args.epochs, args.warmup_epochs, args.warmup_lr)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+    train_loader = data.build_train_loader(splits["train"], args.batch_size, resolution, args.seed,
+                                           rank=rank, world_size=world_size, workers=args.workers)
+    use_val = bool(splits["val"]) and not args.no_val
+    val_loader = data.build_eval_loader(splits["val"], args.eval_batch_size, resolution, rank=rank,
+                                        world_size=world_size, workers=args.workers) if use_val else None
+
+    start_epoch, best = 0, dict(val_acc=-1.0, epoch=-1)
+    best_state = None
+    if ckpt is not None:
+        raw_model.load_trainable_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"][rank if len(ckpt["rng"]) == world_size else 0])
+        start_epoch, best = ckpt["epoch"] + 1, ckpt["best"]
+        if use_val:
+            best_state = load_checkpoint(best_path)["model"]
+        if master:  # log.jsonl ends with the checkpoint's epoch, whatever happened after it
+            lines = open(log_path).read().splitlines() if os.path.exists(log_path) else []
+            kept = [l for l in lines if json.loads(l)["epoch"] < ckpt["epoch"]]
+            with open(log_path + ".tmp", "w") as f:
+                f.writelines(l + "\n" for l in kept + [json.dumps(ckpt["log"])])
+            os.replace(log_path + ".tmp", log_path)
+        print0(f"resumed from {last_path} after epoch {ckpt['epoch']}")
+        del ckpt
+    elif master and os.path.exists(log_path):
+        os.remove(log_path)  # a fresh run owns its log
+
+    steps = len(train_loader)
+    print0(f"{args.dataset} ({args.subsample}): {len(classnames)} classes, {len(splits['train'])} train, "
+           f"{len(splits['val'])} val, {len(splits['test'])} test images; {steps} steps/epoch; "
+           f"{world_size} rank(s) on {device}, {args.precision}")
+    t_run, done = time.perf_counter(), 0
+    for epoch in range(start_epoch, args.epochs):
+        t_epoch = time.perf_counter()
+        lr = scheduler.set_epoch(epoch)
+        train_loader.set_epoch(epoch)
+        model.train()
+        sums = torch.zeros(len(LOSS_KEYS), dtype=torch.float64, device=device)
+        for step, (images, labels) in enumerate(train_loader):
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            with autocast(device, args.precision):
+                out = model(images, labels)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(out["loss"]).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            sums += torch.stack([out[k].detach().double() for k in LOSS_KEYS])
+            done += 1
+            if (step + 1) % args.log_interval == 0 or step + 1 == steps:
+                # Reduced over ranks, so every rank sees a non-finite loss at the same step.
+                mean = sums.clone()
+                if world_size > 1:
+                    dist.all_reduce(mean)
+                mean = (mean / ((step + 1) * world_size)).tolist()
+                if not all(map(math.isfinite, mean)):
+                    kept = f"the last good checkpoint is {last_path}" if os.path.exists(last_path) \
+                        else "no checkpoint was written"
+                    raise SystemExit(f"non-finite loss {mean[0]} at epoch {epoch + 1} step {step + 1}: "
+                                     f"stopping; {kept} (try a lower --lr or --precision fp32)")
+                rate = done / (time.perf_counter() - t_run)
+                eta = ((args.epochs - epoch) * steps - step - 1) / rate
+                print0(f"epoch {epoch + 1}/{args.epochs} step {step + 1}/{steps} loss {mean[0]:.4f} "
+                       f"lr {lr:.3e} {rate:.2f} it/s eta {eta / 60:.1f} min")
+        record = dict(epoch=epoch, lr=lr, **dict(zip(LOSS_KEYS, mean)))
+        if use_val:
+            record["val_acc"] = evaluate(raw_model, val_loader, classnames, device, args.precision)["accuracy"]
+            if record["val_acc"] > best["val_acc"]:
+                best = dict(val_acc=record["val_acc"], epoch=epoch)
+                best_state = {k: v.detach().clone() for k, v in raw_model.trainable_state_dict().items()}
+        record["seconds"] = time.perf_counter() - t_epoch
+        ckpt = dict(model=raw_model.trainable_state_dict(), optimizer=optimizer.state_dict(),
+                    scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), epoch=epoch,
+                    args=vars(args), rng=gather_rng_states(world_size), best=best, log=record)
+        if master:
+            save_atomic(ckpt, last_path)
+            if best["epoch"] == epoch:
+                save_atomic(ckpt, best_path)
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        print0(json.dumps(record))
+        del ckpt
+
+    # Final test: best-val model (last epoch with --no-val or without a val split).
+    if best_state is not None:
+        raw_model.load_trainable_state_dict(best_state)
+    test_loader = data.build_eval_loader(splits["test"], args.eval_batch_size, resolution, rank=rank,
+                                         world_size=world_size, workers=args.workers)
+    results = evaluate(raw_model, test_loader, classnames, device, args.precision)
+    results.update(split="test", dataset=args.dataset, subsample=args.subsample,
+                   checkpoint=best_path if best_state is not None else last_path,
+                   epoch=best["epoch"] if best_state is not None else args.epochs - 1, args=vars(args))
+    if master:
+        write_json(results, os.path.join(args.output_dir, "results.json"))
+    print0(f"test ({args.subsample}): accuracy {results['accuracy']:.2f} macro-F1 {results['macro_f1']:.2f} "
+           f"on {results['num_images']} images")
+    return results
+
+
+def main(argv=None):
+    p = get_parser()
+    args = p.parse_args(argv)
+    check_args(p, args)
+    if args.benchmark:
+        return benchmark(args, training=True)
+    try:
+        return train(args)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
