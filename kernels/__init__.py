@@ -3,8 +3,8 @@
     from kernels import cache_update, cache_partials, cache_apply, feature_align
 
 backend: "auto" (Triton for CUDA tensors, the PyTorch reference otherwise), "triton", or
-"torch". The Triton modules are imported only when used, so importing this package never
-touches a GPU or needs Triton. Benchmark: `python -m kernels.bench` (CUDA only).
+"torch". Importing never touches a GPU; on a CPU, backend="triton" needs TRITON_INTERPRET=1
+set before this package is imported. Benchmark: `python -m kernels.bench` (CUDA only).
 
 Multi-rank cache update (every rank ends with the identical cache):
     col_max, sums, counts = cache_partials(local_tokens, cache)
@@ -13,9 +13,15 @@ Multi-rank cache update (every rank ends with the identical cache):
     all_reduce(sums, SUM); all_reduce(counts, SUM)
     cache = cache_apply(cache, g, sums, counts, momentum)
 """
+import os
+
 import torch
 
 from kernels import reference
+# Imported before the functions below are defined: the public functions share their names
+# with these submodules and must be the package attributes that win.
+from kernels.cache_update import cache_partials as _triton_cache_partials
+from kernels.feature_align import feature_align as _triton_feature_align
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -23,8 +29,10 @@ BACKENDS = ("auto", "triton", "torch")
 def _use_triton(backend, tensor):
     if backend not in BACKENDS:
         raise ValueError(f"kernels: backend must be one of {BACKENDS}, got {backend!r}")
-    # "auto" stays on the reference until the Triton kernels land
-    return backend == "triton"
+    if backend == "triton" and not tensor.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("kernels: backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 "
+                         "set before kernels is imported (CPU interpreter)")
+    return backend == "triton" or (backend == "auto" and tensor.is_cuda)
 
 
 def _check_cache_inputs(tokens, cache):
@@ -53,8 +61,7 @@ def cache_partials(tokens, cache, backend="auto"):
     """
     _check_cache_inputs(tokens, cache)
     if _use_triton(backend, tokens):
-        from kernels.cache_update import cache_partials as triton_cache_partials
-        return triton_cache_partials(tokens, cache)
+        return _triton_cache_partials(tokens, cache)
     return reference.cache_partials(tokens, cache)
 
 
@@ -112,6 +119,5 @@ def feature_align(x, w1, b1, gamma, beta, w2, b2, eps=1e-5, backend="auto", proc
     """
     _check_align_inputs(x, w1, b1, gamma, beta, w2, b2)
     if _use_triton(backend, x):
-        from kernels.feature_align import feature_align as triton_feature_align
-        return triton_feature_align(x, w1, b1, gamma, beta, w2, b2, eps=eps, process_group=process_group)
+        return _triton_feature_align(x, w1, b1, gamma, beta, w2, b2, eps=eps, process_group=process_group)
     return reference.feature_align(x, w1, b1, gamma, beta, w2, b2, eps, process_group=process_group)

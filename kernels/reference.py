@@ -75,4 +75,5 @@ def feature_align(x, w1, b1, gamma, beta, w2, b2, eps, process_group=None):
         var = _group_sum((centred * centred).sum(dim=0), process_group) / count  # (D,) biased
         z = torch.relu(centred * torch.rsqrt(var + eps) * gamma + beta)  # (N, D)
         y = F.linear(z, w2, b2)  # (N, D)
-    return y, mean, var
+    # the statistics are returned for the caller's running-stat update, not differentiated
+    return y, mean.detach(), var.detach()

@@ -1,0 +1,256 @@
+"""Triton feature alignment (SPEC 4 `align`): kernels.feature_align(..., backend="triton").
+
+    h = x @ w1^T + b1                       (N, D)  + per-row-block column (sum, M2) partials
+    mean, var = batch statistics of h       (D,)    fixed-order Chan combine (+ group sums)
+    y = relu((h - mean) * rstd * gamma + beta) @ w2^T + b2,  rstd = 1 / sqrt(var + eps)
+
+All five matmuls of forward and backward are one Triton kernel, _matmul_kernel, whose
+constexpr flags pick a prologue on the left operand (BatchNorm + ReLU recomputed from h,
+so z is never stored) and an epilogue (bias, column-statistic partials, or the ReLU/BN
+backward gating). Column reductions are written per row block and summed in a fixed
+order on the host side: deterministic, no atomics. fp32 everywhere (tl.dot in ieee fp32,
+not tf32), x may be fp16/bf16 and is widened on load.
+
+Backward, with xhat = (h - mean) * rstd and dpre = dy @ w2 gated by relu' (pre > 0):
+    dgamma = sum_n dpre * xhat,  dbeta = sum_n dpre                  (this rank's rows)
+    dh = gamma * rstd * (dpre - S1 / N_g - xhat * S2 / N_g)          S1, S2, N_g summed over
+    dx = dh @ w1,  dw1 = dh^T @ x,  db1 = sum_n dh,                  the process group
+    dw2 = dy^T @ z,  db2 = sum_n dy
+With process_group the forward statistics (count, sum, then the centred M2) and the
+backward S1, S2 are all_reduce-summed, which is SyncBatchNorm: the results equal one
+process on the concatenated batch, and the weight gradients are this rank's part of it.
+"""
+import torch
+import torch.distributed as dist
+import triton
+import triton.language as tl
+
+BLOCK_K = 64
+ELEMENTWISE_BLOCK = (32, 64)
+
+A_PLAIN, A_BN_ALONG_K, A_BN_ALONG_M = 0, 1, 2  # where the BN channel index of A lives
+EPI_NONE, EPI_STATS, EPI_RELU_BN_GRAD = 0, 1, 2
+
+
+@triton.jit
+def _matmul_kernel(
+    a_ptr,  # (M, K) left operand, fp32/fp16/bf16, any strides (transposes are stride swaps)
+    b_ptr,  # (K, N) right operand, fp32/fp16/bf16, any strides
+    c_ptr,  # (M, N) fp32 out
+    bias_ptr,  # (N,) fp32, added to every row of C when HAS_BIAS
+    mean_ptr,  # (D,) fp32 BN batch mean        } read by the A_BN prologues
+    rstd_ptr,  # (D,) fp32 1 / sqrt(var + eps)  } and the EPI_RELU_BN_GRAD epilogue
+    gamma_ptr,  # (D,) fp32 BN weight            }
+    beta_ptr,  # (D,) fp32 BN bias               }
+    h_ptr,  # (M, N) fp32 pre-BN activations, read by EPI_RELU_BN_GRAD
+    part1_ptr,  # (cdiv(M, BLOCK_M), N) fp32 out: column partial sum of C (EPI_STATS) or of dpre
+    part2_ptr,  # (cdiv(M, BLOCK_M), N) fp32 out: column partial M2 of C, or sum dpre * xhat
+    M, N, K,
+    stride_am, stride_ak,
+    stride_bk, stride_bn,
+    stride_cm, stride_cn,
+    stride_hm, stride_hn,
+    A_BN: tl.constexpr,  # A_PLAIN, or A := relu(BN(A)) with the channel along K or along M
+    HAS_BIAS: tl.constexpr,
+    EPILOGUE: tl.constexpr,  # EPI_NONE, EPI_STATS, or EPI_RELU_BN_GRAD
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    col_ok = cols < N
+
+    if A_BN == 2:  # channel = row of A: its BN parameters are fixed for the whole loop
+        r_mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
+        r_scale = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0) * tl.load(gamma_ptr + rows, mask=row_ok, other=0.0)
+        r_beta = tl.load(beta_ptr + rows, mask=row_ok, other=0.0)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        a_mask = row_ok[:, None] & k_ok[None, :]
+        a = tl.load(a_ptr + rows[:, None] * stride_am + ks[None, :] * stride_ak,
+                    mask=a_mask, other=0.0).to(tl.float32)
+        if A_BN == 1:
+            k_mean = tl.load(mean_ptr + ks, mask=k_ok, other=0.0)
+            k_scale = tl.load(rstd_ptr + ks, mask=k_ok, other=0.0) * tl.load(gamma_ptr + ks, mask=k_ok, other=0.0)
+            k_beta = tl.load(beta_ptr + ks, mask=k_ok, other=0.0)
+            a = tl.maximum((a - k_mean[None, :]) * k_scale[None, :] + k_beta[None, :], 0.0)
+        if A_BN == 2:
+            a = tl.maximum((a - r_mean[:, None]) * r_scale[:, None] + r_beta[:, None], 0.0)
+        if A_BN != 0:  # padding must stay zero: relu(beta) is not
+            a = tl.where(a_mask, a, 0.0)
+        b = tl.load(b_ptr + ks[:, None] * stride_bk + cols[None, :] * stride_bn,
+                    mask=k_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0)[None, :]
+    valid = row_ok[:, None] & col_ok[None, :]
+    part_offs = pid_m * N + cols
+    if EPILOGUE == 1:  # this block's column sum and M2 about its own mean (Chan's combine later)
+        n_rows = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
+        col_sum = tl.sum(tl.where(valid, acc, 0.0), axis=0)
+        centred = tl.where(valid, acc - (col_sum / n_rows)[None, :], 0.0)
+        tl.store(part1_ptr + part_offs, col_sum, mask=col_ok)
+        tl.store(part2_ptr + part_offs, tl.sum(centred * centred, axis=0), mask=col_ok)
+    if EPILOGUE == 2:  # acc = dz; gate by relu'(pre) and reduce the BN-backward sums
+        h = tl.load(h_ptr + rows[:, None] * stride_hm + cols[None, :] * stride_hn, mask=valid, other=0.0)
+        c_mean = tl.load(mean_ptr + cols, mask=col_ok, other=0.0)
+        c_rstd = tl.load(rstd_ptr + cols, mask=col_ok, other=0.0)
+        c_gamma = tl.load(gamma_ptr + cols, mask=col_ok, other=0.0)
+        c_beta = tl.load(beta_ptr + cols, mask=col_ok, other=0.0)
+        xhat = (h - c_mean[None, :]) * c_rstd[None, :]
+        # same expression as the A_BN prologue, so the gate matches the forward's ReLU
+        pre = (h - c_mean[None, :]) * (c_rstd * c_gamma)[None, :] + c_beta[None, :]
+        acc = tl.where(valid & (pre > 0.0), acc, 0.0)
+        tl.store(part1_ptr + part_offs, tl.sum(acc, axis=0), mask=col_ok)
+        tl.store(part2_ptr + part_offs, tl.sum(acc * xhat, axis=0), mask=col_ok)
+    tl.store(c_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn, acc, mask=valid)
+
+
+@triton.jit
+def _bn_input_grad_kernel(
+    dpre_ptr,  # (N, D) fp32 gated gradient; overwritten with dh (in place is safe: elementwise)
+    h_ptr,  # (N, D) fp32 pre-BN activations
+    mean_ptr,  # (D,) fp32 batch mean
+    k_dpre_ptr,  # (D,) fp32 gamma * rstd
+    k_centred_ptr,  # (D,) fp32 -gamma * rstd^2 * S2 / N_g
+    k_const_ptr,  # (D,) fp32 -gamma * rstd * S1 / N_g
+    N, D,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < D
+    mask = (rows < N)[:, None] & col_ok[None, :]
+    offs = rows[:, None] * D + cols[None, :]  # both are contiguous (N, D) buffers of ours
+    dpre = tl.load(dpre_ptr + offs, mask=mask, other=0.0)
+    h = tl.load(h_ptr + offs, mask=mask, other=0.0)
+    mean = tl.load(mean_ptr + cols, mask=col_ok, other=0.0)
+    k_dpre = tl.load(k_dpre_ptr + cols, mask=col_ok, other=0.0)
+    k_centred = tl.load(k_centred_ptr + cols, mask=col_ok, other=0.0)
+    k_const = tl.load(k_const_ptr + cols, mask=col_ok, other=0.0)
+    dh = dpre * k_dpre[None, :] + (h - mean[None, :]) * k_centred[None, :] + k_const[None, :]
+    tl.store(dpre_ptr + offs, dh, mask=mask)
+
+
+def _tile(m, n):
+    """Output tile for an (m, n) result: 64 x 128 for large shapes, shrunk (not below the
+    16 tl.dot needs) for small ones so few rows are masked off. Fixed per shape, no autotune."""
+    block_m = min(64, max(16, triton.next_power_of_2(m)))
+    block_n = min(128, max(16, triton.next_power_of_2(n)))
+    return block_m, block_n, 8 if block_m * block_n >= 8192 else 4
+
+
+def _matmul(a, b, out, *, bias=None, bn=None, a_bn=A_PLAIN, epilogue=EPI_NONE, h=None):
+    """out (M, N) = prologue(a) (M, K) @ b (K, N) [+ bias] with the chosen epilogue. Returns
+    (parts, block_m): parts holds the two (cdiv(M, block_m), N) column-partial buffers when
+    the epilogue writes them, else None."""
+    m, k = a.shape
+    n = b.shape[1]
+    assert b.shape[0] == k and out.shape == (m, n), (a.shape, b.shape, out.shape)
+    block_m, block_n, num_warps = _tile(m, n)
+    grid_m = triton.cdiv(m, block_m)
+    parts = None
+    if epilogue != EPI_NONE:
+        parts = torch.empty(2, grid_m, n, dtype=torch.float32, device=out.device)
+    mean, rstd, gamma, beta = bn if bn is not None else (out,) * 4  # unused pointers: any tensor
+    hh = h if h is not None else out
+    part1, part2 = (parts[0], parts[1]) if parts is not None else (out, out)
+    _matmul_kernel[(grid_m, triton.cdiv(n, block_n))](
+        a, b, out,
+        bias if bias is not None else out,
+        mean, rstd, gamma, beta,
+        hh, part1, part2,
+        m, n, k,
+        a.stride(0), a.stride(1),
+        b.stride(0), b.stride(1),
+        out.stride(0), out.stride(1),
+        hh.stride(0), hh.stride(1),
+        A_BN=a_bn, HAS_BIAS=bias is not None, EPILOGUE=epilogue,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK_K,
+        num_warps=num_warps,
+    )
+    return parts, block_m
+
+
+def _group_sum_(tensor, group):
+    if group is not None:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+    return tensor
+
+
+def _batch_stats(parts, block_m, n, group):
+    """Mean and biased variance from per-block (sum, M2) partials, in a fixed order; with a
+    group, the global count and mean first, then the M2 about the global mean."""
+    col_sum, col_m2 = parts[0], parts[1]  # (num_blocks, D) each
+    block_rows = torch.full((col_sum.shape[0], 1), float(block_m), device=col_sum.device)
+    block_rows[-1] = n - (col_sum.shape[0] - 1) * block_m
+    total = _group_sum_(torch.tensor([float(n)], device=col_sum.device), group)
+    mean = _group_sum_(col_sum.sum(dim=0), group) / total  # (D,)
+    between = block_rows * (col_sum / block_rows - mean) ** 2  # (num_blocks, D)
+    var = _group_sum_(col_m2.sum(dim=0) + between.sum(dim=0), group) / total  # (D,)
+    return mean, var, total
+
+
+class FeatureAlignFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w1, b1, gamma, beta, w2, b2, eps, process_group):
+        n, d = x.shape
+        h = torch.empty(n, d, dtype=torch.float32, device=x.device)
+        parts, block_m = _matmul(x, w1.t(), h, bias=b1, epilogue=EPI_STATS)
+        mean, var, total = _batch_stats(parts, block_m, n, process_group)
+        rstd = torch.rsqrt(var + eps)
+        y = torch.empty(n, d, dtype=torch.float32, device=x.device)
+        _matmul(h, w2.t(), y, bias=b2, bn=(mean, rstd, gamma, beta), a_bn=A_BN_ALONG_K)
+        ctx.save_for_backward(x, w1, gamma, beta, w2, h, mean, rstd, total)
+        ctx.process_group = process_group
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dvar):
+        x, w1, gamma, beta, w2, h, mean, rstd, total = ctx.saved_tensors
+        bn = (mean, rstd, gamma, beta)
+        n, d = h.shape
+        dpre = torch.empty(n, d, dtype=torch.float32, device=h.device)
+        parts, _ = _matmul(dy, w2, dpre, bn=bn, epilogue=EPI_RELU_BN_GRAD, h=h)
+        dbeta = parts[0].sum(dim=0)  # (D,) this rank's rows
+        dgamma = parts[1].sum(dim=0)  # (D,)
+        s1 = _group_sum_(dbeta.clone(), ctx.process_group) / total
+        s2 = _group_sum_(dgamma.clone(), ctx.process_group) / total
+
+        dw2 = torch.empty(d, d, dtype=torch.float32, device=h.device)
+        # dw2^T = z^T @ dy with z = relu(BN(h)) rebuilt in the prologue; write through dw2.t()
+        _matmul(h.t(), dy, dw2.t(), bn=bn, a_bn=A_BN_ALONG_M)
+        db2 = dy.sum(dim=0)
+
+        k_dpre = gamma * rstd
+        dh = dpre  # overwritten in place
+        _bn_input_grad_kernel[(triton.cdiv(n, ELEMENTWISE_BLOCK[0]), triton.cdiv(d, ELEMENTWISE_BLOCK[1]))](
+            dpre, h, mean, k_dpre, -k_dpre * rstd * s2, -k_dpre * s1,
+            n, d,
+            BLOCK_M=ELEMENTWISE_BLOCK[0], BLOCK_N=ELEMENTWISE_BLOCK[1],
+        )
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.empty(n, d, dtype=torch.float32, device=h.device)
+            _matmul(dh, w1, dx)
+            dx = dx.to(x.dtype)
+        dw1 = torch.empty(d, d, dtype=torch.float32, device=h.device)
+        _matmul(dh.t(), x, dw1)
+        db1 = dh.sum(dim=0)
+        return dx, dw1, db1, dgamma, dbeta, dw2, db2, None, None
+
+
+def feature_align(x, w1, b1, gamma, beta, w2, b2, eps, process_group=None):
+    """Triton feature_align; inputs already validated by kernels.feature_align."""
+    with torch.autocast(x.device.type, enabled=False):
+        return FeatureAlignFunction.apply(x, w1, b1, gamma, beta, w2, b2, eps, process_group)
