@@ -1,0 +1,539 @@
+"""
+The 15 CoOp benchmarks: CoOp's on-disk layouts, Dassl-identical few-shot splits,
+base/new classes, CLIP transforms and (distributed) loaders. See SPEC sections 5, 6.
+
+    from data import load_splits, build_train_loader, build_eval_loader
+    splits = load_splits("caltech101", "~/data", num_shots=16, seed=1, subsample="base")
+    loader = build_train_loader(splits["train"], global_batch_size=32, resolution=224, seed=1)
+    for epoch in range(10):
+        loader.set_epoch(epoch)
+        for images, labels in loader: ...          # (B, 3, 224, 224), (B,)
+
+Loader throughput (decoded + augmented images per second), real or synthetic data:
+
+    python data.py --benchmark --dataset imagenet --root ~/data --workers 8 --batch-size 256
+    python data.py --synthetic /tmp/syn --dataset caltech101    # write a small fake dataset
+
+Lay real data out as CoOp's DATASETS.md says; the split files are CoOp's, never invented.
+"""
+import argparse
+import colorsys
+import json
+import math
+import os
+import pickle
+import random
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+
+DATASETS_MD = "https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md"
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+DASSL_DATUM = ("dassl.data.datasets.base_dataset", "Datum")  # class of the items in CoOp's caches
+
+
+@dataclass(frozen=True)
+class Item:
+    impath: str
+    label: int
+    classname: str
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    folder: str         # under the data root
+    image_dir: str      # under the folder; "" = the folder itself
+    layout: str         # split_json | fgvc_aircraft | imagenet | imagenetv2 | wnid_folders
+    split_file: str = ""  # split_json only: CoOp's split_zhou_*.json in the folder
+
+    @property
+    def test_only(self):
+        return self.layout in ("imagenetv2", "wnid_folders")
+
+
+DATASETS = {
+    "caltech101": DatasetInfo("caltech-101", "101_ObjectCategories", "split_json", "split_zhou_Caltech101.json"),
+    "oxford_pets": DatasetInfo("oxford_pets", "images", "split_json", "split_zhou_OxfordPets.json"),
+    "stanford_cars": DatasetInfo("stanford_cars", "", "split_json", "split_zhou_StanfordCars.json"),
+    "oxford_flowers": DatasetInfo("oxford_flowers", "jpg", "split_json", "split_zhou_OxfordFlowers.json"),
+    "food101": DatasetInfo("food-101", "images", "split_json", "split_zhou_Food101.json"),
+    "fgvc_aircraft": DatasetInfo("fgvc_aircraft", "images", "fgvc_aircraft"),
+    "sun397": DatasetInfo("sun397", "SUN397", "split_json", "split_zhou_SUN397.json"),
+    "dtd": DatasetInfo("dtd", "images", "split_json", "split_zhou_DescribableTextures.json"),
+    "eurosat": DatasetInfo("eurosat", "2750", "split_json", "split_zhou_EuroSAT.json"),
+    "ucf101": DatasetInfo("ucf101", "UCF-101-midframes", "split_json", "split_zhou_UCF101.json"),
+    "imagenet": DatasetInfo("imagenet", "images", "imagenet"),
+    "imagenetv2": DatasetInfo("imagenetv2", "imagenetv2-matched-frequency-format-val", "imagenetv2"),
+    "imagenet_sketch": DatasetInfo("imagenet-sketch", "images", "wnid_folders"),
+    "imagenet_a": DatasetInfo("imagenet-adversarial", "imagenet-a", "wnid_folders"),
+    "imagenet_r": DatasetInfo("imagenet-rendition", "imagenet-r", "wnid_folders"),
+}
+
+
+def dataset_info(name):
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; expected one of: {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+def _missing(what, path):
+    return FileNotFoundError(f"{what} not found: {path}\n"
+                             f"Download and lay out the data as CoOp's DATASETS.md says: {DATASETS_MD}")
+
+# ----------------------------------------------------------------------------- reading layouts
+
+
+def _listdir(path):
+    # Sorted: os.listdir order is filesystem-specific and would change the few-shot picks.
+    if not os.path.isdir(path):
+        raise _missing("image folder", path)
+    return sorted(f for f in os.listdir(path) if not f.startswith("."))
+
+
+def _need_file(path, what):
+    if not os.path.isfile(path):
+        raise _missing(what, path)
+    return path
+
+
+def _read_classnames(folder):
+    """classnames.txt lines '<wnid> <class name>' -> {wnid: name}, in file order."""
+    names = {}
+    with open(_need_file(os.path.join(folder, "classnames.txt"), "class-name file")) as f:
+        for line in f:
+            wnid, _, name = line.strip().partition(" ")
+            if wnid:
+                names[wnid] = name
+    return names
+
+
+def _read_wnid_folders(image_dir, classnames):
+    """Label = index of the folder among the sorted sub-folders present (files such as
+    README.txt are ignored); class name looked up in classnames.txt."""
+    folders = [f for f in _listdir(image_dir) if os.path.isdir(os.path.join(image_dir, f))]
+    items = []
+    for label, wnid in enumerate(folders):
+        if wnid not in classnames:
+            raise ValueError(f"folder {os.path.join(image_dir, wnid)} has no line in classnames.txt")
+        sub = os.path.join(image_dir, wnid)
+        items += [Item(os.path.join(sub, f), label, classnames[wnid]) for f in _listdir(sub)]
+    return items
+
+
+def _read_aircraft(folder, image_dir, split):
+    with open(_need_file(os.path.join(folder, "variants.txt"), "variant list")) as f:
+        label_of = {name: i for i, name in enumerate(line.strip() for line in f if line.strip())}
+    path = _need_file(os.path.join(folder, f"images_variant_{split}.txt"), "split file")
+    items = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            image_id, _, variant = line.strip().partition(" ")
+            if not image_id:
+                continue
+            if variant not in label_of:
+                raise ValueError(f"{path}:{n}: variant {variant!r} is not in variants.txt")
+            items.append(Item(os.path.join(image_dir, image_id + ".jpg"), label_of[variant], variant))
+    return items
+
+
+def _read_full_splits(info, folder):
+    """The whole train, val and test lists of a dataset (before few-shot sampling)."""
+    image_dir = os.path.join(folder, info.image_dir)
+    if info.layout == "split_json":
+        with open(_need_file(os.path.join(folder, info.split_file), "split file (CoOp publishes it)")) as f:
+            split = json.load(f)
+        return [[Item(os.path.join(image_dir, p), int(y), c) for p, y, c in split[k]]
+                for k in ("train", "val", "test")]
+    if info.layout == "fgvc_aircraft":
+        return [_read_aircraft(folder, image_dir, k) for k in ("train", "val", "test")]
+    classnames = _read_classnames(folder)
+    if info.layout == "imagenet":
+        train = _read_wnid_folders(os.path.join(image_dir, "train"), classnames)
+        test = _read_wnid_folders(os.path.join(image_dir, "val"), classnames)
+        if {(i.label, i.classname) for i in test} - {(i.label, i.classname) for i in train}:
+            raise ValueError(f"{image_dir}/val and {image_dir}/train must hold the same class folders")
+        return train, test, test  # CoOp: ImageNet's 50k val images are both its val and test split
+    if info.layout == "imagenetv2":  # folder i holds label i, named by line i of classnames.txt
+        items = []
+        for label, name in enumerate(classnames.values()):
+            sub = os.path.join(image_dir, str(label))
+            items += [Item(os.path.join(sub, f), label, name) for f in _listdir(sub)]
+        return [], [], items
+    return [], [], _read_wnid_folders(image_dir, classnames)
+
+# ----------------------------------------------------------------------------- few-shot caches
+
+
+class _Datum:
+    """Plain stand-in for Dassl's Datum: the attributes its pickles carry."""
+
+    def __init__(self, impath, label, classname, domain=0):
+        self._impath, self._label, self._domain, self._classname = impath, label, domain, classname
+
+
+class _CacheUnpickler(pickle.Unpickler):
+    """Loads CoOp's few-shot caches without Dassl; any class but Datum is refused."""
+
+    def __init__(self, file, path):
+        super().__init__(file)
+        self.path = path
+
+    def find_class(self, module, name):
+        if (module, name) == DASSL_DATUM:
+            return _Datum
+        raise pickle.UnpicklingError(f"{self.path}: refusing to unpickle {module}.{name}; a CoOp "
+                                     f"few-shot cache holds only {'.'.join(DASSL_DATUM)} items")
+
+
+class _DasslPickler(pickle._Pickler):
+    """Writes _Datum under Dassl's name so that CoOp reads our caches. The standard
+    save_global would import dassl to check the name; here the name is written as is
+    (the pure-Python pickler is the one whose save_global can be overridden)."""
+
+    def save_global(self, obj, name=None):
+        if obj is not _Datum:
+            return super().save_global(obj, name)
+        self.save(DASSL_DATUM[0])
+        self.save(DASSL_DATUM[1])
+        self.write(pickle.STACK_GLOBAL)
+        self.memoize(obj)
+
+
+def _read_cache(path, info, folder, full):
+    """-> {split: [Item]} with the writer's absolute paths moved under this root."""
+    try:
+        with open(path, "rb") as f:
+            data = _CacheUnpickler(f, path).load()
+        if not (isinstance(data, dict) and "train" in data):
+            raise TypeError("expected a dict with a 'train' list")
+        splits = {k: [(d._impath, int(d._label), d._classname) for d in v] for k, v in data.items()}
+    except (pickle.UnpicklingError, AttributeError, TypeError, ValueError, EOFError) as e:
+        raise pickle.UnpicklingError(f"{path}: not a CoOp few-shot cache ({e})") from None
+    key = [info.folder] + (info.image_dir.split("/") if info.image_dir else [])  # path part kept: after it
+    out = {}
+    for split, stored in splits.items():
+        known = {i.impath for i in full[split]}
+        out[split] = []
+        for impath, label, classname in stored:
+            parts = impath.replace("\\", "/").split("/")
+            at = [i for i in range(len(parts) - len(key)) if parts[i:i + len(key)] == key]
+            mapped = os.path.join(folder, info.image_dir, *parts[at[-1] + len(key):]) if at else None
+            if mapped not in known:
+                raise ValueError(f"{path}: image {impath} is not in the {split} split under {folder}; "
+                                 f"the cache belongs to other data (delete it to resample)")
+            out[split].append(Item(mapped, label, classname))
+    return out
+
+
+def _write_cache(path, splits):
+    """Atomic (temporary file + rename), so concurrent ranks never read half a file.
+    Protocol 4 so that CoOp on Python >= 3.4 reads it; items keep absolute paths, as CoOp's."""
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".pkl")
+    except OSError as e:
+        print(f"warning: cannot write few-shot cache {path}: {e}", file=sys.stderr)
+        return
+    try:
+        with os.fdopen(fd, "wb") as f:
+            data = {k: [_Datum(os.path.abspath(i.impath), i.label, i.classname) for i in v]
+                    for k, v in splits.items()}
+            _DasslPickler(f, protocol=4).dump(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def fewshot(items, num_shots, rng):
+    """Dassl's generate_fewshot_dataset: per label in order of first appearance,
+    rng.sample(items, K), or all of them when fewer than K."""
+    groups = {}
+    for item in items:
+        groups.setdefault(item.label, []).append(item)
+    return [p for g in groups.values() for p in (rng.sample(g, num_shots) if len(g) >= num_shots else g)]
+
+# ----------------------------------------------------------------------------- splits
+
+
+def subsample_classes(splits, subsample):
+    """Base = first ceil(n/2) of the sorted labels of the train split, new = the rest;
+    every split filtered and relabelled 0..k-1, class names following."""
+    if subsample not in ("all", "base", "new"):
+        raise ValueError(f"subsample must be 'all', 'base' or 'new', got {subsample!r}")
+    if subsample == "all":
+        return splits
+    labels = sorted({i.label for i in splits["train"]})
+    m = math.ceil(len(labels) / 2)
+    keep = labels[:m] if subsample == "base" else labels[m:]
+    relabel = {y: k for k, y in enumerate(keep)}
+    out = {s: [Item(i.impath, relabel[i.label], i.classname) for i in splits[s] if i.label in relabel]
+           for s in ("train", "val", "test")}
+    return dict(out, classnames=[splits["classnames"][y] for y in keep])
+
+
+def load_splits(dataset, root, num_shots=16, seed=1, subsample="all"):
+    """-> dict(train=[Item], val=[Item], test=[Item], classnames=[str]).
+    num_shots <= 0 keeps the whole train/val splits; test-only datasets give train = val = [].
+    Few-shot picks equal Dassl's after random.seed(seed): random.Random(seed) is the same
+    Mersenne Twister in the same state, and leaves the global generator alone."""
+    info = dataset_info(dataset)
+    if subsample not in ("all", "base", "new"):
+        raise ValueError(f"subsample must be 'all', 'base' or 'new', got {subsample!r}")
+    if info.test_only and subsample != "all":
+        raise ValueError(f"{dataset} is a test-only dataset; base/new subsampling needs a train split")
+    folder = os.path.join(os.path.expanduser(root), info.folder)
+    if not os.path.isdir(folder):
+        raise _missing(f"{dataset} folder", folder)
+    train, val, test = _read_full_splits(info, folder)
+    names = dict(sorted({(i.label, i.classname) for i in train or test}))
+    if list(names) != list(range(len(names))):
+        raise ValueError(f"{dataset} under {folder}: labels are not 0..C-1")
+    if num_shots > 0 and train:
+        cache = os.path.join(folder, "split_fewshot", f"shot_{num_shots}-seed_{seed}.pkl")
+        full = {"train": train, "val": val}
+        if os.path.isfile(cache):
+            picked = _read_cache(cache, info, folder, full)
+        else:
+            rng = random.Random(seed)
+            picked = {"train": fewshot(train, num_shots, rng)}
+            if info.layout != "imagenet":  # CoOp samples no ImageNet val: val is the test split
+                picked["val"] = fewshot(val, min(num_shots, 4), rng)
+            _write_cache(cache, picked)
+        train, val = picked["train"], picked.get("val", val)
+    splits = dict(train=train, val=val, test=test, classnames=list(names.values()))
+    return subsample_classes(splits, subsample)
+
+# ----------------------------------------------------------------------------- images, loaders
+
+
+def build_transform(train, resolution):
+    bicubic = T.InterpolationMode.BICUBIC
+    if train:
+        head = [T.RandomResizedCrop(resolution, scale=(0.08, 1.0), interpolation=bicubic),
+                T.RandomHorizontalFlip()]
+    else:  # shorter side to `resolution`, then the central square
+        head = [T.Resize(resolution, interpolation=bicubic), T.CenterCrop(resolution)]
+    return T.Compose(head + [T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
+
+
+def load_image(path):
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image listed in the split is missing: {path}") from None
+    except OSError as e:
+        raise OSError(f"cannot read image {path}: {e}") from None
+
+
+def _mix(*ints):
+    """A 63-bit seed that depends on the given non-negative ints only."""
+    return int(np.random.SeedSequence(ints).generate_state(1, np.uint64)[0] >> 1)
+
+
+class _ImageSet(Dataset):
+    """Eval: key = index. Train: key = (epoch, index), and the random crop/flip of a
+    sample is drawn from a generator seeded with (seed, epoch, index), so it does not
+    depend on which worker or rank decodes it."""
+
+    def __init__(self, items, transform, seed=None):
+        self.items, self.transform, self.seed = items, transform, seed
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, key):
+        if self.seed is None:
+            item = self.items[key]
+            return self.transform(load_image(item.impath)), item.label
+        epoch, index = key
+        item = self.items[index]
+        image = load_image(item.impath)
+        with torch.random.fork_rng(devices=[]):  # torchvision draws from the global generator
+            torch.manual_seed(_mix(1, self.seed, epoch, index))
+            return self.transform(image), item.label
+
+
+class _GlobalBatchSampler:
+    """Each epoch: a permutation of (seed, epoch) cut into global batches (the last
+    incomplete one dropped unless it is the only one); yields this rank's contiguous
+    slice of every global batch, as (epoch, index) keys."""
+
+    def __init__(self, num_items, global_batch_size, seed, rank, world_size):
+        if global_batch_size % world_size:
+            raise ValueError(f"global batch size {global_batch_size} is not divisible by the "
+                             f"world size {world_size}")
+        if num_items < world_size:
+            raise ValueError(f"{num_items} training images cannot feed {world_size} ranks")
+        self.n, self.batch, self.seed = num_items, global_batch_size, seed
+        self.rank, self.world_size, self.epoch = rank, world_size, 0
+
+    def __len__(self):
+        return max(1, self.n // self.batch)
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(_mix(0, self.seed, self.epoch)))
+        size = min(self.batch, self.n)
+        for step in range(len(self)):
+            batch = order[step * size:(step + 1) * size].tolist()
+            lo, hi = self.rank * size // self.world_size, (self.rank + 1) * size // self.world_size
+            yield [(self.epoch, i) for i in batch[lo:hi]]
+
+
+class TrainLoader(DataLoader):
+    def set_epoch(self, epoch):
+        self.batch_sampler.epoch = epoch
+
+
+def _loader_kwargs(workers, seed):
+    # A private generator: iterating the loader must not consume the global torch RNG.
+    return dict(num_workers=workers, pin_memory=torch.cuda.is_available(),
+                persistent_workers=workers > 0, generator=torch.Generator().manual_seed(seed))
+
+
+def build_train_loader(items, global_batch_size, resolution, seed, rank=0, world_size=1, workers=4):
+    """Yields (images (b, 3, R, R), labels (b,)) with b = global_batch_size / world_size;
+    the ranks' slices of a step, concatenated in rank order, are the single-process batch."""
+    if not items:
+        raise ValueError("no training images")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    sampler = _GlobalBatchSampler(len(items), global_batch_size, seed, rank, world_size)
+    return TrainLoader(_ImageSet(items, build_transform(True, resolution), seed),
+                       batch_sampler=sampler, **_loader_kwargs(workers, seed))
+
+
+def build_eval_loader(items, batch_size, resolution, rank=0, world_size=1, workers=4):
+    """This rank's shard items[rank::world_size], in order: every image once over all ranks."""
+    return DataLoader(_ImageSet(items[rank::world_size], build_transform(False, resolution)),
+                      batch_size=batch_size, shuffle=False, **_loader_kwargs(workers, 0))
+
+# ----------------------------------------------------------------------------- synthetic data
+
+
+def write_synthetic_dataset(root, dataset, num_classes=10, images_per_class=8, image_size=32, seed=0):
+    """Writes a small fake `dataset` in its CoOp layout under root and returns its folder.
+    Images are the class's own hue plus noise, so a tiny model can tell classes apart.
+    Per class: max(1, n // 4) test images, as many val images where the layout has a val
+    split, the rest train; test-only layouts put all n in test."""
+    info = dataset_info(dataset)
+    folder = os.path.join(root, info.folder)
+    image_dir = os.path.join(folder, info.image_dir)
+    rng = np.random.default_rng(seed)
+    n_test = max(1, images_per_class // 4)
+    n_val = 0 if info.layout == "imagenet" or info.test_only else n_test
+    if images_per_class - n_test - n_val < 1 and not info.test_only:
+        raise ValueError(f"images_per_class={images_per_class} leaves no train images")
+
+    def image(label, rel):
+        colour = np.array(colorsys.hsv_to_rgb(label / num_classes, 0.8, 0.9)) * 255
+        pixels = colour + rng.normal(0, 25, (image_size, image_size, 3))
+        path = os.path.join(image_dir, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(path)
+        return rel
+
+    def split_of(j):
+        return "test" if j < n_test else "val" if j < n_test + n_val else "train"
+
+    def write_text(name, lines):
+        with open(os.path.join(folder, name), "w") as f:
+            f.writelines(line + "\n" for line in lines)
+
+    os.makedirs(folder, exist_ok=True)
+    if info.layout == "split_json":
+        split = {"train": [], "val": [], "test": []}
+        for c in range(num_classes):
+            name = f"class_{c:03d}"
+            for j in range(images_per_class):
+                split[split_of(j)].append([image(c, f"{name}/image_{j:04d}.jpg"), c, name])
+        for v in split.values():  # real split files are not grouped by label
+            rng.shuffle(v)
+        with open(os.path.join(folder, info.split_file), "w") as f:
+            json.dump(split, f)
+    elif info.layout == "fgvc_aircraft":
+        variants = [f"Variant {c}-{100 + c}" for c in range(num_classes)]
+        lines = {"train": [], "val": [], "test": []}
+        for c, variant in enumerate(variants):
+            for j in range(images_per_class):
+                image_id = f"{1000000 + c * images_per_class + j}"
+                lines[split_of(j)].append(f"{image(c, image_id + '.jpg')[:-4]} {variant}")
+        write_text("variants.txt", variants)
+        for split, rows in lines.items():
+            write_text(f"images_variant_{split}.txt", rows)
+    else:
+        # imagenet_a/r hold 200 of the 1000 classes: here every other wnid of classnames.txt
+        subset = dataset in ("imagenet_a", "imagenet_r")
+        wnids = [f"n{7 * c + 1000:08d}" for c in range(num_classes * (2 if subset else 1))]
+        write_text("classnames.txt", [f"{w} synthetic class {c}" for c, w in enumerate(wnids)])
+        for c, wnid in enumerate(wnids[1::2] if subset else wnids):
+            for j in range(images_per_class):
+                if info.layout == "imagenet":
+                    rel = f"val/{wnid}/ILSVRC2012_val_{c:04d}{j:04d}.JPEG" if j < n_test else \
+                          f"train/{wnid}/{wnid}_{j}.JPEG"
+                elif info.layout == "imagenetv2":
+                    rel = f"{c}/{rng.integers(1 << 40):010x}.jpeg"
+                else:
+                    rel = f"{wnid}/{j}.JPEG"
+                image(c, rel)
+        if subset:
+            with open(os.path.join(image_dir, "README.txt"), "w") as f:
+                f.write("not a class folder\n")
+    return folder
+
+# ----------------------------------------------------------------------------- benchmark
+
+
+def benchmark(dataset, root, workers=4, batch_size=64, resolution=224, steps=50, num_shots=-1):
+    splits = load_splits(dataset, root, num_shots=num_shots, seed=1)
+    items = splits["train"] or splits["test"]
+    loader = build_train_loader(items, min(batch_size, len(items)), resolution, seed=1, workers=workers)
+    images, start, epoch = 0, None, 0
+    while steps > 0:
+        loader.set_epoch(epoch)
+        for batch, _ in loader:
+            if start is None:  # the first batch pays for worker start-up
+                start = time.perf_counter()
+            else:
+                images, steps = images + len(batch), steps - 1
+            if steps == 0:
+                break
+        epoch += 1
+    rate = images / (time.perf_counter() - start)
+    print(f"{dataset}: {rate:.1f} images/s decoded+augmented ({images} images, {len(items)} in split, "
+          f"workers={workers}, batch={batch_size}, resolution={resolution})")
+    return rate
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--benchmark", action="store_true", help="measure loader throughput")
+    p.add_argument("--synthetic", metavar="ROOT", help="write a synthetic --dataset under ROOT")
+    p.add_argument("--dataset", required=True, choices=list(DATASETS))
+    p.add_argument("--root", default="data")
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--resolution", type=int, default=224)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--shots", type=int, default=-1, help="few-shot train set to read (-1: whole split)")
+    args = p.parse_args(argv)
+    if args.synthetic:
+        print(write_synthetic_dataset(args.synthetic, args.dataset))
+    if args.benchmark:
+        benchmark(args.dataset, args.root, args.workers, args.batch_size, args.resolution, args.steps, args.shots)
+    if not (args.benchmark or args.synthetic):
+        p.error("nothing to do: give --benchmark and/or --synthetic ROOT")
+
+
+if __name__ == "__main__":
+    main()
