@@ -530,7 +530,8 @@ def main(argv=None):
     if args.synthetic:
         print(write_synthetic_dataset(args.synthetic, args.dataset))
     if args.benchmark:
-        benchmark(args.dataset, args.root, args.workers, args.batch_size, args.resolution, args.steps, args.shots)
+        benchmark(args.dataset, args.root, workers=args.workers, batch_size=args.batch_size,
+                  resolution=args.resolution, steps=args.steps, num_shots=args.shots)
     if not (args.benchmark or args.synthetic):
         p.error("nothing to do: give --benchmark and/or --synthetic ROOT")
 
