@@ -83,8 +83,8 @@ def _matmul_kernel(
             a = tl.maximum((a - k_mean[None, :]) * k_scale[None, :] + k_beta[None, :], 0.0)
         if A_BN == 2:
             a = tl.maximum((a - r_mean[:, None]) * r_scale[:, None] + r_beta[:, None], 0.0)
-        if A_BN != 0:  # padding must stay zero: relu(beta) is not
-            a = tl.where(a_mask, a, 0.0)
+        # padded entries of a may be relu(beta) != 0 after the prologue: padded k meet the
+        # zero-filled rows of b, padded rows are never stored, so no re-masking is needed
         b = tl.load(b_ptr + ks[:, None] * stride_bk + cols[None, :] * stride_bn,
                     mask=k_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision="ieee")
