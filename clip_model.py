@@ -59,10 +59,6 @@ class CLIPConfig:
     transformer_layers: int
     # heads = width // 64 in both towers
 
-    @property
-    def grid(self) -> int:
-        return self.image_resolution // self.vision_patch_size
-
 
 CONFIGS = {
     "ViT-B/32": CLIPConfig(512, 224, 12, 768, 32, 77, 49408, 512, 12),
@@ -186,9 +182,15 @@ class CLIP(nn.Module):
         self.config = config
         c = config
         self.visual = VisionTransformer(
-            c.image_resolution, c.vision_patch_size, c.vision_width, c.vision_layers, c.embed_dim
+            resolution=c.image_resolution,
+            patch_size=c.vision_patch_size,
+            width=c.vision_width,
+            layers=c.vision_layers,
+            output_dim=c.embed_dim,
         )
-        self.transformer = Transformer(c.transformer_width, c.transformer_layers, c.transformer_width // 64, causal=True)
+        self.transformer = Transformer(
+            width=c.transformer_width, layers=c.transformer_layers, heads=c.transformer_width // 64, causal=True
+        )
         self.token_embedding = nn.Embedding(c.vocab_size, c.transformer_width)
         self.positional_embedding = nn.Parameter(torch.empty(c.context_length, c.transformer_width))
         self.ln_final = LayerNorm(c.transformer_width)
@@ -236,10 +238,11 @@ def config_from_state_dict(state_dict) -> CLIPConfig:
         )
     conv = _shape(state_dict, "visual.conv1.weight")  # (width, 3, patch, patch)
     grid = round(math.sqrt(_shape(state_dict, "visual.positional_embedding")[0] - 1))
+    vision_blocks = [k for k in keys if k.startswith("visual.transformer.resblocks.")]
     return CLIPConfig(
         embed_dim=_shape(state_dict, "text_projection")[1],
         image_resolution=conv[-1] * grid,
-        vision_layers=sum(k.startswith("visual.transformer.resblocks.") and k.endswith(".attn.in_proj_weight") for k in keys),
+        vision_layers=sum(k.endswith(".attn.in_proj_weight") for k in vision_blocks),
         vision_width=conv[0],
         vision_patch_size=conv[-1],
         context_length=_shape(state_dict, "positional_embedding")[0],
@@ -374,7 +377,8 @@ def read_state_dict(path) -> dict:
     """An OpenAI TorchScript archive's or a torch.save'd state dict's tensors, on CPU."""
     expected = "an OpenAI CLIP TorchScript archive or a torch.save'd state dict (zip format)"
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file; expected an official model name ({', '.join(MODELS)}) or {expected}")
+        names = ", ".join(MODELS)
+        raise FileNotFoundError(f"{path}: no such file; expected an official model name ({names}) or {expected}")
     if not zipfile.is_zipfile(path):
         raise ValueError(f"{path}: not a zip archive; expected {expected}")
     with zipfile.ZipFile(path) as z:
@@ -406,6 +410,10 @@ def load_clip(name_or_path, download_root=None) -> CLIP:
 
 SOT, EOT = "<|startoftext|>", "<|endoftext|>"
 _CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
+# ftfy's uncurl_quotes: U+2018-U+201B -> ', U+201C-U+201F -> "
+_UNCURL = str.maketrans(
+    dict.fromkeys("\u2018\u2019\u201a\u201b", "'") | dict.fromkeys("\u201c\u201d\u201e\u201f", '"')
+)
 VOCAB_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bpe_simple_vocab_16e6.txt.gz")
 
 
@@ -484,8 +492,10 @@ class _Tokenizer:
         return symbols
 
     def encode(self, text):
-        # OpenAI cleans with ftfy first; of what it does, only NFC normalisation matters here.
-        text = html.unescape(html.unescape(unicodedata.normalize("NFC", text))).strip()
+        # OpenAI cleans with ftfy.fix_text first. We do its NFC normalisation and quote
+        # uncurling (what ordinary prompts and class names meet), not its mojibake repair.
+        text = unicodedata.normalize("NFC", text).translate(_UNCURL)
+        text = html.unescape(html.unescape(text)).strip()
         text = re.sub(r"\s+", " ", text).strip().lower()
         ids = []
         for piece in pre_tokenize(text):
@@ -507,6 +517,8 @@ def tokenize(texts, context_length=77) -> torch.LongTensor:
     for row, text in enumerate(texts):
         ids = [tok.encoder[SOT], *tok.encode(text), tok.encoder[EOT]]
         if len(ids) > context_length:
-            raise ValueError(f"text {text!r} is {len(ids)} tokens with SOT/EOT, over the context length {context_length}")
+            raise ValueError(
+                f"text {text!r} is {len(ids)} tokens with SOT/EOT, over the context length {context_length}"
+            )
         out[row, : len(ids)] = torch.tensor(ids)
     return out

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import types
+import warnings
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,8 @@ def model(state_dict):
 
 
 def images(batch=3, seed=1):
-    return torch.randn(batch, 3, TINY.image_resolution, TINY.image_resolution, generator=torch.Generator().manual_seed(seed))
+    R = TINY.image_resolution
+    return torch.randn(batch, 3, R, R, generator=torch.Generator().manual_seed(seed))
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -51,6 +53,10 @@ def test_tokenize_batch_and_context_limit():
     with pytest.raises(ValueError, match="x x x x"):
         cm.tokenize(["fine", "x " * 76])
     assert cm.tokenize("x " * 100, context_length=128).shape == (1, 128)
+
+
+def test_curly_quotes_are_uncurled_like_ftfy():
+    assert torch.equal(cm.tokenize("don\u2019t say \u201cdog\u201d"), cm.tokenize("don't say \"dog\""))
 
 
 # ----------------------------------------------------------------------------- reference forward
@@ -173,6 +179,21 @@ def test_text_feature_is_the_eot_row(model):
         assert not torch.allclose(model.encode_text(changed)[0], model.encode_text(ids)[0], atol=1e-4)
 
 
+def test_bf16_autocast_forward(model):
+    """The CUDA precision policy (bf16 autocast, fp32 parameters), exercised on CPU."""
+    imgs, ids = images(), cm.tokenize(PROMPTS)
+    with torch.no_grad():
+        ref_glob, ref_tokens, ref_attn = model.encode_image(imgs, return_tokens=True)
+        ref_text = model.encode_text(ids)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            glob, tokens, cls_attn = model.encode_image(imgs, return_tokens=True)
+            text = model.encode_text(ids)
+    assert cls_attn.dtype == torch.float32 and (cls_attn.sum(-1) <= 1 + 1e-6).all()
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    for low, high in ((glob, ref_glob), (tokens, ref_tokens), (cls_attn, ref_attn), (text, ref_text)):
+        torch.testing.assert_close(low.float(), high, rtol=0.1, atol=0.1 * high.abs().max().item())
+
+
 def test_layer_norm_computes_in_fp32():
     ln = cm.LayerNorm(8)
     x = (torch.randn(4, 8) * 100 + 1000).to(torch.bfloat16)
@@ -199,7 +220,9 @@ def test_plain_state_dict_loads_exactly(state_dict, tmp_path):
 def test_torchscript_archive_matches_fp16_rounded_weights(state_dict, model, tmp_path):
     path = tmp_path / "tiny_jit.pt"
     cm.save_torchscript_archive(state_dict, path)
-    raw = torch.jit.load(str(path), map_location="cpu").state_dict()
+    with warnings.catch_warnings():  # TorchScript is deprecated, yet it is OpenAI's format
+        warnings.simplefilter("ignore", FutureWarning)
+        raw = torch.jit.load(str(path), map_location="cpu").state_dict()
     assert set(raw) == set(state_dict) | {"input_resolution", "context_length", "vocab_size"}
     assert (int(raw["input_resolution"]), int(raw["context_length"]), int(raw["vocab_size"])) == (32, 77, 49408)
     assert all(raw[k].dtype == torch.float16 for k in state_dict)
