@@ -150,6 +150,16 @@ def test_cache_update_triton_matches_reference(n, d, m, dtype):
     assert torch.allclose(new[empty], cache[empty], atol=1e-6)
 
 
+def test_reference_equals_the_released_slot_by_slot_loop():
+    # kernels.bench's loop follows the released code: softmax over rows / column max
+    from kernels.bench import loop_cache_update
+
+    tokens = random_tokens(131, 64, torch.float32, seed=7)
+    cache = unit_rows(25, 64, seed=7)
+    assert_close(loop_cache_update(tokens, cache), kernels.cache_update(tokens, cache, backend="torch"),
+                 1e-6, "loop vs reference")
+
+
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_cache_ties_break_to_the_lowest_slot(backend):
     # (the CPU interpreter's argmax is always leftmost; on CUDA this checks tie_break_left)

@@ -1,0 +1,145 @@
+"""Benchmark the Triton kernels against the PyTorch reference (and the cache update against a
+slot-by-slot loop as the released TextRefiner code does it) on a CUDA device.
+
+    python -m kernels.bench                 # print the table and write it into kernels/README.md
+    python -m kernels.bench --no-write --dtype bfloat16
+
+Shapes: N = 32*197 and 256*197 tokens (batch 32 / 256 of ViT-B/16), D = 512 and 768, M = 25.
+GB/s is measured against the bytes the operation cannot avoid moving (its inputs and outputs
+once), so it is comparable across implementations, not the traffic each one really causes.
+"""
+import argparse
+import os
+import re
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+import triton
+
+import kernels
+
+README = os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+
+
+def time_ms(fn, warmup=5, reps=30):
+    """Median wall time of fn() in milliseconds, measured with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        stop.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(stop))
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def loop_cache_update(tokens, cache, momentum=0.8):
+    """SPEC 4 the way the released code computes it: a softmax over the rows of every
+    column, divided by the column's maximum, then one masked update per slot."""
+    x_hat = F.normalize(tokens.float(), dim=-1)  # (N, D)
+    scores = x_hat @ cache.t()  # (N, M)
+    assign = scores.argmax(dim=1)  # (N,)
+    prob = scores.softmax(dim=0)  # (N, M)
+    weight = prob / prob.max(dim=0, keepdim=True).values  # (N, M) = exp(S - colmax)
+    new = cache.clone()
+    for m in range(cache.shape[0]):
+        rows = (assign == m).nonzero()[:, 0]
+        if rows.numel() > 0:
+            new[m] = momentum * cache[m] + (1 - momentum) * (weight[rows, m, None] * x_hat[rows]).sum(dim=0)
+    return F.normalize(new, dim=-1)
+
+
+def bench_cache(n, d, m, dtype):
+    tokens = torch.randn(n, d, device="cuda").add_(0.3).to(dtype)
+    cache = F.normalize(torch.rand(m, d, device="cuda"), dim=-1)
+    moved = n * d * tokens.element_size() + 2 * m * d * 4  # tokens in, cache in and out
+    ms = {
+        "triton": time_ms(lambda: kernels.cache_update(tokens, cache, backend="triton")),
+        "torch": time_ms(lambda: kernels.cache_update(tokens, cache, backend="torch")),
+        "loop": time_ms(lambda: loop_cache_update(tokens, cache)),
+    }
+    return dict(op="cache_update", n=n, d=d, mode="fwd", ms=ms, bytes=moved)
+
+
+def bench_align(n, d, dtype, backward):
+    x = torch.randn(n, d, device="cuda").to(dtype)  # frozen CLIP tokens: no dx needed
+    params = [torch.randn(d, d, device="cuda") / d ** 0.5, torch.zeros(d, device="cuda"),
+              torch.ones(d, device="cuda"), torch.zeros(d, device="cuda"),
+              torch.randn(d, d, device="cuda") / d ** 0.5, torch.zeros(d, device="cuda")]
+    for p in params:
+        p.requires_grad_(backward)
+    dy = torch.randn(n, d, device="cuda")
+    # x and y once, both weights; backward adds dy in and both weight gradients out
+    moved = n * d * (x.element_size() + 4) + 2 * d * d * 4
+    if backward:
+        moved += n * d * 4 + 2 * d * d * 4
+
+    def run(backend):
+        def step():
+            y = kernels.feature_align(x, *params, backend=backend)[0]
+            if backward:
+                torch.autograd.backward(y, dy)
+        return step
+
+    ms = {backend: time_ms(run(backend)) for backend in ("triton", "torch")}
+    return dict(op="feature_align", n=n, d=d, mode="fwd+bwd" if backward else "fwd", ms=ms, bytes=moved)
+
+
+def table(rows, dtype):
+    lines = [f"tokens/x dtype {dtype}; M = 25; median of 30 runs after 5 warm-up runs",
+             "",
+             "| op | N | D | pass | Triton ms | torch ms | loop ms | vs torch | vs loop | Triton GB/s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ms = r["ms"]
+        loop_ms, vs_loop = "-", "-"
+        if "loop" in ms:
+            loop_ms, vs_loop = f"{ms['loop']:.3f}", f"{ms['loop'] / ms['triton']:.2f}x"
+        lines.append(
+            f"| {r['op']} | {r['n']} | {r['d']} | {r['mode']} | {ms['triton']:.3f} | {ms['torch']:.3f} | "
+            f"{loop_ms} | {ms['torch'] / ms['triton']:.2f}x | {vs_loop} | {r['bytes'] / ms['triton'] / 1e6:.0f} |")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                        help="token dtype (TextRefiner feeds fp32 aligned tokens to the cache)")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave kernels/README.md")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("kernels/bench.py: needs a CUDA device and none was found; nothing measured "
+                 "(the CPU tests are `python -m pytest tests/test_kernels.py`)")
+    dtype = getattr(torch, args.dtype)
+    rows = []
+    for n in (32 * 197, 256 * 197):
+        for d in (512, 768):
+            rows.append(bench_cache(n, d, 25, dtype))
+            rows.append(bench_align(n, d, dtype, backward=False))
+            rows.append(bench_align(n, d, dtype, backward=True))
+            print(f"done N={n} D={d}", file=sys.stderr)
+    header = (f"GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}; triton {triton.__version__}; "
+              f"CUDA {torch.version.cuda}")
+    text = header + "\n\n" + table(rows, args.dtype)
+    print(text)
+    if not args.no_write:
+        with open(README) as f:
+            readme = f.read()
+        if BEGIN not in readme or END not in readme:
+            sys.exit(f"kernels/bench.py: {README} lacks the {BEGIN} ... {END} markers")
+        readme = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: f"{BEGIN}\n{text}\n{END}",
+                        readme, flags=re.S)
+        with open(README, "w") as f:
+            f.write(readme)
+        print(f"written into {README}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
