@@ -252,5 +252,7 @@ class FeatureAlignFunction(torch.autograd.Function):
 
 def feature_align(x, w1, b1, gamma, beta, w2, b2, eps, process_group=None):
     """Triton feature_align; inputs already validated by kernels.feature_align."""
+    # the kernels index the (D,) vectors with unit stride (no-op for parameters)
+    b1, gamma, beta, b2 = (t.contiguous() for t in (b1, gamma, beta, b2))
     with torch.autocast(x.device.type, enabled=False):
         return FeatureAlignFunction.apply(x, w1, b1, gamma, beta, w2, b2, eps, process_group)

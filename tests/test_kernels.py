@@ -249,6 +249,22 @@ def test_feature_align_triton_matches_reference(n, d, dtype):
         assert_close(g, grads_ref[name], tol, f"d{name}")
 
 
+def test_triton_accepts_strided_inputs():
+    # the kernels take explicit strides: a transposed view must give the contiguous result
+    x = random_tokens(64, 37, torch.float32, seed=16).t()  # (37, 64), strides (1, 37)
+    assert not x.is_contiguous()
+    cache = unit_rows(13, 64, seed=17)
+    assert_close(kernels.cache_update(x, cache, backend="triton"),
+                 kernels.cache_update(x.contiguous(), cache, backend="torch"), 1e-6, "cache")
+    params = align_params(64, seed=18)
+    gy = torch.randn(37, 64, generator=torch.Generator().manual_seed(19)).to(DEVICE)
+    got = run_feature_align(x, params, gy, "triton")
+    want = run_feature_align(x.contiguous(), params, gy, "torch")
+    assert_close(got[0], want[0], 1e-5, "y")
+    for name in got[3]:
+        assert_close(got[3][name], want[3][name], 1e-5, f"d{name}")
+
+
 def test_launchers_reject_bad_inputs():
     cache = unit_rows(5, 16, seed=0)
     with pytest.raises(ValueError, match="cache_partials"):
