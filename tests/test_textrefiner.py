@@ -41,6 +41,15 @@ def rel_err(actual, expected):
     return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max()).item()
 
 
+def grad_err(actual, expected, name):
+    """rel_err of a gradient; fc1's bias has an exactly-zero gradient (BatchNorm subtracts it
+    again), so its error is measured against the scale of fc1's weight gradient."""
+    if name != "refiner.align.fc1.bias":
+        return rel_err(actual[name], expected[name])
+    scale = expected["refiner.align.fc1.weight"].double().abs().max()
+    return ((actual[name].double() - expected[name].double()).abs().max() / scale).item()
+
+
 # ----------------------------------------------------------------------------- prompt learner
 
 def test_prompt_embeddings_equal_the_tokenised_sentence_at_init(clip):
@@ -207,6 +216,26 @@ def test_eval_features_are_reused_and_invalidated(clip, monkeypatch):
     torch.testing.assert_close(logits, previous[:, [4, 0]])  # same classes, new order
 
 
+def test_refiner_maths_stays_fp32_under_autocast(clip):
+    x, y = images(2), torch.tensor([0, 3])
+    reference = make_model(clip).train()(x, y)
+    model = make_model(clip).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, y)
+    for name, value in out.items():
+        assert value.dtype == torch.float32, name
+        torch.testing.assert_close(value, reference[name], rtol=0.1, atol=0.1)  # bf16 towers only
+    assert model.refiner.cache.dtype == torch.float32 and model.refiner.align.bn.running_var.dtype == torch.float32
+    model.eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model(x)
+    exact = model(x)  # autocast state is part of the eval-feature key: recomputed in fp32
+    other = make_model(clip, seed=9).eval()
+    other.load_trainable_state_dict(model.trainable_state_dict())
+    torch.testing.assert_close(exact, other(x))
+    assert low.dtype == exact.dtype == torch.float32 and not torch.equal(low, exact)
+
+
 def test_set_classnames_changes_classes_and_logits(clip):
     model = make_model(clip).train()
     out = model(images(2), torch.tensor([0, 4]))
@@ -369,17 +398,52 @@ def test_training_step_and_eval_match_float64_reference(clip):
     out["loss"].backward()
     for name in ("loss", "loss_global", "loss_local", "loss_reg", "logits"):
         assert rel_err(out[name], ref[name]) < 1e-4, name
-    params = dict(model.named_parameters())
-    for name, grad in ref["grads"].items():
-        if name == "refiner.align.fc1.bias":  # BatchNorm subtracts it again: its gradient is 0
-            scale = ref["grads"]["refiner.align.fc1.weight"].abs().max()
-            assert (params[name].grad.abs().max() / scale).item() < 1e-4
-            assert (grad.abs().max() / scale).item() < 1e-12
-            continue
-        assert rel_err(params[name].grad, grad) < 1e-4, name
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    for name in ref["grads"]:
+        assert grad_err(grads, ref["grads"], name) < 1e-4, name
+    assert ref["grads"]["refiner.align.fc1.bias"].abs().max() < 1e-12  # BatchNorm removes it
     bn = model.refiner.align.bn
     assert rel_err(model.refiner.cache, ref["cache"]) < 1e-4
     assert rel_err(bn.running_mean, ref["running_mean"]) < 1e-4
     assert rel_err(bn.running_var, ref["running_var"]) < 1e-4
     assert bn.num_batches_tracked.item() == 1
     assert rel_err(model.eval()(x_eval), ref["eval_logits"]) < 1e-4
+
+
+# ------------------------------------------------------------------------------ two ranks
+
+def _two_rank_step(rank, init_file, out_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    clip = build_model(random_state_dict(CONFIGS["tiny"], seed=0))
+    model = make_model(clip, seed=3).train()
+    model.set_process_group(dist.group.WORLD)
+    x, y = images(4, seed=11), torch.tensor([2, 0, 4, 2])
+    out = model(x[2 * rank:2 * rank + 2], y[2 * rank:2 * rank + 2])  # this rank's half of the batch
+    out["loss"].backward()
+    grads = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:  # what DDP does: average the gradients over the ranks
+            dist.all_reduce(p.grad)
+            grads[name] = p.grad / 2
+    torch.save(dict(loss=out["loss"].detach(), grads=grads, state=model.trainable_state_dict()),
+               f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_two_ranks_match_one_process_on_the_global_batch(clip, tmp_path):
+    torch.multiprocessing.spawn(_two_rank_step, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    model = make_model(clip, seed=3).train()
+    out = model(images(4, seed=11), torch.tensor([2, 0, 4, 2]))
+    out["loss"].backward()
+    torch.testing.assert_close((ranks[0]["loss"] + ranks[1]["loss"]) / 2, out["loss"].detach())
+    grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+    for name in grads:
+        assert grad_err(ranks[0]["grads"], grads, name) < 1e-4, name
+    for name, value in model.trainable_state_dict().items():  # cache and BN statistics
+        assert torch.equal(ranks[0]["state"][name], ranks[1]["state"][name]), name
+        torch.testing.assert_close(ranks[0]["state"][name], value, rtol=1e-5, atol=1e-6,
+                                   msg=lambda message: f"{name}: {message}")
