@@ -1,0 +1,191 @@
+"""eval.py: reproduces train.py's test numbers, loads the authors' checkpoint layout, shards
+under torchrun, drives the base2new make flow, and computes the report tables."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import eval as evaluate_cli  # "eval" would shadow the builtin
+import train
+from test_train import REPO, assert_same_tensors, synthetic, trained_run
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return trained_run(tmp_path_factory)
+
+
+def read_results(folder):
+    with open(os.path.join(folder, "results.json")) as f:
+        return json.load(f)
+
+
+def test_eval_reproduces_training_test_numbers(run, tmp_path):
+    root, weights, out = run
+    # --dataset, --root, --clip and --subsample (base) default to the checkpoint's run
+    evaluate_cli.main(["--checkpoint", os.path.join(out, "best.pt"), "--workers", "0", "--batch-size", "4",
+                       "--output-dir", str(tmp_path)])
+    ours, trained = read_results(tmp_path), read_results(out)
+    for key in ("accuracy", "macro_f1", "per_class_accuracy", "num_images", "num_classes", "split", "subsample"):
+        assert ours[key] == trained[key], key
+    new = evaluate_cli.main(["--checkpoint", os.path.join(out, "best.pt"), "--workers", "0",
+                             "--subsample", "new"])
+    assert new["num_classes"] == 3 and set(new["per_class_accuracy"]) == {"class_003", "class_004", "class_005"}
+
+
+def test_metrics_by_hand():
+    # rows: true class, columns: predicted. Class 2 never occurs and is never predicted.
+    confusion = torch.tensor([[3, 1, 0], [2, 2, 0], [0, 0, 0]])
+    m = train.metrics(confusion, ["a", "b", "c"])
+    assert m["accuracy"] == pytest.approx(500 / 8) and m["num_images"] == 8
+    # F1 a = 2*3 / (4 + 5) = 2/3, F1 b = 2*2 / (4 + 3) = 4/7; c is left out, as sklearn does
+    assert m["macro_f1"] == pytest.approx(100 * (2 / 3 + 4 / 7) / 2)
+    assert m["per_class_accuracy"] == {"a": 75.0, "b": 50.0, "c": None}
+
+
+def write_authors_folder(folder, state, epoch):
+    """The released code's Dassl files: CustomCLIP and Memory state dicts, the alignment as
+    1x1 convs, the cache under 'memory_item'; plus the fixed prompt tokens it also saves."""
+    align = {"0.weight": "fc1.weight", "0.bias": "fc1.bias", "1.weight": "bn.weight", "1.bias": "bn.bias",
+             "1.running_mean": "bn.running_mean", "1.running_var": "bn.running_var",
+             "1.num_batches_tracked": "bn.num_batches_tracked", "3.weight": "fc2.weight", "3.bias": "fc2.bias"}
+    learner = {"prompt_learner.ctx": state["prompt_learner.ctx"],
+               "prompt_learner.token_prefix": torch.zeros(3, 1, 8), "logit_scale": torch.tensor(4.6)}
+    for theirs, ours in align.items():
+        t = state["refiner.align." + ours]
+        learner["mid_image_trans.conv1." + theirs] = t[:, :, None, None] if t.dim() == 2 else t
+    files = {"prompt_learner": {"state_dict": learner, "epoch": epoch},
+             "Memory": {"state_dict": {"extractor.weight": state["refiner.extractor.weight"]},
+                        "memory_item": state["refiner.cache"], "epoch": epoch}}
+    for part, content in files.items():
+        os.makedirs(os.path.join(folder, part))
+        torch.save(content, os.path.join(folder, part, f"model.pth.tar-{epoch}"))
+
+
+def test_authors_checkpoint_maps_to_our_names(run, tmp_path):
+    root, weights, out = run
+    state = torch.load(os.path.join(out, "last.pt"), weights_only=True)["model"]
+    write_authors_folder(tmp_path / "theirs", state, epoch=3)
+    mapped = evaluate_cli.load_authors_checkpoint(str(tmp_path / "theirs"), epoch=3)
+    assert_same_tensors(mapped, state)
+    with pytest.raises(FileNotFoundError, match="model-best.pth.tar"):
+        evaluate_cli.load_authors_checkpoint(str(tmp_path / "theirs"))
+    theirs = evaluate_cli.main(["--checkpoint", str(tmp_path / "theirs"), "--epoch", "3", "--dataset", "caltech101",
+                                "--root", root, "--clip", weights, "--subsample", "base", "--workers", "0"])
+    ours = evaluate_cli.main(["--checkpoint", os.path.join(out, "last.pt"), "--workers", "0"])
+    assert theirs["accuracy"] == ours["accuracy"] and theirs["macro_f1"] == ours["macro_f1"]
+    # Dassl pickles its scheduler object: refused unless the user vouches for the file.
+    path = tmp_path / "theirs" / "Memory" / "model.pth.tar-3"
+    content = torch.load(path, weights_only=True)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    content["scheduler"] = torch.optim.lr_scheduler.StepLR(opt, 1)
+    torch.save(content, path)
+    with pytest.raises(SystemExit, match="--allow-pickle"):
+        evaluate_cli.load_authors_checkpoint(str(tmp_path / "theirs"), epoch=3)
+    assert_same_tensors(evaluate_cli.load_authors_checkpoint(str(tmp_path / "theirs"), 3, allow_pickle=True), state)
+
+
+def test_torchrun_sharded_eval_counts_every_image_once(run, tmp_path):
+    root, weights, out = run
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # 9 test images over 2 ranks: shards of 5 and 4
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(REPO, "eval.py"), "--checkpoint", os.path.join(out, "best.pt"), "--workers", "0",
+           "--batch-size", "2", "--output-dir", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-20000:]
+    sharded, trained = read_results(tmp_path), read_results(out)
+    assert sharded["num_images"] == 9
+    assert sharded["accuracy"] == trained["accuracy"] and sharded["per_class_accuracy"] == trained["per_class_accuracy"]
+
+
+def test_make_base2new_flow_and_skip(tmp_path):
+    root, weights = synthetic(str(tmp_path))
+    out = tmp_path / "output"
+    cmd = ["make", "--no-print-directory", "-C", REPO, "base2new", "DATASET=caltech101", "SEED=2",
+           f"DATA={root}", f"CLIP={weights}", f"OUTPUT={out}", 'TRAIN_ARGS=--epochs 2 --batch-size 4 --workers 0',
+           "EVAL_ARGS=--workers 0"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_dir = out / "base2new" / "caltech101" / "seed2"
+    base, new = read_results(run_dir / "base"), read_results(run_dir / "new")
+    assert (base["subsample"], new["subsample"]) == ("base", "new")
+    assert base["args"]["seed"] == 2 and base["num_classes"] == new["num_classes"] == 3
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and again.stdout.count("skip:") == 2, again.stdout
+    summary = evaluate_cli.report(str(out / "base2new"))
+    row = summary["datasets"]["caltech101"]
+    assert row["base"] == base["accuracy"] and row["new"] == new["accuracy"] and row["seeds"] == [2]
+
+
+def write_result(folder, accuracy):
+    os.makedirs(folder)
+    with open(os.path.join(folder, "results.json"), "w") as f:
+        json.dump({"accuracy": accuracy}, f)
+
+
+def test_report_arithmetic(tmp_path, capsys):
+    for seed, (b, n) in zip((1, 2, 3), ((80, 60), (82, 62), (84, 64))):
+        write_result(tmp_path / "dtd" / f"seed{seed}" / "base", b)
+        write_result(tmp_path / "dtd" / f"seed{seed}" / "new", n)
+    write_result(tmp_path / "eurosat" / "seed1" / "base", 90)
+    write_result(tmp_path / "eurosat" / "seed1" / "new", 70)
+    write_result(tmp_path / "ucf101" / "seed1" / "base", 99)  # unfinished: no new result, left out
+    summary = evaluate_cli.report(str(tmp_path))
+    dtd = summary["datasets"]["dtd"]
+    assert (dtd["base"], dtd["new"]) == (82, 62)
+    assert dtd["base_std"] == pytest.approx((8 / 3) ** 0.5)  # population std of 80, 82, 84
+    assert dtd["hm"] == pytest.approx(2 * 82 * 62 / 144)
+    assert summary["datasets"]["eurosat"]["hm"] == pytest.approx(78.75)
+    assert "ucf101" not in summary["datasets"]
+    avg = summary["average"]
+    assert (avg["base"], avg["new"]) == (86, 66) and avg["hm"] == pytest.approx(2 * 86 * 66 / 152)
+    text = capsys.readouterr().out
+    assert "Average (2/11)" in text and "74.68" in text and "DTD" in text and "EuroSAT" in text
+    assert "82.69" in text and "76.94" in text  # published averages
+    assert json.load(open(tmp_path / "report.json"))["average"]["base"] == 86
+    # published rows are self-consistent: HM = 2bn/(b+n)
+    for b, n, h in evaluate_cli.PUBLISHED.values():
+        assert evaluate_cli.harmonic_mean(b, n) == pytest.approx(h, abs=0.006)
+
+
+def test_report_xd(tmp_path, capsys):
+    write_result(tmp_path / "imagenet_a" / "seed1", 50)
+    write_result(tmp_path / "imagenet_a" / "seed2", 52)
+    summary = evaluate_cli.report(str(tmp_path))
+    assert summary["imagenet_a"]["accuracy"] == 51 and summary["imagenet_a"]["std"] == 1
+    assert "imagenet_a" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--checkpoint", "/no/such.pt"], "--checkpoint '/no/such.pt' does not exist"),
+    (["--zeroshot", "--checkpoint", "x.pt"], "exactly one of --checkpoint PATH and --zeroshot"),
+    ([], "exactly one of --checkpoint PATH and --zeroshot"),
+    (["--zeroshot", "--dataset", "dtd", "--split", "train"], "invalid choice: 'train'"),
+])
+def test_bad_flags_are_clear_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as err:
+        evaluate_cli.main(argv)
+    assert err.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_zeroshot_and_missing_data_errors(run, tmp_path):
+    root, weights, _ = run
+    with pytest.raises(SystemExit, match="--report"):
+        evaluate_cli.main(["--report", str(tmp_path / "nothing")])
+    with pytest.raises(SystemExit, match="--root"):
+        evaluate_cli.main(["--zeroshot", "--dataset", "dtd", "--root", str(tmp_path / "nothing")])
+    zs = evaluate_cli.main(["--zeroshot", "--clip", weights, "--dataset", "caltech101", "--root", root,
+                            "--workers", "0"])
+    assert zs["num_classes"] == 6 and zs["num_images"] == 18 and zs["checkpoint"] == "zero-shot CLIP"
+
+
+def test_benchmark_smoke(capsys):
+    rates = evaluate_cli.main(["--benchmark", "--benchmark-clip", "tiny", "--device", "cpu", "--batch-size", "2",
+                               "--num-classes", "3", "--benchmark-steps", "1"])
+    assert set(rates) == {"TextRefiner", "CoOp", "zero-shot CLIP"}
+    assert "(eval)" in capsys.readouterr().out

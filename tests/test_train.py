@@ -1,0 +1,202 @@
+"""train.py end to end on a synthetic CoOp-layout dataset and the tiny random CLIP (CPU).
+
+The helpers here (synthetic data, one shared training run) are imported by test_eval.py.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import clip_model
+import data
+import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# 6 classes -> 3 base classes; per class 6 train, 3 val, 3 test images of 32 px: 4 steps/epoch.
+EPOCHS, LR = 3, 0.01
+
+
+def synthetic(base):
+    """Data root and tiny CLIP weights under `base` (written once per session)."""
+    root, weights = os.path.join(base, "data"), os.path.join(base, "tiny-clip.pt")
+    if not os.path.exists(weights):
+        data.write_synthetic_dataset(root, "caltech101", num_classes=6, images_per_class=12, image_size=32)
+        torch.save(clip_model.random_state_dict(clip_model.CONFIGS["tiny"]), weights + ".tmp")
+        os.replace(weights + ".tmp", weights)
+    return root, weights
+
+
+def train_argv(root, weights, out, *extra):
+    return ["--dataset", "caltech101", "--root", root, "--clip", weights, "--subsample", "base",
+            "--epochs", str(EPOCHS), "--batch-size", "4", "--lr", str(LR), "--workers", "0",
+            "--log-interval", "2", "--output-dir", out, *extra]
+
+
+def trained_run(tmp_path_factory):
+    """One uninterrupted training run shared by the tests of both files."""
+    base = str(tmp_path_factory.getbasetemp())
+    root, weights = synthetic(base)
+    out = os.path.join(base, "run")
+    if not os.path.exists(os.path.join(out, "results.json")):
+        train.main(train_argv(root, weights, out))
+    return root, weights, out
+
+
+def read_log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def assert_same_tensors(a, b, exact=True):
+    assert a.keys() == b.keys()
+    for k in a:
+        if exact:
+            assert torch.equal(a[k], b[k]), k
+        else:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return trained_run(tmp_path_factory)
+
+
+def test_lr_schedule_is_warmup_then_cosine():
+    """SPEC 5 with the paper's values: epoch 0 at 1e-5, epoch e >= 1 at
+    0.002 * (1 + cos(pi * (e - 1) / 10)) / 2, values computed by hand."""
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.002)
+    sched = train.WarmupCosineLR(opt, 0.002, epochs=10, warmup_epochs=1, warmup_lr=1e-5)
+    expected = {0: 1e-5, 1: 0.002, 2: 0.0019510565, 5: 0.0013090170, 9: 0.00019098301}
+    for epoch, lr in expected.items():
+        assert sched.set_epoch(epoch) == pytest.approx(lr, rel=1e-7)
+        assert opt.param_groups[0]["lr"] == pytest.approx(lr, rel=1e-7)
+    restored = train.WarmupCosineLR(opt, 1.0, 1, 0, 0.0)
+    restored.load_state_dict(sched.state_dict())
+    assert restored.lr_at(2) == sched.lr_at(2) and restored.epoch == 9
+
+
+def test_training_run_logs_and_results(run):
+    root, weights, out = run
+    log = read_log(out)
+    assert [r["epoch"] for r in log] == list(range(EPOCHS))
+    # lr of each epoch: 1e-5 warm-up, then LR * (1 + cos(pi * (e - 1) / 3)) / 2 = 0.01, 0.0075
+    assert [r["lr"] for r in log] == pytest.approx([1e-5, 0.01, 0.0075], rel=1e-9)
+    for r in log:
+        assert {"loss", "loss_global", "loss_local", "loss_reg", "val_acc", "seconds"} <= r.keys()
+        assert r["loss"] == pytest.approx(r["loss_global"] + 0.02 * r["loss_local"] + 20 * r["loss_reg"], rel=1e-5)
+    assert log[-1]["loss"] < log[0]["loss"] - 0.05
+    with open(os.path.join(out, "results.json")) as f:
+        results = json.load(f)
+    assert results["split"] == "test" and results["num_classes"] == 3 and results["num_images"] == 9
+    assert len(results["per_class_accuracy"]) == 3 and results["args"]["lr"] == LR
+    assert results["accuracy"] == pytest.approx(sum(results["per_class_accuracy"].values()) / 3)
+    best = torch.load(os.path.join(out, "best.pt"), weights_only=True)
+    best_epoch = max(range(EPOCHS), key=lambda e: (log[e]["val_acc"], -e))  # first epoch with the top val
+    assert best["epoch"] == best_epoch == results["epoch"]
+    last = torch.load(os.path.join(out, "last.pt"), weights_only=True)
+    assert last["epoch"] == EPOCHS - 1 and last["best"]["val_acc"] == log[best_epoch]["val_acc"]
+    assert set(last["model"]) == {"prompt_learner.ctx", "refiner.extractor.weight", "refiner.cache"} | {
+        f"refiner.align.{m}.{p}" for m in ("fc1", "fc2") for p in ("weight", "bias")} | {
+        f"refiner.align.bn.{p}" for p in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")}
+    assert not any(name.endswith(".tmp") for name in os.listdir(out))
+
+
+def test_resume_after_interruption_ends_bitwise_equal(run, tmp_path, monkeypatch):
+    root, weights, out = run
+    real_loader = data.build_train_loader
+
+    class Interrupted(Exception):
+        pass
+
+    def loader_killed_at_epoch_1(*args, **kwargs):
+        loader = real_loader(*args, **kwargs)
+        set_epoch = loader.set_epoch
+
+        def checked(epoch):
+            if epoch == 1:  # epoch 0's checkpoint and log line are written by now
+                raise Interrupted
+            set_epoch(epoch)
+        loader.set_epoch = checked
+        return loader
+
+    monkeypatch.setattr(data, "build_train_loader", loader_killed_at_epoch_1)
+    with pytest.raises(Interrupted):
+        train.main(train_argv(root, weights, str(tmp_path)))
+    monkeypatch.undo()
+    assert [r["epoch"] for r in read_log(tmp_path)] == [0]
+    with pytest.raises(SystemExit, match="--resume"):  # never overwrite a run by accident
+        train.main(train_argv(root, weights, str(tmp_path)))
+    with pytest.raises(SystemExit, match="lr"):  # resumed flags must match the run's recipe
+        train.main(train_argv(root, weights, str(tmp_path), "--resume", "--lr", "0.5"))
+    train.main(train_argv(root, weights, str(tmp_path), "--resume"))
+
+    resumed = torch.load(tmp_path / "last.pt", weights_only=True)
+    reference = torch.load(os.path.join(out, "last.pt"), weights_only=True)
+    assert_same_tensors(resumed["model"], reference["model"])
+    for a, b in zip(resumed["optimizer"]["state"].values(), reference["optimizer"]["state"].values()):
+        assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+    assert read_log(tmp_path)[-1]["loss"] == read_log(out)[-1]["loss"]
+    assert [r["epoch"] for r in read_log(tmp_path)] == list(range(EPOCHS))
+
+
+def test_torchrun_two_ranks_match_one(run, tmp_path):
+    """Global batch 4 as 2 ranks x 2 images (gloo): BN statistics and the cache update are
+    combined over ranks, gradients averaged, so the run equals the 1-process one."""
+    root, weights, out = run
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(REPO, "train.py"), *train_argv(root, weights, str(tmp_path))]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-20000:]
+    two = torch.load(tmp_path / "last.pt", weights_only=True)
+    one = torch.load(os.path.join(out, "last.pt"), weights_only=True)
+    assert_same_tensors(two["model"], one["model"], exact=False)
+    assert len(two["rng"]) == 2
+    for a, b in zip(read_log(tmp_path), read_log(out)):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4) and a["val_acc"] == b["val_acc"]
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(run, tmp_path):
+    root, weights, _ = run
+    # Epoch 0 runs at the 1e-5 warm-up; the first step at lr 1e30 blows the context up.
+    argv = train_argv(root, weights, str(tmp_path))
+    argv[argv.index("--lr") + 1] = "1e30"
+    with pytest.raises(SystemExit, match="non-finite loss .* epoch 2") as err:
+        train.main(argv)
+    assert "last.pt" in str(err.value)
+    last = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert last["epoch"] == 0 and all(torch.isfinite(v.float()).all() for v in last["model"].values())
+    assert [r["epoch"] for r in read_log(tmp_path)] == [0]
+    assert all(math.isfinite(v) for v in read_log(tmp_path)[0].values())
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dataset", "nope", "--root", ".", "--output-dir", "x"], "--dataset 'nope'"),
+    (["--dataset", "dtd", "--root", "/does/not/exist", "--output-dir", "x"], "--root '/does/not/exist'"),
+    (["--dataset", "dtd", "--root", "."], "--output-dir is required"),
+    (["--dataset", "dtd", "--root", ".", "--output-dir", "x", "--epochs", "0"], "--epochs must be positive"),
+    (["--dataset", "dtd", "--root", ".", "--output-dir", "x", "--precision", "fp8"], "invalid choice: 'fp8'"),
+])
+def test_bad_flags_are_clear_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as err:
+        train.main(argv)
+    assert err.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_missing_split_file_names_the_expected_path(run, tmp_path):
+    _, weights, _ = run
+    os.makedirs(tmp_path / "dtd")
+    with pytest.raises(FileNotFoundError, match="split_zhou_DescribableTextures.json"):
+        train.main(["--dataset", "dtd", "--root", str(tmp_path), "--clip", weights, "--workers", "0",
+                    "--output-dir", str(tmp_path / "out")])
+
+
+def test_benchmark_smoke(capsys):
+    rates = train.main(["--benchmark", "--benchmark-clip", "tiny", "--device", "cpu", "--batch-size", "2",
+                        "--num-classes", "3", "--benchmark-steps", "1"])
+    assert set(rates) == {"TextRefiner", "CoOp", "zero-shot CLIP"} and all(r > 0 for r in rates.values())
+    assert "images/s" in capsys.readouterr().out
