@@ -202,7 +202,7 @@ class FeatureAlign(nn.Module):
             dist.all_reduce(n, op=dist.ReduceOp.SUM, group=self.process_group)
         momentum = self.bn.momentum
         self.bn.running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
-        self.bn.running_var.mul_(1 - momentum).add_(momentum * var * n / (n - 1))  # unbiased, as nn.BatchNorm1d
+        self.bn.running_var.mul_(1 - momentum).add_(momentum * var * n / (n - 1))  # unbiased, as BatchNorm1d
         self.bn.num_batches_tracked.add_(1)
 
 
@@ -241,6 +241,8 @@ class TextRefiner(nn.Module):
         if cls_attn.shape != (b, n - 1):
             raise ValueError(f"TextRefiner.semantic_tokens: cls_attn must be ({b}, {n - 1}) for "
                              f"tokens {tuple(aligned.shape)}, got {tuple(cls_attn.shape)}")
+        if self.topk > n - 1:
+            raise ValueError(f"TextRefiner: topk={self.topk} exceeds the {n - 1} patch tokens")
         patches = cls_attn.float().topk(self.topk, dim=-1).indices + 1  # (B, k); +1 skips the CLS slot
         index = torch.cat([patches.new_zeros(b, 1), patches], dim=1)  # (B, k+1)
         picked = aligned.gather(1, index[:, :, None].expand(-1, -1, d))  # (B, k+1, D)

@@ -225,7 +225,7 @@ def test_refiner_maths_stays_fp32_under_autocast(clip):
     for name, value in out.items():
         assert value.dtype == torch.float32, name
         torch.testing.assert_close(value, reference[name], rtol=0.1, atol=0.1)  # bf16 towers only
-    assert model.refiner.cache.dtype == torch.float32 and model.refiner.align.bn.running_var.dtype == torch.float32
+    assert model.refiner.cache.dtype == model.refiner.align.bn.running_var.dtype == torch.float32
     model.eval()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = model(x)
@@ -275,11 +275,10 @@ def test_refiner_false_is_plain_coop(clip):
     assert model.trainable_state_dict().keys() == {"prompt_learner.ctx"}
     x, y = images(3), torch.tensor([1, 2, 0])
     out = model(x, y)
+    sentences = [f"a photo of a {name.replace('_', ' ')}." for name in CLASSNAMES]
     with torch.no_grad():
-        prompts = clip.token_embedding(tokenize([f"a photo of a {n.replace('_', ' ')}." for n in CLASSNAMES]))
-        t = F.normalize(clip.encode_text(tokenize([f"a photo of a {n.replace('_', ' ')}." for n in CLASSNAMES])), dim=-1)
+        t = F.normalize(clip.encode_text(tokenize(sentences)), dim=-1)
         logits = clip.logit_scale.exp() * F.normalize(clip.encode_image(x), dim=-1) @ t.t()
-    assert prompts.shape[0] == 5
     torch.testing.assert_close(out["logits"], logits)  # ctx still equals "a photo of a"
     torch.testing.assert_close(out["loss"], F.cross_entropy(logits, y))
     assert out["loss_local"].item() == 0 and out["loss_reg"].item() == 0
@@ -339,12 +338,12 @@ def reference_step(clip64, model, classnames, x, y, x_eval):
     img = glob / glob.norm(dim=-1, keepdim=True)
     logits = scale * img @ refined.t()
 
-    h = tokens.reshape(b * n_tok, d) @ params["refiner.align.fc1.weight"].t() + params["refiner.align.fc1.bias"]
+    p = {name.split(".", 1)[1]: value for name, value in params.items()}  # short names
+    h = tokens.reshape(b * n_tok, d) @ p["align.fc1.weight"].t() + p["align.fc1.bias"]
     mean = h.mean(0)
     var = ((h - mean) ** 2).mean(0)
-    z = torch.relu((h - mean) / torch.sqrt(var + eps) * params["refiner.align.bn.weight"]
-                   + params["refiner.align.bn.bias"])
-    aligned = (z @ params["refiner.align.fc2.weight"].t() + params["refiner.align.fc2.bias"]).reshape(b, n_tok, d)
+    z = torch.relu((h - mean) / torch.sqrt(var + eps) * p["align.bn.weight"] + p["align.bn.bias"])
+    aligned = (z @ p["align.fc2.weight"].t() + p["align.fc2.bias"]).reshape(b, n_tok, d)
 
     ranked = cls_attn.argsort(dim=1, descending=True)
     gaps = cls_attn.gather(1, ranked[:, 4:5]) - cls_attn.gather(1, ranked[:, 5:6])
