@@ -141,7 +141,9 @@ def run(args):
     root = args.root or hp["root"]
     if dataset not in data.DATASETS:
         raise SystemExit(f"--dataset {dataset!r}: expected one of {', '.join(data.DATASETS)}")
-    if root is None or not os.path.isdir(root):
+    if root is None:
+        raise SystemExit("--root is required: the checkpoint does not name a data root")
+    if not os.path.isdir(root):
         raise SystemExit(f"--root {root!r} is not a directory")
     subsample = args.subsample or (hp["subsample"] if dataset == hp["dataset"] else "all")
     shots = hp["shots"] if args.shots is None else args.shots

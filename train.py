@@ -353,8 +353,10 @@ def train(args):
     raw_model = model
     if world_size > 1:
         model.set_process_group(group)
+        # No buffer broadcast per forward: BN running stats and the cache are kept equal
+        # by the model's own reductions (they are synced once at construction).
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                    broadcast_buffers=False)
+                    forward_sync_buffers=False)
     params = [p for p in raw_model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     scheduler = WarmupCosineLR(optimizer, args.lr, args.epochs, args.warmup_epochs, args.warmup_lr)
