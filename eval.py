@@ -45,6 +45,9 @@ PAPER_DATASETS = {"imagenet": "ImageNet", "caltech101": "Caltech101", "oxford_pe
                   "stanford_cars": "StanfordCars", "oxford_flowers": "Flowers102", "food101": "Food101",
                   "fgvc_aircraft": "FGVCAircraft", "sun397": "SUN397", "dtd": "DTD",
                   "eurosat": "EuroSAT", "ucf101": "UCF101"}
+# Cross-dataset / domain-generalisation table order: source, ImageNet variants, the other 10.
+XD_ORDER = ["imagenet", "imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r"] + \
+    [d for d in PAPER_DATASETS if d != "imagenet"]
 # Published 11-dataset averages (base, new, HM), ViT-B/16, 16 shots, 3 seeds.
 PUBLISHED = {"CoOp": (82.69, 63.22, 71.66), "CoOp+TextRefiner": (79.74, 74.32, 76.94)}
 # Authors' BatchNorm-in-conv alignment (mid_image_trans.conv1.{0,1,3}) -> our FeatureAlign names.
@@ -265,8 +268,9 @@ def report(root):
         xd = collect_xd(root)
         if not xd:
             raise SystemExit(f"--report {root}: no finished runs (<dataset>/seed<S>/results.json)")
-        summary = {t: dict(seeds=sorted(s), accuracy=float(np.mean(list(s.values()))),
-                           std=float(np.std(list(s.values())))) for t, s in xd.items()}
+        order = [t for t in XD_ORDER if t in xd] + sorted(t for t in xd if t not in XD_ORDER)
+        summary = {t: dict(seeds=sorted(xd[t]), accuracy=float(np.mean(list(xd[t].values()))),
+                           std=float(np.std(list(xd[t].values())))) for t in order}
         text = "\n".join([f"Accuracy in {root} (mean±std over seeds)",
                           f"{'Dataset':<18}{'Seeds':<8}{'Accuracy':>14}"] +
                          [f"{t:<18}{','.join(map(str, r['seeds'])):<8}{r['accuracy']:>8.2f}±{r['std']:<5.2f}"

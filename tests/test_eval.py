@@ -122,6 +122,19 @@ def test_make_base2new_flow_and_skip(tmp_path):
     assert row["base"] == base["accuracy"] and row["new"] == new["accuracy"] and row["seeds"] == [2]
 
 
+def test_make_xd_commands():
+    """Dry run: ImageNet trained without val, every target evaluated with the last epoch."""
+    proc = subprocess.run(["make", "--no-print-directory", "-n", "-C", REPO, "xd", "SEED=3", "XD_TARGETS=all",
+                           "GPUS=2"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    assert "torch.distributed.run --standalone --nproc_per_node=2 train.py --dataset imagenet" in text
+    assert "--no-val" in text and "output/xd/imagenet/seed3/last.pt" in text
+    targets = "imagenetv2 imagenet_sketch imagenet_a imagenet_r caltech101 oxford_pets stanford_cars " \
+              "oxford_flowers food101 fgvc_aircraft sun397 dtd eurosat ucf101"
+    assert f"for t in {targets}; do" in text
+
+
 def write_result(folder, accuracy):
     os.makedirs(folder)
     with open(os.path.join(folder, "results.json"), "w") as f:
