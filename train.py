@@ -319,6 +319,13 @@ def gather_rng_states(world_size):
     return states
 
 
+def logged_epoch(line):
+    try:
+        return json.loads(line)["epoch"]
+    except (json.JSONDecodeError, KeyError):
+        return math.inf  # a line cut short by a crash while appending
+
+
 def train(args):
     rank, world_size, device, group = setup_runtime(args)
     master = rank == 0
@@ -379,7 +386,7 @@ def train(args):
             best_state = load_checkpoint(best_path)["model"]
         if master:  # log.jsonl ends with the checkpoint's epoch, whatever happened after it
             lines = open(log_path).read().splitlines() if os.path.exists(log_path) else []
-            kept = [l for l in lines if json.loads(l)["epoch"] < ckpt["epoch"]]
+            kept = [l for l in lines if logged_epoch(l) < ckpt["epoch"]]
             with open(log_path + ".tmp", "w") as f:
                 f.writelines(l + "\n" for l in kept + [json.dumps(ckpt["log"])])
             os.replace(log_path + ".tmp", log_path)

@@ -132,6 +132,8 @@ def test_resume_after_interruption_ends_bitwise_equal(run, tmp_path, monkeypatch
         train.main(train_argv(root, weights, str(tmp_path)))
     with pytest.raises(SystemExit, match="lr"):  # resumed flags must match the run's recipe
         train.main(train_argv(root, weights, str(tmp_path), "--resume", "--lr", "0.5"))
+    with open(tmp_path / "log.jsonl", "a") as f:
+        f.write('{"epoch": 1, "lr": 0.0')  # a line cut short by the crash
     train.main(train_argv(root, weights, str(tmp_path), "--resume"))
 
     resumed = torch.load(tmp_path / "last.pt", weights_only=True)
