@@ -1,0 +1,204 @@
+"""Ahead-of-time compile every Triton kernel of kernels/ for real GPUs, without a GPU.
+
+The CPU interpreter (TRITON_INTERPRET=1, set by conftest) accepts programs the GPU compiler
+rejects (tl.dot below 16, operand dtype mismatches, ...), so the interpreter tests alone do
+not show that the kernels build for a device. Here the real launchers run on CPU tensors
+of realistic and of the CPU tests' shapes, with Triton's driver replaced by a stand-in
+that names a GPU target and launches turned into warmups: each kernel is specialised
+exactly as a real launch would specialise it (constexprs, dtypes, ints equal to 1 or
+divisible by 16, pointer alignment, num_warps) and compiled through ptxas to a cubin, and
+nothing is launched. The outputs the launchers compute between kernels are garbage, which
+is harmless: only the launch arguments matter.
+
+This runs in a subprocess per target, because triton.jit returns interpreter objects once
+TRITON_INTERPRET=1 is set, and both targets compile in parallel. Run this file as a script
+(`python tests/test_kernels_compile.py 90`) for one target's JSON report.
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# compute capability -> the largest shared memory one block may opt into on that GPU
+TARGETS = {
+    90: 227 * 1024,  # H100 / H200
+    80: 163 * 1024,  # A100
+}
+DTYPES = ("float32", "float16", "bfloat16")
+REALISTIC_N = (32 * 197, 256 * 197)  # batches of 32 and 256 images x 197 ViT tokens
+REALISTIC_D = (512, 768)
+# Every distinct specialisation costs 1-2 s of compiling (ptxas included), so: sm_90 gets
+# every dtype of the realistic shapes, which reaches every kernel, matmul flag combination
+# and dtype; sm_80 gets one dtype of them. The realistic N and D all share one
+# specialisation per dtype (ints divisible by 16, the same tiles), so sweeping them is nearly
+# free. The CPU tests' small shapes (N = 1, which Triton specialises, and odd N; D 64 and a
+# non-power-of-two 96; M 1 and 13, padded to 16; 16-row matmul tiles) are split between the
+# targets so both subprocesses take about as long.
+REALISTIC_DTYPES = {90: DTYPES, 80: ("bfloat16",)}
+SMALL_CACHE = {90: [], 80: [(1, 64, 1, "float32"), (7, 96, 13, "float16")]}  # (N, D, M, dtype)
+SMALL_ALIGN = {90: [(7, 96, "float16")], 80: [(1, 64, "float32")]}  # (N, D, dtype)
+
+
+def cache_cases(capability):
+    """(N, D, M, token dtype) for kernels.cache_update's launcher."""
+    return [(n, d, 25, dt) for n in REALISTIC_N for d in REALISTIC_D
+            for dt in REALISTIC_DTYPES[capability]] + SMALL_CACHE[capability]
+
+
+def align_cases(capability):
+    """(N, D, x dtype) for kernels.feature_align's launcher, forward and backward. One
+    realistic N: every N >= 64 divisible by 16 gets the same tiles and specialisation."""
+    return [(REALISTIC_N[0], d, dt) for d in REALISTIC_D
+            for dt in REALISTIC_DTYPES[capability]] + SMALL_ALIGN[capability]
+
+
+# ------------------------------------------------------------------ the compiling subprocess
+
+class _AotDriver:
+    """Stands in for triton's CUDA driver: just enough for JITFunction.run to pick a target."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device):
+        return 0
+
+
+def _compile_only(kernel, compiled):
+    """Replace kernel's launch by a warmup (specialise and compile, never run); collect each
+    distinct compiled kernel in `compiled`, keyed by its hash."""
+    jit_run = type(kernel).run
+
+    def run(*args, grid, warmup, **kwargs):
+        binary = jit_run(kernel, *args, grid=grid, warmup=True, **kwargs)
+        compiled[binary.hash] = binary
+        return binary
+
+    kernel.run = run
+
+
+def _describe(binary):
+    src = binary.src
+    return dict(
+        kernel=src.fn.__name__,
+        signature={name: ty for name, ty in src.signature.items() if ty != "constexpr"},
+        constexprs={src.fn.arg_names[path[0]]: value for path, value in src.constants.items()},
+        num_warps=binary.metadata.num_warps,
+        shared=binary.metadata.shared,
+        cubin_bytes=len(binary.asm.get("cubin", b"")),
+    )
+
+
+def compile_all(capability):
+    """Run both launchers over every case for one compute capability; returns a JSON-able
+    dict: the compiled kernels, the cases that failed, and every kernel of kernels/."""
+    import importlib
+
+    import torch
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.driver import driver
+    from triton.runtime.jit import JITFunction
+
+    driver.set_active(_AotDriver(GPUTarget("cuda", capability, 32)))
+    # by module path: the kernels package exports functions named like these submodules
+    cache_module = importlib.import_module("kernels.cache_update")
+    align_module = importlib.import_module("kernels.feature_align")
+    compiled = {}
+    all_kernels = []
+    for module in (cache_module, align_module):
+        for name, obj in vars(module).items():
+            if isinstance(obj, JITFunction):
+                _compile_only(obj, compiled)
+                all_kernels.append(name)
+
+    failures = []
+    for n, d, m, dtype in cache_cases(capability):
+        try:
+            cache_module.cache_partials(torch.empty(n, d, dtype=getattr(torch, dtype)), torch.empty(m, d))
+        except Exception as error:  # report every failing case, not just the first
+            failures.append(dict(case=f"cache_partials N={n} D={d} M={m} {dtype}", error=str(error)))
+    for n, d, dtype in align_cases(capability):
+        x = torch.empty(n, d, dtype=getattr(torch, dtype), requires_grad=True)  # dx path too
+        params = [torch.empty(shape, requires_grad=True) for shape in [(d, d), d, d, d, (d, d), d]]
+        try:
+            y, _, _ = align_module.feature_align(x, *params, eps=1e-5)
+            y.backward(torch.empty(n, d))
+        except Exception as error:
+            failures.append(dict(case=f"feature_align N={n} D={d} {dtype}", error=str(error)))
+    return dict(compiled=[_describe(b) for b in compiled.values()], failures=failures,
+                all_kernels=all_kernels)
+
+
+# ------------------------------------------------------------------ the tests
+
+@pytest.fixture(scope="module")
+def reports():
+    """Start one compiling subprocess per target at once (they run in parallel), then collect."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
+    with tempfile.TemporaryDirectory() as cache_dir:
+        env["TRITON_CACHE_DIR"] = cache_dir  # empty: every kernel really compiles, every run
+        procs = {cap: subprocess.Popen([sys.executable, os.path.abspath(__file__), str(cap)], env=env,
+                                       cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for cap in TARGETS}
+        try:
+            outputs = {cap: proc.communicate(timeout=300) for cap, proc in procs.items()}
+        finally:
+            for proc in procs.values():  # only still running after a timeout
+                proc.kill()
+    results = {}
+    for cap, (stdout, stderr) in outputs.items():
+        assert procs[cap].returncode == 0, f"sm_{cap} compile run crashed:\n{stderr[-4000:]}"
+        results[cap] = json.loads(stdout)
+    return results
+
+
+@pytest.mark.parametrize("capability", sorted(TARGETS))
+def test_every_kernel_compiles_to_a_cubin(reports, capability):
+    report = reports[capability]
+    assert not report["failures"], f"sm_{capability}:\n" + "\n".join(
+        f"{f['case']}: {f['error']}" for f in report["failures"])
+    assert {k["kernel"] for k in report["compiled"]} == set(report["all_kernels"]), (
+        "a @triton.jit kernel of kernels/ that no launcher case reached")
+    for k in report["compiled"]:
+        assert k["cubin_bytes"] > 0, f"sm_{capability}: no cubin for {k}"
+        assert k["shared"] <= TARGETS[capability], (
+            f"sm_{capability}: {k['kernel']} {k['constexprs']} needs {k['shared']} B of shared "
+            f"memory, the GPU allows {TARGETS[capability]}")
+
+
+def test_every_variant_and_dtype_was_compiled(reports):
+    """The launchers reached every matmul flag combination and every input dtype."""
+    matmuls = [k for k in reports[90]["compiled"] if k["kernel"] == "_matmul_kernel"]
+    flags = {(k["constexprs"]["A_BN"], k["constexprs"]["HAS_BIAS"], k["constexprs"]["EPILOGUE"])
+             for k in matmuls}
+    from_align = {  # (A_BN, HAS_BIAS, EPILOGUE) of the matmul calls in kernels/feature_align.py
+        (0, True, 1),  # h = x @ w1^T + b1, column statistics
+        (1, True, 0),  # y = relu(BN(h)) @ w2^T + b2
+        (0, False, 2),  # dpre = dy @ w2, ReLU/BN gating and its sums
+        (2, False, 0),  # dw2^T = relu(BN(h))^T @ dy
+        (0, False, 0),  # dx = dh @ w1, dw1 = dh^T @ x
+    }
+    assert flags == from_align
+    x_types = {f"*{t}" for t in ("fp32", "fp16", "bf16")}
+    # x is the left operand of the first matmul and the right one of dw1 = dh^T @ x
+    assert {k["signature"]["a_ptr"] for k in matmuls if k["constexprs"]["EPILOGUE"] == 1} == x_types
+    assert {k["signature"]["b_ptr"] for k in matmuls if k["constexprs"]["A_BN"] == 0
+            and k["constexprs"]["EPILOGUE"] == 0} == x_types
+    for name in ("_cache_scores_kernel", "_slot_sums_kernel"):
+        assert {k["signature"]["x_ptr"] for k in reports[90]["compiled"] if k["kernel"] == name} == x_types
+
+
+if __name__ == "__main__":
+    json.dump(compile_all(int(sys.argv[1])), sys.stdout)
