@@ -359,8 +359,11 @@ class _ImageSet(Dataset):
         epoch, index = key
         item = self.items[index]
         image = load_image(item.impath)
-        with torch.random.fork_rng(devices=[]):  # torchvision draws from the global generator
-            torch.manual_seed(_mix(1, self.seed, epoch, index))
+        # torchvision draws from the global CPU generator. Seed only that one: fork_rng
+        # (devices=[]) restores only it, and torch.manual_seed would also reseed the CUDA
+        # generators, for good, of the main process when workers=0.
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(_mix(1, self.seed, epoch, index))
             return self.transform(image), item.label
 
 
@@ -395,28 +398,32 @@ class TrainLoader(DataLoader):
         self.batch_sampler.epoch = epoch
 
 
-def _loader_kwargs(workers, seed):
+def _loader_kwargs(workers, seed, pin_memory):
     # A private generator: iterating the loader must not consume the global torch RNG.
-    return dict(num_workers=workers, pin_memory=torch.cuda.is_available(),
+    return dict(num_workers=workers, pin_memory=pin_memory,
                 persistent_workers=workers > 0, generator=torch.Generator().manual_seed(seed))
 
 
-def build_train_loader(items, global_batch_size, resolution, seed, rank=0, world_size=1, workers=4):
+def build_train_loader(items, global_batch_size, resolution, seed, rank=0, world_size=1, workers=4,
+                       pin_memory=False):
     """Yields (images (b, 3, R, R), labels (b,)) with b = global_batch_size / world_size;
-    the ranks' slices of a step, concatenated in rank order, are the single-process batch."""
+    the ranks' slices of a step, concatenated in rank order, are the single-process batch.
+    pin_memory: page-locked batches for fast copies to a CUDA device; pass it only when
+    training on CUDA (pinning creates a CUDA context, and helps nothing on the CPU)."""
     if not items:
         raise ValueError("no training images")
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
     sampler = _GlobalBatchSampler(len(items), global_batch_size, seed, rank, world_size)
     return TrainLoader(_ImageSet(items, build_transform(True, resolution), seed),
-                       batch_sampler=sampler, **_loader_kwargs(workers, seed))
+                       batch_sampler=sampler, **_loader_kwargs(workers, seed, pin_memory))
 
 
-def build_eval_loader(items, batch_size, resolution, rank=0, world_size=1, workers=4):
-    """This rank's shard items[rank::world_size], in order: every image once over all ranks."""
+def build_eval_loader(items, batch_size, resolution, rank=0, world_size=1, workers=4, pin_memory=False):
+    """This rank's shard items[rank::world_size], in order: every image once over all ranks.
+    pin_memory: as for build_train_loader."""
     return DataLoader(_ImageSet(items[rank::world_size], build_transform(False, resolution)),
-                      batch_size=batch_size, shuffle=False, **_loader_kwargs(workers, 0))
+                      batch_size=batch_size, shuffle=False, **_loader_kwargs(workers, 0, pin_memory))
 
 # ----------------------------------------------------------------------------- synthetic data
 

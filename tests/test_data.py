@@ -214,6 +214,26 @@ def test_train_loader_same_samples_for_any_world_size_and_workers(tmp_path):
             assert torch.equal(y, wy) and torch.equal(x, wx)
 
 
+def test_train_loader_leaves_cuda_generators_alone(tmp_path, monkeypatch):
+    # With workers=0 the per-sample seeding runs in the main process; reseeding the
+    # CUDA generators there would clobber the training's CUDA RNG at every sample.
+    synthetic(tmp_path, "food101", num_classes=2, images_per_class=4)
+    items = load_splits("food101", str(tmp_path), num_shots=0)["train"]
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", reseeded.append)
+    collect(1, 0, items, epochs=(0,))
+    assert reseeded == []
+
+
+def test_loaders_pin_memory_only_when_asked(tmp_path):
+    synthetic(tmp_path, "food101", num_classes=2, images_per_class=4)
+    items = load_splits("food101", str(tmp_path), num_shots=0)["train"]
+    for pin in (False, True):
+        kw = dict(pin_memory=True) if pin else {}  # default: no pinning, whatever the host has
+        assert data.build_train_loader(items, 2, 8, seed=0, workers=0, **kw).pin_memory == pin
+        assert data.build_eval_loader(items, 2, 8, workers=0, **kw).pin_memory == pin
+
+
 def test_train_loader_small_split_and_bad_sizes(tmp_path):
     synthetic(tmp_path, "food101", num_classes=3, images_per_class=4)
     items = load_splits("food101", str(tmp_path), num_shots=0)["train"][:5]
