@@ -201,22 +201,35 @@ class CLIP(nn.Module):
         """images (B, 3, R, R) -> (B, D); or (global (B, D), tokens (B, T, D), cls_attn (B, G*G))."""
         return self.visual(images, return_tokens)
 
-    def encode_prompts(self, prompt_embeddings, token_ids):
+    def encode_prompts(self, prompt_embeddings, token_ids, length=None):
         """prompt_embeddings (C, 77, W) without positional embedding, token_ids (C, 77) -> (C, D).
 
         The row at each prompt's EOT (argmax id) only sees positions up to it (causal mask),
-        so the class set runs truncated to its longest EOT position + 1 (SPEC 9.3).
+        so the class set runs truncated to its first `length` positions (SPEC 9.3), by
+        default text_length(token_ids). Callers that encode the same ids at every step pass
+        that length, computed once: on CUDA ids computing it is a device-to-host sync. A
+        given length is checked against CPU ids only, for the same reason.
         """
+        if length is None:
+            length = text_length(token_ids)
+        elif token_ids.device.type == "cpu" and length < text_length(token_ids):
+            raise ValueError(f"encode_prompts: length={length} cuts off an EOT token; these "
+                             f"ids need length >= {text_length(token_ids)}")
         eot = token_ids.argmax(dim=-1)  # (C,)
-        length = int(eot.max()) + 1
         x = prompt_embeddings[:, :length] + self.positional_embedding[:length]  # (C, L, W)
         x, _ = self.transformer(x)
         x = self.ln_final(x[torch.arange(x.shape[0], device=x.device), eot])  # (C, W)
         return x @ self.text_projection  # (C, D)
 
-    def encode_text(self, token_ids):
-        """token_ids (C, 77) from tokenize() -> (C, D)."""
-        return self.encode_prompts(self.token_embedding(token_ids), token_ids)
+    def encode_text(self, token_ids, length=None):
+        """token_ids (C, 77) from tokenize() -> (C, D); length as for encode_prompts."""
+        return self.encode_prompts(self.token_embedding(token_ids), token_ids, length=length)
+
+
+def text_length(token_ids):
+    """The positions a text encoder must run for these (C, 77) ids: the last EOT (argmax
+    id) position + 1. A host sync when the ids are on a GPU: compute it on CPU ids."""
+    return int(token_ids.argmax(dim=-1).max()) + 1
 
 
 # ----------------------------------------------------------------------------- state dicts

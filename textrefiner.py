@@ -33,7 +33,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from clip_model import tokenize
+from clip_model import text_length, tokenize
 from kernels import cache_apply, cache_partials, cache_update, feature_align
 
 CLASS_TOKEN_POSITIONS = ("end", "middle", "front")
@@ -73,6 +73,14 @@ def _autocast_key(device):
     return (torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
 
 
+def _scaled_cosine_logits(logit_scale, image_features, class_features):
+    """logit_scale.exp() * normalise(image_features) @ class_features^T: (B, D), (C, D) ->
+    (B, C) fp32. class_features are used as given (normalised, or refined)."""
+    with _fp32(image_features):
+        img = F.normalize(image_features.float(), dim=-1)
+        return logit_scale.exp().float() * img @ class_features.t()
+
+
 class _Memo:
     """One value computed from module state, recomputed whenever the state's key changes."""
 
@@ -94,6 +102,8 @@ class PromptLearner(nn.Module):
 
     ctx_init: a phrase whose token embeddings initialise the context; its token count must
     equal n_ctx. "" -> N(0, 0.02^2) vectors with the text prefix "X X ... X".
+    text_length: the positions the text encoder must run for the current prompts
+    (clip_model.text_length), computed once per class set from the CPU ids.
     """
 
     def __init__(self, clip, classnames, n_ctx=4, ctx_init="a photo of a", class_token_position="end"):
@@ -130,6 +140,8 @@ class PromptLearner(nn.Module):
             raise ValueError("PromptLearner.set_classnames: need at least one class name")
         names = [name.replace("_", " ") for name in classnames]
         ids = tokenize([f"{self.prompt_prefix} {name}." for name in names], self.context_length)  # (C, 77)
+        # the EOT positions are the same in every class_token_position layout
+        self.text_length = text_length(ids)
         with torch.no_grad():
             embedded = self.token_embedding(ids.to(self.token_embedding.weight.device))  # (C, 77, W)
         embedded = embedded.to(self.ctx.device)
@@ -197,8 +209,8 @@ class FeatureAlign(nn.Module):
             if rows < 2:
                 raise ValueError(f"FeatureAlign: batch statistics need at least 2 tokens, got {rows}")
             n = float(rows)
-        else:  # the global token count, kept on the device (no host sync)
-            n = torch.tensor(float(rows), device=mean.device)
+        else:  # the global token count, filled on the device: no blocking host copy, no sync
+            n = torch.full((), float(rows), device=mean.device)
             dist.all_reduce(n, op=dist.ReduceOp.SUM, group=self.process_group)
         momentum = self.bn.momentum
         self.bn.running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
@@ -300,7 +312,8 @@ class TextRefinerCLIP(nn.Module):
     def text_features(self):
         """Normalised class text features (C, D) fp32, with the graph to ctx when grad is on."""
         prompts, ids = self.prompt_learner()
-        text = self.clip.encode_prompts(prompts, ids)  # (C, D); truncated after the last EOT inside
+        # (C, D); a length known in advance: finding it on the device ids would sync every step
+        text = self.clip.encode_prompts(prompts, ids, length=self.prompt_learner.text_length)
         with _fp32(text):
             return F.normalize(text.float(), dim=-1)
 
@@ -339,12 +352,12 @@ class TextRefinerCLIP(nn.Module):
     def _eval_logits(self, images):
         img = self.clip.encode_image(images)  # (B, D)
         ctx = self.prompt_learner.ctx
+        refiner = self.refiner
         key = (self.prompt_learner.generation, _tensor_key(ctx), _autocast_key(ctx.device),
-               None if self.refiner is None else _tensor_key(self.refiner.cache))
+               None if refiner is None else
+               (_tensor_key(refiner.cache), _tensor_key(refiner.extractor.weight), refiner.alpha))
         features = self._class_features.get(key, self._compute_class_features)  # (C, D)
-        with _fp32(img):
-            img = F.normalize(img.float(), dim=-1)
-            return self.clip.logit_scale.exp().float() * img @ features.t()  # (B, C)
+        return _scaled_cosine_logits(self.clip.logit_scale, img, features)
 
     @torch.no_grad()
     def _compute_class_features(self):
@@ -398,20 +411,19 @@ class ZeroShotCLIP(nn.Module):
             raise ValueError("ZeroShotCLIP.set_classnames: need at least one class name")
         prompts = [self.template.format(name.replace("_", " ")) for name in classnames]
         device = self.clip.logit_scale.device
-        ids = tokenize(prompts, self.clip.config.context_length).to(device)  # (C, 77)
-        self.register_buffer("token_ids", ids, persistent=False)
+        ids = tokenize(prompts, self.clip.config.context_length)  # (C, 77)
+        self.text_length = text_length(ids)  # from the CPU ids: no device sync
+        self.register_buffer("token_ids", ids.to(device), persistent=False)
         self._class_features.clear()
 
     def forward(self, images):
         img = self.clip.encode_image(images)  # (B, D)
         key = (_tensor_key(self.token_ids), _autocast_key(img.device))
         features = self._class_features.get(key, self._compute_class_features)  # (C, D)
-        with _fp32(img):
-            img = F.normalize(img.float(), dim=-1)
-            return self.clip.logit_scale.exp().float() * img @ features.t()  # (B, C)
+        return _scaled_cosine_logits(self.clip.logit_scale, img, features)
 
     @torch.no_grad()
     def _compute_class_features(self):
-        text = self.clip.encode_text(self.token_ids)  # (C, D)
+        text = self.clip.encode_text(self.token_ids, length=self.text_length)  # (C, D)
         with _fp32(text):
             return F.normalize(text.float(), dim=-1)

@@ -2,9 +2,12 @@
 
     from kernels import cache_update, cache_partials, cache_apply, feature_align
 
-backend: "auto" (Triton for CUDA tensors, the PyTorch reference otherwise), "triton", or
-"torch". Importing never touches a GPU; on a CPU, backend="triton" needs TRITON_INTERPRET=1
-set before this package is imported. Benchmark: `python -m kernels.bench` (CUDA only).
+backend: "auto" (Triton for CUDA tensors, the PyTorch reference otherwise; the reference
+also for a cache larger than the Triton kernel supports), "triton", or "torch". The Triton
+modules (triton_cache_update, triton_feature_align) are imported on first use, so the
+reference path needs no triton install, and importing never touches a GPU. On a CPU,
+backend="triton" needs TRITON_INTERPRET=1 set before that first use. Benchmark:
+`python -m kernels.bench` (CUDA only).
 
 Multi-rank cache update (every rank ends with the identical cache):
     col_max, sums, counts = cache_partials(local_tokens, cache)
@@ -13,26 +16,51 @@ Multi-rank cache update (every rank ends with the identical cache):
     all_reduce(sums, SUM); all_reduce(counts, SUM)
     cache = cache_apply(cache, g, sums, counts, momentum)
 """
+import importlib
 import os
 
 import torch
 
 from kernels import reference
-# Imported before the functions below are defined: the public functions share their names
-# with these submodules and must be the package attributes that win.
-from kernels.cache_update import cache_partials as _triton_cache_partials
-from kernels.feature_align import feature_align as _triton_feature_align
 
 BACKENDS = ("auto", "triton", "torch")
+# The Triton cache update keeps a token block's whole score row (M padded to a power of
+# two) in registers; beyond this the "auto" backend uses the reference instead.
+TRITON_MAX_CACHE_SIZE = 128
 
 
-def _use_triton(backend, tensor):
+def _use_triton(backend, device, triton_supports=True):
+    """Whether to run the Triton kernel for tensors on `device`; triton_supports says
+    whether the kernel handles these shapes (else "auto" picks the reference)."""
     if backend not in BACKENDS:
         raise ValueError(f"kernels: backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "triton" and not tensor.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("kernels: backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 "
-                         "set before kernels is imported (CPU interpreter)")
-    return backend == "triton" or (backend == "auto" and tensor.is_cuda)
+                         "set before the first Triton call (CPU interpreter)")
+    return backend == "triton" or (backend == "auto" and device.type == "cuda" and triton_supports)
+
+
+def _cache_uses_triton(backend, device, cache_size):
+    """_use_triton for the cache update, whose Triton kernel holds at most
+    TRITON_MAX_CACHE_SIZE rows: "auto" then falls back to the reference."""
+    fits = cache_size <= TRITON_MAX_CACHE_SIZE
+    use = _use_triton(backend, device, triton_supports=fits)
+    if use and not fits:  # only an explicit backend="triton" gets here
+        raise ValueError(f"kernels.cache_partials: backend='triton' supports a cache of at most "
+                         f"{TRITON_MAX_CACHE_SIZE} rows, got M={cache_size}; use backend='auto' or 'torch'")
+    return use
+
+
+def _triton_module(name):
+    """kernels.<name>, imported on first use: triton ships for Linux only, and the CPU
+    reference path must work without it."""
+    try:
+        return importlib.import_module(f"kernels.{name}")
+    except ModuleNotFoundError as error:
+        if error.name != "triton":
+            raise
+        raise ModuleNotFoundError("kernels: the Triton backend needs the triton package "
+                                  "(pip install triton); backend='torch' runs without it") from error
 
 
 def _check_cache_inputs(tokens, cache):
@@ -60,8 +88,8 @@ def cache_partials(tokens, cache, backend="auto"):
       slot_counts (M,)   number of rows assigned to m, as float32
     """
     _check_cache_inputs(tokens, cache)
-    if _use_triton(backend, tokens):
-        return _triton_cache_partials(tokens, cache)
+    if _cache_uses_triton(backend, tokens.device, cache.shape[0]):
+        return _triton_module("triton_cache_update").cache_partials(tokens, cache)
     return reference.cache_partials(tokens, cache)
 
 
@@ -118,6 +146,7 @@ def feature_align(x, w1, b1, gamma, beta, w2, b2, eps=1e-5, backend="auto", proc
     the group (SyncBatchNorm): mean/var are those of the concatenated global batch.
     """
     _check_align_inputs(x, w1, b1, gamma, beta, w2, b2)
-    if _use_triton(backend, x):
-        return _triton_feature_align(x, w1, b1, gamma, beta, w2, b2, eps=eps, process_group=process_group)
+    if _use_triton(backend, x.device):
+        return _triton_module("triton_feature_align").feature_align(x, w1, b1, gamma, beta, w2, b2, eps=eps,
+                                                                     process_group=process_group)
     return reference.feature_align(x, w1, b1, gamma, beta, w2, b2, eps, process_group=process_group)

@@ -67,8 +67,9 @@ def feature_align(x, w1, b1, gamma, beta, w2, b2, eps, process_group=None):
     """
     with torch.autocast(x.device.type, enabled=False):
         h = F.linear(x.float(), w1, b1)  # (N, D)
-        count = torch.tensor([float(h.shape[0])], device=h.device)
-        if process_group is not None:
+        count = float(h.shape[0])
+        if process_group is not None:  # global count, filled on the device: no blocking host copy
+            count = torch.full((1,), count, device=h.device)
             dist.all_reduce(count, op=dist.ReduceOp.SUM, group=process_group)
         mean = _group_sum(h.sum(dim=0), process_group) / count  # (D,)
         centred = h - mean  # (N, D)

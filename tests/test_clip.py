@@ -159,6 +159,19 @@ def test_text_truncation_equals_full_length(model):
         torch.testing.assert_close(model.encode_text(ids), full, rtol=1e-6, atol=1e-6)
 
 
+def test_given_text_length(model):
+    """A length computed in advance gives the same features; one that cuts off an EOT is refused."""
+    ids = cm.tokenize(PROMPTS)
+    length = cm.text_length(ids)
+    assert length == int(ids.argmax(-1).max()) + 1
+    with torch.no_grad():
+        assert torch.equal(model.encode_text(ids, length=length), model.encode_text(ids))
+        emb = model.token_embedding(ids)
+        assert torch.equal(model.encode_prompts(emb, ids, length=length), model.encode_prompts(emb, ids))
+        with pytest.raises(ValueError, match=f"length={length - 1} cuts off an EOT.*>= {length}"):
+            model.encode_text(ids, length=length - 1)
+
+
 def test_text_feature_is_the_eot_row(model):
     ids = cm.tokenize(PROMPTS)
     emb = model.token_embedding(ids).detach().requires_grad_(True)  # (C, 77, W)

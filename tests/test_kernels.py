@@ -3,6 +3,9 @@ kernels against the reference (CPU interpreter here, unchanged on CUDA), the mul
 cache combine, and SyncBatchNorm semantics over 2 gloo processes."""
 import math
 import os
+import subprocess
+import sys
+from unittest import mock
 
 import pytest
 import torch
@@ -280,6 +283,42 @@ def test_launchers_reject_bad_inputs():
         kernels.feature_align(torch.ones(4, 16, dtype=torch.int64), **p)
 
 
+def test_auto_backend_uses_the_reference_for_caches_the_kernel_cannot_hold():
+    cuda, cpu, limit = torch.device("cuda"), torch.device("cpu"), kernels.TRITON_MAX_CACHE_SIZE
+    assert kernels._cache_uses_triton("auto", cuda, limit)
+    assert not kernels._cache_uses_triton("auto", cuda, limit + 1)  # e.g. --cache-size 200 on a GPU
+    assert not kernels._cache_uses_triton("auto", cpu, 25)
+    assert not kernels._cache_uses_triton("torch", cuda, 25)
+    with pytest.raises(ValueError, match=f"at most {limit} rows, got M={limit + 1}"):
+        kernels._cache_uses_triton("triton", cuda, limit + 1)
+    tokens, cache = random_tokens(7, 16, torch.float32, seed=3), unit_rows(200, 16, seed=4)
+    assert_close(kernels.cache_update(tokens, cache), kernels.cache_update(tokens, cache, backend="torch"),
+                 0, "auto cache update, M=200")
+
+
+def test_reference_path_needs_no_triton():
+    """Without triton installed (it ships for Linux only) the package imports and the CPU
+    path runs; asking for Triton says what is missing."""
+    script = """
+import sys
+sys.modules["triton"] = None  # as if not installed: importing it raises ModuleNotFoundError
+import torch
+import kernels, textrefiner
+x, cache = torch.randn(6, 8), torch.nn.functional.normalize(torch.rand(3, 8), dim=-1)
+for backend in ("auto", "torch"):
+    kernels.cache_update(x, cache, backend=backend)
+try:
+    kernels.cache_update(x, cache, backend="triton")
+except ModuleNotFoundError as error:
+    print(error)
+"""
+    env = dict(os.environ, TRITON_INTERPRET="1")  # so the CPU tensors get past the device check
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "the Triton backend needs the triton package" in done.stdout
+
+
 # ---------------------------------------------------------------- 2 processes over gloo
 
 def _sync_worker(rank, world, init_file, out_dir, x, params, gy, cache, bounds):
@@ -288,7 +327,9 @@ def _sync_worker(rank, world, init_file, out_dir, x, params, gy, cache, bounds):
         lo, hi = bounds[rank], bounds[rank + 1]
         results = {}
         for backend in ("torch", "triton"):
-            results[backend] = run_feature_align(x[lo:hi], params, gy[lo:hi], backend, dist.group.WORLD)
+            # no tensor built from a host value per step: on CUDA that is a blocking copy
+            with mock.patch.object(torch, "tensor", side_effect=AssertionError("torch.tensor in a step")):
+                results[backend] = run_feature_align(x[lo:hi], params, gy[lo:hi], backend, dist.group.WORLD)
             col_max, sums, counts = kernels.cache_partials(x[lo:hi], cache, backend=backend)
             g = col_max.clone()
             dist.all_reduce(g, op=dist.ReduceOp.MAX)

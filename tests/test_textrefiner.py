@@ -3,6 +3,7 @@ training step plus evaluation on a tiny random CLIP against an independent float
 implementation of the SPEC 4 equations."""
 import copy
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -180,18 +181,22 @@ def test_eval_features_are_reused_and_invalidated(clip, monkeypatch):
     model = make_model(clip).eval()
     calls = []
     encode = clip.encode_prompts
-    monkeypatch.setattr(clip, "encode_prompts", lambda *a: calls.append(1) or encode(*a))
+    monkeypatch.setattr(clip, "encode_prompts", lambda *a, **k: calls.append(k) or encode(*a, **k))
     x = images(3)
 
     def fresh_logits():  # an independent model with the same state: no cached features
         other = make_model(clip, seed=5, classnames=model_names[0]).eval()
         other.load_trainable_state_dict(model.trainable_state_dict())
+        other.refiner.alpha = model.refiner.alpha  # a hyper-parameter, not in the state dict
         return other(x)
 
     model_names = [CLASSNAMES]
     first = model(x)
     model(x)
     assert len(calls) == 1  # computed once for both batches
+    # the encoder length comes precomputed from the CPU ids (finding it on CUDA ids syncs)
+    want_length = int(tokenize([f"a photo of a {n.replace('_', ' ')}." for n in CLASSNAMES]).argmax(-1).max()) + 1
+    assert calls[0] == {"length": want_length}
     def change_ctx():
         with torch.no_grad():
             model.prompt_learner.ctx.add_(0.5)  # in place, as an optimizer step would
@@ -200,12 +205,19 @@ def test_eval_features_are_reused_and_invalidated(clip, monkeypatch):
         with torch.no_grad():
             model.refiner.cache.copy_(F.normalize(model.refiner.cache + torch.randn(25, 64), dim=-1))
 
-    changes = {"ctx": change_ctx, "cache": change_cache}
+    def change_extractor():
+        with torch.no_grad():
+            model.refiner.extractor.weight.mul_(-1.5)
+
+    def change_alpha():
+        model.refiner.alpha = 0.7
+
+    changes = {"ctx": change_ctx, "cache": change_cache, "extractor": change_extractor, "alpha": change_alpha}
     previous = first
     for what, change in changes.items():
         change()
         logits = model(x)
-        assert not torch.allclose(logits, previous), f"stale class features after a {what} change"
+        assert not torch.allclose(logits, previous), f"stale class features after changing the {what}"
         torch.testing.assert_close(logits, fresh_logits())
         previous = logits
     model_names[0] = ["airliner", "cat"]
@@ -289,6 +301,7 @@ def test_refiner_false_is_plain_coop(clip):
 
 def test_zero_shot_uses_coop_templates(clip):
     model = ZeroShotCLIP(clip, ["apple_pie", "ramen"], dataset="food101")
+    assert model.text_length == int(model.token_ids.argmax(-1).max()) + 1  # passed to encode_text
     x = images(2)
     with torch.no_grad():
         text = F.normalize(clip.encode_text(tokenize(["a photo of apple pie, a type of food.",
@@ -420,8 +433,10 @@ def _two_rank_step(rank, init_file, out_dir):
     model = make_model(clip, seed=3).train()
     model.set_process_group(dist.group.WORLD)
     x, y = images(4, seed=11), torch.tensor([2, 0, 4, 2])
-    out = model(x[2 * rank:2 * rank + 2], y[2 * rank:2 * rank + 2])  # this rank's half of the batch
-    out["loss"].backward()
+    # no tensor built from a host value per step: on CUDA that is a blocking copy
+    with mock.patch.object(torch, "tensor", side_effect=AssertionError("torch.tensor in a step")):
+        out = model(x[2 * rank:2 * rank + 2], y[2 * rank:2 * rank + 2])  # this rank's half of the batch
+        out["loss"].backward()
     grads = {}
     for name, p in model.named_parameters():
         if p.requires_grad:  # what DDP does: average the gradients over the ranks

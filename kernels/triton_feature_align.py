@@ -193,7 +193,8 @@ def _batch_stats(parts, block_m, n, group):
     col_sum, col_m2 = parts[0], parts[1]  # (num_blocks, D) each
     block_rows = torch.full((col_sum.shape[0], 1), float(block_m), device=col_sum.device)
     block_rows[-1] = n - (col_sum.shape[0] - 1) * block_m
-    total = _group_sum_(torch.tensor([float(n)], device=col_sum.device), group)
+    # a fill kernel, not torch.tensor: copying a host value in would block the host
+    total = _group_sum_(torch.full((1,), float(n), device=col_sum.device), group)
     mean = _group_sum_(col_sum.sum(dim=0), group) / total  # (D,)
     between = block_rows * (col_sum / block_rows - mean) ** 2  # (num_blocks, D)
     var = _group_sum_(col_m2.sum(dim=0) + between.sum(dim=0), group) / total  # (D,)
