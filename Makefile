@@ -61,11 +61,15 @@ report: install
 	@for d in $(OUTPUT)/base2new $(XD); do if [ -d $$d ]; then $(PYTHON) eval.py --report $$d; echo; fi; done
 
 # Synthetic CoOp-layout dataset + tiny random CLIP, then the real base2new flow and report.
+# 10 classes x 32 images (16 shots to train on) and 10 epochs: enough for the base accuracy
+# to rise well above chance, still ~20 s on 2 cores (mostly four Python start-ups).
 demo: install
 	@test -f $(DEMO)/tiny-clip.pt || $(PYTHON) -c "import torch, clip_model, data; \
-	  data.write_synthetic_dataset('$(DEMO)/data', 'caltech101', num_classes=10, images_per_class=16, image_size=32); \
+	  data.write_synthetic_dataset('$(DEMO)/data', 'caltech101', num_classes=10, images_per_class=32, image_size=32); \
 	  torch.save(clip_model.random_state_dict(clip_model.CONFIGS['tiny']), '$(DEMO)/tiny-clip.pt')"
 	@$(MAKE) --no-print-directory base2new DATASET=caltech101 SEED=1 DATA=$(DEMO)/data \
 	  CLIP=$(DEMO)/tiny-clip.pt OUTPUT=$(DEMO)/output GPUS=1 \
-	  TRAIN_ARGS="--epochs 5 --batch-size 8 --workers 0 --log-interval 5 --lr 0.01" EVAL_ARGS="--workers 0"
+	  TRAIN_ARGS="--epochs 10 --batch-size 8 --workers 0 --log-interval 10 --lr 0.01" EVAL_ARGS="--workers 0"
 	@$(PYTHON) eval.py --report $(DEMO)/output/base2new
+	@echo "Note: this checks the pipeline, not the method. The tiny CLIP has random weights and cannot name"
+	@echo "classes it never trained on, so New is at chance level (20% for 5 classes) or below."

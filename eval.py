@@ -19,10 +19,11 @@ Tables over seeds and datasets (base/new/HM next to the published averages):
 Inference throughput on random ViT-B/16 weights (no data needed):
     python eval.py --benchmark --num-classes 1000
 
---dataset, --root, --clip, --shots and --seed default to the checkpoint's own run; --subsample
-defaults to the checkpoint's when the dataset is the same, else to all classes.
-results.json holds accuracy, macro_f1, per_class_accuracy, num_images, num_classes, split and
-the arguments.
+--dataset, --root, --clip, --shots, --seed and --precision default to the checkpoint's own run
+(--precision: on CUDA; the CPU computes in fp32); --subsample defaults to the checkpoint's when
+the dataset is the same, else to all classes.
+results.json holds accuracy, macro_f1, per_class_accuracy (a list aligned with classnames),
+classnames, num_images, num_classes, split and the arguments as resolved.
 """
 import argparse
 import glob
@@ -74,7 +75,8 @@ def get_parser():
     p.add_argument("--batch-size", type=int, help="per rank (default 100; --benchmark: 32)")
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--device")
-    p.add_argument("--precision", choices=("bf16", "fp16", "fp32"))
+    p.add_argument("--precision", choices=("bf16", "fp16", "fp32"),
+                   help="default: the checkpoint's on CUDA (bf16 without one), fp32 on CPU")
     p.add_argument("--output-dir", help="write results.json here")
     p.add_argument("--report", metavar="DIR", help="summarise output/base2new or output/xd and exit")
     p.add_argument("--benchmark", action="store_true", help="time synthetic inference and exit")
@@ -136,10 +138,18 @@ def read_checkpoint(args):
 
 # ----------------------------------------------------------------------------- evaluation
 
+def eval_precision(args, hp, device):
+    """--precision, else on CUDA the precision the checkpoint was trained in (a model trained
+    in fp32 is tested in fp32, not in the bf16 default); the CPU computes in fp32 (SPEC 8)."""
+    if args.precision is None and device.type == "cuda" and hp["precision"]:
+        return hp["precision"]
+    return train.default_precision(args, device)
+
+
 def run(args):
     rank, world_size, device, _ = train.setup_runtime(args)
-    precision = train.default_precision(args, device)
     state, hp = (None, vars(train.get_parser().parse_args([]))) if args.zeroshot else read_checkpoint(args)
+    precision = eval_precision(args, hp, device)
     dataset = args.dataset or hp["dataset"]
     root = args.root or hp["root"]
     if dataset not in data.DATASETS:
@@ -156,7 +166,8 @@ def run(args):
     if not items:
         raise SystemExit(f"{dataset}: the {args.split} split is empty")
 
-    clip = clip_model.load_clip(args.clip or hp["clip"])
+    clip_name = args.clip or hp["clip"]
+    clip = clip_model.load_clip(clip_name)
     if args.zeroshot:
         model = ZeroShotCLIP(clip, classnames, dataset)
     else:
@@ -164,11 +175,15 @@ def run(args):
         model.load_trainable_state_dict(state)
     model.to(device)
     loader = data.build_eval_loader(items, args.batch_size or 100, clip.config.image_resolution,
-                                    rank=rank, world_size=world_size, workers=args.workers)
+                                    rank=rank, world_size=world_size, workers=args.workers,
+                                    pin_memory=device.type == "cuda")
     results = train.evaluate(model, loader, classnames, device, precision)
+    # The values actually used, not the flags as typed (None = "the checkpoint's").
+    resolved = dict(dataset=dataset, root=root, subsample=subsample, shots=shots, seed=seed,
+                    clip=clip_name, precision=precision)
     results.update(split=args.split, dataset=dataset, subsample=subsample,
                    checkpoint="zero-shot CLIP" if args.zeroshot else args.checkpoint,
-                   args=dict(vars(args), precision=precision))
+                   args=dict(vars(args), **resolved))
     if rank == 0:
         if args.output_dir:
             os.makedirs(args.output_dir, exist_ok=True)
@@ -225,22 +240,50 @@ def summarise_base2new(runs):
     return dict(datasets=rows, average=average)
 
 
+# Report cells: a mean right-aligned in MEAN_W characters, then "±std" in STD_W + 1 (blank when
+# there is no std); column headings are right-aligned over the means with the same widths.
+MEAN_W, STD_W = 8, 5
+GAP = "  "
+
+
+def value_cell(mean, std=None, with_std=True):
+    spread = "" if not with_std else f"±{std:<{STD_W}.2f}" if std is not None else " " * (STD_W + 1)
+    return f"{mean:>{MEAN_W}.2f}" + spread
+
+
+def heading_cell(name, with_std=True):
+    return f"{name:>{MEAN_W}}" + (" " * (STD_W + 1) if with_std else "")
+
+
+def format_table(rows):
+    """rows: [label, seeds, *cells] with the heading row first; the two text columns are as
+    wide as their longest entry, the cells come from value_cell/heading_cell."""
+    label_w, seeds_w = (max(len(r[i]) for r in rows) for i in (0, 1))
+    return [GAP.join([r[0].ljust(label_w), r[1].ljust(seeds_w), *r[2:]]).rstrip() for r in rows]
+
+
+def seeds_text(seeds):
+    return ",".join(map(str, seeds))
+
+
 def format_base2new(summary, title):
     rows, average = summary["datasets"], summary["average"]
-    lines = [title, f"{'Dataset':<18}{'Seeds':<8}{'Base':>14}{'New':>14}{'HM':>8}"]
+    table = [["Dataset", "Seeds", heading_cell("Base"), heading_cell("New"), heading_cell("HM", with_std=False)]]
     if average:
         label = "Average" if len(average["datasets"]) == len(PAPER_DATASETS) else \
             f"Average ({len(average['datasets'])}/{len(PAPER_DATASETS)})"
-        lines.append(f"{label:<18}{'':<8}{average['base']:>14.2f}{average['new']:>14.2f}{average['hm']:>8.2f}")
+        table.append([label, "", value_cell(average["base"]), value_cell(average["new"]),
+                      value_cell(average["hm"], with_std=False)])
     ordered = [d for d in PAPER_DATASETS if d in rows] + sorted(d for d in rows if d not in PAPER_DATASETS)
     for d in ordered:
         r = rows[d]
-        lines.append(f"{PAPER_DATASETS.get(d, d):<18}{','.join(map(str, r['seeds'])):<8}"
-                     f"{r['base']:>8.2f}±{r['base_std']:<5.2f}{r['new']:>8.2f}±{r['new_std']:<5.2f}{r['hm']:>8.2f}")
-    lines.append("Published 11-dataset averages (ViT-B/16, 16 shots, seeds 1-3):")
-    for name, (b, n, h) in PUBLISHED.items():
-        lines.append(f"{name:<26}{b:>14.2f}{n:>14.2f}{h:>8.2f}")
-    return "\n".join(lines)
+        table.append([PAPER_DATASETS.get(d, d), seeds_text(r["seeds"]), value_cell(r["base"], r["base_std"]),
+                      value_cell(r["new"], r["new_std"]), value_cell(r["hm"], with_std=False)])
+    published = [[name, "", value_cell(b), value_cell(n), value_cell(h, with_std=False)]
+                 for name, (b, n, h) in PUBLISHED.items()]
+    lines = format_table(table + published)
+    return "\n".join([title, *lines[:len(table)],
+                      "Published 11-dataset averages (ViT-B/16, 16 shots, seeds 1-3):", *lines[len(table):]])
 
 
 def collect_xd(root):
@@ -271,10 +314,9 @@ def report(root):
         order = [t for t in XD_ORDER if t in xd] + sorted(t for t in xd if t not in XD_ORDER)
         summary = {t: dict(seeds=sorted(xd[t]), accuracy=float(np.mean(list(xd[t].values()))),
                            std=float(np.std(list(xd[t].values())))) for t in order}
-        text = "\n".join([f"Accuracy in {root} (mean±std over seeds)",
-                          f"{'Dataset':<18}{'Seeds':<8}{'Accuracy':>14}"] +
-                         [f"{t:<18}{','.join(map(str, r['seeds'])):<8}{r['accuracy']:>8.2f}±{r['std']:<5.2f}"
-                          for t, r in summary.items()])
+        table = [["Dataset", "Seeds", heading_cell("Accuracy")]] + \
+            [[t, seeds_text(r["seeds"]), value_cell(r["accuracy"], r["std"])] for t, r in summary.items()]
+        text = "\n".join([f"Accuracy in {root} (mean±std over seeds)", *format_table(table)])
     print(text)
     train.write_json(summary, os.path.join(root, "report.json"))
     return summary

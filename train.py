@@ -14,10 +14,12 @@ Throughput, no data or weights needed (random ViT-B/16, batch 32):
     python train.py --benchmark --num-classes 100
     python train.py --benchmark --benchmark-clip tiny --device cpu   # smoke test
 
-Writes into --output-dir: last.pt and best.pt (written atomically; each holds the
-trainable state with SPEC 10 names, optimizer, scheduler, epoch, args, RNG states
-and the best val accuracy), log.jsonl (one line per epoch, written after that
-epoch's checkpoint) and results.json (test split, best-val model).
+Writes into --output-dir: last.pt (written atomically after every epoch: the trainable
+state with SPEC 10 names, optimizer, scheduler, epoch, args, RNG states, the best val
+accuracy and the best-val model's trainable state, so --resume needs nothing else),
+best.pt (the same for the best-val epoch, for users; written before last.pt),
+log.jsonl (one line per epoch, written after that epoch's checkpoint) and results.json
+(test split, best-val model).
 Evaluation helpers (evaluate, metrics, distributed setup) live here; eval.py
 imports them.
 """
@@ -139,29 +141,39 @@ def seed_everything(seed):
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def rng_state():
+def rng_state(device):
+    """This process's RNG states. Only the generator of the device it computes on is saved
+    (not every visible GPU's): a run resumed with fewer visible GPUs can restore it."""
     py = random.getstate()
     npy = np.random.get_state()
     return dict(python=[py[0], list(py[1]), py[2]],
                 numpy=[npy[0], torch.from_numpy(npy[1].astype(np.int64)), *npy[2:]],
                 torch=torch.get_rng_state(),
-                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+                cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
 
 
-def set_rng_state(state):
+def set_rng_state(state, device):
     random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
     npy = state["numpy"]
     np.random.set_state((npy[0], npy[1].numpy().astype(np.uint32), *npy[2:]))
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def replace_atomically(path, mode, write):
+    """write(f) into path + ".tmp", flush it to the disk, then rename over path: a crash
+    (or power loss) at any point leaves either the previous file or the complete new one."""
+    tmp = path + ".tmp"
+    with open(tmp, mode) as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def save_atomic(obj, path):
-    """A crash mid-write leaves the previous file intact: write aside, then rename."""
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    replace_atomically(path, "wb", lambda f: torch.save(obj, f))
 
 
 def load_checkpoint(path):
@@ -203,18 +215,22 @@ class WarmupCosineLR:
 # ----------------------------------------------------------------------------- evaluation
 
 def metrics(confusion, classnames):
-    """confusion[true, pred] counts -> accuracy, macro-F1 (over classes that occur as a
-    label or a prediction, as sklearn's f1_score(average="macro") does), per-class accuracy."""
+    """confusion[true, pred] counts -> accuracy, macro-F1, per-class accuracy.
+    Macro-F1 averages over the classes that occur as a true label, as Dassl/CoOp's
+    f1_score(y_true, y_pred, average="macro", labels=np.unique(y_true)) does; a class only
+    ever predicted adds no F1 term of its own (its predictions still count as errors).
+    per_class_accuracy is a list in label order, aligned with classnames (names may repeat),
+    None for a class without images."""
     cm = confusion.double().cpu()  # (C, C)
     tp, support, predicted = cm.diag(), cm.sum(1), cm.sum(0)
-    present = (support + predicted) > 0
+    present = support > 0
     f1 = 2 * tp / (support + predicted).clamp(min=1)
-    per_class = {name: (100 * tp[i] / support[i]).item() if support[i] > 0 else None
-                 for i, name in enumerate(classnames)}
+    per_class = [(100 * tp[i] / support[i]).item() if support[i] > 0 else None for i in range(len(classnames))]
     total = int(cm.sum().item())
     return dict(accuracy=100 * tp.sum().item() / max(total, 1),
                 macro_f1=100 * f1[present].mean().item() if present.any() else 0.0,
-                per_class_accuracy=per_class, num_images=total, num_classes=len(classnames))
+                per_class_accuracy=per_class, classnames=list(classnames), num_images=total,
+                num_classes=len(classnames))
 
 
 @torch.no_grad()
@@ -236,10 +252,7 @@ def evaluate(model, loader, classnames, device, precision):
 
 
 def write_json(obj, path):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    replace_atomically(path, "w", lambda f: json.dump(obj, f, indent=2))
 
 
 # ----------------------------------------------------------------------------- benchmark
@@ -310,12 +323,12 @@ def build_model(args, classnames, clip=None):
                            refiner=not args.no_refiner)
 
 
-def gather_rng_states(world_size):
+def gather_rng_states(world_size, device):
     """Every rank's RNG state, in rank order (each rank's data augmentation draws its own)."""
     if world_size == 1:
-        return [rng_state()]
+        return [rng_state(device)]
     states = [None] * world_size
-    dist.all_gather_object(states, rng_state())
+    dist.all_gather_object(states, rng_state(device))
     return states
 
 
@@ -367,11 +380,14 @@ def train(args):
     optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     scheduler = WarmupCosineLR(optimizer, args.lr, args.epochs, args.warmup_epochs, args.warmup_lr)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+    pin = device.type == "cuda"  # pinning on a CPU run would only create a CUDA context
     train_loader = data.build_train_loader(splits["train"], args.batch_size, resolution, args.seed,
-                                           rank=rank, world_size=world_size, workers=args.workers)
+                                           rank=rank, world_size=world_size, workers=args.workers,
+                                           pin_memory=pin)
     use_val = bool(splits["val"]) and not args.no_val
     val_loader = data.build_eval_loader(splits["val"], args.eval_batch_size, resolution, rank=rank,
-                                        world_size=world_size, workers=args.workers) if use_val else None
+                                        world_size=world_size, workers=args.workers,
+                                        pin_memory=pin) if use_val else None
 
     start_epoch, best = 0, dict(val_acc=-1.0, epoch=-1)
     best_state = None
@@ -380,16 +396,15 @@ def train(args):
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
-        set_rng_state(ckpt["rng"][rank if len(ckpt["rng"]) == world_size else 0])
-        start_epoch, best = ckpt["epoch"] + 1, ckpt["best"]
-        if use_val:
-            best_state = load_checkpoint(best_path)["model"]
+        set_rng_state(ckpt["rng"][rank if len(ckpt["rng"]) == world_size else 0], device)
+        # The best model comes from last.pt itself, never from best.pt: a crash between
+        # the two writes leaves a best.pt of another epoch than ckpt["best"] names.
+        start_epoch, best, best_state = ckpt["epoch"] + 1, ckpt["best"], ckpt["best_model"]
         if master:  # log.jsonl ends with the checkpoint's epoch, whatever happened after it
             lines = open(log_path).read().splitlines() if os.path.exists(log_path) else []
             kept = [l for l in lines if logged_epoch(l) < ckpt["epoch"]]
-            with open(log_path + ".tmp", "w") as f:
-                f.writelines(l + "\n" for l in kept + [json.dumps(ckpt["log"])])
-            os.replace(log_path + ".tmp", log_path)
+            replace_atomically(log_path, "w", lambda f: f.writelines(
+                l + "\n" for l in kept + [json.dumps(ckpt["log"])]))
         print0(f"resumed from {last_path} after epoch {ckpt['epoch']}")
         del ckpt
     elif master and os.path.exists(log_path):
@@ -440,11 +455,14 @@ def train(args):
         record["seconds"] = time.perf_counter() - t_epoch
         ckpt = dict(model=raw_model.trainable_state_dict(), optimizer=optimizer.state_dict(),
                     scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), epoch=epoch,
-                    args=vars(args), rng=gather_rng_states(world_size), best=best, log=record)
+                    args=vars(args), rng=gather_rng_states(world_size, device), best=best,
+                    best_model=best_state, log=record)
         if master:
-            save_atomic(ckpt, last_path)
+            # best.pt first: last.pt is what --resume trusts, so it is written last, once
+            # everything of this epoch is on disk.
             if best["epoch"] == epoch:
                 save_atomic(ckpt, best_path)
+            save_atomic(ckpt, last_path)
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
         print0(json.dumps(record))
@@ -454,7 +472,7 @@ def train(args):
     if best_state is not None:
         raw_model.load_trainable_state_dict(best_state)
     test_loader = data.build_eval_loader(splits["test"], args.eval_batch_size, resolution, rank=rank,
-                                         world_size=world_size, workers=args.workers)
+                                         world_size=world_size, workers=args.workers, pin_memory=pin)
     results = evaluate(raw_model, test_loader, classnames, device, args.precision)
     results.update(split="test", dataset=args.dataset, subsample=args.subsample,
                    checkpoint=best_path if best_state is not None else last_path,

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -29,11 +30,25 @@ def test_eval_reproduces_training_test_numbers(run, tmp_path):
     evaluate_cli.main(["--checkpoint", os.path.join(out, "best.pt"), "--workers", "0", "--batch-size", "4",
                        "--output-dir", str(tmp_path)])
     ours, trained = read_results(tmp_path), read_results(out)
-    for key in ("accuracy", "macro_f1", "per_class_accuracy", "num_images", "num_classes", "split", "subsample"):
+    for key in ("accuracy", "macro_f1", "per_class_accuracy", "classnames", "num_images", "num_classes",
+                "split", "subsample"):
         assert ours[key] == trained[key], key
+    # results.json records the values used, not the flags left at None
+    for key in ("dataset", "root", "clip", "shots", "seed", "subsample", "precision"):
+        assert ours["args"][key] == trained["args"][key], key
     new = evaluate_cli.main(["--checkpoint", os.path.join(out, "best.pt"), "--workers", "0",
                              "--subsample", "new"])
-    assert new["num_classes"] == 3 and set(new["per_class_accuracy"]) == {"class_003", "class_004", "class_005"}
+    assert new["classnames"] == ["class_003", "class_004", "class_005"] and len(new["per_class_accuracy"]) == 3
+
+
+def test_precision_defaults_to_the_checkpoints_on_cuda():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # device objects only; no GPU needed
+    flags = SimpleNamespace(precision=None)
+    assert evaluate_cli.eval_precision(flags, {"precision": "fp32"}, cuda) == "fp32"
+    assert evaluate_cli.eval_precision(flags, {"precision": "fp16"}, cuda) == "fp16"
+    assert evaluate_cli.eval_precision(flags, {"precision": None}, cuda) == "bf16"  # authors' / zero-shot
+    assert evaluate_cli.eval_precision(flags, {"precision": "bf16"}, cpu) == "fp32"
+    assert evaluate_cli.eval_precision(SimpleNamespace(precision="bf16"), {"precision": "fp32"}, cuda) == "bf16"
 
 
 def test_metrics_by_hand():
@@ -43,7 +58,20 @@ def test_metrics_by_hand():
     assert m["accuracy"] == pytest.approx(500 / 8) and m["num_images"] == 8
     # F1 a = 2*3 / (4 + 5) = 2/3, F1 b = 2*2 / (4 + 3) = 4/7; c is left out, as sklearn does
     assert m["macro_f1"] == pytest.approx(100 * (2 / 3 + 4 / 7) / 2)
-    assert m["per_class_accuracy"] == {"a": 75.0, "b": 50.0, "c": None}
+    assert m["per_class_accuracy"] == [75.0, 50.0, None] and m["classnames"] == ["a", "b", "c"]
+
+
+def test_macro_f1_averages_over_true_classes_only():
+    """Dassl/CoOp: f1_score(y_true, y_pred, average="macro", labels=np.unique(y_true)).
+    Class c has no image but is predicted once: it is not averaged in, and that prediction
+    still counts against a. F1 a = 2*2 / (3 + 2) = 0.8, F1 b = 2*2 / (2 + 2) = 1."""
+    m = train.metrics(torch.tensor([[2, 0, 1], [0, 2, 0], [0, 0, 0]]), ["a", "b", "c"])
+    assert m["macro_f1"] == pytest.approx(90.0)
+
+
+def test_per_class_accuracy_keeps_classes_with_the_same_name():
+    m = train.metrics(torch.tensor([[1, 1], [0, 2]]), ["crane", "crane"])  # e.g. the bird and the machine
+    assert m["per_class_accuracy"] == [50.0, 100.0] and m["classnames"] == ["crane", "crane"]
 
 
 def write_authors_folder(folder, state, epoch):
@@ -164,14 +192,30 @@ def test_report_arithmetic(tmp_path, capsys):
     # published rows are self-consistent: HM = 2bn/(b+n)
     for b, n, h in evaluate_cli.PUBLISHED.values():
         assert evaluate_cli.harmonic_mean(b, n) == pytest.approx(h, abs=0.006)
+    assert_columns_line_up(text.splitlines(), ["Base", "New", "HM"])
+
+
+def assert_columns_line_up(lines, headings):
+    """Every number's last digit ends where its column heading ends (a "±std" follows it)."""
+    start = next(i for i, line in enumerate(lines) if line.startswith("Dataset"))
+    header, rows = lines[start], [line for line in lines[start + 1:] if not line.startswith("Published")]
+    assert len(rows) >= 2
+    for heading in headings:
+        end = header.index(heading) + len(heading)
+        for row in rows:
+            assert row[end - 3] == "." and row[end - 1].isdigit() and row[end:end + 1] in ("", " ", "±"), \
+                (heading, header, row)
 
 
 def test_report_xd(tmp_path, capsys):
     write_result(tmp_path / "imagenet_a" / "seed1", 50)
     write_result(tmp_path / "imagenet_a" / "seed2", 52)
+    write_result(tmp_path / "dtd" / "seed10", 100)
     summary = evaluate_cli.report(str(tmp_path))
     assert summary["imagenet_a"]["accuracy"] == 51 and summary["imagenet_a"]["std"] == 1
-    assert "imagenet_a" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "imagenet_a" in text and "100.00±0.00" in text
+    assert_columns_line_up(text.splitlines(), ["Accuracy"])
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -5,9 +5,11 @@ The helpers here (synthetic data, one shared training run) are imported by test_
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -92,13 +94,14 @@ def test_training_run_logs_and_results(run):
     with open(os.path.join(out, "results.json")) as f:
         results = json.load(f)
     assert results["split"] == "test" and results["num_classes"] == 3 and results["num_images"] == 9
-    assert len(results["per_class_accuracy"]) == 3 and results["args"]["lr"] == LR
-    assert results["accuracy"] == pytest.approx(sum(results["per_class_accuracy"].values()) / 3)
+    assert results["classnames"] == ["class_000", "class_001", "class_002"] and results["args"]["lr"] == LR
+    assert results["accuracy"] == pytest.approx(sum(results["per_class_accuracy"]) / 3)  # 3 test images each
     best = torch.load(os.path.join(out, "best.pt"), weights_only=True)
     best_epoch = max(range(EPOCHS), key=lambda e: (log[e]["val_acc"], -e))  # first epoch with the top val
     assert best["epoch"] == best_epoch == results["epoch"]
     last = torch.load(os.path.join(out, "last.pt"), weights_only=True)
     assert last["epoch"] == EPOCHS - 1 and last["best"]["val_acc"] == log[best_epoch]["val_acc"]
+    assert_same_tensors(last["best_model"], best["model"])  # resume reads the best model from last.pt
     assert set(last["model"]) == {"prompt_learner.ctx", "refiner.extractor.weight", "refiner.cache"} | {
         f"refiner.align.{m}.{p}" for m in ("fc1", "fc2") for p in ("weight", "bias")} | {
         f"refiner.align.bn.{p}" for p in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")}
@@ -143,6 +146,86 @@ def test_resume_after_interruption_ends_bitwise_equal(run, tmp_path, monkeypatch
         assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
     assert read_log(tmp_path)[-1]["loss"] == read_log(out)[-1]["loss"]
     assert [r["epoch"] for r in read_log(tmp_path)] == list(range(EPOCHS))
+
+
+@pytest.mark.parametrize("crash_after, epoch", [("best.pt", 0), ("last.pt", 0), ("best.pt", EPOCHS - 1),
+                                               ("last.pt", EPOCHS - 1)])
+def test_resume_after_a_crash_between_or_after_the_checkpoint_writes(run, tmp_path, monkeypatch, crash_after,
+                                                                     epoch):
+    """best.pt and last.pt are two files: a crash can land between the two writes, or after
+    both but before the log line. In the reference run every epoch is a new best, so each
+    epoch writes both. After the crash, --resume must end exactly where the uninterrupted
+    run ends: a best.pt of another epoch than last.pt names (or none at all) must change
+    neither what the run tests nor what it saves."""
+    root, weights, out = run
+    assert [r["val_acc"] for r in read_log(out)] == sorted({r["val_acc"] for r in read_log(out)})
+    real_save = train.save_atomic
+
+    class Crash(Exception):
+        pass
+
+    def save_then_crash(obj, path):
+        real_save(obj, path)
+        if os.path.basename(path) == crash_after and obj["epoch"] == epoch:
+            raise Crash
+
+    monkeypatch.setattr(train, "save_atomic", save_then_crash)
+    with pytest.raises(Crash):
+        train.main(train_argv(root, weights, str(tmp_path)))
+    monkeypatch.undo()
+    train.main(train_argv(root, weights, str(tmp_path), "--resume"))
+
+    for file in ("last.pt", "best.pt"):
+        resumed = torch.load(tmp_path / file, weights_only=True)
+        reference = torch.load(os.path.join(out, file), weights_only=True)
+        assert resumed["epoch"] == reference["epoch"] and resumed["best"] == reference["best"], file
+        assert_same_tensors(resumed["model"], reference["model"])
+        assert_same_tensors(resumed["best_model"], reference["best_model"])
+    with open(tmp_path / "results.json") as f, open(os.path.join(out, "results.json")) as g:
+        resumed, reference = json.load(f), json.load(g)
+    for key in ("accuracy", "macro_f1", "per_class_accuracy", "epoch"):
+        assert resumed[key] == reference[key], key
+    assert [r["loss"] for r in read_log(tmp_path)] == [r["loss"] for r in read_log(out)]
+
+
+def test_rng_state_round_trip_and_only_the_devices_cuda_generator(monkeypatch):
+    state = train.rng_state(torch.device("cpu"))
+    draws = random.random(), np.random.rand(), torch.rand(1)
+    train.set_rng_state(state, torch.device("cpu"))
+    assert (random.random(), np.random.rand()) == draws[:2] and torch.equal(torch.rand(1), draws[2])
+    assert state["cuda"] is None  # a CPU run uses no CUDA generator
+    # On CUDA only the generator of the rank's own device is saved and restored, so a run
+    # resumed with fewer visible GPUs does not index a missing one. No GPU here: record the calls.
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: calls.append(("get", device)) or "gen1")
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device: calls.append(("set", s, device)))
+    device = torch.device("cuda", 1)
+    state = train.rng_state(device)
+    train.set_rng_state(state, device)
+    assert state["cuda"] == "gen1" and calls == [("get", device), ("set", "gen1", device)]
+
+
+def test_atomic_writes_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.fstat(fd).st_size))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.path.getsize(src)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    train.save_atomic({"x": torch.arange(1000)}, str(tmp_path / "a.pt"))
+    train.write_json({"accuracy": 50.0}, str(tmp_path / "a.json"))
+    size_pt, size_json = os.path.getsize(tmp_path / "a.pt"), os.path.getsize(tmp_path / "a.json")
+    assert events == [("fsync", size_pt), ("replace", size_pt), ("fsync", size_json), ("replace", size_json)]
+    assert torch.equal(torch.load(tmp_path / "a.pt", weights_only=True)["x"], torch.arange(1000))
+    assert json.load(open(tmp_path / "a.json")) == {"accuracy": 50.0}
+    assert sorted(os.listdir(tmp_path)) == ["a.json", "a.pt"]
 
 
 def test_torchrun_two_ranks_match_one(run, tmp_path):
