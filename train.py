@@ -24,6 +24,7 @@ Evaluation helpers (evaluate, metrics, distributed setup) live here; eval.py
 imports them.
 """
 import argparse
+import inspect
 import json
 import math
 import os
@@ -40,6 +41,9 @@ import clip_model
 import data
 from textrefiner import TextRefinerCLIP, ZeroShotCLIP
 
+# torch 2.13 renamed DDP's broadcast_buffers to forward_sync_buffers; GPU hosts may run older.
+DDP_NO_BUFFER_SYNC = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                      else "broadcast_buffers")
 LOSS_KEYS = ("loss", "loss_global", "loss_local", "loss_reg")
 # Arguments that define the computation; a resumed run must use the same values.
 RECIPE_KEYS = ("dataset", "clip", "shots", "seed", "subsample", "epochs", "batch_size", "lr",
@@ -375,7 +379,7 @@ def train(args):
         # No buffer broadcast per forward: BN running stats and the cache are kept equal
         # by the model's own reductions (they are synced once at construction).
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                    forward_sync_buffers=False)
+                    **{DDP_NO_BUFFER_SYNC: False})
     params = [p for p in raw_model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     scheduler = WarmupCosineLR(optimizer, args.lr, args.epochs, args.warmup_epochs, args.warmup_lr)

@@ -21,6 +21,12 @@ import sys
 import tempfile
 
 import pytest
+import torch
+
+# On a CUDA machine the kernel tests compile and run every kernel for real, and the
+# host's Triton may predate the launch internals this harness relies on.
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
+                                reason="CUDA present: tests/test_kernels.py compiles the kernels for real")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
