@@ -8,9 +8,10 @@ On another dataset (cross-dataset / domain generalisation; all its classes):
         --output-dir output/xd/imagenet_a/seed1
 Sharded over GPUs (every image counted once):
     torchrun --standalone --nproc_per_node=4 eval.py --checkpoint ... --dataset imagenet --root /data
-A run of the authors' released code (folder with prompt_learner/ and Memory/):
-    python eval.py --checkpoint their_output/dtd/.../seed1 --epoch 10 --dataset dtd --root /data \
-        --subsample new --allow-pickle
+A run of the authors' released code (its Dassl output folder, holding prompt_learner/ and Memory/;
+model-best.pth.tar by default, model.pth.tar-N with --epoch N):
+    python eval.py --checkpoint their_output/base2new/train_base/dtd/.../seed1 --dataset dtd --root /data \
+        --subsample new
 Zero-shot CLIP with CoOp's hand-crafted prompt:
     python eval.py --zeroshot --dataset dtd --root /data --subsample new
 Tables over seeds and datasets (base/new/HM next to the published averages):
@@ -30,6 +31,7 @@ import glob
 import json
 import os
 import pickle
+import types
 from types import SimpleNamespace
 
 import numpy as np
@@ -51,11 +53,14 @@ XD_ORDER = ["imagenet", "imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet
     [d for d in PAPER_DATASETS if d != "imagenet"]
 # Published 11-dataset averages (base, new, HM), ViT-B/16, 16 shots, 3 seeds.
 PUBLISHED = {"CoOp": (82.69, 63.22, 71.66), "CoOp+TextRefiner": (79.74, 74.32, 76.94)}
-# Authors' BatchNorm-in-conv alignment (mid_image_trans.conv1.{0,1,3}) -> our FeatureAlign names.
+# The released code's feature alignment, mid_image_trans.conv1 = Sequential(Conv2d(D, D, 1),
+# BatchNorm2d(D), ReLU, Conv2d(D, D, 1)) run on (N, D, 1, 1), -> our FeatureAlign names. On 1x1
+# inputs BatchNorm2d normalises over the same N rows as BatchNorm1d and has the same keys.
 AUTHORS_ALIGN = {"0.weight": "fc1.weight", "0.bias": "fc1.bias", "1.weight": "bn.weight",
                  "1.bias": "bn.bias", "1.running_mean": "bn.running_mean",
                  "1.running_var": "bn.running_var", "1.num_batches_tracked": "bn.num_batches_tracked",
                  "3.weight": "fc2.weight", "3.bias": "fc2.bias"}
+AUTHORS_CONV_WEIGHTS = ("0.weight", "3.weight")
 
 
 def get_parser():
@@ -63,7 +68,8 @@ def get_parser():
     p.add_argument("--checkpoint", help="train.py's best.pt/last.pt, or an authors' run folder")
     p.add_argument("--epoch", type=int, help="authors' folder: load model.pth.tar-EPOCH (default: model-best)")
     p.add_argument("--allow-pickle", action="store_true",
-                   help="authors' files pickle Python objects; load them fully (trusted files only)")
+                   help="authors' files: unpickle every object they hold, not only tensors "
+                        "(runs code from the file; trusted files only; not needed for the released format)")
     p.add_argument("--zeroshot", action="store_true", help="zero-shot CLIP instead of a checkpoint")
     p.add_argument("--dataset", help=f"one of {', '.join(data.DATASETS)}")
     p.add_argument("--root", help="data root")
@@ -76,7 +82,7 @@ def get_parser():
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--device")
     p.add_argument("--precision", choices=("bf16", "fp16", "fp32"),
-                   help="default: the checkpoint's on CUDA (bf16 without one), fp32 on CPU")
+                   help="default on CUDA: the checkpoint's (authors': fp16 or fp32 as stored); fp32 on CPU")
     p.add_argument("--output-dir", help="write results.json here")
     p.add_argument("--report", metavar="DIR", help="summarise output/base2new or output/xd and exit")
     p.add_argument("--benchmark", action="store_true", help="time synthetic inference and exit")
@@ -88,49 +94,148 @@ def get_parser():
 
 # ----------------------------------------------------------------------------- checkpoints
 
+class _NotLoaded:
+    """Stands in for a pickled object of any class other than tensors and plain containers.
+    Dassl's checkpoints pickle a scheduler object (its warm-up scheduler's state holds the
+    CosineAnnealingLR successor, which holds the SGD optimiser); reading such a file must not
+    import or run code from it, so what the pickle describes is only recorded here."""
+    origin = "?"
+
+    def __new__(cls, *args, **kwargs):
+        self = object.__new__(cls)
+        self.args, self.state, self.items = args, None, {}
+        return self
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def __setitem__(self, key, value):  # dict subclasses (defaultdict) unpickle item by item
+        self.items[key] = value
+
+    def append(self, value):  # list subclasses
+        self.items[len(self.items)] = value
+
+    def extend(self, values):
+        for v in values:
+            self.append(v)
+
+    def __repr__(self):
+        return f"<not loaded: {self.origin}>"
+
+
+# Globals an authors' file may resolve for real: the tensor and parameter rebuilders (torch.load
+# resolves storages itself), OrderedDict and dtypes. Anything else becomes a _NotLoaded.
+_TENSOR_GLOBALS = {("collections", "OrderedDict"), ("torch", "Size"),
+                   ("torch._utils", "_rebuild_tensor"), ("torch._utils", "_rebuild_tensor_v2"),
+                   ("torch._utils", "_rebuild_parameter"), ("torch._utils", "_rebuild_parameter_with_state")}
+
+
+class _TensorsOnlyUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) in _TENSOR_GLOBALS:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        return type(name, (_NotLoaded,), {"origin": f"{module}.{name}"})
+
+
+_tensors_only_pickle = types.ModuleType("tensors_only_pickle")
+_tensors_only_pickle.Unpickler = _TensorsOnlyUnpickler
+_tensors_only_pickle.load = lambda f, **kwargs: _TensorsOnlyUnpickler(f, **kwargs).load()
+
+
+def read_dassl_file(path, allow_pickle=False):
+    """A Dassl checkpoint file on the CPU. By default only tensors and containers are built
+    (other objects become _NotLoaded; no code from the file runs); allow_pickle unpickles fully."""
+    if allow_pickle:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_tensors_only_pickle)
+
+
+def authors_clip_name(learner):
+    """Backbone of the run from the frozen image tower the released code also saves
+    (image_encoder.*): the official name with that width, patch and resolution, else None."""
+    conv, pos = learner.get("image_encoder.conv1.weight"), learner.get("image_encoder.positional_embedding")
+    if conv is None or pos is None:
+        return None
+    width, patch, grid = conv.shape[0], conv.shape[-1], round((pos.shape[0] - 1) ** 0.5)
+    for name, config in clip_model.CONFIGS.items():
+        if name != "tiny" and (config.vision_width, config.vision_patch_size, config.image_resolution) == \
+                (width, patch, patch * grid):
+            return name
+    return None
+
+
 def load_authors_checkpoint(folder, epoch=None, allow_pickle=False):
-    """State dict (SPEC 10 names) from the released code's Dassl output folder:
-    prompt_learner/<file> holds {'state_dict': CustomCLIP weights} with prompt_learner.ctx and
-    the alignment as 1x1 convs mid_image_trans.conv1.{0,1,3}; Memory/<file> holds
-    {'state_dict': {'extractor.weight'}, 'memory_item': the cache}. Tensors become fp32."""
+    """(state dict with SPEC 10 names, run info) from an output folder of the released code.
+
+    Its trainer registers two Dassl models, so the folder holds prompt_learner/ and Memory/,
+    each with model.pth.tar-<epoch> (epoch counted from 1; the last one for --epoch 10) and,
+    with best_val model selection, model-best.pth.tar. Each file is Dassl's
+    {'state_dict', 'epoch', 'optimizer', 'scheduler', 'val_result'}, where:
+      prompt_learner/: 'state_dict' is the whole CustomCLIP: prompt_learner.ctx (n_ctx, W),
+        the fixed prompt_learner.token_prefix / token_suffix / tokenized_prompts of the
+        training classes (ignored: prompts are rebuilt for the classes evaluated), the frozen
+        CLIP as image_encoder.* / text_encoder.* / logit_scale (ignored: --clip is loaded),
+        and the alignment mid_image_trans.conv1.{0,1,3}: 1x1 Conv2d weights (D, D, 1, 1) and
+        biases, BatchNorm2d weight / bias / running stats / num_batches_tracked;
+      Memory/: 'state_dict' is {'extractor.weight': (D, 2D)}; the cache is not a buffer but
+        the file's own top-level entry 'memory_item' (M, D).
+    With the released default precision (fp16) ctx, the convolutions, extractor and cache are
+    fp16 and BatchNorm fp32; everything is returned in fp32 (num_batches_tracked as is)."""
     name = f"model.pth.tar-{epoch}" if epoch is not None else "model-best.pth.tar"
     paths = {part: os.path.join(folder, part, name) for part in ("prompt_learner", "Memory")}
     missing = [p for p in paths.values() if not os.path.isfile(p)]
     if missing:
         raise FileNotFoundError(f"authors' checkpoint folder {folder!r}: expected {missing} "
                                 f"(choose the file with --epoch N for model.pth.tar-N)")
-    loaded = {}
-    for part, path in paths.items():
-        try:
-            loaded[part] = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
-        except pickle.UnpicklingError as e:
-            raise SystemExit(f"{path} stores Python objects (Dassl pickles its scheduler), which "
-                             f"weights-only loading refuses; if you trust the file, pass --allow-pickle "
-                             f"({str(e).splitlines()[0]})")
-    learner, memory = loaded["prompt_learner"]["state_dict"], loaded["Memory"]
-    if learner["prompt_learner.ctx"].dim() != 2:
-        raise ValueError(f"{paths['prompt_learner']}: class-specific contexts (CSC) are not supported")
+    files = {part: read_dassl_file(path, allow_pickle) for part, path in paths.items()}
+    for part, content in files.items():
+        if not isinstance(content, dict) or not isinstance(content.get("state_dict"), dict):
+            raise ValueError(f"{paths[part]}: not a Dassl checkpoint (no 'state_dict' entry)")
+    learner, memory = files["prompt_learner"]["state_dict"], files["Memory"]
+    needed = ["prompt_learner.ctx"] + ["mid_image_trans.conv1." + k for k in AUTHORS_ALIGN]
+    absent = [k for k in needed if k not in learner]
+    if absent:
+        raise ValueError(f"{paths['prompt_learner']}: missing {absent}; is this a TextRefiner run?")
+    if "extractor.weight" not in memory["state_dict"]:
+        raise ValueError(f"{paths['Memory']}: no 'extractor.weight' in its state_dict")
     if "memory_item" not in memory:
         raise ValueError(f"{paths['Memory']}: no 'memory_item' (the cache) in the file")
-    state = {"prompt_learner.ctx": learner["prompt_learner.ctx"],
-             "refiner.extractor.weight": memory["state_dict"]["extractor.weight"],
+    ctx = learner["prompt_learner.ctx"]
+    if ctx.dim() != 2:
+        raise ValueError(f"{paths['prompt_learner']}: class-specific contexts (CSC) are not supported")
+    state = {"prompt_learner.ctx": ctx, "refiner.extractor.weight": memory["state_dict"]["extractor.weight"],
              "refiner.cache": memory["memory_item"]}
     for theirs, ours in AUTHORS_ALIGN.items():
         tensor = learner["mid_image_trans.conv1." + theirs]
-        state["refiner.align." + ours] = tensor.flatten(1) if tensor.dim() == 4 else tensor  # (D, D, 1, 1) -> (D, D)
-    return {k: v if k.endswith("num_batches_tracked") else v.float() for k, v in state.items()}
+        if theirs in AUTHORS_CONV_WEIGHTS:
+            if tensor.dim() != 4 or tuple(tensor.shape[2:]) != (1, 1):
+                raise ValueError(f"{paths['prompt_learner']}: mid_image_trans.conv1.{theirs} should be a "
+                                 f"1x1 convolution weight (out, in, 1, 1), found {tuple(tensor.shape)}")
+            tensor = tensor.reshape(tensor.shape[0], tensor.shape[1])  # Conv2d 1x1 -> Linear
+        state["refiner.align." + ours] = tensor
+    state = {k: v.detach() if k.endswith("num_batches_tracked") else v.detach().float()
+             for k, v in state.items()}
+    info = dict(epoch=files["prompt_learner"].get("epoch"), val_result=files["prompt_learner"].get("val_result"),
+                precision="fp16" if ctx.dtype == torch.float16 else "fp32", clip=authors_clip_name(learner))
+    return state, info
 
 
 def read_checkpoint(args):
     """-> (trainable state dict, hyper-parameters of the run that wrote it)."""
     defaults = vars(train.get_parser().parse_args([]))
     if os.path.isdir(args.checkpoint):
-        state = load_authors_checkpoint(args.checkpoint, args.epoch, args.allow_pickle)
+        state, info = load_authors_checkpoint(args.checkpoint, args.epoch, args.allow_pickle)
         n_ctx = state["prompt_learner.ctx"].shape[0]
         # The released scripts initialise 4 context vectors from "a photo of a"; the phrase only
         # fixes the prompt's token positions, whose embeddings the loaded ctx replaces.
         hp = dict(defaults, n_ctx=n_ctx, ctx_init="a photo of a" if n_ctx == 4 else "",
-                  cache_size=state["refiner.cache"].shape[0], dataset=None)
+                  cache_size=state["refiner.cache"].shape[0], dataset=None,
+                  precision=info["precision"], clip=info["clip"] or defaults["clip"])
         return state, hp
     ckpt = train.load_checkpoint(args.checkpoint)
     return ckpt["model"], dict(defaults, **ckpt["args"])

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import OrderedDict
 from types import SimpleNamespace
 
 import pytest
@@ -46,7 +47,7 @@ def test_precision_defaults_to_the_checkpoints_on_cuda():
     flags = SimpleNamespace(precision=None)
     assert evaluate_cli.eval_precision(flags, {"precision": "fp32"}, cuda) == "fp32"
     assert evaluate_cli.eval_precision(flags, {"precision": "fp16"}, cuda) == "fp16"
-    assert evaluate_cli.eval_precision(flags, {"precision": None}, cuda) == "bf16"  # authors' / zero-shot
+    assert evaluate_cli.eval_precision(flags, {"precision": None}, cuda) == "bf16"  # zero-shot
     assert evaluate_cli.eval_precision(flags, {"precision": "bf16"}, cpu) == "fp32"
     assert evaluate_cli.eval_precision(SimpleNamespace(precision="bf16"), {"precision": "fp32"}, cuda) == "bf16"
 
@@ -74,46 +75,153 @@ def test_per_class_accuracy_keeps_classes_with_the_same_name():
     assert m["per_class_accuracy"] == [50.0, 100.0] and m["classnames"] == ["crane", "crane"]
 
 
-def write_authors_folder(folder, state, epoch):
-    """The released code's Dassl files: CustomCLIP and Memory state dicts, the alignment as
-    1x1 convs, the cache under 'memory_item'; plus the fixed prompt tokens it also saves."""
-    align = {"0.weight": "fc1.weight", "0.bias": "fc1.bias", "1.weight": "bn.weight", "1.bias": "bn.bias",
-             "1.running_mean": "bn.running_mean", "1.running_var": "bn.running_var",
-             "1.num_batches_tracked": "bn.num_batches_tracked", "3.weight": "fc2.weight", "3.bias": "fc2.bias"}
-    learner = {"prompt_learner.ctx": state["prompt_learner.ctx"],
-               "prompt_learner.token_prefix": torch.zeros(3, 1, 8), "logit_scale": torch.tensor(4.6)}
-    for theirs, ours in align.items():
+# The released trainer's CustomCLIP keeps the frozen CLIP under these names.
+AUTHORS_TEXT_TOWER = ("transformer.", "positional_embedding", "ln_final.", "text_projection", "token_embedding.")
+
+
+class RunsCode:
+    """A pickled object whose unpickling would create a directory: loading must not run it."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.makedirs, (self.path,)
+
+
+def authors_clip_state(weights):
+    """OpenAI-named CLIP weights under the released CustomCLIP's names."""
+    out = {}
+    for k, v in torch.load(weights, weights_only=True).items():
+        if k.startswith("visual."):
+            out["image_encoder." + k[len("visual."):]] = v
+        elif k.startswith(AUTHORS_TEXT_TOWER):
+            out["text_encoder." + k] = v
+        else:
+            out[k] = v  # logit_scale
+    return out
+
+
+def write_authors_folder(folder, state, weights, epoch, dtype=torch.float16, best_epoch=None, extra=None):
+    """An output folder of the released code as its Dassl trainer writes it: prompt_learner/ and
+    Memory/, each with model.pth.tar-<epoch> (and model-best.pth.tar when best_epoch is given)
+    and Dassl's 'checkpoint' pointer; every file {'state_dict', 'epoch', 'optimizer', 'scheduler',
+    'val_result'}. prompt_learner's state_dict is the whole CustomCLIP (ctx, the fixed prompt
+    buffers, the frozen CLIP as image_encoder.* / text_encoder.* / logit_scale, the alignment as
+    mid_image_trans.conv1.{0,1,3}: 1x1 Conv2d + BatchNorm2d); Memory's is {'extractor.weight'},
+    with the cache as the file's 'memory_item'. With the default fp16 precision, ctx, convs,
+    extractor and cache are fp16 and BatchNorm fp32; the scheduler entry holds pickled objects
+    (Dassl's warm-up scheduler state keeps its CosineAnnealingLR successor and so the optimiser)."""
+    n_ctx, width = state["prompt_learner.ctx"].shape
+    n_cls = 3
+    learner = OrderedDict()
+    learner["prompt_learner.ctx"] = state["prompt_learner.ctx"].to(dtype)
+    learner["prompt_learner.token_prefix"] = torch.zeros(n_cls, 1, width, dtype=dtype)
+    learner["prompt_learner.token_suffix"] = torch.zeros(n_cls, 77 - 1 - n_ctx, width, dtype=dtype)
+    learner["prompt_learner.tokenized_prompts"] = torch.zeros(n_cls, 77, dtype=torch.long)
+    learner.update(authors_clip_state(weights))
+    for theirs, ours in evaluate_cli.AUTHORS_ALIGN.items():
         t = state["refiner.align." + ours]
-        learner["mid_image_trans.conv1." + theirs] = t[:, :, None, None] if t.dim() == 2 else t
-    files = {"prompt_learner": {"state_dict": learner, "epoch": epoch},
-             "Memory": {"state_dict": {"extractor.weight": state["refiner.extractor.weight"]},
-                        "memory_item": state["refiner.cache"], "epoch": epoch}}
-    for part, content in files.items():
+        if theirs in evaluate_cli.AUTHORS_CONV_WEIGHTS:
+            t = t[:, :, None, None]  # Linear (out, in) -> Conv2d 1x1 (out, in, 1, 1)
+        if theirs.startswith(("0.", "3.")):
+            t = t.to(dtype)  # CLIP's convert_weights makes the convolutions fp16, not BatchNorm
+        learner["mid_image_trans.conv1." + theirs] = t
+    memory = OrderedDict([("extractor.weight", state["refiner.extractor.weight"].to(dtype))])
+    params = [torch.nn.Parameter(t.clone()) for t in (learner["prompt_learner.ctx"], memory["extractor.weight"])]
+    optim = torch.optim.SGD(params, lr=0.002, momentum=0.9, weight_decay=5e-4)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    optim.step()
+    successor = torch.optim.lr_scheduler.CosineAnnealingLR(optim, 10.0)
+    sched = {"successor": successor, "warmup_epoch": 1, "cons_lr": 1e-5, "base_lrs": [0.002],
+             "last_epoch": 1, "_step_count": epoch + 1}
+    cache = state["refiner.cache"].to(dtype).requires_grad_() * 1  # the write leaves it in a graph
+    saves = [(f"model.pth.tar-{epoch}", epoch, None)]
+    if best_epoch is not None:
+        saves.append(("model-best.pth.tar", best_epoch, 61.25))
+    for part in ("prompt_learner", "Memory"):
         os.makedirs(os.path.join(folder, part))
-        torch.save(content, os.path.join(folder, part, f"model.pth.tar-{epoch}"))
+        for name, at, val_result in saves:
+            content = {"state_dict": learner if part == "prompt_learner" else memory, "epoch": at,
+                       "optimizer": optim.state_dict(), "scheduler": sched, "val_result": val_result}
+            if part == "Memory":
+                content = {"memory_item": cache, **content}
+            torch.save(dict(content, **(extra or {})), os.path.join(folder, part, name))
+        with open(os.path.join(folder, part, "checkpoint"), "w") as f:
+            f.write(f"model.pth.tar-{epoch}\n")
 
 
-def test_authors_checkpoint_maps_to_our_names(run, tmp_path):
+def rounded(state, dtype):
+    """What storing our fp32 trainables in the released dtypes does to them."""
+    out = {}
+    for k, v in state.items():
+        keep = k.endswith("num_batches_tracked") or k.startswith("refiner.align.bn.")
+        out[k] = v if keep else v.to(dtype).float()
+    return out
+
+
+@pytest.mark.parametrize("dtype, precision", [(torch.float16, "fp16"), (torch.float32, "fp32")])
+def test_authors_checkpoint_maps_to_our_names(run, tmp_path, dtype, precision):
     root, weights, out = run
     state = torch.load(os.path.join(out, "last.pt"), weights_only=True)["model"]
-    write_authors_folder(tmp_path / "theirs", state, epoch=3)
-    mapped = evaluate_cli.load_authors_checkpoint(str(tmp_path / "theirs"), epoch=3)
-    assert_same_tensors(mapped, state)
+    marker = tmp_path / "code-ran"
+    write_authors_folder(tmp_path / "theirs", state, weights, epoch=3, dtype=dtype, best_epoch=2,
+                         extra={"unexpected": RunsCode(str(marker))})
+    mapped, info = evaluate_cli.load_authors_checkpoint(str(tmp_path / "theirs"), epoch=3)
+    assert not marker.exists()  # objects other than tensors are not built, so no code from the file ran
+    assert all(v.dtype == state[k].dtype for k, v in mapped.items())
+    assert_same_tensors(mapped, rounded(state, dtype))
+    assert info == {"epoch": 3, "val_result": None, "precision": precision, "clip": None}  # tiny CLIP: no name
+    _, best = evaluate_cli.load_authors_checkpoint(str(tmp_path / "theirs"))  # model-best.pth.tar
+    assert (best["epoch"], best["val_result"]) == (2, 61.25)
+    # The same numbers as our own checkpoint holding the same (rounded) tensors.
+    ours_path = tmp_path / "ours.pt"
+    ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=True)
+    torch.save(dict(ckpt, model=rounded(state, dtype)), ours_path)
+    common = ["--workers", "0", "--precision", "fp32"]
+    theirs = evaluate_cli.main(["--checkpoint", str(tmp_path / "theirs"), "--epoch", "3", "--dataset", "caltech101",
+                                "--root", root, "--clip", weights, "--subsample", "base", *common])
+    ours = evaluate_cli.main(["--checkpoint", str(ours_path), *common])
+    assert theirs["accuracy"] == ours["accuracy"] and theirs["macro_f1"] == ours["macro_f1"]
+    assert theirs["per_class_accuracy"] == ours["per_class_accuracy"]
+
+
+def test_authors_checkpoint_format_errors(run, tmp_path):
+    root, weights, out = run
+    state = torch.load(os.path.join(out, "last.pt"), weights_only=True)["model"]
+    write_authors_folder(tmp_path / "theirs", state, weights, epoch=10)
     with pytest.raises(FileNotFoundError, match="model-best.pth.tar"):
         evaluate_cli.load_authors_checkpoint(str(tmp_path / "theirs"))
-    theirs = evaluate_cli.main(["--checkpoint", str(tmp_path / "theirs"), "--epoch", "3", "--dataset", "caltech101",
-                                "--root", root, "--clip", weights, "--subsample", "base", "--workers", "0"])
-    ours = evaluate_cli.main(["--checkpoint", os.path.join(out, "last.pt"), "--workers", "0"])
-    assert theirs["accuracy"] == ours["accuracy"] and theirs["macro_f1"] == ours["macro_f1"]
-    # Dassl pickles its scheduler object: refused unless the user vouches for the file.
-    path = tmp_path / "theirs" / "Memory" / "model.pth.tar-3"
-    content = torch.load(path, weights_only=True)
-    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
-    content["scheduler"] = torch.optim.lr_scheduler.StepLR(opt, 1)
+    full, _ = evaluate_cli.load_authors_checkpoint(str(tmp_path / "theirs"), 10, allow_pickle=True)
+    assert_same_tensors(full, rounded(state, torch.float16))
+    path = tmp_path / "theirs" / "prompt_learner" / "model.pth.tar-10"
+    content = torch.load(path, weights_only=False)
+    content["state_dict"]["mid_image_trans.conv1.0.weight"] = state["refiner.align.fc1.weight"]  # (D, D)
     torch.save(content, path)
-    with pytest.raises(SystemExit, match="--allow-pickle"):
-        evaluate_cli.load_authors_checkpoint(str(tmp_path / "theirs"), epoch=3)
-    assert_same_tensors(evaluate_cli.load_authors_checkpoint(str(tmp_path / "theirs"), 3, allow_pickle=True), state)
+    with pytest.raises(ValueError, match=r"1x1 convolution weight \(out, in, 1, 1\)"):
+        evaluate_cli.load_authors_checkpoint(str(tmp_path / "theirs"), 10)
+    del content["state_dict"]["mid_image_trans.conv1.3.bias"]
+    torch.save(content, path)
+    with pytest.raises(ValueError, match="mid_image_trans.conv1.3.bias"):
+        evaluate_cli.load_authors_checkpoint(str(tmp_path / "theirs"), 10)
+    write_authors_folder(tmp_path / "other", state, weights, epoch=10)
+    memory = tmp_path / "other" / "Memory" / "model.pth.tar-10"
+    content = torch.load(memory, weights_only=False)
+    del content["memory_item"]
+    torch.save(content, memory)
+    with pytest.raises(ValueError, match="no 'memory_item'"):
+        evaluate_cli.load_authors_checkpoint(str(tmp_path / "other"), 10)
+
+
+def test_authors_backbone_from_the_saved_image_tower():
+    def tower(width, patch, grid):
+        return {"image_encoder.conv1.weight": torch.zeros(width, 3, patch, patch),
+                "image_encoder.positional_embedding": torch.zeros(grid * grid + 1, width)}
+    assert evaluate_cli.authors_clip_name(tower(768, 16, 14)) == "ViT-B/16"
+    assert evaluate_cli.authors_clip_name(tower(768, 32, 7)) == "ViT-B/32"
+    assert evaluate_cli.authors_clip_name(tower(1024, 14, 24)) == "ViT-L/14@336px"
+    assert evaluate_cli.authors_clip_name({}) is None
 
 
 def test_torchrun_sharded_eval_counts_every_image_once(run, tmp_path):
