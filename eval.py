@@ -306,7 +306,8 @@ def harmonic_mean(base, new):
 
 
 def seed_dirs(folder):
-    return sorted(glob.glob(os.path.join(folder, "seed*")), key=lambda d: int(d.rsplit("seed", 1)[1]))
+    """[(S, <folder>/seed<S>)] in order of S."""
+    return sorted((int(d.rsplit("seed", 1)[1]), d) for d in glob.glob(os.path.join(folder, "seed*")))
 
 
 def read_accuracy(path):
@@ -318,10 +319,9 @@ def collect_base2new(root):
     """{dataset: {seed: (base acc, new acc)}} from <root>/<dataset>/seed<S>/{base,new}/results.json."""
     runs = {}
     for dataset in sorted(os.listdir(root)):
-        for d in seed_dirs(os.path.join(root, dataset)):
+        for seed, d in seed_dirs(os.path.join(root, dataset)):
             paths = [os.path.join(d, part, "results.json") for part in ("base", "new")]
             if all(map(os.path.isfile, paths)):
-                seed = int(d.rsplit("seed", 1)[1])
                 runs.setdefault(dataset, {})[seed] = tuple(map(read_accuracy, paths))
     return runs
 
@@ -395,10 +395,10 @@ def collect_xd(root):
     """{target: {seed: accuracy}} from <root>/<target>/seed<S>/results.json."""
     runs = {}
     for target in sorted(os.listdir(root)):
-        for d in seed_dirs(os.path.join(root, target)):
-            if os.path.isfile(os.path.join(d, "results.json")):
-                runs.setdefault(target, {})[int(d.rsplit("seed", 1)[1])] = \
-                    read_accuracy(os.path.join(d, "results.json"))
+        for seed, d in seed_dirs(os.path.join(root, target)):
+            path = os.path.join(d, "results.json")
+            if os.path.isfile(path):
+                runs.setdefault(target, {})[seed] = read_accuracy(path)
     return runs
 
 
