@@ -51,13 +51,13 @@ SMALL_ALIGN = {90: [(7, 96, "float16")], 80: [(1, 64, "float32")]}  # (N, D, dty
 
 
 def cache_cases(capability):
-    """(N, D, M, token dtype) for kernels.cache_update's launcher."""
+    """(N, D, M, token dtype) for kernels.triton_cache_update's launcher (cache_partials)."""
     return [(n, d, 25, dt) for n in REALISTIC_N for d in REALISTIC_D
             for dt in REALISTIC_DTYPES[capability]] + SMALL_CACHE[capability]
 
 
 def align_cases(capability):
-    """(N, D, x dtype) for kernels.feature_align's launcher, forward and backward. One
+    """(N, D, x dtype) for kernels.triton_feature_align's launcher, forward and backward. One
     realistic N: every N >= 64 divisible by 16 gets the same tiles and specialisation."""
     return [(REALISTIC_N[0], d, dt) for d in REALISTIC_D
             for dt in REALISTIC_DTYPES[capability]] + SMALL_ALIGN[capability]
@@ -186,7 +186,7 @@ def test_every_variant_and_dtype_was_compiled(reports):
     matmuls = [k for k in reports[90]["compiled"] if k["kernel"] == "_matmul_kernel"]
     flags = {(k["constexprs"]["A_BN"], k["constexprs"]["HAS_BIAS"], k["constexprs"]["EPILOGUE"])
              for k in matmuls}
-    from_align = {  # (A_BN, HAS_BIAS, EPILOGUE) of the matmul calls in kernels/feature_align.py
+    from_align = {  # (A_BN, HAS_BIAS, EPILOGUE) of the matmul calls in kernels/triton_feature_align.py
         (0, True, 1),  # h = x @ w1^T + b1, column statistics
         (1, True, 0),  # y = relu(BN(h)) @ w2^T + b2
         (0, False, 2),  # dpre = dy @ w2, ReLU/BN gating and its sums
