@@ -36,7 +36,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 import clip_model
 import data
@@ -439,11 +438,7 @@ def main(argv=None):
         p.error("give exactly one of --checkpoint PATH and --zeroshot")
     if args.checkpoint and not os.path.exists(args.checkpoint):
         p.error(f"--checkpoint {args.checkpoint!r} does not exist")
-    try:
-        return run(args)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    return train.run_and_teardown(run, args)
 
 
 if __name__ == "__main__":

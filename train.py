@@ -129,6 +129,15 @@ def setup_runtime(args):
     return dist.get_rank(), dist.get_world_size(), device, dist.new_group()
 
 
+def run_and_teardown(fn, args):
+    """fn(args), then (also after an error) close the process group setup_runtime opened."""
+    try:
+        return fn(args)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def autocast(device, precision):
     if precision == "fp32":
         return nullcontext()
@@ -494,11 +503,7 @@ def main(argv=None):
     check_args(p, args)
     if args.benchmark:
         return benchmark(args, training=True)
-    try:
-        return train(args)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    return run_and_teardown(train, args)
 
 
 if __name__ == "__main__":
