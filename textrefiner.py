@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from clip_model import text_length, tokenize
-from kernels import cache_apply, cache_partials, cache_update, feature_align
+from kernels import cache_update, feature_align
 
 CLASS_TOKEN_POSITIONS = ("end", "middle", "front")
 
@@ -265,18 +265,7 @@ class TextRefiner(nn.Module):
         """Momentum update of the cache from this step's aligned tokens (B, T, D) (SPEC 4),
         combined over the process group when one is set, so every rank holds the same cache."""
         tokens = aligned_tokens.detach().reshape(-1, aligned_tokens.shape[-1])  # (N, D)
-        with _fp32(tokens):
-            if self.process_group is None:
-                new = cache_update(tokens, self.cache, momentum=self.momentum)
-            else:
-                col_max, sums, counts = cache_partials(tokens, self.cache)
-                global_max = col_max.clone()
-                dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=self.process_group)
-                sums *= torch.exp(col_max - global_max)[:, None]  # rescale to the global column maxima
-                dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=self.process_group)
-                dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=self.process_group)
-                new = cache_apply(self.cache, global_max, sums, counts, momentum=self.momentum)
-        self.cache.copy_(new)
+        self.cache.copy_(cache_update(tokens, self.cache, momentum=self.momentum, process_group=self.process_group))
 
 
 class TextRefinerCLIP(nn.Module):

@@ -9,7 +9,8 @@ reference path needs no triton install, and importing never touches a GPU. On a 
 backend="triton" needs TRITON_INTERPRET=1 set before that first use. Benchmark:
 `python -m kernels.bench` (CUDA only).
 
-Multi-rank cache update (every rank ends with the identical cache):
+Multi-rank cache update (every rank ends with the identical cache), what
+cache_update(local_tokens, cache, momentum, process_group=group) does:
     col_max, sums, counts = cache_partials(local_tokens, cache)
     g = col_max.clone(); all_reduce(g, MAX)
     sums *= torch.exp(col_max - g)[:, None]      # rescale to the global column maxima
@@ -20,6 +21,7 @@ import importlib
 import os
 
 import torch
+import torch.distributed as dist
 
 from kernels import reference
 
@@ -110,9 +112,17 @@ def cache_apply(cache, col_max, slot_sums, slot_counts, momentum=0.8):
     return reference.cache_apply(cache, slot_sums, slot_counts, momentum)
 
 
-def cache_update(tokens, cache, momentum=0.8, backend="auto"):
-    """The whole single-process SPEC 4 cache update: returns the new (M, D) fp32 cache."""
+def cache_update(tokens, cache, momentum=0.8, backend="auto", process_group=None):
+    """The whole SPEC 4 cache update: returns the new (M, D) fp32 cache. With process_group,
+    tokens are this rank's shard and the partials are combined over the group (module
+    docstring), so every rank returns the cache of one process on the concatenated tokens."""
     col_max, slot_sums, slot_counts = cache_partials(tokens, cache, backend=backend)
+    if process_group is not None:
+        local_max, col_max = col_max, col_max.clone()
+        dist.all_reduce(col_max, op=dist.ReduceOp.MAX, group=process_group)
+        slot_sums *= torch.exp(local_max - col_max)[:, None]  # rescale to the global column maxima
+        dist.all_reduce(slot_sums, op=dist.ReduceOp.SUM, group=process_group)
+        dist.all_reduce(slot_counts, op=dist.ReduceOp.SUM, group=process_group)
     return cache_apply(cache, col_max, slot_sums, slot_counts, momentum)
 
 

@@ -17,11 +17,7 @@ Two passes over the tokens, no floating-point atomics:
      into its own (M_PAD, BLOCK_D) slice of a partial buffer; the splits are summed in a
      fixed order afterwards.
 
-Multi-rank combine (exact; every rank ends with the same cache):
-    g = all_reduce(col_max, MAX)
-    slot_sums *= exp(col_max - g)[:, None]   # rescale each rank's sums to the global maxima
-    all_reduce(slot_sums, SUM); all_reduce(slot_counts, SUM)
-    new_cache = cache_apply(cache, g, slot_sums, slot_counts, momentum)
+The multi-rank combine of these partials (exact) is kernels.cache_update(..., process_group=...).
 """
 import torch
 import triton

@@ -330,13 +330,8 @@ def _sync_worker(rank, world, init_file, out_dir, x, params, gy, cache, bounds):
             # no tensor built from a host value per step: on CUDA that is a blocking copy
             with mock.patch.object(torch, "tensor", side_effect=AssertionError("torch.tensor in a step")):
                 results[backend] = run_feature_align(x[lo:hi], params, gy[lo:hi], backend, dist.group.WORLD)
-            col_max, sums, counts = kernels.cache_partials(x[lo:hi], cache, backend=backend)
-            g = col_max.clone()
-            dist.all_reduce(g, op=dist.ReduceOp.MAX)
-            sums = sums * torch.exp(col_max - g)[:, None]
-            dist.all_reduce(sums)
-            dist.all_reduce(counts)
-            results[backend + "_cache"] = kernels.cache_apply(cache, g, sums, counts)
+            results[backend + "_cache"] = kernels.cache_update(x[lo:hi], cache, backend=backend,
+                                                               process_group=dist.group.WORLD)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
