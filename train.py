@@ -114,10 +114,14 @@ def check_args(p, args):
 
 # ----------------------------------------------------------------------------- runtime
 
+def default_device(args):
+    return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def setup_runtime(args):
     """-> (rank, world_size, device, group). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK."""
     ddp = int(os.environ.get("RANK", -1)) != -1
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(args)
     if not ddp:
         return 0, 1, device, None
     if device.type == "cuda":
@@ -273,7 +277,7 @@ def write_json(obj, path):
 def benchmark(args, training):
     """Steps/s and images/s of TextRefiner, plain CoOp and zero-shot CLIP on random
     weights and synthetic images (no data or checkpoint); training=False times inference."""
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(args)
     precision = default_precision(args, device)
     seed_everything(0)
     config = clip_model.CONFIGS[args.benchmark_clip]
