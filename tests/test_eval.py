@@ -3,7 +3,6 @@ under torchrun, drives the base2new make flow, and computes the report tables.""
 import json
 import os
 import subprocess
-import sys
 from collections import OrderedDict
 from types import SimpleNamespace
 
@@ -12,7 +11,7 @@ import torch
 
 import eval as evaluate_cli  # "eval" would shadow the builtin
 import train
-from test_train import REPO, assert_same_tensors, synthetic, trained_run
+from test_train import REPO, assert_same_tensors, assert_usage_error, synthetic, torchrun_two_ranks, trained_run
 
 
 @pytest.fixture(scope="module")
@@ -226,13 +225,9 @@ def test_authors_backbone_from_the_saved_image_tower():
 
 def test_torchrun_sharded_eval_counts_every_image_once(run, tmp_path):
     root, weights, out = run
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     # 9 test images over 2 ranks: shards of 5 and 4
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(REPO, "eval.py"), "--checkpoint", os.path.join(out, "best.pt"), "--workers", "0",
-           "--batch-size", "2", "--output-dir", str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-20000:]
+    torchrun_two_ranks("eval.py", ["--checkpoint", os.path.join(out, "best.pt"), "--workers", "0",
+                                   "--batch-size", "2", "--output-dir", str(tmp_path)])
     sharded, trained = read_results(tmp_path), read_results(out)
     assert sharded["num_images"] == 9
     assert sharded["accuracy"] == trained["accuracy"] and sharded["per_class_accuracy"] == trained["per_class_accuracy"]
@@ -333,9 +328,7 @@ def test_report_xd(tmp_path, capsys):
     (["--zeroshot", "--dataset", "dtd", "--split", "train"], "invalid choice: 'train'"),
 ])
 def test_bad_flags_are_clear_errors(argv, message, capsys):
-    with pytest.raises(SystemExit) as err:
-        evaluate_cli.main(argv)
-    assert err.value.code == 2 and message in capsys.readouterr().err
+    assert_usage_error(evaluate_cli.main, argv, message, capsys)
 
 
 def test_zeroshot_and_missing_data_errors(run, tmp_path):

@@ -1,6 +1,7 @@
 """train.py end to end on a synthetic CoOp-layout dataset and the tiny random CLIP (CPU).
 
-The helpers here (synthetic data, one shared training run) are imported by test_eval.py.
+The helpers here (synthetic data, one shared training run, torchrun, flag errors) are
+imported by test_eval.py.
 """
 import json
 import math
@@ -60,6 +61,22 @@ def assert_same_tensors(a, b, exact=True):
             assert torch.equal(a[k], b[k]), k
         else:
             torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def torchrun_two_ranks(script, argv):
+    """`script argv` under torchrun as 2 processes (gloo on the CPU); must exit cleanly."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(REPO, script), *argv]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-20000:]
+
+
+def assert_usage_error(main, argv, message, capsys):
+    """main(argv) exits as argparse does on a bad flag: status 2, message on stderr."""
+    with pytest.raises(SystemExit) as err:
+        main(argv)
+    assert err.value.code == 2 and message in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
@@ -232,11 +249,7 @@ def test_torchrun_two_ranks_match_one(run, tmp_path):
     """Global batch 4 as 2 ranks x 2 images (gloo): BN statistics and the cache update are
     combined over ranks, gradients averaged, so the run equals the 1-process one."""
     root, weights, out = run
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(REPO, "train.py"), *train_argv(root, weights, str(tmp_path))]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-20000:]
+    torchrun_two_ranks("train.py", train_argv(root, weights, str(tmp_path)))
     two = torch.load(tmp_path / "last.pt", weights_only=True)
     one = torch.load(os.path.join(out, "last.pt"), weights_only=True)
     assert_same_tensors(two["model"], one["model"], exact=False)
@@ -267,9 +280,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(run, tmp_path):
     (["--dataset", "dtd", "--root", ".", "--output-dir", "x", "--precision", "fp8"], "invalid choice: 'fp8'"),
 ])
 def test_bad_flags_are_clear_errors(argv, message, capsys):
-    with pytest.raises(SystemExit) as err:
-        train.main(argv)
-    assert err.value.code == 2 and message in capsys.readouterr().err
+    assert_usage_error(train.main, argv, message, capsys)
 
 
 def test_missing_split_file_names_the_expected_path(run, tmp_path):
