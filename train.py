@@ -401,10 +401,13 @@ def train(args):
     train_loader = data.build_train_loader(splits["train"], args.batch_size, resolution, args.seed,
                                            rank=rank, world_size=world_size, workers=args.workers,
                                            pin_memory=pin)
+
+    def eval_loader(split):
+        return data.build_eval_loader(splits[split], args.eval_batch_size, resolution, rank=rank,
+                                      world_size=world_size, workers=args.workers, pin_memory=pin)
+
     use_val = bool(splits["val"]) and not args.no_val
-    val_loader = data.build_eval_loader(splits["val"], args.eval_batch_size, resolution, rank=rank,
-                                        world_size=world_size, workers=args.workers,
-                                        pin_memory=pin) if use_val else None
+    val_loader = eval_loader("val") if use_val else None
 
     start_epoch, best = 0, dict(val_acc=-1.0, epoch=-1)
     best_state = None
@@ -488,9 +491,7 @@ def train(args):
     # Final test: best-val model (last epoch with --no-val or without a val split).
     if best_state is not None:
         raw_model.load_trainable_state_dict(best_state)
-    test_loader = data.build_eval_loader(splits["test"], args.eval_batch_size, resolution, rank=rank,
-                                         world_size=world_size, workers=args.workers, pin_memory=pin)
-    results = evaluate(raw_model, test_loader, classnames, device, args.precision)
+    results = evaluate(raw_model, eval_loader("test"), classnames, device, args.precision)
     results.update(split="test", dataset=args.dataset, subsample=args.subsample,
                    checkpoint=best_path if best_state is not None else last_path,
                    epoch=best["epoch"] if best_state is not None else args.epochs - 1, args=vars(args))
