@@ -38,6 +38,7 @@ DATASETS_MD = "https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DASSL_DATUM = ("dassl.data.datasets.base_dataset", "Datum")  # class of the items in CoOp's caches
+SUBSAMPLES = ("all", "base", "new")  # classes kept: all, the base half, the new half
 
 
 @dataclass(frozen=True)
@@ -265,11 +266,15 @@ def fewshot(items, num_shots, rng):
 # ----------------------------------------------------------------------------- splits
 
 
+def _check_subsample(subsample):
+    if subsample not in SUBSAMPLES:
+        raise ValueError(f"subsample must be 'all', 'base' or 'new', got {subsample!r}")
+
+
 def subsample_classes(splits, subsample):
     """Base = first ceil(n/2) of the sorted labels of the train split, new = the rest;
     every split filtered and relabelled 0..k-1, class names following."""
-    if subsample not in ("all", "base", "new"):
-        raise ValueError(f"subsample must be 'all', 'base' or 'new', got {subsample!r}")
+    _check_subsample(subsample)
     if subsample == "all":
         return splits
     labels = sorted({i.label for i in splits["train"]})
@@ -287,8 +292,7 @@ def load_splits(dataset, root, num_shots=16, seed=1, subsample="all"):
     Few-shot picks equal Dassl's after random.seed(seed): random.Random(seed) is the same
     Mersenne Twister in the same state, and leaves the global generator alone."""
     info = dataset_info(dataset)
-    if subsample not in ("all", "base", "new"):
-        raise ValueError(f"subsample must be 'all', 'base' or 'new', got {subsample!r}")
+    _check_subsample(subsample)
     if info.test_only and subsample != "all":
         raise ValueError(f"{dataset} is a test-only dataset; base/new subsampling needs a train split")
     folder = os.path.join(os.path.expanduser(root), info.folder)

@@ -72,7 +72,7 @@ def get_parser():
     p.add_argument("--zeroshot", action="store_true", help="zero-shot CLIP instead of a checkpoint")
     p.add_argument("--dataset", help=f"one of {', '.join(data.DATASETS)}")
     p.add_argument("--root", help="data root")
-    p.add_argument("--subsample", choices=("all", "base", "new"))
+    p.add_argument("--subsample", choices=data.SUBSAMPLES)
     p.add_argument("--split", default="test", choices=("test", "val"))
     p.add_argument("--clip", help="CLIP name or weights file (default: the checkpoint's, else ViT-B/16)")
     p.add_argument("--shots", type=int, help="few-shot split that defines base/new (default: checkpoint's)")

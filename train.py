@@ -59,7 +59,7 @@ def get_parser():
     p.add_argument("--clip", default="ViT-B/16", help="official CLIP name or a weights file")
     p.add_argument("--shots", type=int, default=16, help="images per class (<= 0: all)")
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--subsample", default="all", choices=("all", "base", "new"))
+    p.add_argument("--subsample", default="all", choices=data.SUBSAMPLES)
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=32, help="global batch, split across ranks")
     p.add_argument("--eval-batch-size", type=int, default=100, help="per rank")
