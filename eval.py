@@ -32,7 +32,6 @@ import json
 import os
 import pickle
 import types
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -224,9 +223,14 @@ def load_authors_checkpoint(folder, epoch=None, allow_pickle=False):
     return state, info
 
 
+def train_defaults():
+    """train.py's flag defaults as a dict (the paper's recipe)."""
+    return vars(train.get_parser().parse_args([]))
+
+
 def read_checkpoint(args):
     """-> (trainable state dict, hyper-parameters of the run that wrote it)."""
-    defaults = vars(train.get_parser().parse_args([]))
+    defaults = train_defaults()
     if os.path.isdir(args.checkpoint):
         state, info = load_authors_checkpoint(args.checkpoint, args.epoch, args.allow_pickle)
         n_ctx = state["prompt_learner.ctx"].shape[0]
@@ -252,7 +256,7 @@ def eval_precision(args, hp, device):
 
 def run(args):
     rank, world_size, device, _ = train.setup_runtime(args)
-    state, hp = (None, vars(train.get_parser().parse_args([]))) if args.zeroshot else read_checkpoint(args)
+    state, hp = (None, train_defaults()) if args.zeroshot else read_checkpoint(args)
     precision = eval_precision(args, hp, device)
     dataset = args.dataset or hp["dataset"]
     root = args.root or hp["root"]
@@ -275,7 +279,7 @@ def run(args):
     if args.zeroshot:
         model = ZeroShotCLIP(clip, classnames, dataset)
     else:
-        model = train.build_model(SimpleNamespace(**hp), classnames, clip)
+        model = train.build_model(types.SimpleNamespace(**hp), classnames, clip)
         model.load_trainable_state_dict(state)
     model.to(device)
     loader = data.build_eval_loader(items, args.batch_size or 100, clip.config.image_resolution,
