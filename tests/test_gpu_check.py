@@ -1,0 +1,91 @@
+"""`make gpu-check` (.ci/gpu-check) composed and failing as it must, run with a fake python
+that records its calls: a GPU session must not be spent on a script that cannot fail."""
+import os
+import stat
+import subprocess
+
+import pytest
+
+from test_train import REPO
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+# records its environment's TRITON_INTERPRET and arguments (one line per call); fails when
+# they contain $FAKE_FAIL
+all="$*"
+echo "TRITON_INTERPRET=${TRITON_INTERPRET-unset} ${all//$'\n'/ }" >> "$FAKE_CALLS"
+if [ -n "$FAKE_FAIL" ]; then case "$*" in *"$FAKE_FAIL"*) exit 3 ;; esac; fi
+prev=
+for arg in "$@"; do  # train.py's outputs, so the script can copy them
+    if [ "$prev" = --output-dir ]; then mkdir -p "$arg" && touch "$arg/log.jsonl" "$arg/results.json"; fi
+    prev=$arg
+done
+"""
+STEPS = ["versions", "pytest", "kernels-bench", "train-benchmark", "eval-benchmark", "synthetic-data",
+         "train-bf16", "train-fp16"]
+
+
+def gpu_check(tmp_path, fail=None, via_make=False):
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+    out, calls = tmp_path / "out", tmp_path / "calls.txt"
+    # a leftover interpreter flag must not reach the suite
+    env = dict(os.environ, FAKE_CALLS=str(calls), FAKE_FAIL=fail or "", TRITON_INTERPRET="1")
+    if via_make:
+        cmd = ["make", "--no-print-directory", "-C", REPO, "gpu-check", f"GPU_PYTHON={fake}", f"GPU_OUT={out}"]
+    else:
+        cmd = [os.path.join(REPO, ".ci", "gpu-check")]
+        env.update(GPU_PYTHON=str(fake), GPU_OUT=str(out))
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    lines = calls.read_text().splitlines() if calls.exists() else []
+    return proc, out, lines
+
+
+def test_gpu_check_runs_every_step_and_passes_when_all_do(tmp_path):
+    proc, out, calls = gpu_check(tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "torch.cuda.is_available()" in calls[0]
+    expected = [  # (fragment of the call, in order)
+        "import sys, torch, triton",
+        "TRITON_INTERPRET=unset -m pytest -q -rfEs -p no:cacheprovider tests",
+        "-m kernels.bench",
+        "train.py --benchmark --num-classes 100",
+        "eval.py --benchmark --num-classes 1000",
+        "clip_model.random_state_dict(clip_model.CONFIGS['ViT-B/16'])",
+        "--precision bf16",
+        "--precision fp16",
+    ]
+    assert len(calls) == 1 + len(expected)
+    for call, fragment in zip(calls[1:], expected):
+        assert fragment in call, (fragment, call)
+    for call in calls[-2:]:
+        assert call.split()[1] == "train.py" and "--benchmark" not in call and "--output-dir" in call
+    for name in STEPS:
+        assert (out / f"{name}.txt").exists(), name
+    for precision in ("bf16", "fp16"):
+        assert (out / f"train-{precision}.results.json").exists()
+    assert (out / "kernels-README.md").exists()
+    assert "passed" in (out / "summary.txt").read_text()
+
+
+@pytest.mark.parametrize("failing", ["-m pytest", "-m kernels.bench", "--precision fp16"])
+def test_gpu_check_exits_nonzero_when_any_step_fails_and_still_runs_the_rest(tmp_path, failing):
+    proc, out, calls = gpu_check(tmp_path, fail=failing)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert len(calls) == 9  # every step ran regardless
+    summary = (out / "summary.txt").read_text()
+    failed_step = {"-m pytest": "pytest", "-m kernels.bench": "kernels-bench", "--precision fp16": "train-fp16"}
+    assert f"FAILED: {failed_step[failing]} (exit " in summary and summary.count("(exit") == 1
+
+
+def test_gpu_check_stops_at_once_without_cuda(tmp_path):
+    proc, out, calls = gpu_check(tmp_path, fail="torch.cuda.is_available()")
+    assert proc.returncode == 2 and len(calls) == 1
+    assert "no CUDA device" in (out / "summary.txt").read_text()
+
+
+def test_make_gpu_check_fails_when_a_step_fails(tmp_path):
+    # `pytest | tee` without pipefail once made the target pass whatever pytest said
+    proc, _, calls = gpu_check(tmp_path, fail="-m pytest", via_make=True)
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert len(calls) == 9
