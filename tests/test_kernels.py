@@ -322,6 +322,15 @@ except ModuleNotFoundError as error:
 # ---------------------------------------------------------------- 2 processes over gloo
 
 def _sync_worker(rank, world, init_file, out_dir, x, params, gy, cache, bounds):
+    # backend="triton" needs CUDA tensors or the interpreter. With CUDA both ranks share the
+    # one GPU (gloo all_reduces CUDA tensors), so the real kernels run under the group;
+    # otherwise the interpreter, switched on here, before the first Triton import: the
+    # spawned process has only the environment it was started with.
+    if torch.cuda.is_available():
+        x, gy, cache = x.cuda(), gy.cuda(), cache.cuda()
+        params = {k: v.cuda() for k, v in params.items()}
+    else:
+        os.environ["TRITON_INTERPRET"] = "1"
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         lo, hi = bounds[rank], bounds[rank + 1]
@@ -337,7 +346,10 @@ def _sync_worker(rank, world, init_file, out_dir, x, params, gy, cache, bounds):
         dist.destroy_process_group()
 
 
-def test_process_group_sync_equals_one_process_on_the_whole_batch(tmp_path):
+def test_process_group_sync_equals_one_process_on_the_whole_batch(tmp_path, monkeypatch):
+    # the workers start without TRITON_INTERPRET, as on a CUDA host (where conftest does not
+    # set it): each must pick the GPU or the interpreter itself
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     n, d = 13, 24
     x = random_tokens(n, d, torch.float32, seed=12).cpu()
     params = align_params(d, seed=13)
@@ -346,7 +358,7 @@ def test_process_group_sync_equals_one_process_on_the_whole_batch(tmp_path):
     bounds = (0, 5, n)  # uneven shards: 5 and 8 rows
     mp.spawn(_sync_worker, args=(2, str(tmp_path / "rdzv"), str(tmp_path), x, params, gy, cache, bounds),
              nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False, map_location="cpu") for r in range(2)]
     y_ref, mean_ref, var_ref, grads_ref = run_feature_align(x, params, gy, "torch")
     cache_ref = kernels.cache_update(x, cache, backend="torch")
     for backend in ("torch", "triton"):
