@@ -1,6 +1,11 @@
 # textrefiner — every target bootstraps .venv through `install` when it is missing.
 PYTHON := .venv/bin/python
 VENV_STAMP := .venv/.installed
+# A python given on the command line (make ... PYTHON=python3, e.g. a GPU host's own torch)
+# is used as it is: nothing is installed.
+ifeq ($(origin PYTHON),command line)
+VENV_STAMP :=
+endif
 
 # Paper protocols (override on the command line: make base2new DATASET=dtd SEED=2 GPUS=4).
 DATA ?= data

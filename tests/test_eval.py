@@ -3,6 +3,7 @@ under torchrun, drives the base2new make flow, and computes the report tables.""
 import json
 import os
 import subprocess
+import sys
 from collections import OrderedDict
 from types import SimpleNamespace
 
@@ -28,7 +29,7 @@ def test_eval_reproduces_training_test_numbers(run, tmp_path):
     root, weights, out = run
     # --dataset, --root, --clip and --subsample (base) default to the checkpoint's run
     evaluate_cli.main(["--checkpoint", os.path.join(out, "best.pt"), "--workers", "0", "--batch-size", "4",
-                       "--output-dir", str(tmp_path)])
+                       "--device", "cpu", "--output-dir", str(tmp_path)])
     ours, trained = read_results(tmp_path), read_results(out)
     for key in ("accuracy", "macro_f1", "per_class_accuracy", "classnames", "num_images", "num_classes",
                 "split", "subsample"):
@@ -36,7 +37,7 @@ def test_eval_reproduces_training_test_numbers(run, tmp_path):
     # results.json records the values used, not the flags left at None
     for key in ("dataset", "root", "clip", "shots", "seed", "subsample", "precision"):
         assert ours["args"][key] == trained["args"][key], key
-    new = evaluate_cli.main(["--checkpoint", os.path.join(out, "best.pt"), "--workers", "0",
+    new = evaluate_cli.main(["--checkpoint", os.path.join(out, "best.pt"), "--workers", "0", "--device", "cpu",
                              "--subsample", "new"])
     assert new["classnames"] == ["class_003", "class_004", "class_005"] and len(new["per_class_accuracy"]) == 3
 
@@ -178,7 +179,7 @@ def test_authors_checkpoint_maps_to_our_names(run, tmp_path, dtype, precision):
     ours_path = tmp_path / "ours.pt"
     ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=True)
     torch.save(dict(ckpt, model=rounded(state, dtype)), ours_path)
-    common = ["--workers", "0", "--precision", "fp32"]
+    common = ["--workers", "0", "--precision", "fp32", "--device", "cpu"]
     theirs = evaluate_cli.main(["--checkpoint", str(tmp_path / "theirs"), "--epoch", "3", "--dataset", "caltech101",
                                 "--root", root, "--clip", weights, "--subsample", "base", *common])
     ours = evaluate_cli.main(["--checkpoint", str(ours_path), *common])
@@ -226,7 +227,7 @@ def test_authors_backbone_from_the_saved_image_tower():
 def test_torchrun_sharded_eval_counts_every_image_once(run, tmp_path):
     root, weights, out = run
     # 9 test images over 2 ranks: shards of 5 and 4
-    torchrun_two_ranks("eval.py", ["--checkpoint", os.path.join(out, "best.pt"), "--workers", "0",
+    torchrun_two_ranks("eval.py", ["--checkpoint", os.path.join(out, "best.pt"), "--workers", "0", "--device", "cpu",
                                    "--batch-size", "2", "--output-dir", str(tmp_path)])
     sharded, trained = read_results(tmp_path), read_results(out)
     assert sharded["num_images"] == 9
@@ -237,8 +238,8 @@ def test_make_base2new_flow_and_skip(tmp_path):
     root, weights = synthetic(str(tmp_path))
     out = tmp_path / "output"
     cmd = ["make", "--no-print-directory", "-C", REPO, "base2new", "DATASET=caltech101", "SEED=2",
-           f"DATA={root}", f"CLIP={weights}", f"OUTPUT={out}", 'TRAIN_ARGS=--epochs 2 --batch-size 4 --workers 0',
-           "EVAL_ARGS=--workers 0"]
+           f"DATA={root}", f"CLIP={weights}", f"OUTPUT={out}", f"PYTHON={sys.executable}",
+           "TRAIN_ARGS=--epochs 2 --batch-size 4 --workers 0 --device cpu", "EVAL_ARGS=--workers 0 --device cpu"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -338,7 +339,7 @@ def test_zeroshot_and_missing_data_errors(run, tmp_path):
     with pytest.raises(SystemExit, match="--root"):
         evaluate_cli.main(["--zeroshot", "--dataset", "dtd", "--root", str(tmp_path / "nothing")])
     zs = evaluate_cli.main(["--zeroshot", "--clip", weights, "--dataset", "caltech101", "--root", root,
-                            "--workers", "0"])
+                            "--workers", "0", "--device", "cpu"])
     assert zs["num_classes"] == 6 and zs["num_images"] == 18 and zs["checkpoint"] == "zero-shot CLIP"
 
 

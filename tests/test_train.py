@@ -34,7 +34,9 @@ def synthetic(base):
 
 
 def train_argv(root, weights, out, *extra):
-    return ["--dataset", "caltech101", "--root", root, "--clip", weights, "--subsample", "base",
+    # --device cpu: on a GPU host the default is CUDA, and under torchrun rank 1 would ask for
+    # cuda:1 on a 1-GPU machine; the 1- and 2-process runs must also run the same way
+    return ["--dataset", "caltech101", "--root", root, "--clip", weights, "--subsample", "base", "--device", "cpu",
             "--epochs", str(EPOCHS), "--batch-size", "4", "--lr", str(LR), "--workers", "0",
             "--log-interval", "2", "--output-dir", out, *extra]
 
@@ -65,6 +67,8 @@ def assert_same_tensors(a, b, exact=True):
 
 def torchrun_two_ranks(script, argv):
     """`script argv` under torchrun as 2 processes (gloo on the CPU); must exit cleanly."""
+    # without it a GPU host's default device is CUDA, and rank 1 asks a 1-GPU machine for cuda:1
+    assert argv[argv.index("--device") + 1] == "cpu", "torchrun_two_ranks: argv needs --device cpu"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            os.path.join(REPO, script), *argv]
@@ -256,6 +260,26 @@ def test_torchrun_two_ranks_match_one(run, tmp_path):
     assert len(two["rng"]) == 2
     for a, b in zip(read_log(tmp_path), read_log(out)):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4) and a["val_acc"] == b["val_acc"]
+
+
+def test_test_runs_stay_on_the_cpu_on_a_one_gpu_host(monkeypatch, tmp_path):
+    """Rank 1 of the 2-rank run above, on a host with one GPU: it must not ask for cuda:1."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+
+    def set_device(device):
+        if device.index >= torch.cuda.device_count():
+            raise RuntimeError(f"CUDA error: invalid device ordinal ({device})")
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    monkeypatch.setattr(train.dist, "init_process_group", lambda backend: None)
+    monkeypatch.setattr(train.dist, "new_group", lambda: "group")
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("LOCAL_RANK", str(rank))
+        monkeypatch.setattr(train.dist, "get_rank", lambda: rank)
+        monkeypatch.setattr(train.dist, "get_world_size", lambda: 2)
+        args = train.get_parser().parse_args(train_argv("data", "clip.pt", str(tmp_path)))
+        assert train.setup_runtime(args) == (rank, 2, torch.device("cpu"), "group")
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(run, tmp_path):
