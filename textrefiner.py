@@ -205,6 +205,10 @@ class FeatureAlign(nn.Module):
 
     @torch.no_grad()
     def _update_running_stats(self, mean, var, rows):
+        """As nn.BatchNorm1d, except that a batch whose statistics are not finite (a NaN or inf
+        token, e.g. an fp16 overflow: a step the gradient scaler skips) leaves the running
+        statistics untouched instead of poisoning them for good. mean/var are the group's,
+        so every rank decides alike; on the device, without a host sync."""
         if self.process_group is None:
             if rows < 2:
                 raise ValueError(f"FeatureAlign: batch statistics need at least 2 tokens, got {rows}")
@@ -212,10 +216,13 @@ class FeatureAlign(nn.Module):
         else:  # the global token count, filled on the device: no blocking host copy, no sync
             n = torch.full((), float(rows), device=mean.device)
             dist.all_reduce(n, op=dist.ReduceOp.SUM, group=self.process_group)
+        finite = torch.isfinite(mean).all() & torch.isfinite(var).all()  # () bool
         momentum = self.bn.momentum
-        self.bn.running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
-        self.bn.running_var.mul_(1 - momentum).add_(momentum * var * n / (n - 1))  # unbiased, as BatchNorm1d
-        self.bn.num_batches_tracked.add_(1)
+        running_mean, running_var = self.bn.running_mean, self.bn.running_var
+        running_mean.copy_(torch.where(finite, (1 - momentum) * running_mean + momentum * mean, running_mean))
+        unbiased = var * n / (n - 1)  # as BatchNorm1d
+        running_var.copy_(torch.where(finite, (1 - momentum) * running_var + momentum * unbiased, running_var))
+        self.bn.num_batches_tracked.add_(finite.long())
 
 
 class TextRefiner(nn.Module):
@@ -263,7 +270,8 @@ class TextRefiner(nn.Module):
     @torch.no_grad()
     def update_cache(self, aligned_tokens):
         """Momentum update of the cache from this step's aligned tokens (B, T, D) (SPEC 4),
-        combined over the process group when one is set, so every rank holds the same cache."""
+        combined over the process group when one is set, so every rank holds the same cache.
+        A batch with a non-finite token anywhere in the group leaves the cache unchanged."""
         tokens = aligned_tokens.detach().reshape(-1, aligned_tokens.shape[-1])  # (N, D)
         self.cache.copy_(cache_update(tokens, self.cache, momentum=self.momentum, process_group=self.process_group))
 

@@ -16,7 +16,10 @@ cache_update(local_tokens, cache, momentum, process_group=group) does:
     sums *= torch.exp(col_max - g)[:, None]      # rescale to the global column maxima
     all_reduce(sums, SUM); all_reduce(counts, SUM)
     cache = cache_apply(cache, g, sums, counts, momentum)
+A rank without tokens joins these sums with nothing (col_max -inf, zero sums and counts).
+A batch with a non-finite token on any rank leaves the cache as it was (cache_update).
 """
+import contextlib
 import importlib
 import os
 
@@ -29,28 +32,55 @@ BACKENDS = ("auto", "triton", "torch")
 # The Triton cache update keeps a token block's whole score row (M padded to a power of
 # two) in registers; beyond this the "auto" backend uses the reference instead.
 TRITON_MAX_CACHE_SIZE = 128
+# The Triton kernels compute element offsets in int32; larger inputs go to the reference
+# ("auto") or are refused ("triton").
+TRITON_MAX_OFFSET = 2**31 - 1
 
 
-def _use_triton(backend, device, triton_supports=True):
-    """Whether to run the Triton kernel for tensors on `device`; triton_supports says
-    whether the kernel handles these shapes (else "auto" picks the reference)."""
+def on_device(device):
+    """Context for Triton launches on tensors of `device`: Triton launches on the current
+    CUDA device and its stream, not on the tensors' (train.py --device cuda:1 without
+    torchrun never makes cuda:1 current), so the launchers make the tensors' device current."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _fits_int32(*tensors):
+    """Whether every element offset of the tensors (and of (N, D) buffers of their shape)
+    fits the kernels' int32 arithmetic."""
+    for t in tensors:
+        largest = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+        if max(largest, t.numel() - 1) > TRITON_MAX_OFFSET:
+            return False
+    return True
+
+
+def _use_triton(backend, device, triton_supports=True, why_not=""):
+    """Whether to run the Triton kernel for tensors on `device`. triton_supports says whether
+    the kernel handles these inputs: if not, "auto" picks the reference and "triton" raises
+    ValueError(why_not)."""
     if backend not in BACKENDS:
         raise ValueError(f"kernels: backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("kernels: backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 "
                          "set before the first Triton call (CPU interpreter)")
+    if backend == "triton" and not triton_supports:
+        raise ValueError(why_not)
     return backend == "triton" or (backend == "auto" and device.type == "cuda" and triton_supports)
 
 
-def _cache_uses_triton(backend, device, cache_size):
+def _too_large(op, name):
+    return (f"kernels.{op}: {name} has element offsets beyond the Triton kernels' int32 range "
+            f"(2^31 elements); use backend='auto' or 'torch', or split the batch")
+
+
+def _cache_uses_triton(backend, device, cache_size, tokens_fit_int32=True):
     """_use_triton for the cache update, whose Triton kernel holds at most
-    TRITON_MAX_CACHE_SIZE rows: "auto" then falls back to the reference."""
-    fits = cache_size <= TRITON_MAX_CACHE_SIZE
-    use = _use_triton(backend, device, triton_supports=fits)
-    if use and not fits:  # only an explicit backend="triton" gets here
-        raise ValueError(f"kernels.cache_partials: backend='triton' supports a cache of at most "
-                         f"{TRITON_MAX_CACHE_SIZE} rows, got M={cache_size}; use backend='auto' or 'torch'")
-    return use
+    TRITON_MAX_CACHE_SIZE rows and int32 offsets: "auto" falls back to the reference."""
+    if cache_size > TRITON_MAX_CACHE_SIZE:
+        return _use_triton(backend, device, False,
+                           f"kernels.cache_partials: backend='triton' supports a cache of at most "
+                           f"{TRITON_MAX_CACHE_SIZE} rows, got M={cache_size}; use backend='auto' or 'torch'")
+    return _use_triton(backend, device, tokens_fit_int32, _too_large("cache_partials", "tokens"))
 
 
 def _triton_module(name):
@@ -69,9 +99,8 @@ def _check_cache_inputs(tokens, cache):
     if tokens.dim() != 2 or cache.dim() != 2 or tokens.shape[1] != cache.shape[1]:
         raise ValueError(f"kernels.cache_partials: expected tokens (N, D) and cache (M, D), "
                          f"got {tuple(tokens.shape)} and {tuple(cache.shape)}")
-    if tokens.shape[0] == 0 or cache.shape[0] == 0:
-        raise ValueError(f"kernels.cache_partials: need at least one token and one cache row, "
-                         f"got N={tokens.shape[0]}, M={cache.shape[0]}")
+    if cache.shape[0] == 0:
+        raise ValueError("kernels.cache_partials: need at least one cache row, got M=0")
     if tokens.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"kernels.cache_partials: tokens must be fp32/fp16/bf16, got {tokens.dtype}")
     if cache.dtype != torch.float32:
@@ -88,10 +117,15 @@ def cache_partials(tokens, cache, backend="auto"):
       col_max (M,)       col_max[m] = max_n S[n, m] over all N rows of this shard
       slot_sums (M, D)   slot_sums[m] = sum_{n: a_n = m} exp(S[n, m] - col_max[m]) * X_n
       slot_counts (M,)   number of rows assigned to m, as float32
+    N = 0 (a rank without tokens) gives col_max -inf and zero sums and counts: nothing.
     """
     _check_cache_inputs(tokens, cache)
-    if _cache_uses_triton(backend, tokens.device, cache.shape[0]):
-        return _triton_module("triton_cache_update").cache_partials(tokens, cache)
+    if tokens.shape[0] == 0:
+        m, d = cache.shape
+        return cache.new_full((m,), float("-inf")), cache.new_zeros(m, d), cache.new_zeros(m)
+    if _cache_uses_triton(backend, tokens.device, cache.shape[0], _fits_int32(tokens)):
+        with on_device(tokens.device):
+            return _triton_module("triton_cache_update").cache_partials(tokens, cache)
     return reference.cache_partials(tokens, cache)
 
 
@@ -115,22 +149,32 @@ def cache_apply(cache, col_max, slot_sums, slot_counts, momentum=0.8):
 def cache_update(tokens, cache, momentum=0.8, backend="auto", process_group=None):
     """The whole SPEC 4 cache update: returns the new (M, D) fp32 cache. With process_group,
     tokens are this rank's shard and the partials are combined over the group (module
-    docstring), so every rank returns the cache of one process on the concatenated tokens."""
+    docstring), so every rank returns the cache of one process on the concatenated tokens.
+
+    If any token of the (group's) batch is not finite, the cache is returned unchanged on
+    every rank: that is a step the fp16 gradient scaler skips, and one NaN or inf would
+    otherwise poison a cache row for good. Decided on the device, no host sync; the flag
+    rides on the counts' all_reduce, so all ranks decide alike."""
     col_max, slot_sums, slot_counts = cache_partials(tokens, cache, backend=backend)
+    nonfinite = (~torch.isfinite(tokens)).any().to(slot_counts.dtype)[None]  # (1,) 1.0 if any
     if process_group is not None:
         local_max, col_max = col_max, col_max.clone()
         dist.all_reduce(col_max, op=dist.ReduceOp.MAX, group=process_group)
-        slot_sums *= torch.exp(local_max - col_max)[:, None]  # rescale to the global column maxima
+        # rescale to the global column maxima (a rank without tokens has -inf: factor 0)
+        slot_sums *= torch.exp(local_max - col_max)[:, None]
         dist.all_reduce(slot_sums, op=dist.ReduceOp.SUM, group=process_group)
-        dist.all_reduce(slot_counts, op=dist.ReduceOp.SUM, group=process_group)
-    return cache_apply(cache, col_max, slot_sums, slot_counts, momentum)
+        counts_and_flag = torch.cat([slot_counts, nonfinite])  # (M + 1,)
+        dist.all_reduce(counts_and_flag, op=dist.ReduceOp.SUM, group=process_group)
+        slot_counts, nonfinite = counts_and_flag[:-1], counts_and_flag[-1:]
+    new = cache_apply(cache, col_max, slot_sums, slot_counts, momentum)
+    return torch.where(nonfinite > 0, cache, new)
 
 
-def _check_align_inputs(x, w1, b1, gamma, beta, w2, b2):
+def _check_align_inputs(x, w1, b1, gamma, beta, w2, b2, process_group):
     if x.dim() != 2:
         raise ValueError(f"kernels.feature_align: x must be (N, D), got {tuple(x.shape)}")
     n, d = x.shape
-    if n < 1:
+    if n < 1 and process_group is None:  # in a group, a rank without rows adds nothing
         raise ValueError("kernels.feature_align: need at least one row for batch statistics")
     expected = dict(w1=(d, d), b1=(d,), gamma=(d,), beta=(d,), w2=(d, d), b2=(d,))
     given = dict(w1=w1, b1=b1, gamma=gamma, beta=beta, w2=w2, b2=b2)
@@ -153,10 +197,12 @@ def feature_align(x, w1, b1, gamma, beta, w2, b2, eps=1e-5, backend="auto", proc
     batch statistics of the first Linear's output (the caller updates running stats;
     nn.BatchNorm1d uses the unbiased var for those). Differentiable w.r.t. x and all
     weights. With process_group, statistics and their backward reductions are summed over
-    the group (SyncBatchNorm): mean/var are those of the concatenated global batch.
+    the group (SyncBatchNorm): mean/var are those of the concatenated global batch, and a
+    rank may hold N = 0 rows (it adds nothing).
     """
-    _check_align_inputs(x, w1, b1, gamma, beta, w2, b2)
-    if _use_triton(backend, x.device):
-        return _triton_module("triton_feature_align").feature_align(x, w1, b1, gamma, beta, w2, b2, eps=eps,
-                                                                     process_group=process_group)
+    _check_align_inputs(x, w1, b1, gamma, beta, w2, b2, process_group)
+    if _use_triton(backend, x.device, _fits_int32(x), _too_large("feature_align", "x")):
+        with on_device(x.device):
+            return _triton_module("triton_feature_align").feature_align(x, w1, b1, gamma, beta, w2, b2, eps=eps,
+                                                                         process_group=process_group)
     return reference.feature_align(x, w1, b1, gamma, beta, w2, b2, eps, process_group=process_group)

@@ -26,6 +26,12 @@ import triton.language as tl
 NORM_EPS = 1e-12  # as torch.nn.functional.normalize
 BLOCK_N = 32  # token rows per program
 MAX_SPLITS = 64  # row ranges of the second pass; bounds the partial buffer to 64 * M_PAD * D
+# M_PAD -> (BLOCK_D, num_warps) for both kernels. Both hold an (M_PAD, BLOCK_D) cache or sum
+# tile, so a larger cache gets a narrower D step; chosen with tests/test_kernels_compile.py's
+# ptxas report: no register spills on sm_80 or sm_90 for fp32 and bf16 tokens, and shared
+# memory that would still fit one more pipeline stage (BLOCK_D 128 at M_PAD 128 needed
+# 160 KiB, 3 KB under A100's limit, and spilled).
+TILES = {16: (64, 4), 32: (64, 4), 64: (64, 8), 128: (32, 4)}
 
 
 @triton.jit
@@ -121,16 +127,13 @@ def _slot_sums_kernel(
     tl.store(part_counts_ptr + split * M_PAD + slots, counts, mask=pid_d == 0)
 
 
-def _block_d(d):
-    return min(128, max(16, triton.next_power_of_2(d)))
-
-
 def cache_partials(tokens, cache):
     """Triton cache_partials; inputs already validated by kernels.cache_partials."""
     n, d = tokens.shape
     m = cache.shape[0]  # at most kernels.TRITON_MAX_CACHE_SIZE: scores stay in registers
     m_pad = max(16, triton.next_power_of_2(m))
-    block_d = _block_d(d)
+    block_d, num_warps = TILES[m_pad]
+    block_d = min(block_d, max(16, triton.next_power_of_2(d)))
     num_blocks = triton.cdiv(n, BLOCK_N)
     dev = tokens.device
     assign = torch.empty(n, dtype=torch.int32, device=dev)
@@ -143,6 +146,7 @@ def cache_partials(tokens, cache):
         tokens.stride(0), tokens.stride(1),
         cache.stride(0), cache.stride(1),
         EPS=NORM_EPS, M_PAD=m_pad, BLOCK_N=BLOCK_N, BLOCK_D=block_d,
+        num_warps=num_warps,
     )
     col_max = block_max.amax(dim=0)  # (M_PAD,) max is exact, so the order cannot matter
 
@@ -156,6 +160,7 @@ def cache_partials(tokens, cache):
         n, d, rows_per_split,
         tokens.stride(0), tokens.stride(1),
         M_PAD=m_pad, BLOCK_N=BLOCK_N, BLOCK_D=block_d,
+        num_warps=num_warps,
     )
     # fixed-order sum over the splits: deterministic run to run
     return col_max[:m], part_sums.sum(dim=0)[:m], part_counts.sum(dim=0)[:m]

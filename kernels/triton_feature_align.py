@@ -11,6 +11,12 @@ backward gating). Column reductions are written per row block and summed in a fi
 order on the host side: deterministic, no atomics. fp32 everywhere (tl.dot in ieee fp32,
 not tf32), x may be fp16/bf16 and is widened on load.
 
+dW1 and dW2 reduce over the N tokens but have only D x D outputs (32 output tiles at D=512):
+they split that reduction over the tokens (split-K) into enough programs to fill an
+A100/H100/H200, and sum the per-split partial results in a fixed order afterwards.
+Tiles (64 x 128, K-step 32, 8 warps) were chosen with tests/test_kernels_compile.py's ptxas
+report: no register spills on sm_80 or sm_90 (a K-step of 64 spilled up to 9.6 KB on sm_80).
+
 Backward, with xhat = (h - mean) * rstd and dpre = dy @ w2 gated by relu' (pre > 0):
     dgamma = sum_n dpre * xhat,  dbeta = sum_n dpre                  (this rank's rows)
     dh = gamma * rstd * (dpre - S1 / N_g - xhat * S2 / N_g)          S1, S2, N_g summed over
@@ -25,8 +31,15 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
-BLOCK_K = 64
+from kernels import on_device
+
+BLOCK_K = 32
 ELEMENTWISE_BLOCK = (32, 64)
+# split-K of the weight gradients: aim for this many programs (more than the 108 / 132 SMs of
+# an A100 / H100-H200, fixed rather than queried so results do not depend on the device), but
+# give each split at least MIN_SPLIT_ROWS tokens so the partials stay small next to the work
+TARGET_PROGRAMS = 256
+MIN_SPLIT_ROWS = 256
 
 A_PLAIN, A_BN_ALONG_K, A_BN_ALONG_M = 0, 1, 2  # where the BN channel index of A lives
 EPI_NONE, EPI_STATS, EPI_RELU_BN_GRAD = 0, 1, 2
@@ -36,7 +49,7 @@ EPI_NONE, EPI_STATS, EPI_RELU_BN_GRAD = 0, 1, 2
 def _matmul_kernel(
     a_ptr,  # (M, K) left operand, fp32/fp16/bf16, any strides (transposes are stride swaps)
     b_ptr,  # (K, N) right operand, fp32/fp16/bf16, any strides
-    c_ptr,  # (M, N) fp32 out
+    c_ptr,  # (M, N) fp32 out, or (num_splits, M, N) per-split partial results (split-K)
     bias_ptr,  # (N,) fp32, added to every row of C when HAS_BIAS
     mean_ptr,  # (D,) fp32 BN batch mean        } read by the A_BN prologues
     rstd_ptr,  # (D,) fp32 1 / sqrt(var + eps)  } and the EPI_RELU_BN_GRAD epilogue
@@ -46,9 +59,10 @@ def _matmul_kernel(
     part1_ptr,  # (cdiv(M, BLOCK_M), N) fp32 out: column partial sum of C (EPI_STATS) or of dpre
     part2_ptr,  # (cdiv(M, BLOCK_M), N) fp32 out: column partial M2 of C, or sum dpre * xhat
     M, N, K,
+    k_per_split,  # reduction length of one split (program_id(2)); K when not split
     stride_am, stride_ak,
     stride_bk, stride_bn,
-    stride_cm, stride_cn,
+    stride_cs, stride_cm, stride_cn,
     stride_hm, stride_hn,
     A_BN: tl.constexpr,  # A_PLAIN, or A := relu(BN(A)) with the channel along K or along M
     HAS_BIAS: tl.constexpr,
@@ -59,6 +73,9 @@ def _matmul_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < M
@@ -70,9 +87,9 @@ def _matmul_kernel(
         r_beta = tl.load(beta_ptr + rows, mask=row_ok, other=0.0)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_start, k_end, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < K
+        k_ok = ks < k_end
         a_mask = row_ok[:, None] & k_ok[None, :]
         a = tl.load(a_ptr + rows[:, None] * stride_am + ks[None, :] * stride_ak,
                     mask=a_mask, other=0.0).to(tl.float32)
@@ -111,7 +128,7 @@ def _matmul_kernel(
         acc = tl.where(valid & (pre > 0.0), acc, 0.0)
         tl.store(part1_ptr + part_offs, tl.sum(acc, axis=0), mask=col_ok)
         tl.store(part2_ptr + part_offs, tl.sum(acc * xhat, axis=0), mask=col_ok)
-    tl.store(c_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn, acc, mask=valid)
+    tl.store(c_ptr + pid_k * stride_cs + rows[:, None] * stride_cm + cols[None, :] * stride_cn, acc, mask=valid)
 
 
 @triton.jit
@@ -149,35 +166,54 @@ def _tile(m, n):
     return block_m, block_n, 8 if block_m * block_n >= 8192 else 4
 
 
-def _matmul(a, b, out, *, bias=None, bn=None, a_bn=A_PLAIN, epilogue=EPI_NONE, h=None):
+def _split_k(programs, k):
+    """(num_splits, k_per_split) for a reduction of length k over `programs` output tiles:
+    enough splits for about TARGET_PROGRAMS programs, each at least MIN_SPLIT_ROWS long (a
+    multiple of BLOCK_K). Fixed by the shape, so the summation order is too."""
+    wanted = min(triton.cdiv(TARGET_PROGRAMS, programs), triton.cdiv(k, MIN_SPLIT_ROWS))
+    k_per_split = triton.cdiv(triton.cdiv(k, wanted), BLOCK_K) * BLOCK_K
+    return triton.cdiv(k, k_per_split), k_per_split
+
+
+def _matmul(a, b, out, *, bias=None, bn=None, a_bn=A_PLAIN, epilogue=EPI_NONE, h=None, split_k=False):
     """out (M, N) = prologue(a) (M, K) @ b (K, N) [+ bias] with the chosen epilogue. Returns
     (parts, block_m): parts holds the two (cdiv(M, block_m), N) column-partial buffers when
-    the epilogue writes them, else None."""
+    the epilogue writes them, else None. split_k (only without bias and epilogue): the K
+    reduction runs in several programs per tile, whose partial results are summed in order."""
     m, k = a.shape
     n = b.shape[1]
     assert b.shape[0] == k and out.shape == (m, n), (a.shape, b.shape, out.shape)
+    assert not split_k or (bias is None and epilogue == EPI_NONE)
     block_m, block_n, num_warps = _tile(m, n)
-    grid_m = triton.cdiv(m, block_m)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     parts = None
     if epilogue != EPI_NONE:
-        parts = torch.empty(2, grid_m, n, dtype=torch.float32, device=out.device)
+        parts = torch.zeros(2, grid[0], n, dtype=torch.float32, device=out.device)
+    if m == 0 or n == 0:  # a rank without tokens: nothing to compute, zero partials
+        return parts, block_m
+    num_splits, k_per_split = _split_k(grid[0] * grid[1], k) if split_k and k > 0 else (1, k)
+    target = out if num_splits == 1 else torch.empty(num_splits, m, n, dtype=torch.float32, device=out.device)
+    split_stride = 0 if num_splits == 1 else target.stride(0)
     mean, rstd, gamma, beta = bn if bn is not None else (out,) * 4  # unused pointers: any tensor
     hh = h if h is not None else out
     part1, part2 = (parts[0], parts[1]) if parts is not None else (out, out)
-    _matmul_kernel[(grid_m, triton.cdiv(n, block_n))](
-        a, b, out,
+    _matmul_kernel[(*grid, num_splits)](
+        a, b, target,
         bias if bias is not None else out,
         mean, rstd, gamma, beta,
         hh, part1, part2,
         m, n, k,
+        k_per_split,
         a.stride(0), a.stride(1),
         b.stride(0), b.stride(1),
-        out.stride(0), out.stride(1),
+        split_stride, target.stride(-2), target.stride(-1),
         hh.stride(0), hh.stride(1),
         A_BN=a_bn, HAS_BIAS=bias is not None, EPILOGUE=epilogue,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK_K,
         num_warps=num_warps,
     )
+    if num_splits > 1:
+        out.copy_(target.sum(dim=0))  # fixed-order sum over the splits: deterministic
     return parts, block_m
 
 
@@ -190,9 +226,10 @@ def _group_sum_(tensor, group):
 def _batch_stats(parts, block_m, n, group):
     """Mean and biased variance from per-block (sum, M2) partials, in a fixed order; with a
     group, the global count and mean first, then the M2 about the global mean."""
-    col_sum, col_m2 = parts[0], parts[1]  # (num_blocks, D) each
+    col_sum, col_m2 = parts[0], parts[1]  # (num_blocks, D) each; no blocks on a rank without rows
     block_rows = torch.full((col_sum.shape[0], 1), float(block_m), device=col_sum.device)
-    block_rows[-1] = n - (col_sum.shape[0] - 1) * block_m
+    if n > 0:
+        block_rows[-1] = n - (col_sum.shape[0] - 1) * block_m
     # a fill kernel, not torch.tensor: copying a host value in would block the host
     total = _group_sum_(torch.full((1,), float(n), device=col_sum.device), group)
     mean = _group_sum_(col_sum.sum(dim=0), group) / total  # (D,)
@@ -218,37 +255,40 @@ class FeatureAlignFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, _dmean, _dvar):
-        x, w1, gamma, beta, w2, h, mean, rstd, total = ctx.saved_tensors
-        bn = (mean, rstd, gamma, beta)
-        n, d = h.shape
-        dpre = torch.empty(n, d, dtype=torch.float32, device=h.device)
-        parts, _ = _matmul(dy, w2, dpre, bn=bn, epilogue=EPI_RELU_BN_GRAD, h=h)
-        dbeta = parts[0].sum(dim=0)  # (D,) this rank's rows
-        dgamma = parts[1].sum(dim=0)  # (D,)
-        s1 = _group_sum_(dbeta.clone(), ctx.process_group) / total
-        s2 = _group_sum_(dgamma.clone(), ctx.process_group) / total
+        # autograd's device thread makes dy's device current already; explicit all the same
+        with on_device(dy.device):
+            x, w1, gamma, beta, w2, h, mean, rstd, total = ctx.saved_tensors
+            bn = (mean, rstd, gamma, beta)
+            n, d = h.shape
+            dpre = torch.empty(n, d, dtype=torch.float32, device=h.device)
+            parts, _ = _matmul(dy, w2, dpre, bn=bn, epilogue=EPI_RELU_BN_GRAD, h=h)
+            dbeta = parts[0].sum(dim=0)  # (D,) this rank's rows
+            dgamma = parts[1].sum(dim=0)  # (D,)
+            s1 = _group_sum_(dbeta.clone(), ctx.process_group) / total
+            s2 = _group_sum_(dgamma.clone(), ctx.process_group) / total
 
-        dw2 = torch.empty(d, d, dtype=torch.float32, device=h.device)
-        # dw2^T = z^T @ dy with z = relu(BN(h)) rebuilt in the prologue; write through dw2.t()
-        _matmul(h.t(), dy, dw2.t(), bn=bn, a_bn=A_BN_ALONG_M)
-        db2 = dy.sum(dim=0)
+            dw2 = torch.empty(d, d, dtype=torch.float32, device=h.device)
+            # dw2^T = z^T @ dy with z = relu(BN(h)) rebuilt in the prologue; write through dw2.t()
+            _matmul(h.t(), dy, dw2.t(), bn=bn, a_bn=A_BN_ALONG_M, split_k=True)
+            db2 = dy.sum(dim=0)
 
-        k_dpre = gamma * rstd
-        dh = dpre  # overwritten in place
-        _bn_input_grad_kernel[(triton.cdiv(n, ELEMENTWISE_BLOCK[0]), triton.cdiv(d, ELEMENTWISE_BLOCK[1]))](
-            dpre, h, mean, k_dpre, -k_dpre * rstd * s2, -k_dpre * s1,
-            n, d,
-            BLOCK_M=ELEMENTWISE_BLOCK[0], BLOCK_N=ELEMENTWISE_BLOCK[1],
-        )
-        dx = None
-        if ctx.needs_input_grad[0]:
-            dx = torch.empty(n, d, dtype=torch.float32, device=h.device)
-            _matmul(dh, w1, dx)
-            dx = dx.to(x.dtype)
-        dw1 = torch.empty(d, d, dtype=torch.float32, device=h.device)
-        _matmul(dh.t(), x, dw1)
-        db1 = dh.sum(dim=0)
-        return dx, dw1, db1, dgamma, dbeta, dw2, db2, None, None
+            k_dpre = gamma * rstd
+            dh = dpre  # overwritten in place
+            if n > 0:
+                _bn_input_grad_kernel[(triton.cdiv(n, ELEMENTWISE_BLOCK[0]), triton.cdiv(d, ELEMENTWISE_BLOCK[1]))](
+                    dpre, h, mean, k_dpre, -k_dpre * rstd * s2, -k_dpre * s1,
+                    n, d,
+                    BLOCK_M=ELEMENTWISE_BLOCK[0], BLOCK_N=ELEMENTWISE_BLOCK[1],
+                )
+            dx = None
+            if ctx.needs_input_grad[0]:
+                dx = torch.empty(n, d, dtype=torch.float32, device=h.device)
+                _matmul(dh, w1, dx)
+                dx = dx.to(x.dtype)
+            dw1 = torch.empty(d, d, dtype=torch.float32, device=h.device)
+            _matmul(dh.t(), x, dw1, split_k=True)
+            db1 = dh.sum(dim=0)
+            return dx, dw1, db1, dgamma, dbeta, dw2, db2, None, None
 
 
 def feature_align(x, w1, b1, gamma, beta, w2, b2, eps, process_group=None):

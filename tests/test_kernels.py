@@ -1,6 +1,7 @@
 """kernels/: the PyTorch reference against hand-worked equations and nn modules, the Triton
 kernels against the reference (CPU interpreter here, unchanged on CUDA), the multi-shard
 cache combine, and SyncBatchNorm semantics over 2 gloo processes."""
+import contextlib
 import math
 import os
 import subprocess
@@ -319,6 +320,133 @@ except ModuleNotFoundError as error:
     assert "the Triton backend needs the triton package" in done.stdout
 
 
+# ---------------------------------------------------------------- launches, sizes, edge cases
+
+def record_launches(monkeypatch, execute):
+    """Wrap every Triton kernel's launch to record (kernel name, grid, device made current
+    by kernels.on_device); execute=False records without running (any shape, no compute)."""
+    from kernels import triton_cache_update, triton_feature_align
+
+    launches, current = [], []
+
+    @contextlib.contextmanager
+    def on_device(device):  # stands in for torch.cuda.device on CUDA, so CPU tensors count
+        current.append(device)
+        try:
+            yield
+        finally:
+            current.pop()
+
+    monkeypatch.setattr(kernels, "on_device", on_device)
+    monkeypatch.setattr(triton_feature_align, "on_device", on_device)
+    for module in (triton_cache_update, triton_feature_align):
+        for name, kernel in vars(module).items():
+            if name.startswith("_") and name.endswith("_kernel"):
+                def run(*args, grid, warmup, _kernel=kernel, _run=type(kernel).run, _name=name, **kw):
+                    launches.append((_name, tuple(grid), current[-1] if current else None))
+                    if execute:
+                        return _run(_kernel, *args, grid=grid, warmup=warmup, **kw)
+                monkeypatch.setattr(kernel, "run", run, raising=False)
+    return launches
+
+
+def test_on_device_makes_the_tensors_cuda_device_current():
+    guard = kernels.on_device(torch.device("cuda", 1))  # constructing it needs no GPU
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert isinstance(kernels.on_device(torch.device("cpu")), contextlib.nullcontext)
+
+
+def test_every_triton_launch_runs_on_the_tensors_device(monkeypatch):
+    # Triton launches on the current CUDA device, not the tensors': `train.py --device cuda:1`
+    # without torchrun failed at the first step. Forward, backward and the cache update.
+    launches = record_launches(monkeypatch, execute=True)
+    x = random_tokens(37, 64, torch.float32, seed=30)
+    gy = torch.randn(37, 64, generator=torch.Generator().manual_seed(31)).to(DEVICE)
+    run_feature_align(x, align_params(64, seed=32), gy, "triton")
+    kernels.cache_update(x, unit_rows(13, 64, seed=33), backend="triton")
+    names = {name for name, _, _ in launches}
+    assert names == {"_matmul_kernel", "_bn_input_grad_kernel", "_cache_scores_kernel", "_slot_sums_kernel"}
+    assert all(device == x.device for _, _, device in launches), launches
+
+
+@pytest.mark.parametrize("d", [512, 768])
+def test_every_launch_has_enough_programs_for_a_gpu(monkeypatch, d):
+    """At a ViT-B/16 batch of 32 (6304 tokens) every launch has at least 132 programs (the SMs
+    of an H100/H200): dW1 and dW2 (D x D outputs, 32 tiles at D=512) split the token
+    reduction. Launches are recorded, not run."""
+    launches = record_launches(monkeypatch, execute=False)
+    n = 32 * 197
+    x = torch.zeros(n, d, device=DEVICE, requires_grad=True)
+    params = {k: v.to(DEVICE).requires_grad_() for k, v in align_params(d, seed=0).items()}
+    y, _, _ = kernels.feature_align(x, **params, backend="triton")
+    y.backward(torch.zeros(n, d, device=DEVICE))
+    kernels.cache_partials(x.detach(), unit_rows(25, d, seed=0), backend="triton")
+    assert len(launches) == 9  # h, y; dpre, dw2, dh, dx, dw1; scores, slot sums
+    for name, grid, _ in launches:
+        assert math.prod(grid) >= 132, (name, grid)
+
+
+@pytest.mark.parametrize("n,d,dtype", [(131, 64, torch.float32), (131, 96, torch.float16), (37, 64, torch.float32)])
+def test_split_k_weight_gradients_match_reference(monkeypatch, n, d, dtype):
+    from kernels import triton_feature_align
+
+    # splits of one K-step at these small shapes (at full size they come from TARGET_PROGRAMS)
+    monkeypatch.setattr(triton_feature_align, "MIN_SPLIT_ROWS", triton_feature_align.BLOCK_K)
+    launches = record_launches(monkeypatch, execute=True)
+    x = random_tokens(n, d, dtype, seed=n + d)
+    params = align_params(d, seed=d + 1)
+    gy = torch.randn(n, d, generator=torch.Generator().manual_seed(n + 2)).to(DEVICE)
+    _, _, _, grads = run_feature_align(x, params, gy, "triton")
+    _, _, _, grads_ref = run_feature_align(x, params, gy, "torch")
+    splits = [grid[2] for name, grid, _ in launches if name == "_matmul_kernel"]
+    assert max(splits) == math.ceil(n / triton_feature_align.BLOCK_K)  # dW1 and dW2 were split
+    for name in ("w1", "w2", "b1", "gamma", "beta"):
+        assert_close(grads[name], grads_ref[name], 1e-5, f"d{name}")
+    again = run_feature_align(x, params, gy, "triton")[3]
+    assert all(torch.equal(again[k], grads[k]) for k in grads)  # fixed-order sum: deterministic
+
+
+def test_inputs_past_int32_offsets_are_refused_or_go_to_the_reference(monkeypatch):
+    """The kernels' offsets are int32: 2^31 elements or more must not reach them. Meta tensors:
+    the sizes are real, nothing is allocated."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # past the CUDA-tensor check on any host
+    d = 512
+    big = torch.empty(2**31 // d + 1, d, device="meta")  # 2^31 + 256 elements
+    params = {k: v.to("meta") for k, v in align_params(d, seed=0).items()}
+    with pytest.raises(ValueError, match="int32"):
+        kernels.feature_align(big, **params, backend="triton")
+    with pytest.raises(ValueError, match="int32"):
+        kernels.cache_partials(big, torch.empty(25, d, device="meta"), backend="triton")
+    cuda = torch.device("cuda")  # a device object only: "auto" would pick the reference
+    assert not kernels._use_triton("auto", cuda, kernels._fits_int32(big))
+    assert not kernels._cache_uses_triton("auto", cuda, 25, tokens_fit_int32=False)
+    assert kernels._fits_int32(torch.empty(2**31 // d, d, device="meta"))
+    # a stride-0 view has few offsets of its own, but the kernels' (N, D) buffers do not
+    assert not kernels._fits_int32(torch.zeros(1, d).expand(2**31 // d + 1, d))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_nonfinite_token_leaves_the_cache_unchanged(backend, bad):
+    # under fp16 one overflowing token is a step the gradient scaler skips: without this it
+    # made a cache row NaN for the rest of training
+    tokens = random_tokens(37, 64, torch.float32, seed=34)
+    cache = unit_rows(13, 64, seed=35)
+    assert not torch.equal(kernels.cache_update(tokens, cache, backend=backend), cache)
+    tokens[11, 5] = bad
+    assert torch.equal(kernels.cache_update(tokens, cache, backend=backend), cache)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_no_tokens_contribute_nothing(backend):
+    cache = unit_rows(13, 64, seed=36)
+    col_max, sums, counts = kernels.cache_partials(torch.empty(0, 64, device=DEVICE), cache, backend=backend)
+    assert torch.equal(col_max, torch.full((13,), float("-inf"), device=DEVICE))
+    assert not sums.any() and not counts.any() and sums.shape == (13, 64)
+    # unchanged, up to the renormalisation of its (unit) rows
+    assert_close(kernels.cache_update(torch.empty(0, 64, device=DEVICE), cache, backend=backend), cache, 1e-7, "cache")
+
+
 # ---------------------------------------------------------------- 2 processes over gloo
 
 def _sync_worker(rank, world, init_file, out_dir, x, params, gy, cache, bounds):
@@ -341,12 +469,21 @@ def _sync_worker(rank, world, init_file, out_dir, x, params, gy, cache, bounds):
                 results[backend] = run_feature_align(x[lo:hi], params, gy[lo:hi], backend, dist.group.WORLD)
             results[backend + "_cache"] = kernels.cache_update(x[lo:hi], cache, backend=backend,
                                                                process_group=dist.group.WORLD)
+            # one NaN token on the last rank only: every rank must keep its cache
+            poisoned = x[lo:hi].clone()
+            if rank == world - 1:
+                poisoned[-1, 0] = float("nan")
+            results[backend + "_poisoned"] = kernels.cache_update(poisoned, cache, backend=backend,
+                                                                  process_group=dist.group.WORLD)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def test_process_group_sync_equals_one_process_on_the_whole_batch(tmp_path, monkeypatch):
+# uneven shards of 5 and 8 rows; a rank without rows (it must join the sums with nothing,
+# not raise while the other rank waits in all_reduce)
+@pytest.mark.parametrize("bounds", [(0, 5, 13), (0, 0, 13)])
+def test_process_group_sync_equals_one_process_on_the_whole_batch(tmp_path, monkeypatch, bounds):
     # the workers start without TRITON_INTERPRET, as on a CUDA host (where conftest does not
     # set it): each must pick the GPU or the interpreter itself
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
@@ -355,7 +492,6 @@ def test_process_group_sync_equals_one_process_on_the_whole_batch(tmp_path, monk
     params = align_params(d, seed=13)
     gy = torch.randn(n, d, generator=torch.Generator().manual_seed(14))
     cache = unit_rows(5, d, seed=15).cpu()
-    bounds = (0, 5, n)  # uneven shards: 5 and 8 rows
     mp.spawn(_sync_worker, args=(2, str(tmp_path / "rdzv"), str(tmp_path), x, params, gy, cache, bounds),
              nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False, map_location="cpu") for r in range(2)]
@@ -373,6 +509,7 @@ def test_process_group_sync_equals_one_process_on_the_whole_batch(tmp_path, monk
                          f"{backend} d{name}")
         for r in ranks:
             assert_close(r[backend + "_cache"], cache_ref, 1e-6, f"{backend} synced cache")
+            assert torch.equal(r[backend + "_poisoned"], cache), f"{backend}: a NaN token changed the cache"
 
 
 # ---------------------------------------------------------------- CUDA only
@@ -391,17 +528,67 @@ def test_cache_update_triton_gpu_large(dtype):
                  kernels.cache_update(tokens, cache, backend="torch"), 1e-3, "cache")
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("n,d", [(32 * 197, 512), (997, 768)])
-def test_feature_align_triton_gpu_large(n, d, dtype):
+# Two valid fp32 evaluations of h (Triton's FMA order, cuBLAS's) differ by up to ~5e-6 at
+# these sizes. A ReLU pre-activation nearer 0 than that may take different gates on the two
+# sides, and one flipped gate moves dbeta by the full |dz| (~60x the tolerance): a comparison
+# that cannot tell a correct kernel from a wrong one. So the large cases keep every
+# pre-activation at least GATE_MARGIN (20x that difference) away from 0; the tolerances stay.
+GATE_MARGIN = 1e-4
+
+
+def with_gate_margin(x, params, eps=1e-5, margin=GATE_MARGIN):
+    """params with beta moved per channel (in steps of margin) so that no pre-activation
+    (h - mean) * rstd * gamma + beta of the batch x lies within margin of 0. The batch
+    statistics do not depend on beta, so nothing else changes."""
+    p = {k: v.double().to(x.device) for k, v in params.items()}
+    h = x.double() @ p["w1"].t() + p["b1"]  # (N, D)
+    mean, var = h.mean(dim=0), h.var(dim=0, unbiased=False)
+    centred = (h - mean) * (p["gamma"] / torch.sqrt(var + eps))  # (N, D) pre-activation - beta
+    beta = p["beta"].clone()
+    for _ in range(1000):
+        near = ((centred + beta).abs() < margin).any(dim=0)  # (D,)
+        if not near.any():
+            return {**params, "beta": beta.float().cpu()}
+        beta[near] += margin
+    raise AssertionError("with_gate_margin: no beta found")
+
+
+def large_align_case(n, d, dtype):
     x = random_tokens(n, d, dtype, seed=22)
-    params = align_params(d, seed=23)
-    gy = torch.randn(n, d, device=DEVICE) / math.sqrt(n)
-    y, mean, var, grads = run_feature_align(x, params, gy, "triton")
-    y_ref, mean_ref, var_ref, grads_ref = run_feature_align(x, params, gy, "torch")
+    gy = torch.randn(n, d, generator=torch.Generator().manual_seed(24)).to(DEVICE) / math.sqrt(n)
+    return x, align_params(d, seed=23), gy
+
+
+def assert_large_align_close(got, want, dtype):
+    y, mean, var, grads = got
+    y_ref, mean_ref, var_ref, grads_ref = want
     assert_close(y, y_ref, 1e-4, "y")
     assert_close(mean, mean_ref, 1e-5, "mean")
     assert_close(var, var_ref, 1e-4, "var")
     for name, g in grads.items():
         assert_close(g, grads_ref[name], 1e-2 if (name == "x" and dtype != torch.float32) else 1e-4, f"d{name}")
+
+
+def test_large_align_comparison_tells_gate_flips_from_kernel_errors():
+    """The GPU test's comparison, on the CPU, between the reference on x and on x moved by a
+    relative 5e-6 (h then differs about as much as Triton's and cuBLAS's): with the margin it
+    passes, without it the few gates that flip fail it."""
+    x, params, gy = large_align_case(32 * 197, 512, torch.float32)
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(25)).to(DEVICE)
+    moved = x * (1 + 5e-6 * noise)
+    safe = with_gate_margin(x, params)
+    assert_large_align_close(run_feature_align(moved, safe, gy, "torch"), run_feature_align(x, safe, gy, "torch"),
+                             torch.float32)
+    with pytest.raises(AssertionError, match="max abs error"):
+        assert_large_align_close(run_feature_align(moved, params, gy, "torch"),
+                                 run_feature_align(x, params, gy, "torch"), torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n,d", [(32 * 197, 512), (997, 768)])
+def test_feature_align_triton_gpu_large(n, d, dtype):
+    x, params, gy = large_align_case(n, d, dtype)
+    params = with_gate_margin(x, params)
+    assert_large_align_close(run_feature_align(x, params, gy, "triton"), run_feature_align(x, params, gy, "torch"),
+                             dtype)

@@ -113,6 +113,25 @@ def test_cache_update_hand_case():
     torch.testing.assert_close(refiner.cache.norm(dim=1), torch.ones(3))
 
 
+def test_a_nonfinite_token_updates_neither_cache_nor_running_stats():
+    """Under fp16 an overflowing token makes the loss non-finite and the gradient scaler skips
+    the step; the refiner's buffers must skip it too, not keep a NaN row or NaN BN statistics."""
+    refiner = TextRefiner(embed_dim=8, cache_size=4).train()
+    tokens = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(3))  # (B, T, D)
+    refiner.align_tokens(tokens)
+    refiner.update_cache(tokens)
+    bn = refiner.align.bn
+    assert bn.num_batches_tracked == 1 and (bn.running_mean != 0).any()  # a finite batch counts
+    before = {k: v.clone() for k, v in refiner.state_dict().items()}
+    for bad in (float("nan"), float("inf")):
+        poisoned = tokens.clone()
+        poisoned[1, 2, 3] = bad
+        refiner.align_tokens(poisoned)
+        refiner.update_cache(poisoned)
+        for k, v in refiner.state_dict().items():
+            assert torch.equal(v, before[k]), (bad, k)
+
+
 def test_semantic_tokens_are_cls_topk_and_mean():
     refiner = TextRefiner(embed_dim=3, topk=5)
     aligned = torch.randn(2, 10, 3)
