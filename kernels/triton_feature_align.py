@@ -14,8 +14,9 @@ not tf32), x may be fp16/bf16 and is widened on load.
 dW1 and dW2 reduce over the N tokens but have only D x D outputs (32 output tiles at D=512):
 they split that reduction over the tokens (split-K) into enough programs to fill an
 A100/H100/H200, and sum the per-split partial results in a fixed order afterwards.
-Tiles (64 x 128, K-step 32, 8 warps) were chosen with tests/test_kernels_compile.py's ptxas
-report: no register spills on sm_80 or sm_90 (a K-step of 64 spilled up to 9.6 KB on sm_80).
+Tiles (64 x 128, K-step 32, or 16 for an fp16/bf16 right operand, 8 warps) were chosen with
+tests/test_kernels_compile.py's ptxas report: no register spills on sm_80 or sm_90 (a K-step
+of 64 spilled up to 9.6 KB on sm_80, with 32 registers in the dpre and dW2 variants).
 
 Backward, with xhat = (h - mean) * rstd and dpre = dy @ w2 gated by relu' (pre > 0):
     dgamma = sum_n dpre * xhat,  dbeta = sum_n dpre                  (this rank's rows)
@@ -33,7 +34,8 @@ import triton.language as tl
 
 from kernels import on_device
 
-BLOCK_K = 32
+BLOCK_K = 32  # halved when the right operand is fp16/bf16 (dW1 = dh^T @ x): widening it
+# in registers spilled ~600 B at 32 on both sm_80 and sm_90
 ELEMENTWISE_BLOCK = (32, 64)
 # split-K of the weight gradients: aim for this many programs (more than the 108 / 132 SMs of
 # an A100 / H100-H200, fixed rather than queried so results do not depend on the device), but
@@ -169,7 +171,7 @@ def _tile(m, n):
 def _split_k(programs, k):
     """(num_splits, k_per_split) for a reduction of length k over `programs` output tiles:
     enough splits for about TARGET_PROGRAMS programs, each at least MIN_SPLIT_ROWS long (a
-    multiple of BLOCK_K). Fixed by the shape, so the summation order is too."""
+    multiple of BLOCK_K, hence of every K-step). Fixed by the shape, so the summation order is too."""
     wanted = min(triton.cdiv(TARGET_PROGRAMS, programs), triton.cdiv(k, MIN_SPLIT_ROWS))
     k_per_split = triton.cdiv(triton.cdiv(k, wanted), BLOCK_K) * BLOCK_K
     return triton.cdiv(k, k_per_split), k_per_split
@@ -185,6 +187,7 @@ def _matmul(a, b, out, *, bias=None, bn=None, a_bn=A_PLAIN, epilogue=EPI_NONE, h
     assert b.shape[0] == k and out.shape == (m, n), (a.shape, b.shape, out.shape)
     assert not split_k or (bias is None and epilogue == EPI_NONE)
     block_m, block_n, num_warps = _tile(m, n)
+    block_k = BLOCK_K if b.dtype == torch.float32 else BLOCK_K // 2
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     parts = None
     if epilogue != EPI_NONE:
@@ -209,7 +212,7 @@ def _matmul(a, b, out, *, bias=None, bn=None, a_bn=A_PLAIN, epilogue=EPI_NONE, h
         split_stride, target.stride(-2), target.stride(-1),
         hh.stride(0), hh.stride(1),
         A_BN=a_bn, HAS_BIAS=bias is not None, EPILOGUE=epilogue,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK_K,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=num_warps,
     )
     if num_splits > 1:

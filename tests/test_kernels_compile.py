@@ -8,14 +8,20 @@ that names a GPU target and launches turned into warmups: each kernel is special
 exactly as a real launch would specialise it (constexprs, dtypes, ints equal to 1 or
 divisible by 16, pointer alignment, num_warps) and compiled through ptxas to a cubin, and
 nothing is launched. The outputs the launchers compute between kernels are garbage, which
-is harmless: only the launch arguments matter.
+is harmless: only the launch arguments matter. ptxas's own report (-v, which Triton passes)
+gives each kernel's registers, stack and spill bytes: no kernel may spill, and each must
+leave room in shared memory for one more pipeline stage (Triton releases differ in how
+many buffers the pipeliner allocates).
 
 This runs in a subprocess per target, because triton.jit returns interpreter objects once
 TRITON_INTERPRET=1 is set, and both targets compile in parallel. Run this file as a script
 (`python tests/test_kernels_compile.py 90`) for one target's JSON report.
 """
+import contextlib
+import io
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -38,21 +44,24 @@ TARGETS = {
 DTYPES = ("float32", "float16", "bfloat16")
 REALISTIC_N = (32 * 197, 256 * 197)  # batches of 32 and 256 images x 197 ViT tokens
 REALISTIC_D = (512, 768)
+# Cache sizes: one per padded size M_PAD (16, 32, 64, 128: every size the Triton cache update
+# accepts, 1..128, pads to one of them and gets its tiles), plus 128 itself (divisible by 16).
+REALISTIC_M = (13, 25, 50, 100, 128)
 # Every distinct specialisation costs 1-2 s of compiling (ptxas included), so: sm_90 gets
 # every dtype of the realistic shapes, which reaches every kernel, matmul flag combination
 # and dtype. The realistic N and D all share one specialisation per dtype (ints divisible
-# by 16, the same tiles), so sweeping them is nearly free. sm_80 would compile those same
-# specialisations again, so it gets only the CPU tests' small shapes (N = 1, which Triton
-# specialises, and odd N; D 64 and a non-power-of-two 96; M 1 and 13, padded to 16; 16-row
-# matmul tiles), which reach every kernel and flag combination too; sm_90 also gets one.
-REALISTIC_DTYPES = {90: DTYPES, 80: ()}
+# by 16, the same tiles), so sweeping them is nearly free. sm_80 gets the model's path
+# (fp32 tokens: FeatureAlign widens them, the cache sees aligned tokens) at the realistic
+# shapes, and the CPU tests' small shapes (N = 1, which Triton specialises, and odd N; D 64
+# and a non-power-of-two 96; 16-row matmul tiles) with fp16; sm_90 also gets one.
+REALISTIC_DTYPES = {90: DTYPES, 80: ("float32",)}
 SMALL_CACHE = {90: [], 80: [(1, 64, 1, "float32"), (7, 96, 13, "float16")]}  # (N, D, M, dtype)
 SMALL_ALIGN = {90: [(7, 96, "float16")], 80: [(1, 64, "float32")]}  # (N, D, dtype)
 
 
 def cache_cases(capability):
     """(N, D, M, token dtype) for kernels.triton_cache_update's launcher (cache_partials)."""
-    return [(n, d, 25, dt) for n in REALISTIC_N for d in REALISTIC_D
+    return [(n, d, m, dt) for n in REALISTIC_N for d in REALISTIC_D for m in REALISTIC_M
             for dt in REALISTIC_DTYPES[capability]] + SMALL_CACHE[capability]
 
 
@@ -81,28 +90,45 @@ class _AotDriver:
         return 0
 
 
-def _compile_only(kernel, compiled):
+def _compile_only(kernel, compiled, ptxas_logs):
     """Replace kernel's launch by a warmup (specialise and compile, never run); collect each
-    distinct compiled kernel in `compiled`, keyed by its hash."""
+    distinct compiled kernel in `compiled`, keyed by its hash, and ptxas's report of each
+    fresh compile in `ptxas_logs` (Triton prints it with knobs.nvidia.dump_ptxas_log)."""
     jit_run = type(kernel).run
 
     def run(*args, grid, warmup, **kwargs):
-        binary = jit_run(kernel, *args, grid=grid, warmup=True, **kwargs)
+        log = io.StringIO()
+        with contextlib.redirect_stdout(log):  # stdout carries the JSON report
+            binary = jit_run(kernel, *args, grid=grid, warmup=True, **kwargs)
         compiled[binary.hash] = binary
+        if log.getvalue():
+            ptxas_logs[binary.hash] = log.getvalue()
         return binary
 
     kernel.run = run
 
 
-def _describe(binary):
+def _ptxas_usage(log):
+    """Registers, stack frame and spill bytes from ptxas -v's report of one kernel."""
+    registers = re.search(r"Used (\d+) registers", log)
+    frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    if registers is None or frame is None:
+        raise ValueError(f"unexpected ptxas report:\n{log}")
+    return dict(registers=int(registers.group(1)), stack=int(frame.group(1)),
+                spill_stores=int(frame.group(2)), spill_loads=int(frame.group(3)))
+
+
+def _describe(binary, ptxas_log):
     src = binary.src
     return dict(
         kernel=src.fn.__name__,
         signature={name: ty for name, ty in src.signature.items() if ty != "constexpr"},
         constexprs={src.fn.arg_names[path[0]]: value for path, value in src.constants.items()},
         num_warps=binary.metadata.num_warps,
+        num_stages=binary.metadata.num_stages,
         shared=binary.metadata.shared,
         cubin_bytes=len(binary.asm.get("cubin", b"")),
+        **_ptxas_usage(ptxas_log),
     )
 
 
@@ -110,19 +136,21 @@ def compile_all(capability):
     """Run both launchers over every case for one compute capability; returns a JSON-able
     dict: the compiled kernels, the cases that failed, and every kernel of kernels/."""
     import torch
+    from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.runtime.driver import driver
     from triton.runtime.jit import JITFunction
 
     driver.set_active(_AotDriver(GPUTarget("cuda", capability, 32)))
+    knobs.nvidia.dump_ptxas_log = True
     from kernels import triton_cache_update as cache_module
     from kernels import triton_feature_align as align_module
-    compiled = {}
+    compiled, ptxas_logs = {}, {}
     all_kernels = []
     for module in (cache_module, align_module):
         for name, obj in vars(module).items():
             if isinstance(obj, JITFunction):
-                _compile_only(obj, compiled)
+                _compile_only(obj, compiled, ptxas_logs)
                 all_kernels.append(name)
 
     failures = []
@@ -139,7 +167,7 @@ def compile_all(capability):
             y.backward(torch.empty(n, d))
         except Exception as error:
             failures.append(dict(case=f"feature_align N={n} D={d} {dtype}", error=str(error)))
-    return dict(compiled=[_describe(b) for b in compiled.values()], failures=failures,
+    return dict(compiled=[_describe(b, ptxas_logs[h]) for h, b in compiled.items()], failures=failures,
                 all_kernels=all_kernels)
 
 
@@ -176,9 +204,41 @@ def test_every_kernel_compiles_to_a_cubin(reports, capability):
         "a @triton.jit kernel of kernels/ that no launcher case reached")
     for k in report["compiled"]:
         assert k["cubin_bytes"] > 0, f"sm_{capability}: no cubin for {k}"
-        assert k["shared"] <= TARGETS[capability], (
-            f"sm_{capability}: {k['kernel']} {k['constexprs']} needs {k['shared']} B of shared "
-            f"memory, the GPU allows {TARGETS[capability]}")
+
+
+def describe(k):
+    return f"{k['kernel']} {k['constexprs']} {k['signature'].get('x_ptr') or k['signature'].get('a_ptr')}"
+
+
+@pytest.mark.parametrize("capability", sorted(TARGETS))
+def test_no_kernel_spills_registers(reports, capability):
+    """Spills go to local memory (L1/L2 traffic per use); ptxas's report must show none, at
+    every cache size and dtype compiled."""
+    spilling = [f"{describe(k)}: {k['registers']} registers, {k['spill_stores']} B spill stores, "
+                f"{k['spill_loads']} B spill loads" for k in reports[capability]["compiled"]
+                if k["spill_stores"] or k["spill_loads"]]
+    assert not spilling, f"sm_{capability}:\n" + "\n".join(spilling)
+
+
+@pytest.mark.parametrize("capability", sorted(TARGETS))
+def test_shared_memory_leaves_room_for_one_more_stage(reports, capability):
+    """Shared memory holds num_stages - 1 pipeline buffers; one more (another Triton release's
+    pipeliner) must still fit the GPU's per-block limit."""
+    for k in reports[capability]["compiled"]:
+        with_one_more = k["shared"] * k["num_stages"] / max(1, k["num_stages"] - 1)
+        assert with_one_more <= TARGETS[capability], (
+            f"sm_{capability}: {describe(k)} needs {k['shared']} B of shared memory, "
+            f"{with_one_more:.0f} B with one more stage; the GPU allows {TARGETS[capability]}")
+
+
+def test_every_cache_size_the_launcher_accepts_was_compiled(reports):
+    import kernels
+
+    padded = {max(16, 1 << (m - 1).bit_length()) for m in range(1, kernels.TRITON_MAX_CACHE_SIZE + 1)}
+    for capability in TARGETS:
+        compiled = {k["constexprs"]["M_PAD"] for k in reports[capability]["compiled"]
+                    if k["kernel"] == "_cache_scores_kernel"}
+        assert compiled == padded, capability
 
 
 def test_every_variant_and_dtype_was_compiled(reports):
