@@ -123,6 +123,8 @@ def setup_runtime(args):
     ddp = int(os.environ.get("RANK", -1)) != -1
     device = default_device(args)
     if not ddp:
+        if device.type == "cuda" and device.index is not None:
+            torch.cuda.set_device(device)  # --device cuda:1: also the current device (Triton, streams)
         return 0, 1, device, None
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))

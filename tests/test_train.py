@@ -282,6 +282,16 @@ def test_test_runs_stay_on_the_cpu_on_a_one_gpu_host(monkeypatch, tmp_path):
         assert train.setup_runtime(args) == (rank, 2, torch.device("cpu"), "group")
 
 
+def test_one_process_on_another_gpu_makes_it_current(monkeypatch, tmp_path):
+    # Triton launches on the current device: `--device cuda:1` without torchrun must set it
+    calls = []
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(torch.cuda, "set_device", calls.append)
+    args = train.get_parser().parse_args(["--benchmark", "--device", "cuda:1"])
+    assert train.setup_runtime(args) == (0, 1, torch.device("cuda", 1), None)
+    assert calls == [torch.device("cuda", 1)]
+
+
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(run, tmp_path):
     root, weights, _ = run
     # Epoch 0 runs at the 1e-5 warm-up; the first step at lr 1e30 blows the context up.
