@@ -325,6 +325,8 @@ except ModuleNotFoundError as error:
 def record_launches(monkeypatch, execute):
     """Wrap every Triton kernel's launch to record (kernel name, grid, device made current
     by kernels.on_device); execute=False records without running (any shape, no compute)."""
+    from triton.runtime.jit import KernelInterface  # JITFunction, or InterpretedFunction
+
     from kernels import triton_cache_update, triton_feature_align
 
     launches, current = [], []
@@ -341,7 +343,7 @@ def record_launches(monkeypatch, execute):
     monkeypatch.setattr(triton_feature_align, "on_device", on_device)
     for module in (triton_cache_update, triton_feature_align):
         for name, kernel in vars(module).items():
-            if name.startswith("_") and name.endswith("_kernel"):
+            if isinstance(kernel, KernelInterface):
                 def run(*args, grid, warmup, _kernel=kernel, _run=type(kernel).run, _name=name, **kw):
                     launches.append((_name, tuple(grid), current[-1] if current else None))
                     if execute:
