@@ -164,17 +164,35 @@ def test_reference_equals_the_released_slot_by_slot_loop():
                  1e-6, "loop vs reference")
 
 
+def dyadic_unit_rows(n, d, generator, signed=False):
+    """Unit rows with 16 entries of +-1/4 and zeros elsewhere: every score between two such
+    rows is a sum of +-1/16 terms, exact in fp32 in any summation order, so duplicate cache
+    slots tie bitwise on every BLAS and GPU (random unit rows do not: a CPU matmul may round
+    two equal columns differently)."""
+    rows = torch.zeros(n, d)
+    for row in rows:
+        support = torch.randperm(d, generator=generator)[:16]
+        signs = torch.randint(0, 2, (16,), generator=generator) * 2 - 1 if signed else 1
+        row[support] = 0.25 * signs
+    return rows
+
+
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_cache_ties_break_to_the_lowest_slot(backend):
     # (the CPU interpreter's argmax is always leftmost; on CUDA this checks tie_break_left)
     d = 64
-    cache = unit_rows(6, d, seed=5)
+    g = torch.Generator().manual_seed(5)
+    cache = dyadic_unit_rows(6, d, g)
     cache[4] = cache[1]  # exact duplicates: every score of slot 4 ties with slot 1, 5 with 2
     cache[5] = cache[2]
-    g = torch.Generator().manual_seed(6)
-    # tokens near slots 1 and 2 (argmax lands on a tied pair) plus a few anywhere
-    near = cache[[1, 2, 1, 2, 1]].cpu() + 0.01 * torch.randn(5, d, generator=g)
-    tokens = torch.cat([near, torch.randn(4, d, generator=g) + 0.3]).to(DEVICE)
+    # tokens near slots 1 and 2 (one entry of the slot's support moved elsewhere: score 15/16,
+    # so the argmax lands on a tied pair) plus a few anywhere
+    near = cache[[1, 2, 1, 2, 1]].clone()
+    for row in near:
+        row[row.nonzero()[0]] = 0.0
+        row[(row == 0).nonzero()[-1]] = 0.25
+    tokens = torch.cat([near, dyadic_unit_rows(4, d, g, signed=True)]).to(DEVICE)
+    cache = cache.to(DEVICE)
     col_max, _, counts = kernels.cache_partials(tokens, cache, backend=backend)
     assert counts[4] == 0 and counts[5] == 0 and counts[1] >= 3 and counts[2] >= 2
     assert counts.sum() == tokens.shape[0]
