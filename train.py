@@ -169,10 +169,10 @@ def check_prompts(args, classnames, context_length=77):
     """--n-ctx and --ctx-init against CLIP's 77-token context, before CLIP is loaded: the
     longest class prompt "<context> <class name>." must fit with its SOT and EOT tokens."""
     tokens = clip_model.token_count
-    if args.ctx_init and tokens(args.ctx_init.replace("_", " ")) != args.n_ctx:
-        raise UserError(f"--ctx-init {args.ctx_init!r} is {tokens(args.ctx_init.replace('_', ' '))} tokens but "
-                        f"--n-ctx is {args.n_ctx}: make them agree, or pass --ctx-init \"\" for random context")
     prefix = args.ctx_init.replace("_", " ") if args.ctx_init else " ".join(["X"] * args.n_ctx)
+    if args.ctx_init and tokens(prefix) != args.n_ctx:
+        raise UserError(f"--ctx-init {args.ctx_init!r} is {tokens(prefix)} tokens but --n-ctx is {args.n_ctx}: "
+                        f"make them agree, or pass --ctx-init \"\" for random context")
     longest = max(classnames, key=lambda name: tokens(f"{prefix} {name.replace('_', ' ')}."))
     length = tokens(f"{prefix} {longest.replace('_', ' ')}.") + 2
     if length > context_length:
