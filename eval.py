@@ -562,6 +562,8 @@ def check_args(p, args):
     if args.epoch is not None and not (args.checkpoint and os.path.isdir(args.checkpoint)):
         p.error("--epoch N picks model.pth.tar-N in an authors' run folder; a train.py checkpoint is one epoch "
                 "(best.pt: best val, last.pt: last epoch)")
+    if args.clip:
+        train.check_clip_flag(p, args.clip)
     if args.output_dir:
         try:
             train.check_output_dir(args.output_dir)

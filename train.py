@@ -159,10 +159,17 @@ def check_args(p, args):
         warmup_lr=NON_NEGATIVE, weight_decay=NON_NEGATIVE, semantic_weight=NON_NEGATIVE, reg_weight=NON_NEGATIVE,
         alpha=UNIT, cache_momentum=UNIT, momentum=(lambda v: 0 <= v < 1, "in [0, 1)"), seed=NON_NEGATIVE,
         workers=NON_NEGATIVE))
+    check_clip_flag(p, args.clip)
     try:
         check_output_dir(args.output_dir)
     except UserError as e:
         p.error(str(e))
+
+
+def check_clip_flag(p, name):
+    if name not in clip_model.MODELS and not os.path.isfile(name):
+        p.error(f"--clip {name!r}: no such file; expected an official name ({', '.join(clip_model.MODELS)}) "
+                f"or a weights file")
 
 
 def check_prompts(args, classnames, context_length=77):

@@ -381,6 +381,7 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path):
     (["--seed", "-1"], "--seed must be >= 0"),
     (["--batch-size", "0"], "--batch-size must be positive"),
     (["--dist-timeout", "0"], "--dist-timeout must be positive"),
+    (["--clip", "/no/clip.pt"], "--clip '/no/clip.pt': no such file; expected an official name (ViT-B/32"),
 ])
 def test_nonsense_flags_are_refused(flags, message, tmp_path, capsys):
     argv = ["--dataset", "caltech101", "--root", str(tmp_path), "--output-dir", str(tmp_path / "out"), *flags]
