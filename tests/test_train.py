@@ -369,6 +369,25 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path):
     assert os.listdir(tmp_path) == ["last.pt"]
 
 
+def test_full_output_disk_stops_training_with_a_message_and_resume_continues(run, tmp_path, monkeypatch, capsys):
+    root, weights, out = run
+    real_save = train.save_atomic
+
+    def disk_full_at_epoch_1(obj, path):
+        if obj["epoch"] == 1:
+            os.symlink("/dev/full", path + ".tmp")  # the disk fills up while epoch 1 is saved
+        real_save(obj, path)
+
+    monkeypatch.setattr(train, "save_atomic", disk_full_at_epoch_1)
+    assert_usage_error(train.main, train_argv(root, weights, str(tmp_path)), "No space left on device; the previous "
+                       "best.pt is intact", capsys)
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 0
+    train.main(train_argv(root, weights, str(tmp_path), "--resume"))  # space freed
+    assert torch.equal(torch.load(tmp_path / "last.pt", weights_only=True)["model"]["refiner.cache"],
+                       torch.load(os.path.join(out, "last.pt"), weights_only=True)["model"]["refiner.cache"])
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--warmup-lr", "-1"], "--warmup-lr must be >= 0, got -1.0"),
     (["--alpha", "-1"], "--alpha must be in [0, 1], got -1.0"),
@@ -480,10 +499,11 @@ def test_stalled_rank_times_out_with_a_message_naming_rank_and_collective(run, t
     script = tmp_path / "stall.py"
     script.write_text(STALL_SCRIPT.format(repo=REPO))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-           "--checkpoint", os.path.join(out, "best.pt"), "--workers", "0", "--dist-timeout", "3"]
+           "--checkpoint", os.path.join(out, "best.pt"), "--workers", "0", "--dist-timeout", "10"]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode != 0 and time.perf_counter() - t0 < 55
-    assert "rank 0: timed out after 3 s (--dist-timeout) in the all-reduce of the evaluation counts" in proc.stderr, \
+    # 10 s: short, yet long enough that a slow start of one rank on a busy machine is no stall
+    assert "rank 0: timed out after 10 s (--dist-timeout) in the all-reduce of the evaluation counts" in proc.stderr, \
         proc.stderr[-5000:]
