@@ -204,8 +204,11 @@ def exit_on_user_error(main):
         try:
             return main(argv)
         except UserError as e:
+            message = str(e)
+            if "Traceback" in message:  # re-raised by a DataLoader worker: its traceback, then the error
+                message = message.strip().splitlines()[-1].split(": ", 1)[-1]
             rank = os.environ.get("RANK", "0")
-            print(f"error: {e}" if rank == "0" else f"error (rank {rank}): {e}", file=sys.stderr)
+            print(f"error: {message}" if rank == "0" else f"error (rank {rank}): {message}", file=sys.stderr)
             raise SystemExit(2) from None
     return wrapped
 

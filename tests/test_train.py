@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -456,6 +457,23 @@ def test_bad_test_split_is_reported_before_training(run, tmp_path, change, messa
     t0 = time.perf_counter()
     assert_usage_error(train.main, train_argv(root, weights, str(tmp_path / "out")), message, capsys)
     assert not os.path.exists(tmp_path / "out" / "last.pt") and time.perf_counter() - t0 < 30
+
+
+def test_unreadable_image_in_a_loader_worker_is_one_line(run, tmp_path, capsys):
+    """Images are checked to exist at start, not decoded (too slow for ImageNet): a corrupt one
+    fails in a worker process, whose traceback the loader attaches; the user sees one line."""
+    root, weights, _ = run
+    root = copy_dataset(root, tmp_path, lambda s: s)
+    with open(os.path.join(root, "caltech-101", "split_zhou_Caltech101.json")) as f:
+        first_test = json.load(f)["test"][0][0]
+    os.remove(tmp_path / "data" / "caltech-101" / "101_ObjectCategories")  # own image folder: one file corrupt
+    shutil.copytree(os.path.join(run[0], "caltech-101", "101_ObjectCategories"),
+                    tmp_path / "data" / "caltech-101" / "101_ObjectCategories")
+    (tmp_path / "data" / "caltech-101" / "101_ObjectCategories" / first_test).write_bytes(b"not an image")
+    argv = train_argv(root, weights, str(tmp_path / "out"), "--epochs", "1", "--warmup-epochs", "0", "--no-val")
+    argv[argv.index("--workers") + 1] = "1"
+    assert_usage_error(train.main, argv, f"cannot read image {root}/caltech-101/101_ObjectCategories/{first_test}",
+                       capsys)
 
 
 def test_truncated_last_pt_is_a_clear_error(run, tmp_path, capsys):
