@@ -237,16 +237,15 @@ def load_authors_checkpoint(folder, epoch=None, allow_pickle=False):
     state = {k: v.detach() if k.endswith("num_batches_tracked") else v.detach().float()
              for k, v in state.items()}
     info = dict(epoch=files["prompt_learner"].get("epoch"), val_result=files["prompt_learner"].get("val_result"),
-                precision="fp16" if ctx.dtype == torch.float16 else "fp32", clip=authors_clip_name(learner))
+                precision="fp16" if ctx.dtype == torch.float16 else "fp32", clip=authors_clip_name(learner),
+                clip_weights=authors_clip_weights(learner))
     return state, info
 
 
-def authors_clip_weights(folder, epoch=None, allow_pickle=False):
-    """{OpenAI name: tensor} of the frozen CLIP an authors' run stored with its prompt learner
-    (image_encoder.* = visual.*, text_encoder.* = the text tower's names): the weights it was
-    trained with, to check --clip against."""
-    name = f"model.pth.tar-{epoch}" if epoch is not None else "model-best.pth.tar"
-    learner = read_dassl_file(os.path.join(folder, "prompt_learner", name), allow_pickle)["state_dict"]
+def authors_clip_weights(learner):
+    """{OpenAI name: tensor} of the frozen CLIP an authors' run stored in its prompt learner's
+    state dict (image_encoder.* = visual.*, text_encoder.* = the text tower's names): the
+    weights it was trained with, to check --clip against."""
     renames = (("image_encoder.", "visual."), ("text_encoder.", ""))
     return {ours + k[len(theirs):]: v for k, v in learner.items() for theirs, ours in renames
             if k.startswith(theirs) and isinstance(v, torch.Tensor)}
@@ -268,7 +267,8 @@ def train_defaults():
 
 
 def read_checkpoint(args):
-    """-> (trainable state dict, hyper-parameters of the run that wrote it)."""
+    """-> (trainable state dict, hyper-parameters of the run that wrote it, the CLIP weights an
+    authors' folder stores (None for train.py's checkpoints, which hold no CLIP))."""
     defaults = train_defaults()
     if os.path.isdir(args.checkpoint):
         ours = [n for n in ("best.pt", "last.pt") if os.path.isfile(os.path.join(args.checkpoint, n))]
@@ -282,9 +282,9 @@ def read_checkpoint(args):
         hp = dict(defaults, n_ctx=n_ctx, ctx_init="a photo of a" if n_ctx == 4 else "",
                   cache_size=state["refiner.cache"].shape[0], dataset=None,
                   precision=info["precision"], clip=info["clip"] or defaults["clip"])
-        return state, hp
+        return state, hp, info["clip_weights"]
     ckpt = train.load_checkpoint(args.checkpoint)
-    return ckpt["model"], dict(defaults, **ckpt["args"])
+    return ckpt["model"], dict(defaults, **ckpt["args"]), None
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -318,7 +318,7 @@ def check_results_target(path, expected):
 
 def run(args):
     rank, world_size, device, _ = train.setup_runtime(args)
-    state, hp = (None, train_defaults()) if args.zeroshot else read_checkpoint(args)
+    state, hp, stored_clip = (None, train_defaults(), None) if args.zeroshot else read_checkpoint(args)
     precision = eval_precision(args, hp, device)
     dataset = args.dataset or hp["dataset"]
     root = args.root or hp["root"]
@@ -345,9 +345,8 @@ def run(args):
 
     clip_name = args.clip or hp["clip"]
     clip = train.load_clip(clip_name)
-    if not args.zeroshot and os.path.isdir(args.checkpoint):
-        check_authors_clip(clip, authors_clip_weights(args.checkpoint, args.epoch, args.allow_pickle), clip_name,
-                           args.checkpoint)
+    if stored_clip:
+        check_authors_clip(clip, stored_clip, clip_name, args.checkpoint)
     if args.zeroshot:
         model = ZeroShotCLIP(clip, classnames, dataset)
     else:
