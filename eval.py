@@ -353,7 +353,7 @@ def run(args):
         model = train.build_model(types.SimpleNamespace(**hp), classnames, clip)
         model.load_trainable_state_dict(state)
     model.to(device)
-    loader = data.build_eval_loader(items, 100 if args.batch_size is None else args.batch_size, clip.config.image_resolution,
+    loader = data.build_eval_loader(items, args.batch_size or 100, clip.config.image_resolution,
                                     rank=rank, world_size=world_size, workers=args.workers,
                                     pin_memory=device.type == "cuda")
     results = train.evaluate(model, loader, classnames, device, precision)
