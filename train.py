@@ -364,10 +364,20 @@ def _process_start(pid):
         return None
 
 
+def _pid_namespace():
+    """Containers sharing a host name may not share pids; None where unknown."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
 def _lock_is_stale(holder):
     """A lock of this host whose process is gone (or whose pid now runs another process)."""
     if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
         return False  # another host's process cannot be checked from here
+    if holder.get("pidns") != _pid_namespace():
+        return False  # nor one in another container's pid namespace
     try:
         os.kill(holder["pid"], 0)
     except ProcessLookupError:
@@ -387,10 +397,11 @@ def acquire_output_lock(folder):
     checked from here), is refused with a message saying how to remove it. -> lock path."""
     path = os.path.join(folder, LOCK_NAME)
     me = dict(host=socket.gethostname(), pid=os.getpid(), start=_process_start(os.getpid()),
-              since=time.strftime("%Y-%m-%d %H:%M:%S"))
+              pidns=_pid_namespace(), since=time.strftime("%Y-%m-%d %H:%M:%S"))
     mine = f"{path}-{me['host']}-{me['pid']}"  # not *.tmp: the start-up clean-up must leave it alone
     with open(mine, "w") as f:
         json.dump(me, f)
+    holder = {}
     try:
         for _ in range(3):
             try:

@@ -134,7 +134,7 @@ def test_training_run_logs_and_results(run):
 
 def write_lock(folder, **holder):
     with open(os.path.join(folder, ".lock"), "w") as f:
-        json.dump(dict(dict(start=None, since="then"), **holder), f)
+        json.dump(dict(dict(start=None, pidns=train._pid_namespace(), since="then"), **holder), f)
 
 
 def dead_pid():
@@ -336,6 +336,9 @@ def test_output_dir_lock_refuses_a_second_writer_and_takes_over_stale_locks(tmp_
     write_lock(folder, host=socket.gethostname(), pid=dead_pid())  # kill -9 on this host: stale
     assert train.acquire_output_lock(folder) == lock
     train.release_output_lock(lock)
+    write_lock(folder, host=socket.gethostname(), pid=dead_pid(), pidns="pid:[1]")  # another container's
+    with pytest.raises(train.UserError, match="in use by another training run"):
+        train.acquire_output_lock(folder)
     # the pid reused by another process (its start time differs): stale too
     write_lock(folder, host=socket.gethostname(), pid=os.getpid(), start=-1)
     assert train.acquire_output_lock(folder) == lock
