@@ -475,7 +475,13 @@ def test_report_refuses_wrong_malformed_and_stray_results(tmp_path, capsys):
         assert message in stderr, stderr
 
 
-def test_make_report_fails_without_output(tmp_path):
-    proc = subprocess.run(["make", "--no-print-directory", "-C", REPO, "report", f"OUTPUT={tmp_path / 'none'}"],
-                          capture_output=True, text=True, timeout=60)
+def test_make_report_fails_without_output_or_on_a_bad_result(tmp_path):
+    def make_report(output):
+        return subprocess.run(["make", "--no-print-directory", "-C", REPO, "report", f"OUTPUT={output}"],
+                              capture_output=True, text=True, timeout=120)
+    proc = make_report(tmp_path / "none")
     assert proc.returncode != 0 and "nothing to report" in proc.stderr, proc.stdout + proc.stderr
+    write_result(tmp_path / "output" / "base2new" / "dtd" / "seed1" / "base", 80)
+    write_result(tmp_path / "output" / "base2new" / "dtd" / "seed1" / "new", None)
+    proc = make_report(tmp_path / "output")
+    assert proc.returncode != 0 and "accuracy is None" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
