@@ -18,7 +18,6 @@ Lay real data out as CoOp's DATASETS.md says; the split files are CoOp's, never 
 """
 import argparse
 import colorsys
-import errno
 import json
 import math
 import os
@@ -165,7 +164,7 @@ def _read_split_json(path, image_dir):
     with open(_need_file(path, "split file (CoOp publishes it)")) as f:
         try:
             split = json.load(f)
-        except json.JSONDecodeError as e:
+        except ValueError as e:  # JSONDecodeError, or UnicodeDecodeError for a binary file
             raise DataError(f"{path}: not valid JSON ({e}); a file cut short? Download CoOp's split "
                             f"file again ({DATASETS_MD})") from None
     layout = '{"train": [[image path, label, class name], ...], "val": [...], "test": [...]}'
