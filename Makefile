@@ -62,8 +62,11 @@ xd: install
 	    $(RUN) eval.py --checkpoint $(XD)/imagenet/seed$(SEED)/last.pt --dataset $$t --root $(DATA) \
 	      --clip $(CLIP) --output-dir $(XD)/$$t/seed$(SEED) $(EVAL_ARGS) || exit 1; fi; done
 
+# Fails (status 2) when OUTPUT holds neither table, or when a results.json is not what its folder says.
 report: install
-	@for d in $(OUTPUT)/base2new $(XD); do if [ -d $$d ]; then $(PYTHON) eval.py --report $$d; echo; fi; done
+	@found=; for d in $(OUTPUT)/base2new $(XD); do if [ -d $$d ]; then found=1; \
+	  $(PYTHON) eval.py --report $$d || exit 1; echo; fi; done; \
+	  test -n "$$found" || { echo "make report: nothing to report: no $(OUTPUT)/base2new or $(XD) (set OUTPUT=...)" >&2; exit 2; }
 
 # Synthetic CoOp-layout dataset + tiny random CLIP, then the real base2new flow and report.
 # 10 classes x 32 images (16 shots to train on) and 10 epochs: enough for the base accuracy

@@ -366,10 +366,15 @@ def download(url, download_root=None) -> str:
             )
         return path
     os.makedirs(root, exist_ok=True)
+    try:
+        response = urllib.request.urlopen(url)
+    except OSError as e:  # URLError is an OSError: no network, DNS, proxy, HTTP error
+        raise RuntimeError(f"cannot download {url} ({getattr(e, 'reason', e)}); without internet access "
+                           f"copy the file to {path}, or pass a local weights file (--clip PATH)") from None
     fd, tmp = tempfile.mkstemp(dir=root, prefix=filename + ".", suffix=".part")
     try:
         h = hashlib.sha256()
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url) as response:
+        with os.fdopen(fd, "wb") as f, response:
             total, done = int(response.headers.get("Content-Length") or 0), 0
             while chunk := response.read(1 << 20):
                 f.write(chunk)
@@ -520,6 +525,11 @@ class _Tokenizer:
 @functools.cache
 def _tokenizer():
     return _Tokenizer()
+
+
+def token_count(text) -> int:
+    """BPE tokens of text, without SOT and EOT."""
+    return len(_tokenizer().encode(text))
 
 
 def tokenize(texts, context_length=77) -> torch.LongTensor:

@@ -41,6 +41,20 @@ DASSL_DATUM = ("dassl.data.datasets.base_dataset", "Datum")  # class of the item
 SUBSAMPLES = ("all", "base", "new")  # classes kept: all, the base half, the new half
 
 
+class UserError(Exception):
+    """Bad input the user can fix (a flag, a data file, a path). The command-line tools print
+    its message as one line without a traceback and exit with status 2; any other exception
+    is a bug and keeps its traceback."""
+
+
+class DataError(UserError, ValueError):
+    pass
+
+
+class MissingData(UserError, FileNotFoundError):
+    pass
+
+
 @dataclass(frozen=True)
 class Item:
     impath: str
@@ -81,13 +95,13 @@ DATASETS = {
 
 def dataset_info(name):
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; expected one of: {', '.join(DATASETS)}")
+        raise DataError(f"unknown dataset {name!r}; expected one of: {', '.join(DATASETS)}")
     return DATASETS[name]
 
 
 def _missing(what, path):
-    return FileNotFoundError(f"{what} not found: {path}\n"
-                             f"Download and lay out the data as CoOp's DATASETS.md says: {DATASETS_MD}")
+    return MissingData(f"{what} not found: {path}; download and lay out the data as CoOp's "
+                       f"DATASETS.md says: {DATASETS_MD}")
 
 # ----------------------------------------------------------------------------- reading layouts
 
@@ -123,7 +137,7 @@ def _read_wnid_folders(image_dir, classnames):
     items = []
     for label, wnid in enumerate(folders):
         if wnid not in classnames:
-            raise ValueError(f"folder {os.path.join(image_dir, wnid)} has no line in classnames.txt")
+            raise DataError(f"folder {os.path.join(image_dir, wnid)} has no line in classnames.txt")
         sub = os.path.join(image_dir, wnid)
         items += [Item(os.path.join(sub, f), label, classnames[wnid]) for f in _listdir(sub)]
     return items
@@ -140,19 +154,38 @@ def _read_aircraft(folder, image_dir, split):
             if not image_id:
                 continue
             if variant not in label_of:
-                raise ValueError(f"{path}:{n}: variant {variant!r} is not in variants.txt")
+                raise DataError(f"{path}:{n}: variant {variant!r} is not in variants.txt")
             items.append(Item(os.path.join(image_dir, image_id + ".jpg"), label_of[variant], variant))
     return items
+
+
+def _read_split_json(path, image_dir):
+    """CoOp's split_zhou_*.json -> [train, val, test] lists of Items, its structure checked."""
+    with open(_need_file(path, "split file (CoOp publishes it)")) as f:
+        try:
+            split = json.load(f)
+        except ValueError as e:  # JSONDecodeError, or UnicodeDecodeError for a binary file
+            raise DataError(f"{path}: not valid JSON ({e}); a file cut short? Download CoOp's split "
+                            f"file again ({DATASETS_MD})") from None
+    layout = '{"train": [[image path, label, class name], ...], "val": [...], "test": [...]}'
+    if not isinstance(split, dict) or not all(isinstance(split.get(k), list) for k in ("train", "val", "test")):
+        raise DataError(f"{path}: expected a JSON object {layout}")
+    out = []
+    for k in ("train", "val", "test"):
+        for n, entry in enumerate(split[k]):
+            if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str)
+                    and type(entry[1]) is int and isinstance(entry[2], str)):
+                raise DataError(f"{path}: {k}[{n}] is {json.dumps(entry)[:80]}; expected "
+                                f"[image path, integer label, class name] as in {layout}")
+        out.append([Item(os.path.join(image_dir, p), y, c) for p, y, c in split[k]])
+    return out
 
 
 def _read_full_splits(info, folder):
     """The whole train, val and test lists of a dataset (before few-shot sampling)."""
     image_dir = os.path.join(folder, info.image_dir)
     if info.layout == "split_json":
-        with open(_need_file(os.path.join(folder, info.split_file), "split file (CoOp publishes it)")) as f:
-            split = json.load(f)
-        return [[Item(os.path.join(image_dir, p), int(y), c) for p, y, c in split[k]]
-                for k in ("train", "val", "test")]
+        return _read_split_json(os.path.join(folder, info.split_file), image_dir)
     if info.layout == "fgvc_aircraft":
         return [_read_aircraft(folder, image_dir, k) for k in ("train", "val", "test")]
     classnames = _read_classnames(folder)
@@ -160,7 +193,7 @@ def _read_full_splits(info, folder):
         train = _read_wnid_folders(os.path.join(image_dir, "train"), classnames)
         test = _read_wnid_folders(os.path.join(image_dir, "val"), classnames)
         if {(i.label, i.classname) for i in test} - {(i.label, i.classname) for i in train}:
-            raise ValueError(f"{image_dir}/val and {image_dir}/train must hold the same class folders")
+            raise DataError(f"{image_dir}/val and {image_dir}/train must hold the same class folders")
         return train, test, test  # CoOp: ImageNet's 50k val images are both its val and test split
     if info.layout == "imagenetv2":  # folder i holds label i, named by line i of classnames.txt
         items = []
@@ -180,6 +213,10 @@ class _Datum:
         self._impath, self._label, self._domain, self._classname = impath, label, domain, classname
 
 
+class CacheError(UserError, pickle.UnpicklingError):
+    pass
+
+
 class _CacheUnpickler(pickle.Unpickler):
     """Loads CoOp's few-shot caches without Dassl; any class but Datum is refused."""
 
@@ -190,7 +227,7 @@ class _CacheUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if (module, name) == DASSL_DATUM:
             return _Datum
-        raise pickle.UnpicklingError(f"{self.path}: refusing to unpickle {module}.{name}; a CoOp "
+        raise CacheError(f"{self.path}: refusing to unpickle {module}.{name}; a CoOp "
                                      f"few-shot cache holds only {'.'.join(DASSL_DATUM)} items")
 
 
@@ -215,28 +252,38 @@ def _read_cache(path, info, folder, full):
             data = _CacheUnpickler(f, path).load()
         if not (isinstance(data, dict) and "train" in data):
             raise TypeError("expected a dict with a 'train' list")
+        extra = set(data) - set(full)
+        if extra:  # CoOp's caches hold train and val (ImageNet: train only)
+            raise TypeError(f"unexpected key {sorted(map(str, extra))[0]!r}, expected 'train' and 'val'")
         splits = {k: [(d._impath, int(d._label), d._classname) for d in v] for k, v in data.items()}
     except (pickle.UnpicklingError, AttributeError, TypeError, ValueError, EOFError) as e:
-        raise pickle.UnpicklingError(f"{path}: not a CoOp few-shot cache ({e})") from None
+        raise CacheError(f"{path}: not a CoOp few-shot cache ({e}); delete it to resample") from None
     key = [info.folder] + (info.image_dir.split("/") if info.image_dir else [])  # path part kept: after it
     out = {}
     for split, stored in splits.items():
-        known = {i.impath for i in full[split]}
+        known = {i.impath: i for i in full[split]}
         out[split] = []
         for impath, label, classname in stored:
             parts = impath.replace("\\", "/").split("/")
             at = [i for i in range(len(parts) - len(key)) if parts[i:i + len(key)] == key]
             mapped = os.path.join(folder, info.image_dir, *parts[at[-1] + len(key):]) if at else None
             if mapped not in known:
-                raise ValueError(f"{path}: image {impath} is not in the {split} split under {folder}; "
-                                 f"the cache belongs to other data (delete it to resample)")
+                raise DataError(f"{path}: image {impath} is not in the {split} split under {folder}; "
+                                f"the cache belongs to other data (delete it to resample)")
+            # Labels or class names fixed in the split file after the cache was written: the
+            # split file is the truth, and the cache is refused rather than silently trained on.
+            if (label, classname) != (known[mapped].label, known[mapped].classname):
+                raise DataError(f"{path}: image {impath} is label {label} {classname!r} in the cache but "
+                                f"{known[mapped].label} {known[mapped].classname!r} in the {split} split; "
+                                f"the cache is out of date (delete it to resample)")
             out[split].append(Item(mapped, label, classname))
     return out
 
 
 def _write_cache(path, splits):
     """Atomic (temporary file + rename), so concurrent ranks never read half a file.
-    Protocol 4 so that CoOp on Python >= 3.4 reads it; items keep absolute paths, as CoOp's."""
+    Protocol 4 so that CoOp on Python >= 3.4 reads it; items keep absolute paths, as CoOp's.
+    The cache is optional: a data root that is read-only or full only gets a warning."""
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".pkl")
@@ -250,6 +297,9 @@ def _write_cache(path, splits):
             _DasslPickler(f, protocol=4).dump(data)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
+    except OSError as e:
+        os.unlink(tmp)
+        print(f"warning: cannot write few-shot cache {path}: {e}; continuing without it", file=sys.stderr)
     except BaseException:
         os.unlink(tmp)
         raise
@@ -268,7 +318,7 @@ def fewshot(items, num_shots, rng):
 
 def _check_subsample(subsample):
     if subsample not in SUBSAMPLES:
-        raise ValueError(f"subsample must be 'all', 'base' or 'new', got {subsample!r}")
+        raise DataError(f"subsample must be 'all', 'base' or 'new', got {subsample!r}")
 
 
 def subsample_classes(splits, subsample):
@@ -286,22 +336,56 @@ def subsample_classes(splits, subsample):
     return dict(out, classnames=[splits["classnames"][y] for y in keep])
 
 
+def _class_names(info, folder, train, val, test):
+    """[class name of label 0, 1, ...]: the labels of train (test for a test-only dataset) must
+    be 0..C-1, val and test labels among them, and every label has one class name."""
+    source = os.path.join(folder, info.split_file) if info.split_file else folder
+    names = {}
+    for split, items in (("train", train), ("val", val), ("test", test)):
+        for item in items:
+            if names.setdefault(item.label, item.classname) != item.classname:
+                raise DataError(f"{source}: label {item.label} is named {names[item.label]!r} and "
+                                f"{item.classname!r} ({split} image {item.impath}); one class name per label")
+    labels = sorted({i.label for i in train or test})
+    if labels != list(range(len(labels))):
+        raise DataError(f"{source}: the {'train' if train else 'test'} labels are not 0..C-1 "
+                        f"(found {len(labels)} labels from {labels[0] if labels else None} to "
+                        f"{labels[-1] if labels else None})")
+    for split, items in (("val", val), ("test", test)):
+        for item in items:
+            if not 0 <= item.label < len(labels):
+                raise DataError(f"{source}: {split} image {item.impath} has label {item.label}, outside the "
+                                f"train labels 0..{len(labels) - 1}")
+    return [names[y] for y in labels]
+
+
+def _check_images_exist(splits, dataset):
+    """Every image a run will read is there, found in seconds rather than mid-training."""
+    for split in ("train", "val", "test"):
+        missing = [i.impath for i in splits[split] if not os.path.isfile(i.impath)]
+        if missing:
+            raise MissingData(f"{dataset}: {len(missing)} image(s) listed in the {split} split are missing, "
+                              f"the first: {missing[0]}")
+
+
 def load_splits(dataset, root, num_shots=16, seed=1, subsample="all"):
     """-> dict(train=[Item], val=[Item], test=[Item], classnames=[str]).
     num_shots <= 0 keeps the whole train/val splits; test-only datasets give train = val = [].
     Few-shot picks equal Dassl's after random.seed(seed): random.Random(seed) is the same
-    Mersenne Twister in the same state, and leaves the global generator alone."""
+    Mersenne Twister in the same state, and leaves the global generator alone.
+    Checked up front (DataError/MissingData): the split files' structure, labels and class
+    names, and that every image of the returned splits exists."""
     info = dataset_info(dataset)
     _check_subsample(subsample)
     if info.test_only and subsample != "all":
-        raise ValueError(f"{dataset} is a test-only dataset; base/new subsampling needs a train split")
+        raise DataError(f"{dataset} is a test-only dataset; base/new subsampling needs a train split")
+    if seed < 0:
+        raise DataError(f"seed must be >= 0, got {seed}")
     folder = os.path.join(os.path.expanduser(root), info.folder)
     if not os.path.isdir(folder):
         raise _missing(f"{dataset} folder", folder)
     train, val, test = _read_full_splits(info, folder)
-    names = dict(sorted({(i.label, i.classname) for i in train or test}))
-    if list(names) != list(range(len(names))):
-        raise ValueError(f"{dataset} under {folder}: labels are not 0..C-1")
+    names = dict(enumerate(_class_names(info, folder, train, val, test)))
     if num_shots > 0 and train:
         cache = os.path.join(folder, "split_fewshot", f"shot_{num_shots}-seed_{seed}.pkl")
         full = {"train": train, "val": val}
@@ -314,8 +398,10 @@ def load_splits(dataset, root, num_shots=16, seed=1, subsample="all"):
                 picked["val"] = fewshot(val, min(num_shots, 4), rng)
             _write_cache(cache, picked)
         train, val = picked["train"], picked.get("val", val)
-    splits = dict(train=train, val=val, test=test, classnames=list(names.values()))
-    return subsample_classes(splits, subsample)
+    splits = subsample_classes(dict(train=train, val=val, test=test, classnames=list(names.values())), subsample)
+    if info.layout in ("split_json", "fgvc_aircraft"):  # the other layouts list the files present
+        _check_images_exist(splits, dataset)
+    return splits
 
 # ----------------------------------------------------------------------------- images, loaders
 
@@ -330,14 +416,23 @@ def build_transform(train, resolution):
     return T.Compose(head + [T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
 
 
+def _to_8_bits(image):
+    """A 16-bit greyscale image (modes I;16*, and I as PNG decoders give it) scaled to 8 bits
+    as image viewers show it (65535 -> 255); convert("RGB") would clip it to near white."""
+    pixels = np.asarray(image).astype(np.float64)
+    return Image.fromarray(np.clip(np.round(pixels / 257), 0, 255).astype(np.uint8))  # mode L
+
+
 def load_image(path):
     try:
         with Image.open(path) as image:
+            if image.mode == "I" or image.mode.startswith("I;16"):
+                image = _to_8_bits(image)
             return image.convert("RGB")
     except FileNotFoundError:
-        raise FileNotFoundError(f"image listed in the split is missing: {path}") from None
+        raise MissingData(f"image listed in the split is missing: {path}") from None
     except OSError as e:
-        raise OSError(f"cannot read image {path}: {e}") from None
+        raise DataError(f"cannot read image {path}: {e}") from None
 
 
 def _mix(*ints):

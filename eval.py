@@ -24,13 +24,15 @@ Inference throughput on random ViT-B/16 weights (no data needed):
 (--precision: on CUDA; the CPU computes in fp32); --subsample defaults to the checkpoint's when
 the dataset is the same, else to all classes.
 results.json holds accuracy, macro_f1, per_class_accuracy (a list aligned with classnames),
-classnames, num_images, num_classes, split and the arguments as resolved.
+classnames, num_images, num_classes, split and the arguments as resolved. An existing results.json
+of another dataset, subsample, split or checkpoint in --output-dir is never replaced.
 """
 import argparse
-import glob
 import json
+import math
 import os
 import pickle
+import sys
 import types
 
 import numpy as np
@@ -39,6 +41,7 @@ import torch
 import clip_model
 import data
 import train
+from data import DataError, MissingData, UserError
 from textrefiner import ZeroShotCLIP
 
 # The 11 base-to-new datasets in the paper's table order, with the paper's names.
@@ -79,6 +82,7 @@ def get_parser():
     p.add_argument("--batch-size", type=int, help="per rank (default 100; --benchmark: 32)")
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--device")
+    p.add_argument("--dist-timeout", **train.DIST_TIMEOUT_FLAG)
     p.add_argument("--precision", choices=("bf16", "fp16", "fp32"),
                    help="default on CUDA: the checkpoint's (authors': fp16 or fp32 as stored); fp32 on CPU")
     p.add_argument("--output-dir", help="write results.json here")
@@ -188,39 +192,73 @@ def load_authors_checkpoint(folder, epoch=None, allow_pickle=False):
     paths = {part: os.path.join(folder, part, name) for part in ("prompt_learner", "Memory")}
     missing = [p for p in paths.values() if not os.path.isfile(p)]
     if missing:
-        raise FileNotFoundError(f"authors' checkpoint folder {folder!r}: expected {missing} "
-                                f"(choose the file with --epoch N for model.pth.tar-N)")
-    files = {part: read_dassl_file(path, allow_pickle) for part, path in paths.items()}
+        raise MissingData(f"authors' checkpoint folder {folder!r}: expected {missing} "
+                          f"(choose the file with --epoch N for model.pth.tar-N)")
+    files = {}
+    for part, path in paths.items():
+        try:
+            files[part] = read_dassl_file(path, allow_pickle)
+        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
+            raise DataError(f"{path}: unreadable ({str(e).splitlines()[0][:200]}); a file cut short?") from None
     for part, content in files.items():
         if not isinstance(content, dict) or not isinstance(content.get("state_dict"), dict):
-            raise ValueError(f"{paths[part]}: not a Dassl checkpoint (no 'state_dict' entry)")
+            raise DataError(f"{paths[part]}: not a Dassl checkpoint (no 'state_dict' entry)")
     learner, memory = files["prompt_learner"]["state_dict"], files["Memory"]
     needed = ["prompt_learner.ctx"] + ["mid_image_trans.conv1." + k for k in AUTHORS_ALIGN]
     absent = [k for k in needed if k not in learner]
     if absent:
-        raise ValueError(f"{paths['prompt_learner']}: missing {absent}; is this a TextRefiner run?")
+        raise DataError(f"{paths['prompt_learner']}: missing {absent}; is this a TextRefiner run?")
     if "extractor.weight" not in memory["state_dict"]:
-        raise ValueError(f"{paths['Memory']}: no 'extractor.weight' in its state_dict")
+        raise DataError(f"{paths['Memory']}: no 'extractor.weight' in its state_dict")
     if "memory_item" not in memory:
-        raise ValueError(f"{paths['Memory']}: no 'memory_item' (the cache) in the file")
+        raise DataError(f"{paths['Memory']}: no 'memory_item' (the cache) in the file")
+    entries = [(paths["prompt_learner"], k, learner[k]) for k in needed] + [
+        (paths["Memory"], "state_dict.extractor.weight", memory["state_dict"]["extractor.weight"]),
+        (paths["Memory"], "memory_item", memory["memory_item"])]
+    for path, key, value in entries:
+        if not isinstance(value, torch.Tensor):
+            raise DataError(f"{path}: {key} is a {type(value).__name__}, expected a tensor")
+    if memory["memory_item"].dim() != 2:
+        raise DataError(f"{paths['Memory']}: memory_item has shape {tuple(memory['memory_item'].shape)}, "
+                        f"expected (cache size, D)")
     ctx = learner["prompt_learner.ctx"]
     if ctx.dim() != 2:
-        raise ValueError(f"{paths['prompt_learner']}: class-specific contexts (CSC) are not supported")
+        raise DataError(f"{paths['prompt_learner']}: class-specific contexts (CSC) are not supported")
     state = {"prompt_learner.ctx": ctx, "refiner.extractor.weight": memory["state_dict"]["extractor.weight"],
              "refiner.cache": memory["memory_item"]}
     for theirs, ours in AUTHORS_ALIGN.items():
         tensor = learner["mid_image_trans.conv1." + theirs]
         if theirs in AUTHORS_CONV_WEIGHTS:
             if tensor.dim() != 4 or tuple(tensor.shape[2:]) != (1, 1):
-                raise ValueError(f"{paths['prompt_learner']}: mid_image_trans.conv1.{theirs} should be a "
+                raise DataError(f"{paths['prompt_learner']}: mid_image_trans.conv1.{theirs} should be a "
                                  f"1x1 convolution weight (out, in, 1, 1), found {tuple(tensor.shape)}")
             tensor = tensor.reshape(tensor.shape[0], tensor.shape[1])  # Conv2d 1x1 -> Linear
         state["refiner.align." + ours] = tensor
     state = {k: v.detach() if k.endswith("num_batches_tracked") else v.detach().float()
              for k, v in state.items()}
     info = dict(epoch=files["prompt_learner"].get("epoch"), val_result=files["prompt_learner"].get("val_result"),
-                precision="fp16" if ctx.dtype == torch.float16 else "fp32", clip=authors_clip_name(learner))
+                precision="fp16" if ctx.dtype == torch.float16 else "fp32", clip=authors_clip_name(learner),
+                clip_weights=authors_clip_weights(learner))
     return state, info
+
+
+def authors_clip_weights(learner):
+    """{OpenAI name: tensor} of the frozen CLIP an authors' run stored in its prompt learner's
+    state dict (image_encoder.* = visual.*, text_encoder.* = the text tower's names): the
+    weights it was trained with, to check --clip against."""
+    renames = (("image_encoder.", "visual."), ("text_encoder.", ""))
+    return {ours + k[len(theirs):]: v for k, v in learner.items() for theirs, ours in renames
+            if k.startswith(theirs) and isinstance(v, torch.Tensor)}
+
+
+def check_authors_clip(clip, weights, clip_name, folder):
+    """Refuse a --clip whose weights are not the ones the authors' run stored (compared in the
+    stored dtype: their fp16 copy of OpenAI's fp16 weights equals ours cast back)."""
+    ours = clip.state_dict()
+    for key, theirs in weights.items():
+        if key not in ours or ours[key].shape != theirs.shape or not torch.equal(ours[key].to(theirs.dtype), theirs):
+            raise UserError(f"--clip {clip_name}: its weights differ from the CLIP stored in {folder} "
+                            f"(first: {key}); pass the CLIP that run was trained with as --clip")
 
 
 def train_defaults():
@@ -229,9 +267,14 @@ def train_defaults():
 
 
 def read_checkpoint(args):
-    """-> (trainable state dict, hyper-parameters of the run that wrote it)."""
+    """-> (trainable state dict, hyper-parameters of the run that wrote it, the CLIP weights an
+    authors' folder stores (None for train.py's checkpoints, which hold no CLIP))."""
     defaults = train_defaults()
     if os.path.isdir(args.checkpoint):
+        ours = [n for n in ("best.pt", "last.pt") if os.path.isfile(os.path.join(args.checkpoint, n))]
+        if ours and not os.path.isdir(os.path.join(args.checkpoint, "prompt_learner")):
+            raise UserError(f"--checkpoint {args.checkpoint} is a train.py output folder: pass the file, "
+                            f"{os.path.join(args.checkpoint, ours[0])}")
         state, info = load_authors_checkpoint(args.checkpoint, args.epoch, args.allow_pickle)
         n_ctx = state["prompt_learner.ctx"].shape[0]
         # The released scripts initialise 4 context vectors from "a photo of a"; the phrase only
@@ -239,9 +282,9 @@ def read_checkpoint(args):
         hp = dict(defaults, n_ctx=n_ctx, ctx_init="a photo of a" if n_ctx == 4 else "",
                   cache_size=state["refiner.cache"].shape[0], dataset=None,
                   precision=info["precision"], clip=info["clip"] or defaults["clip"])
-        return state, hp
+        return state, hp, info["clip_weights"]
     ckpt = train.load_checkpoint(args.checkpoint)
-    return ckpt["model"], dict(defaults, **ckpt["args"])
+    return ckpt["model"], dict(defaults, **ckpt["args"]), None
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -254,9 +297,28 @@ def eval_precision(args, hp, device):
     return train.default_precision(args, device)
 
 
+def check_results_target(path, expected):
+    """Refuse to replace a results.json of another evaluation (dataset, subsample, split or
+    checkpoint): e.g. --output-dir pointed at the training folder with --subsample new."""
+    if not os.path.exists(path):
+        return
+    try:
+        with open(path) as f:
+            old = json.load(f)
+        found = {k: old.get(k) for k in expected}
+    except (OSError, ValueError, AttributeError):
+        raise UserError(f"{path} exists and is not a readable results.json; move it away or choose another "
+                        f"--output-dir") from None
+    found["checkpoint"] = os.path.realpath(found["checkpoint"]) if isinstance(found["checkpoint"], str) else None
+    differ = {k: f"{found[k]} here, {v} now" for k, v in expected.items() if found[k] != v}
+    if differ:
+        raise UserError(f"{path} holds the results of another evaluation ({differ}); choose another "
+                        f"--output-dir, or delete it")
+
+
 def run(args):
     rank, world_size, device, _ = train.setup_runtime(args)
-    state, hp = (None, train_defaults()) if args.zeroshot else read_checkpoint(args)
+    state, hp, stored_clip = (None, train_defaults(), None) if args.zeroshot else read_checkpoint(args)
     precision = eval_precision(args, hp, device)
     dataset = args.dataset or hp["dataset"]
     root = args.root or hp["root"]
@@ -267,6 +329,13 @@ def run(args):
     if not os.path.isdir(root):
         raise SystemExit(f"--root {root!r} is not a directory")
     subsample = args.subsample or (hp["subsample"] if dataset == hp["dataset"] else "all")
+    if not args.zeroshot and dataset == hp["dataset"] and hp["subsample"] == "all" and subsample == "new":
+        raise UserError(f"--subsample new: {args.checkpoint} was trained on all classes of {dataset} "
+                        f"(subsample: all), so its 'new' classes are training classes; use --subsample all")
+    checkpoint = "zero-shot CLIP" if args.zeroshot else args.checkpoint
+    if args.output_dir:
+        check_results_target(os.path.join(args.output_dir, "results.json"), dict(
+            dataset=dataset, subsample=subsample, split=args.split, checkpoint=os.path.realpath(checkpoint)))
     shots = hp["shots"] if args.shots is None else args.shots
     seed = hp["seed"] if args.seed is None else args.seed
     splits = data.load_splits(dataset, root, num_shots=shots, seed=seed, subsample=subsample)
@@ -275,7 +344,9 @@ def run(args):
         raise SystemExit(f"{dataset}: the {args.split} split is empty")
 
     clip_name = args.clip or hp["clip"]
-    clip = clip_model.load_clip(clip_name)
+    clip = train.load_clip(clip_name)
+    if stored_clip:
+        check_authors_clip(clip, stored_clip, clip_name, args.checkpoint)
     if args.zeroshot:
         model = ZeroShotCLIP(clip, classnames, dataset)
     else:
@@ -289,12 +360,12 @@ def run(args):
     # The values actually used, not the flags as typed (None = "the checkpoint's").
     resolved = dict(dataset=dataset, root=root, subsample=subsample, shots=shots, seed=seed,
                     clip=clip_name, precision=precision)
-    results.update(split=args.split, dataset=dataset, subsample=subsample,
-                   checkpoint="zero-shot CLIP" if args.zeroshot else args.checkpoint,
+    results.update(split=args.split, dataset=dataset, subsample=subsample, checkpoint=checkpoint,
                    args=dict(vars(args), **resolved))
     if rank == 0:
         if args.output_dir:
             os.makedirs(args.output_dir, exist_ok=True)
+            train.remove_leftover_tmp(args.output_dir, ["results.json"])
             train.write_json(results, os.path.join(args.output_dir, "results.json"))
         print(f"{dataset} {subsample} {args.split}: accuracy {results['accuracy']:.2f} "
               f"macro-F1 {results['macro_f1']:.2f} on {results['num_images']} images, "
@@ -308,24 +379,61 @@ def harmonic_mean(base, new):
     return 2 * base * new / (base + new) if base + new > 0 else 0.0
 
 
-def seed_dirs(folder):
-    """[(S, <folder>/seed<S>)] in order of S."""
-    return sorted((int(d.rsplit("seed", 1)[1]), d) for d in glob.glob(os.path.join(folder, "seed*")))
+def dataset_dirs(root):
+    """The <root>/<dataset> folders (files such as report.json are not runs)."""
+    return [d for d in sorted(os.listdir(root)) if os.path.isdir(os.path.join(root, d))]
 
 
-def read_accuracy(path):
-    with open(path) as f:
-        return json.load(f)["accuracy"]
+def seed_dirs(folder, problems):
+    """[(S, <folder>/seed<S>)] in order of S; any other entry is added to problems."""
+    found = []
+    for name in sorted(os.listdir(folder)):
+        digits = name[len("seed"):]
+        if name.startswith("seed") and digits.isdigit() and os.path.isdir(os.path.join(folder, name)):
+            found.append((int(digits), os.path.join(folder, name)))
+        else:
+            problems.append(f"{os.path.join(folder, name)}: unexpected (runs are folders seed<N>); move it out")
+    return sorted(found)
 
 
-def collect_base2new(root):
+def read_accuracy(path, dataset, subsample, problems):
+    """The accuracy in a results.json, once the file is checked to be the test of `dataset` on
+    `subsample` classes, as its folder says; None (and a line in problems) otherwise."""
+    try:
+        with open(path) as f:
+            result = json.load(f)
+    except (OSError, ValueError) as e:
+        problems.append(f"{path}: unreadable ({e}); re-run that step or move its folder out")
+        return None
+    if not isinstance(result, dict):
+        problems.append(f"{path}: not a results.json (a JSON object); re-run that step or move its folder out")
+        return None
+    accuracy = result.get("accuracy")
+    expected = dict(dataset=dataset, subsample=subsample, split="test")
+    wrong = {k: result.get(k) for k, v in expected.items() if result.get(k) != v}
+    if wrong:
+        problems.append(f"{path}: holds {wrong}, but its folder is for {expected}; move the file to its "
+                        f"place or re-run that step")
+    elif type(accuracy) not in (int, float) or not math.isfinite(accuracy):
+        problems.append(f"{path}: accuracy is {accuracy!r}, expected a number; re-run that step")
+    else:
+        return accuracy
+    return None
+
+
+def collect_base2new(root, problems):
     """{dataset: {seed: (base acc, new acc)}} from <root>/<dataset>/seed<S>/{base,new}/results.json."""
     runs = {}
-    for dataset in sorted(os.listdir(root)):
-        for seed, d in seed_dirs(os.path.join(root, dataset)):
+    for dataset in dataset_dirs(root):
+        for seed, d in seed_dirs(os.path.join(root, dataset), problems):
             paths = [os.path.join(d, part, "results.json") for part in ("base", "new")]
             if all(map(os.path.isfile, paths)):
-                runs.setdefault(dataset, {})[seed] = tuple(map(read_accuracy, paths))
+                accuracy = [read_accuracy(p, dataset, part, problems) for p, part in zip(paths, ("base", "new"))]
+                if None not in accuracy:
+                    runs.setdefault(dataset, {})[seed] = tuple(accuracy)
+            elif os.path.isdir(os.path.join(d, "base")):
+                print(f"note: {d} is unfinished (no {' and no '.join(p for p in paths if not os.path.isfile(p))}); "
+                      f"left out", file=sys.stderr)
     return runs
 
 
@@ -394,29 +502,37 @@ def format_base2new(summary, title):
                       "Published 11-dataset averages (ViT-B/16, 16 shots, seeds 1-3):", *lines[len(table):]])
 
 
-def collect_xd(root):
+def collect_xd(root, problems):
     """{target: {seed: accuracy}} from <root>/<target>/seed<S>/results.json."""
     runs = {}
-    for target in sorted(os.listdir(root)):
-        for seed, d in seed_dirs(os.path.join(root, target)):
+    for target in dataset_dirs(root):
+        for seed, d in seed_dirs(os.path.join(root, target), problems):
             path = os.path.join(d, "results.json")
             if os.path.isfile(path):
-                runs.setdefault(target, {})[seed] = read_accuracy(path)
+                accuracy = read_accuracy(path, target, "all", problems)
+                if accuracy is not None:
+                    runs.setdefault(target, {})[seed] = accuracy
     return runs
 
 
 def report(root):
     """Print and write <root>/report.json: base2new layout when the runs have base/ and new/,
-    else one accuracy per dataset (xd)."""
+    else one accuracy per dataset (xd). Every results.json is checked first (readable, a
+    number for accuracy, the dataset/subsample/split its folder says; no stray folders):
+    each problem is printed on its own line and no report is made."""
     if not os.path.isdir(root):
         raise SystemExit(f"--report {root!r} is not a directory")
-    runs = collect_base2new(root)
+    problems = []
+    runs = collect_base2new(root, problems)
+    xd = {} if runs or problems else collect_xd(root, problems)
+    if problems:
+        print("\n".join(problems), file=sys.stderr)
+        raise UserError(f"--report {root}: {len(problems)} problem(s) above; no report made")
     if runs:
         summary = summarise_base2new(runs)
         text = format_base2new(summary, f"Base-to-new generalisation in {root} "
                                         f"(mean±std over seeds; HM of the mean base and new)")
     else:
-        xd = collect_xd(root)
         if not xd:
             raise SystemExit(f"--report {root}: no finished runs (<dataset>/seed<S>/results.json)")
         order = [t for t in XD_ORDER if t in xd] + sorted(t for t in xd if t not in XD_ORDER)
@@ -430,18 +546,40 @@ def report(root):
     return summary
 
 
+def check_args(p, args):
+    """Flag errors argparse cannot see; p.error exits with status 2 and the usage line."""
+    train.check_ranges(p, args, dict(dist_timeout=train.POSITIVE))
+    if args.benchmark:
+        train.check_ranges(p, args, train.BENCHMARK_RULES)
+        return
+    if args.zeroshot == bool(args.checkpoint):
+        p.error("give exactly one of --checkpoint PATH and --zeroshot")
+    if args.checkpoint and not os.path.exists(args.checkpoint):
+        p.error(f"--checkpoint {args.checkpoint!r} does not exist")
+    train.check_ranges(p, args, dict(batch_size=train.POSITIVE, seed=train.NON_NEGATIVE, workers=train.NON_NEGATIVE,
+                                     epoch=train.POSITIVE))
+    if args.epoch is not None and not (args.checkpoint and os.path.isdir(args.checkpoint)):
+        p.error("--epoch N picks model.pth.tar-N in an authors' run folder; a train.py checkpoint is one epoch "
+                "(best.pt: best val, last.pt: last epoch)")
+    if args.clip:
+        train.check_clip_flag(p, args.clip)
+    if args.output_dir:
+        try:
+            train.check_output_dir(args.output_dir)
+        except UserError as e:
+            p.error(str(e))
+
+
+@train.exit_on_user_error
 def main(argv=None):
     p = get_parser()
     args = p.parse_args(argv)
     if args.report:
         return report(args.report)
+    check_args(p, args)
     if args.benchmark:
         args.batch_size = args.batch_size or 32
         return train.benchmark(args, training=False)
-    if args.zeroshot == bool(args.checkpoint):
-        p.error("give exactly one of --checkpoint PATH and --zeroshot")
-    if args.checkpoint and not os.path.exists(args.checkpoint):
-        p.error(f"--checkpoint {args.checkpoint!r} does not exist")
     return train.run_and_teardown(run, args)
 
 

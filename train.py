@@ -10,6 +10,8 @@ Several nodes (run on every node, same rendezvous endpoint):
         --rdzv_endpoint=HOST:29500 train.py ...
 Continue an interrupted run (same flags, picks up <output-dir>/last.pt):
     python train.py ... --resume
+A second run into the same --output-dir is refused while the first holds it (<output-dir>/.lock;
+see acquire_output_lock); a stalled rank ends the others after --dist-timeout seconds.
 Throughput, no data or weights needed (random ViT-B/16, batch 32):
     python train.py --benchmark --num-classes 100
     python train.py --benchmark --benchmark-clip tiny --device cpu   # smoke test
@@ -24,12 +26,18 @@ Evaluation helpers (evaluate, metrics, distributed setup) live here; eval.py
 imports them.
 """
 import argparse
+import datetime
+import functools
 import inspect
 import json
 import math
 import os
+import pickle
 import random
+import socket
+import sys
 import time
+import zipfile
 from contextlib import nullcontext
 
 import numpy as np
@@ -39,6 +47,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import clip_model
 import data
+from data import UserError
 from textrefiner import TextRefinerCLIP, ZeroShotCLIP
 
 # torch 2.13 renamed DDP's broadcast_buffers to forward_sync_buffers; GPU hosts may run older.
@@ -50,6 +59,12 @@ RECIPE_KEYS = ("dataset", "clip", "shots", "seed", "subsample", "epochs", "batch
                "momentum", "weight_decay", "warmup_epochs", "warmup_lr", "precision", "n_ctx",
                "ctx_init", "cache_size", "alpha", "cache_momentum", "topk", "semantic_weight",
                "reg_weight", "no_refiner", "no_val")
+
+
+# torch.distributed's own default is 30 min; a stalled rank (an NFS hang) is reported sooner.
+DIST_TIMEOUT_FLAG = dict(type=float, default=900.0, metavar="SECONDS",
+                         help="torchrun: a collective that waits longer for another rank fails with a "
+                              "message naming the rank and the collective (default 900)")
 
 
 def get_parser():
@@ -73,6 +88,7 @@ def get_parser():
     p.add_argument("--no-val", action="store_true", help="skip per-epoch val; test the last epoch")
     p.add_argument("--workers", type=int, default=4, help="data loader workers per rank")
     p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
+    p.add_argument("--dist-timeout", **DIST_TIMEOUT_FLAG)
     p.add_argument("--precision", choices=("bf16", "fp16", "fp32"),
                    help="autocast dtype of the frozen towers (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--log-interval", type=int, default=20, help="steps between progress lines")
@@ -92,9 +108,37 @@ def get_parser():
     return p
 
 
+def check_ranges(p, args, rules):
+    """rules: {flag attribute: (test, what it must be)}; p.error (status 2) at the first value
+    outside its range. NaN fails every test."""
+    for flag, (ok, must) in rules.items():
+        value = getattr(args, flag)
+        if value is not None and not ok(value):
+            p.error(f"--{flag.replace('_', '-')} must be {must}, got {value}")
+
+
+POSITIVE = (lambda v: v > 0, "positive")
+NON_NEGATIVE = (lambda v: v >= 0 and math.isfinite(v), ">= 0")
+UNIT = (lambda v: 0 <= v <= 1, "in [0, 1]")
+BENCHMARK_RULES = dict(batch_size=POSITIVE, benchmark_steps=POSITIVE, num_classes=POSITIVE)
+
+
+def check_output_dir(path, flag="--output-dir"):
+    """Fail at start, not after the work, when path cannot become a writable directory."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{flag} {path!r} is a file, not a directory; choose another {flag}")
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(os.path.abspath(existing))
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path!r}: {existing} is not a writable directory")
+
+
 def check_args(p, args):
     """Flag errors argparse cannot see; p.error exits with status 2 and the usage line."""
+    check_ranges(p, args, dict(dist_timeout=POSITIVE))
     if args.benchmark:
+        check_ranges(p, args, BENCHMARK_RULES)
         return
     for flag in ("dataset", "root", "output_dir"):
         if getattr(args, flag) is None:
@@ -110,12 +154,74 @@ def check_args(p, args):
         p.error(f"--warmup-epochs must be in [0, --epochs), got {args.warmup_epochs}")
     if not (math.isfinite(args.lr) and args.lr > 0):
         p.error(f"--lr must be a positive number, got {args.lr}")
+    # SPEC 4/5: alpha and the cache momentum weigh a convex mix; SGD momentum below 1 converges.
+    check_ranges(p, args, dict(
+        warmup_lr=NON_NEGATIVE, weight_decay=NON_NEGATIVE, semantic_weight=NON_NEGATIVE, reg_weight=NON_NEGATIVE,
+        alpha=UNIT, cache_momentum=UNIT, momentum=(lambda v: 0 <= v < 1, "in [0, 1)"), seed=NON_NEGATIVE,
+        workers=NON_NEGATIVE))
+    check_clip_flag(p, args.clip)
+    try:
+        check_output_dir(args.output_dir)
+    except UserError as e:
+        p.error(str(e))
+
+
+def check_clip_flag(p, name):
+    if name not in clip_model.MODELS and not os.path.isfile(name):
+        p.error(f"--clip {name!r}: no such file; expected an official name ({', '.join(clip_model.MODELS)}) "
+                f"or a weights file")
+
+
+def check_prompts(args, classnames, context_length=77):
+    """--n-ctx and --ctx-init against CLIP's 77-token context, before CLIP is loaded: the
+    longest class prompt "<context> <class name>." must fit with its SOT and EOT tokens."""
+    tokens = clip_model.token_count
+    prefix = args.ctx_init.replace("_", " ") if args.ctx_init else " ".join(["X"] * args.n_ctx)
+    if args.ctx_init and tokens(prefix) != args.n_ctx:
+        raise UserError(f"--ctx-init {args.ctx_init!r} is {tokens(prefix)} tokens but --n-ctx is {args.n_ctx}: "
+                        f"make them agree, or pass --ctx-init \"\" for random context")
+    longest = max(classnames, key=lambda name: tokens(f"{prefix} {name.replace('_', ' ')}."))
+    length = tokens(f"{prefix} {longest.replace('_', ' ')}.") + 2
+    if length > context_length:
+        raise UserError(f"--n-ctx {args.n_ctx}: the prompt of class {longest!r} is {length} tokens, over CLIP's "
+                        f"{context_length}; lower --n-ctx")
+
+
+def load_clip(name):
+    """clip_model.load_clip with a user error that names --clip (a missing or unreadable file,
+    an official name that cannot be downloaded here)."""
+    try:
+        return clip_model.load_clip(name)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"--clip {name}: {e}") from None
+
+
+def exit_on_user_error(main):
+    """For the command-line mains: a UserError becomes one line on stderr and exit status 2
+    (as argparse's own errors); every other exception keeps its traceback."""
+    @functools.wraps(main)
+    def wrapped(argv=None):
+        try:
+            return main(argv)
+        except UserError as e:
+            message = str(e)
+            if "Traceback" in message:  # re-raised by a DataLoader worker: its traceback, then the error
+                message = message.strip().splitlines()[-1].split(": ", 1)[-1]
+            rank = os.environ.get("RANK", "0")
+            print(f"error: {message}" if rank == "0" else f"error (rank {rank}): {message}", file=sys.stderr)
+            raise SystemExit(2) from None
+    return wrapped
 
 
 # ----------------------------------------------------------------------------- runtime
 
 def default_device(args):
     return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+class Collective:
+    """Which collectives the process is in or about to enter: named when one times out."""
+    now = "process-group set-up"
 
 
 def setup_runtime(args):
@@ -129,16 +235,25 @@ def setup_runtime(args):
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    timeout = datetime.timedelta(seconds=args.dist_timeout)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     # The model's own collectives (BN statistics, cache partials) get a group of their
     # own so they never interleave with DDP's gradient buckets.
-    return dist.get_rank(), dist.get_world_size(), device, dist.new_group()
+    return dist.get_rank(), dist.get_world_size(), device, dist.new_group(timeout=timeout)
 
 
 def run_and_teardown(fn, args):
-    """fn(args), then (also after an error) close the process group setup_runtime opened."""
+    """fn(args), then (also after an error) close the process group setup_runtime opened.
+    A collective that timed out (gloo raises it here; NCCL's watchdog aborts the process
+    with its own message naming the operation) ends with one line naming rank and collective."""
     try:
         return fn(args)
+    except RuntimeError as e:
+        if not (dist.is_initialized() and "timed out" in str(e).lower()):
+            raise
+        raise SystemExit(f"rank {dist.get_rank()}: timed out after {args.dist_timeout:g} s (--dist-timeout) "
+                         f"in {Collective.now}: another rank stalled or died ({str(e).splitlines()[0][:200]})") \
+            from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -182,12 +297,22 @@ def set_rng_state(state, device):
 
 def replace_atomically(path, mode, write):
     """write(f) into path + ".tmp", flush it to the disk, then rename over path: a crash
-    (or power loss) at any point leaves either the previous file or the complete new one."""
+    (or power loss) at any point leaves either the previous file or the complete new one.
+    A full or failing disk is a UserError; the temporary file is removed, path left as it was."""
     tmp = path + ".tmp"
-    with open(tmp, mode) as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        if isinstance(e, RuntimeError) and "write" not in str(e):
+            raise
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        kept = f"the previous {os.path.basename(path)} is intact" if os.path.exists(path) else "nothing was written"
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        raise UserError(f"cannot write {path}: {reason}; {kept}; free space on that disk (then --resume)") from None
     os.replace(tmp, path)
 
 
@@ -195,10 +320,153 @@ def save_atomic(obj, path):
     replace_atomically(path, "wb", lambda f: torch.save(obj, f))
 
 
+def remove_leftover_tmp(folder, names):
+    """Delete the temporary files an interrupted replace_atomically left for these names."""
+    for name in names:
+        if os.path.lexists(os.path.join(folder, name + ".tmp")):
+            os.remove(os.path.join(folder, name + ".tmp"))
+
+
+CHECKPOINT_KINDS = "train.py's best.pt or last.pt, or an authors' run folder (holding prompt_learner/ and Memory/)"
+
+
 def load_checkpoint(path):
+    """A checkpoint dict written by train.py; anything else is a UserError saying what it is."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path!r} not found")
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        raise UserError(f"checkpoint {path!r} not found")
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"{path}: not a complete checkpoint ({os.path.getsize(path)} bytes, no zip directory: "
+                        f"cut short by a crash, a full disk or a copy?); expected {CHECKPOINT_KINDS}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"{path}: holds pickled objects, which train.py's checkpoints never do (an authors' "
+                        f".pth.tar file?); expected {CHECKPOINT_KINDS}") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise UserError(f"{path}: unreadable checkpoint ({str(e).splitlines()[0][:200]}); "
+                        f"expected {CHECKPOINT_KINDS}") from None
+    if not (isinstance(ckpt, dict) and {"model", "args", "epoch"} <= ckpt.keys()):
+        raise UserError(f"{path}: not a checkpoint of train.py (no 'model', 'args' and 'epoch' entries; "
+                        f"a bare state dict?); expected {CHECKPOINT_KINDS}")
+    return ckpt
+
+
+# ----------------------------------------------------------------------------- output-folder lock
+
+LOCK_NAME = ".lock"
+
+
+def _process_start(pid):
+    """Start time of process pid (clock ticks after boot; Linux), None where unknown: with
+    the pid it names one process, also after the pid has been reused."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _pid_namespace():
+    """Containers sharing a host name may not share pids; None where unknown."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def _lock_is_stale(holder):
+    """A lock of this host whose process is gone (or whose pid now runs another process)."""
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return False  # another host's process cannot be checked from here
+    if holder.get("pidns") != _pid_namespace():
+        return False  # nor one in another container's pid namespace
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # alive, another user's
+    start = _process_start(holder["pid"])
+    return None not in (start, holder.get("start")) and start != holder["start"]
+
+
+def acquire_output_lock(folder):
+    """Hold `folder` for a training run: create folder/.lock holding host, pid, process start
+    time and date, atomically (a hard link to a complete file: atomic also on NFS and the
+    other shared filesystems multi-node runs write to; O_EXCL where links are unsupported).
+    An existing lock of this host whose process is gone is stale and taken over (so --resume
+    after kill -9 works); a live one, or any lock of another host (whose processes cannot be
+    checked from here), is refused with a message saying how to remove it. -> lock path."""
+    path = os.path.join(folder, LOCK_NAME)
+    me = dict(host=socket.gethostname(), pid=os.getpid(), start=_process_start(os.getpid()),
+              pidns=_pid_namespace(), since=time.strftime("%Y-%m-%d %H:%M:%S"))
+    mine = f"{path}-{me['host']}-{me['pid']}"  # not *.tmp: the start-up clean-up must leave it alone
+    with open(mine, "w") as f:
+        json.dump(me, f)
+    holder = {}
+    try:
+        for _ in range(3):
+            try:
+                try:
+                    os.link(mine, path)
+                except FileExistsError:
+                    raise
+                except OSError:  # no hard links on this filesystem
+                    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                    with os.fdopen(fd, "w") as f:
+                        json.dump(me, f)
+                return path
+            except FileExistsError:
+                try:
+                    with open(path) as f:
+                        holder = json.load(f)
+                except FileNotFoundError:
+                    continue  # released meanwhile
+                except (OSError, ValueError):
+                    holder = {}
+                if not (isinstance(holder, dict) and _lock_is_stale(holder)):
+                    break
+                print(f"removing the stale lock {path} of pid {holder['pid']} (no longer running)")
+                os.remove(path)
+    finally:
+        os.remove(mine)
+    who = (f"pid {holder.get('pid')} on host {holder.get('host')} since {holder.get('since')}"
+           if isinstance(holder, dict) and holder else "an unreadable lock")
+    raise UserError(f"--output-dir {folder} is in use by another training run ({who}): wait for it, or choose "
+                    f"another --output-dir; if that run is dead (e.g. on another node), delete {path}")
+
+
+def release_output_lock(path):
+    """Remove the lock if it is still this process's."""
+    try:
+        with open(path) as f:
+            holder = json.load(f)
+    except (OSError, ValueError):
+        return
+    if (holder.get("host"), holder.get("pid")) == (socket.gethostname(), os.getpid()):
+        os.remove(path)
+
+
+def hold_output_dir(args, rank, world_size):
+    """Master: create --output-dir, take its lock, clean leftover *.tmp files. Every rank gets
+    the master's verdict, so all stop together on a refusal. -> lock path (master) or None."""
+    lock, error = None, None
+    if rank == 0:
+        try:
+            os.makedirs(args.output_dir, exist_ok=True)
+            lock = acquire_output_lock(args.output_dir)
+        except (UserError, OSError) as e:
+            error = str(e)
+        else:  # the lock is ours: a .tmp here is a write interrupted in an earlier run
+            remove_leftover_tmp(args.output_dir, ("last.pt", "best.pt", "log.jsonl", "results.json"))
+    if world_size > 1:
+        Collective.now = "the broadcast of the output-folder lock"
+        verdict = [error]
+        dist.broadcast_object_list(verdict, src=0)
+        error = verdict[0]
+    if error:
+        raise UserError(error)
+    return lock
 
 
 class WarmupCosineLR:
@@ -266,6 +534,7 @@ def evaluate(model, loader, classnames, device, precision):
         idx = labels * C + logits.argmax(1)
         confusion.index_add_(0, idx, torch.ones_like(idx))
     if dist.is_initialized():
+        Collective.now = "the all-reduce of the evaluation counts"
         dist.all_reduce(confusion)
     return metrics(confusion.view(C, C), classnames)
 
@@ -334,7 +603,7 @@ def benchmark(args, training):
 # ----------------------------------------------------------------------------- training
 
 def build_model(args, classnames, clip=None):
-    clip = clip if clip is not None else clip_model.load_clip(args.clip)
+    clip = clip if clip is not None else load_clip(args.clip)
     return TextRefinerCLIP(clip, classnames, n_ctx=args.n_ctx, ctx_init=args.ctx_init,
                            cache_size=args.cache_size, alpha=args.alpha,
                            momentum=args.cache_momentum, topk=args.topk,
@@ -347,6 +616,7 @@ def gather_rng_states(world_size, device):
     if world_size == 1:
         return [rng_state(device)]
     states = [None] * world_size
+    Collective.now = "the all-gather of the RNG states for the checkpoint"
     dist.all_gather_object(states, rng_state(device))
     return states
 
@@ -359,13 +629,22 @@ def logged_epoch(line):
 
 
 def train(args):
+    """Set up, hold --output-dir for the run's lifetime, fit."""
     rank, world_size, device, group = setup_runtime(args)
+    if args.batch_size % world_size:
+        raise UserError(f"--batch-size {args.batch_size} must be divisible by the {world_size} ranks")
+    lock = hold_output_dir(args, rank, world_size)
+    try:
+        return fit(args, rank, world_size, device, group)
+    finally:
+        if lock:
+            release_output_lock(lock)
+
+
+def fit(args, rank, world_size, device, group):
     master = rank == 0
     print0 = print if master else (lambda *a, **k: None)
     args.precision = default_precision(args, device)
-    if args.batch_size % world_size:
-        raise SystemExit(f"--batch-size {args.batch_size} must be divisible by the {world_size} ranks")
-    os.makedirs(args.output_dir, exist_ok=True)
     last_path, best_path = (os.path.join(args.output_dir, n) for n in ("last.pt", "best.pt"))
     log_path = os.path.join(args.output_dir, "log.jsonl")
     ckpt = None
@@ -385,7 +664,11 @@ def train(args):
                               subsample=args.subsample)
     if not splits["train"]:
         raise SystemExit(f"--dataset {args.dataset} has no train split (test-only dataset)")
+    if not splits["test"]:
+        raise UserError(f"--dataset {args.dataset} ({args.subsample} classes): the test split is empty; "
+                        f"the final test would have no image")
     classnames = splits["classnames"]
+    check_prompts(args, classnames)
     model = build_model(args, classnames).to(device)
     resolution = model.clip.config.image_resolution
     raw_model = model
@@ -445,6 +728,7 @@ def train(args):
         sums = torch.zeros(len(LOSS_KEYS), dtype=torch.float64, device=device)
         for step, (images, labels) in enumerate(train_loader):
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            Collective.now = f"epoch {epoch + 1} step {step + 1} (gradient, BatchNorm, cache or loss all-reduce)"
             with autocast(device, args.precision):
                 out = model(images, labels)
             optimizer.zero_grad(set_to_none=True)
@@ -504,6 +788,7 @@ def train(args):
     return results
 
 
+@exit_on_user_error
 def main(argv=None):
     p = get_parser()
     args = p.parse_args(argv)

@@ -260,20 +260,20 @@ def test_eval_sharding_covers_every_image_once(tmp_path):
 def test_error_messages(tmp_path):
     with pytest.raises(ValueError, match="unknown dataset 'cifar10'.*caltech101.*imagenet_r"):
         load_splits("cifar10", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match=r"caltech-101.*\n.*DATASETS\.md"):
+    with pytest.raises(FileNotFoundError, match=r"caltech-101; .*DATASETS\.md"):  # one line
         load_splits("caltech101", str(tmp_path))
     folder = synthetic(tmp_path, "sun397")
     with pytest.raises(ValueError, match="subsample"):
         load_splits("sun397", str(tmp_path), subsample="old")
     os.rename(os.path.join(folder, "split_zhou_SUN397.json"), os.path.join(folder, "x.json"))
-    with pytest.raises(FileNotFoundError, match=r"sun397/split_zhou_SUN397\.json.*\n.*DATASETS\.md"):
+    with pytest.raises(FileNotFoundError, match=r"sun397/split_zhou_SUN397\.json; .*DATASETS\.md"):
         load_splits("sun397", str(tmp_path))
     os.rename(os.path.join(folder, "x.json"), os.path.join(folder, "split_zhou_SUN397.json"))
     test = load_splits("sun397", str(tmp_path))["test"]
     os.remove(test[1].impath)
     with open(test[2].impath, "wb") as f:
         f.write(b"not an image")
-    for i, err in ((1, FileNotFoundError), (2, OSError)):
+    for i, err in ((1, FileNotFoundError), (2, data.DataError)):
         loader = data.build_eval_loader(test[i:i + 1], 1, 8, workers=0)
         with pytest.raises(err, match=re.escape(test[i].impath)):
             next(iter(loader))
@@ -295,3 +295,84 @@ def test_synthetic_classes_are_distinguishable(tmp_path):
     spread = max(np.abs(v - centres[y]).max() for y, vs in means.items() for v in vs)
     gap = min(np.abs(centres[a] - centres[b]).max() for a in range(6) for b in range(a))
     assert gap > 2 * spread
+
+
+# ----------------------------------------------------------------------------- bad data, found up front
+
+def edit_split(folder, change):
+    """Rewrite caltech101's split file as change(split dict) returns it."""
+    path = os.path.join(folder, "split_zhou_Caltech101.json")
+    with open(path) as f:
+        split = json.load(f)
+    with open(path, "w") as f:
+        f.write(change(split) if callable(change) else change)
+    return path
+
+
+@pytest.mark.parametrize("change, message", [
+    ('{"train": [["a.jpg", 0, "a"]], "val', r"split_zhou_Caltech101\.json: not valid JSON .*cut short"),
+    (lambda s: json.dumps({"train": s["train"], "test": s["test"]}), r"split_zhou_Caltech101\.json: expected a JSON"),
+    (lambda s: json.dumps(dict(s, test=[["x.jpg", 1]] + s["test"])), r"test\[0\] is \[\"x\.jpg\", 1\]"),
+    (lambda s: json.dumps(dict(s, test=s["test"] + [[s["test"][0][0], 7, "class_007"]])),
+     r"test image .* has label 7, outside the train labels 0\.\.2"),
+    (lambda s: json.dumps(dict(s, val=s["val"] + [[s["val"][0][0], 1, "other name"]])),
+     r"label 1 is named 'class_001' and 'other name'"),
+])
+def test_bad_split_files_are_named_at_load(tmp_path, change, message):
+    folder = synthetic(tmp_path, "caltech101", num_classes=3)
+    edit_split(folder, change)
+    with pytest.raises(data.DataError, match=message):
+        load_splits("caltech101", str(tmp_path), num_shots=2)
+
+
+def test_missing_listed_image_is_found_at_load(tmp_path):
+    folder = synthetic(tmp_path, "caltech101", num_classes=3)
+    test = load_splits("caltech101", str(tmp_path), num_shots=2)["test"]
+    os.remove(test[-1].impath)
+    with pytest.raises(data.MissingData, match=r"1 image\(s\) listed in the test split are missing.*" +
+                       re.escape(test[-1].impath)):
+        load_splits("caltech101", str(tmp_path), num_shots=2)
+
+
+def write_cache(path, content):
+    with open(path, "wb") as f:
+        data._DasslPickler(f, protocol=4).dump(content)
+
+
+def test_cache_out_of_date_or_with_an_extra_key_is_refused(tmp_path):
+    folder = synthetic(tmp_path, "caltech101", num_classes=3)
+    picked = load_splits("caltech101", str(tmp_path), num_shots=2)  # writes the cache
+    path = os.path.join(folder, "split_fewshot", "shot_2-seed_1.pkl")
+    as_datum = [data._Datum(i.impath, i.label, i.classname) for i in picked["train"]]
+    # the split file fixed after the cache was written: the cache's old label is refused
+    stale = [data._Datum(d._impath, (d._label + 1) % 3, d._classname) if j == 0 else d for j, d in enumerate(as_datum)]
+    write_cache(path, {"train": stale, "val": []})
+    with pytest.raises(data.DataError, match=r"shot_2-seed_1\.pkl: image .* in the cache but .*out of date"):
+        load_splits("caltech101", str(tmp_path), num_shots=2)
+    write_cache(path, {"train": as_datum, "val": [], "test": []})
+    with pytest.raises(data.CacheError, match=r"unexpected key 'test'.*delete it"):
+        load_splits("caltech101", str(tmp_path), num_shots=2)
+
+
+def test_full_data_disk_while_writing_the_cache_only_warns(tmp_path, monkeypatch, capsys):
+    folder = synthetic(tmp_path, "caltech101", num_classes=3)
+
+    def disk_full(self, obj):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(data._DasslPickler, "dump", disk_full)
+    splits = load_splits("caltech101", str(tmp_path), num_shots=2)
+    assert len(splits["train"]) == 6
+    assert "warning: cannot write few-shot cache" in capsys.readouterr().err
+    assert os.listdir(os.path.join(folder, "split_fewshot")) == []  # no partial file left
+
+
+def test_16_bit_png_is_scaled_to_8_bits(tmp_path):
+    levels = (np.arange(256, dtype=np.uint16) * 257).reshape(16, 16)  # 0, 257, ..., 65535
+    path = str(tmp_path / "deep.png")
+    Image.fromarray(levels).save(path)  # uint16 -> mode I;16
+    with Image.open(path) as image:
+        assert image.mode in ("I;16", "I")  # what the decoder gives for 16-bit greyscale
+    rgb = np.asarray(data.load_image(path))
+    assert rgb.shape == (16, 16, 3) and (rgb[..., 0] == rgb[..., 2]).all()
+    assert (rgb[..., 0] == np.arange(256).reshape(16, 16)).all()  # all 256 levels, as a viewer shows them

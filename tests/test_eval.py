@@ -2,6 +2,7 @@
 under torchrun, drives the base2new make flow, and computes the report tables."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections import OrderedDict
@@ -10,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import clip_model
 import eval as evaluate_cli  # "eval" would shadow the builtin
 import train
 from test_train import REPO, assert_same_tensors, assert_usage_error, synthetic, torchrun_two_ranks, trained_run
@@ -172,7 +174,10 @@ def test_authors_checkpoint_maps_to_our_names(run, tmp_path, dtype, precision):
     assert not marker.exists()  # objects other than tensors are not built, so no code from the file ran
     assert all(v.dtype == state[k].dtype for k, v in mapped.items())
     assert_same_tensors(mapped, rounded(state, dtype))
+    stored_clip = info.pop("clip_weights")
     assert info == {"epoch": 3, "val_result": None, "precision": precision, "clip": None}  # tiny CLIP: no name
+    clip_weights = {k: v for k, v in torch.load(weights, weights_only=True).items() if k != "logit_scale"}
+    assert_same_tensors(stored_clip, clip_weights)  # image_encoder.*, text_encoder.* renamed back
     _, best = evaluate_cli.load_authors_checkpoint(str(tmp_path / "theirs"))  # model-best.pth.tar
     assert (best["epoch"], best["val_result"]) == (2, 61.25)
     # The same numbers as our own checkpoint holding the same (rounded) tensors.
@@ -267,10 +272,15 @@ def test_make_xd_commands():
     assert f"for t in {targets}; do" in text
 
 
-def write_result(folder, accuracy):
+def write_result(folder, accuracy, **fields):
+    """A results.json as train.py/eval.py write it for its place: <dataset>/seed<S>/{base,new}
+    (base2new) or <dataset>/seed<S> (xd, all classes); fields override."""
     os.makedirs(folder)
+    parts = os.path.normpath(folder).split(os.sep)
+    what = dict(dataset=parts[-3], subsample=parts[-1]) if parts[-1] in ("base", "new") else \
+        dict(dataset=parts[-2], subsample="all")
     with open(os.path.join(folder, "results.json"), "w") as f:
-        json.dump({"accuracy": accuracy}, f)
+        json.dump(dict(accuracy=accuracy, split="test", **dict(what, **fields)), f)
 
 
 def test_report_arithmetic(tmp_path, capsys):
@@ -348,3 +358,131 @@ def test_benchmark_smoke(capsys):
                                "--num-classes", "3", "--benchmark-steps", "1"])
     assert set(rates) == {"TextRefiner", "CoOp", "zero-shot CLIP"}
     assert "(eval)" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- reliability
+
+def test_eval_never_replaces_results_of_another_evaluation(run, tmp_path, capsys):
+    root, weights, out = run
+    before = read_results(out)  # train.py's base-class test
+    assert_usage_error(evaluate_cli.main, ["--checkpoint", os.path.join(out, "best.pt"), "--workers", "0",
+                                           "--subsample", "new", "--output-dir", out],
+                       "holds the results of another evaluation ({'subsample': 'base here, new now'}", capsys)
+    assert read_results(out) == before
+    # the same evaluation again may replace its own file (a leftover temporary file is cleaned)
+    folder = tmp_path / "new"
+    argv = ["--checkpoint", os.path.join(out, "best.pt"), "--workers", "0", "--subsample", "new",
+            "--output-dir", str(folder)]
+    evaluate_cli.main(argv)
+    (folder / "results.json.tmp").write_text("{")
+    evaluate_cli.main(argv)
+    assert sorted(os.listdir(folder)) == ["results.json"]
+
+
+def test_subsample_new_of_an_all_classes_checkpoint_is_refused(run, tmp_path, capsys):
+    root, weights, out = run
+    ckpt = torch.load(os.path.join(out, "best.pt"), weights_only=True)
+    ckpt["args"]["subsample"] = "all"
+    torch.save(ckpt, tmp_path / "all.pt")
+    assert_usage_error(evaluate_cli.main, ["--checkpoint", str(tmp_path / "all.pt"), "--subsample", "new",
+                                           "--workers", "0"], "trained on all classes of caltech101", capsys)
+
+
+def test_files_that_are_not_our_checkpoints_are_named(run, tmp_path, capsys):
+    root, weights, out = run
+    with open(os.path.join(out, "best.pt"), "rb") as f:
+        whole = f.read()
+    state = torch.load(os.path.join(out, "best.pt"), weights_only=True)["model"]
+    cases = {"empty.pt": b"", "half.pt": whole[:len(whole) // 2]}
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+    torch.save(state, tmp_path / "bare.pt")
+    write_authors_folder(tmp_path / "theirs", state, weights, epoch=2)
+    expected = {"empty.pt": "not a complete checkpoint (0 bytes", "half.pt": "not a complete checkpoint",
+                "bare.pt": "not a checkpoint of train.py (no 'model', 'args' and 'epoch' entries; a bare state dict?)",
+                os.path.join("theirs", "prompt_learner", "model.pth.tar-2"): "holds pickled objects"}
+    for name, message in expected.items():
+        assert_usage_error(evaluate_cli.main, ["--checkpoint", str(tmp_path / name), "--workers", "0"], message,
+                           capsys)
+    assert_usage_error(evaluate_cli.main, ["--checkpoint", out, "--workers", "0"],
+                       f"is a train.py output folder: pass the file, {os.path.join(out, 'best.pt')}", capsys)
+
+
+def test_authors_memory_item_must_be_a_tensor(run, tmp_path, capsys):
+    root, weights, out = run
+    state = torch.load(os.path.join(out, "last.pt"), weights_only=True)["model"]
+    write_authors_folder(tmp_path / "theirs", state, weights, epoch=2)
+    memory = tmp_path / "theirs" / "Memory" / "model.pth.tar-2"
+    content = torch.load(memory, weights_only=False)
+    content["memory_item"] = [[0.0] * 4]
+    torch.save(content, memory)
+    assert_usage_error(evaluate_cli.main, ["--checkpoint", str(tmp_path / "theirs"), "--epoch", "2", "--dataset",
+                                           "caltech101", "--root", root, "--clip", weights, "--workers", "0"],
+                       "memory_item is a list, expected a tensor", capsys)
+
+
+def test_authors_folder_with_other_clip_weights_is_refused(run, tmp_path, capsys):
+    root, weights, out = run
+    state = torch.load(os.path.join(out, "last.pt"), weights_only=True)["model"]
+    write_authors_folder(tmp_path / "theirs", state, weights, epoch=2)
+    other = tmp_path / "other-clip.pt"
+    torch.save(clip_model.random_state_dict(clip_model.CONFIGS["tiny"], seed=1), other)
+    common = ["--checkpoint", str(tmp_path / "theirs"), "--epoch", "2", "--dataset", "caltech101", "--root", root,
+              "--subsample", "base", "--workers", "0"]
+    assert_usage_error(evaluate_cli.main, [*common, "--clip", str(other)],
+                       "its weights differ from the CLIP stored in", capsys)
+    assert evaluate_cli.main([*common, "--clip", weights])["num_classes"] == 3  # the right CLIP passes
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--zeroshot", "--dataset", "dtd", "--seed", "-1"], "--seed must be >= 0"),
+    (["--zeroshot", "--dataset", "dtd", "--batch-size", "0"], "--batch-size must be positive"),
+    (["--zeroshot", "--dataset", "dtd", "--dist-timeout", "-5"], "--dist-timeout must be positive"),
+    (["--benchmark", "--benchmark-steps", "0"], "--benchmark-steps must be positive"),
+    (["--benchmark", "--num-classes", "0"], "--num-classes must be positive"),
+    (["--benchmark", "--batch-size", "-2"], "--batch-size must be positive"),
+])
+def test_nonsense_eval_flags_are_refused(argv, message, capsys):
+    assert_usage_error(evaluate_cli.main, argv, message, capsys)
+
+
+def test_epoch_with_a_train_checkpoint_and_output_dir_file_fail_at_start(run, tmp_path, capsys):
+    root, weights, out = run
+    best = os.path.join(out, "best.pt")
+    assert_usage_error(evaluate_cli.main, ["--checkpoint", best, "--epoch", "2"],
+                       "--epoch N picks model.pth.tar-N in an authors' run folder", capsys)
+    (tmp_path / "file").write_text("")
+    assert_usage_error(evaluate_cli.main, ["--checkpoint", best, "--output-dir", str(tmp_path / "file")],
+                       "is a file, not a directory", capsys)
+
+
+def test_report_refuses_wrong_malformed_and_stray_results(tmp_path, capsys):
+    for seed in (1, 2):
+        write_result(tmp_path / "dtd" / f"seed{seed}" / "base", 80)
+        write_result(tmp_path / "dtd" / f"seed{seed}" / "new", 60)
+    evaluate_cli.report(str(tmp_path))  # a sound folder reports
+    shutil.copytree(tmp_path / "dtd" / "seed1", tmp_path / "dtd" / "seed1_old")
+    with open(tmp_path / "dtd" / "seed2" / "new" / "results.json", "w") as f:
+        f.write('{"accuracy": 6')  # cut short
+    write_result(tmp_path / "eurosat" / "seed1" / "base", None)
+    write_result(tmp_path / "eurosat" / "seed1" / "new", 66.67, subsample="base")  # eval.py into the base folder
+    with pytest.raises(SystemExit) as err:
+        evaluate_cli.main(["--report", str(tmp_path)])
+    stderr = capsys.readouterr().err
+    assert err.value.code == 2 and "Traceback" not in stderr
+    for message in ("dtd/seed1_old: unexpected (runs are folders seed<N>)", "dtd/seed2/new/results.json: unreadable",
+                    "eurosat/seed1/base/results.json: accuracy is None, expected a number",
+                    "eurosat/seed1/new/results.json: holds {'subsample': 'base'}", "4 problem(s) above"):
+        assert message in stderr, stderr
+
+
+def test_make_report_fails_without_output_or_on_a_bad_result(tmp_path):
+    def make_report(output):
+        return subprocess.run(["make", "--no-print-directory", "-C", REPO, "report", f"OUTPUT={output}"],
+                              capture_output=True, text=True, timeout=120)
+    proc = make_report(tmp_path / "none")
+    assert proc.returncode != 0 and "nothing to report" in proc.stderr, proc.stdout + proc.stderr
+    write_result(tmp_path / "output" / "base2new" / "dtd" / "seed1" / "base", 80)
+    write_result(tmp_path / "output" / "base2new" / "dtd" / "seed1" / "new", None)
+    proc = make_report(tmp_path / "output")
+    assert proc.returncode != 0 and "accuracy is None" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

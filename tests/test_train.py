@@ -7,8 +7,11 @@ import json
 import math
 import os
 import random
+import shutil
+import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -77,10 +80,14 @@ def torchrun_two_ranks(script, argv):
 
 
 def assert_usage_error(main, argv, message, capsys):
-    """main(argv) exits as argparse does on a bad flag: status 2, message on stderr."""
+    """main(argv) exits as argparse does on a bad flag: status 2, message on stderr, no
+    traceback; a user error that is not a flag (bad data, files) is one line."""
     with pytest.raises(SystemExit) as err:
         main(argv)
-    assert err.value.code == 2 and message in capsys.readouterr().err
+    stderr = capsys.readouterr().err
+    assert err.value.code == 2 and message in stderr, stderr
+    assert "Traceback" not in stderr and (stderr.startswith("usage:") or stderr.count("\n") == 1), stderr
+    return stderr
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +136,17 @@ def test_training_run_logs_and_results(run):
     assert not any(name.endswith(".tmp") for name in os.listdir(out))
 
 
+def write_lock(folder, **holder):
+    with open(os.path.join(folder, ".lock"), "w") as f:
+        json.dump(dict(dict(start=None, pidns=train._pid_namespace(), since="then"), **holder), f)
+
+
+def dead_pid():
+    proc = subprocess.Popen([sys.executable, "-c", ""])
+    proc.wait()
+    return proc.pid
+
+
 def test_resume_after_interruption_ends_bitwise_equal(run, tmp_path, monkeypatch):
     root, weights, out = run
     real_loader = data.build_train_loader
@@ -158,7 +176,12 @@ def test_resume_after_interruption_ends_bitwise_equal(run, tmp_path, monkeypatch
         train.main(train_argv(root, weights, str(tmp_path), "--resume", "--lr", "0.5"))
     with open(tmp_path / "log.jsonl", "a") as f:
         f.write('{"epoch": 1, "lr": 0.0')  # a line cut short by the crash
+    # kill -9 leaves its lock and a half-written file: neither may block or survive --resume
+    write_lock(tmp_path, host=socket.gethostname(), pid=dead_pid())
+    (tmp_path / "last.pt.tmp").write_bytes(b"half a checkpoint")
     train.main(train_argv(root, weights, str(tmp_path), "--resume"))
+    assert not any(name.endswith(".tmp") for name in os.listdir(tmp_path))
+    assert not (tmp_path / ".lock").exists()  # released at the end
 
     resumed = torch.load(tmp_path / "last.pt", weights_only=True)
     reference = torch.load(os.path.join(out, "last.pt"), weights_only=True)
@@ -317,12 +340,12 @@ def test_bad_flags_are_clear_errors(argv, message, capsys):
     assert_usage_error(train.main, argv, message, capsys)
 
 
-def test_missing_split_file_names_the_expected_path(run, tmp_path):
+def test_missing_split_file_names_the_expected_path(run, tmp_path, capsys):
     _, weights, _ = run
     os.makedirs(tmp_path / "dtd")
-    with pytest.raises(FileNotFoundError, match="split_zhou_DescribableTextures.json"):
-        train.main(["--dataset", "dtd", "--root", str(tmp_path), "--clip", weights, "--workers", "0",
-                    "--output-dir", str(tmp_path / "out")])
+    assert_usage_error(train.main, ["--dataset", "dtd", "--root", str(tmp_path), "--clip", weights, "--workers", "0",
+                                    "--output-dir", str(tmp_path / "out")], "split_zhou_DescribableTextures.json",
+                       capsys)
 
 
 def test_benchmark_smoke(capsys):
@@ -330,3 +353,212 @@ def test_benchmark_smoke(capsys):
                         "--num-classes", "3", "--benchmark-steps", "1"])
     assert set(rates) == {"TextRefiner", "CoOp", "zero-shot CLIP"} and all(r > 0 for r in rates.values())
     assert "images/s" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- reliability
+
+def test_output_dir_lock_refuses_a_second_writer_and_takes_over_stale_locks(tmp_path):
+    folder = str(tmp_path)
+    lock = train.acquire_output_lock(folder)
+    with pytest.raises(train.UserError, match=r"in use by another training run \(pid \d+ on host"):
+        train.acquire_output_lock(folder)  # a live process of this host holds it
+    train.release_output_lock(lock)
+    assert not os.path.exists(lock)
+    write_lock(folder, host="node-7", pid=dead_pid())  # another host's pid cannot be checked from here
+    with pytest.raises(train.UserError, match=r"host node-7 .*if that run is dead .*delete .*\.lock"):
+        train.acquire_output_lock(folder)
+    write_lock(folder, host=socket.gethostname(), pid=dead_pid())  # kill -9 on this host: stale
+    assert train.acquire_output_lock(folder) == lock
+    train.release_output_lock(lock)
+    write_lock(folder, host=socket.gethostname(), pid=dead_pid(), pidns="pid:[1]")  # another container's
+    with pytest.raises(train.UserError, match="in use by another training run"):
+        train.acquire_output_lock(folder)
+    # the pid reused by another process (its start time differs): stale too
+    write_lock(folder, host=socket.gethostname(), pid=os.getpid(), start=-1)
+    assert train.acquire_output_lock(folder) == lock
+    assert json.load(open(lock))["pid"] == os.getpid()
+    train.release_output_lock(lock)
+    assert sorted(os.listdir(folder)) == []  # no helper file left
+
+
+def test_second_training_into_a_held_output_dir_is_refused_at_start(run, tmp_path, capsys):
+    root, weights, _ = run
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        write_lock(tmp_path, host=socket.gethostname(), pid=holder.pid)
+        (tmp_path / "log.jsonl").write_text('{"epoch": 0}\n')  # the other run's
+        assert_usage_error(train.main, train_argv(root, weights, str(tmp_path), "--resume"),
+                           f"in use by another training run (pid {holder.pid}", capsys)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert sorted(os.listdir(tmp_path)) == [".lock", "log.jsonl"]  # nothing of the other run touched
+    assert (tmp_path / "log.jsonl").read_text() == '{"epoch": 0}\n'
+
+
+def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path):
+    path = str(tmp_path / "last.pt")
+    train.save_atomic({"epoch": 0}, path)
+    os.symlink("/dev/full", path + ".tmp")  # every write there fails with ENOSPC
+    with pytest.raises(train.UserError, match=r"cannot write .*last\.pt: No space left on device; the previous "
+                                              r"last\.pt is intact"):
+        train.save_atomic({"epoch": 1}, path)
+    assert torch.load(path, weights_only=True) == {"epoch": 0}
+    assert os.listdir(tmp_path) == ["last.pt"]
+
+
+def test_full_output_disk_stops_training_with_a_message_and_resume_continues(run, tmp_path, monkeypatch, capsys):
+    root, weights, out = run
+    real_save = train.save_atomic
+
+    def disk_full_at_epoch_1(obj, path):
+        if obj["epoch"] == 1:
+            os.symlink("/dev/full", path + ".tmp")  # the disk fills up while epoch 1 is saved
+        real_save(obj, path)
+
+    monkeypatch.setattr(train, "save_atomic", disk_full_at_epoch_1)
+    assert_usage_error(train.main, train_argv(root, weights, str(tmp_path)), "No space left on device; the previous "
+                       "best.pt is intact", capsys)
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 0
+    train.main(train_argv(root, weights, str(tmp_path), "--resume"))  # space freed
+    assert torch.equal(torch.load(tmp_path / "last.pt", weights_only=True)["model"]["refiner.cache"],
+                       torch.load(os.path.join(out, "last.pt"), weights_only=True)["model"]["refiner.cache"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--warmup-lr", "-1"], "--warmup-lr must be >= 0, got -1.0"),
+    (["--alpha", "-1"], "--alpha must be in [0, 1], got -1.0"),
+    (["--alpha", "100"], "--alpha must be in [0, 1], got 100.0"),
+    (["--cache-momentum", "1.5"], "--cache-momentum must be in [0, 1]"),
+    (["--semantic-weight", "-0.1"], "--semantic-weight must be >= 0"),
+    (["--reg-weight", "-20"], "--reg-weight must be >= 0"),
+    (["--weight-decay", "nan"], "--weight-decay must be >= 0"),
+    (["--momentum", "5"], "--momentum must be in [0, 1), got 5.0"),
+    (["--seed", "-1"], "--seed must be >= 0"),
+    (["--batch-size", "0"], "--batch-size must be positive"),
+    (["--dist-timeout", "0"], "--dist-timeout must be positive"),
+    (["--clip", "/no/clip.pt"], "--clip '/no/clip.pt': no such file; expected an official name (ViT-B/32"),
+])
+def test_nonsense_flags_are_refused(flags, message, tmp_path, capsys):
+    argv = ["--dataset", "caltech101", "--root", str(tmp_path), "--output-dir", str(tmp_path / "out"), *flags]
+    assert_usage_error(train.main, argv, message, capsys)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--benchmark-steps", "0"], "--benchmark-steps must be positive"),
+    (["--num-classes", "-3"], "--num-classes must be positive"),
+    (["--batch-size", "0"], "--batch-size must be positive"),
+])
+def test_nonsense_benchmark_flags_are_refused(flags, message, capsys):
+    assert_usage_error(train.main, ["--benchmark", "--benchmark-clip", "tiny", "--device", "cpu", *flags], message,
+                       capsys)
+
+
+def test_output_dir_that_is_a_file_fails_at_start(tmp_path, capsys):
+    (tmp_path / "out").write_text("")
+    assert_usage_error(train.main, ["--dataset", "caltech101", "--root", str(tmp_path), "--output-dir",
+                                    str(tmp_path / "out")], "is a file, not a directory", capsys)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--n-ctx", "100", "--ctx-init", ""], "--n-ctx 100: the prompt of class"),
+    (["--n-ctx", "5"], "--ctx-init 'a photo of a' is 4 tokens but --n-ctx is 5"),
+])
+def test_prompt_flags_that_cannot_work_name_the_flag(run, tmp_path, flags, message, capsys):
+    root, weights, _ = run
+    assert_usage_error(train.main, train_argv(root, weights, str(tmp_path), *flags), message, capsys)
+    assert not os.path.exists(tmp_path / "last.pt")
+
+
+def copy_dataset(root, tmp_path, change):
+    """A copy of the synthetic caltech101 split file (images shared) edited by change(split)."""
+    folder = tmp_path / "data" / "caltech-101"
+    folder.mkdir(parents=True)
+    os.symlink(os.path.join(root, "caltech-101", "101_ObjectCategories"), folder / "101_ObjectCategories")
+    with open(os.path.join(root, "caltech-101", "split_zhou_Caltech101.json")) as f:
+        split = json.load(f)
+    with open(folder / "split_zhou_Caltech101.json", "w") as f:
+        json.dump(change(split), f)
+    return str(tmp_path / "data")
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda s: dict(s, test=[]), "the test split is empty"),
+    (lambda s: dict(s, test=s["test"] + [[s["test"][0][0], 6, "class_006"]]), "has label 6, outside the train labels"),
+    (lambda s: dict(s, test=s["test"] + [["class_000/gone.jpg", 0, "class_000"]]), "class_000/gone.jpg"),
+])
+def test_bad_test_split_is_reported_before_training(run, tmp_path, change, message, capsys):
+    root, weights, _ = run
+    root = copy_dataset(root, tmp_path, change)
+    t0 = time.perf_counter()
+    assert_usage_error(train.main, train_argv(root, weights, str(tmp_path / "out")), message, capsys)
+    assert not os.path.exists(tmp_path / "out" / "last.pt") and time.perf_counter() - t0 < 30
+
+
+def test_unreadable_image_in_a_loader_worker_is_one_line(run, tmp_path, capsys):
+    """Images are checked to exist at start, not decoded (too slow for ImageNet): a corrupt one
+    fails in a worker process, whose traceback the loader attaches; the user sees one line."""
+    root, weights, _ = run
+    root = copy_dataset(root, tmp_path, lambda s: s)
+    with open(os.path.join(root, "caltech-101", "split_zhou_Caltech101.json")) as f:
+        first_test = json.load(f)["test"][0][0]
+    os.remove(tmp_path / "data" / "caltech-101" / "101_ObjectCategories")  # own image folder: one file corrupt
+    shutil.copytree(os.path.join(run[0], "caltech-101", "101_ObjectCategories"),
+                    tmp_path / "data" / "caltech-101" / "101_ObjectCategories")
+    (tmp_path / "data" / "caltech-101" / "101_ObjectCategories" / first_test).write_bytes(b"not an image")
+    argv = train_argv(root, weights, str(tmp_path / "out"), "--epochs", "1", "--warmup-epochs", "0", "--no-val")
+    argv[argv.index("--workers") + 1] = "1"
+    assert_usage_error(train.main, argv, f"cannot read image {root}/caltech-101/101_ObjectCategories/{first_test}",
+                       capsys)
+
+
+def test_truncated_last_pt_is_a_clear_error(run, tmp_path, capsys):
+    root, weights, out = run
+    with open(os.path.join(out, "last.pt"), "rb") as f:
+        whole = f.read()
+    for content in (b"", whole[:len(whole) // 2]):
+        (tmp_path / "last.pt").write_bytes(content)
+        assert_usage_error(train.main, train_argv(root, weights, str(tmp_path), "--resume"),
+                           f"last.pt: not a complete checkpoint ({len(content)} bytes", capsys)
+
+
+def test_official_clip_name_offline_says_to_pass_a_file(run, tmp_path, monkeypatch, capsys):
+    import urllib.error
+    import urllib.request
+    root, weights, _ = run
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.cache/clip/ViT-B-16.pt
+
+    def offline(url, *args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    argv = train_argv(root, weights, str(tmp_path / "out"))
+    argv[argv.index("--clip") + 1] = "ViT-B/16"
+    assert_usage_error(train.main, argv, "pass a local weights file (--clip PATH)", capsys)
+
+
+STALL_SCRIPT = """
+import os, sys, time
+sys.path.insert(0, {repo!r})
+import eval as evaluate_cli, train
+if os.environ["RANK"] == "1":  # stands in for an NFS stall: this rank arrives late everywhere
+    real = train.evaluate
+    train.evaluate = lambda *a, **k: time.sleep(60) or real(*a, **k)
+evaluate_cli.main(sys.argv[1:])
+"""
+
+
+def test_stalled_rank_times_out_with_a_message_naming_rank_and_collective(run, tmp_path):
+    root, weights, out = run
+    script = tmp_path / "stall.py"
+    script.write_text(STALL_SCRIPT.format(repo=REPO))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           "--checkpoint", os.path.join(out, "best.pt"), "--workers", "0", "--dist-timeout", "10"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0 and time.perf_counter() - t0 < 55
+    # 10 s: short, yet long enough that a slow start of one rank on a busy machine is no stall
+    assert "rank 0: timed out after 10 s (--dist-timeout) in the all-reduce of the evaluation counts" in proc.stderr, \
+        proc.stderr[-5000:]
