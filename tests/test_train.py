@@ -294,8 +294,8 @@ def test_test_runs_stay_on_the_cpu_on_a_one_gpu_host(monkeypatch, tmp_path):
         if device.index >= torch.cuda.device_count():
             raise RuntimeError(f"CUDA error: invalid device ordinal ({device})")
     monkeypatch.setattr(torch.cuda, "set_device", set_device)
-    monkeypatch.setattr(train.dist, "init_process_group", lambda backend: None)
-    monkeypatch.setattr(train.dist, "new_group", lambda: "group")
+    monkeypatch.setattr(train.dist, "init_process_group", lambda backend, timeout: None)
+    monkeypatch.setattr(train.dist, "new_group", lambda timeout: "group")
     for rank in (0, 1):
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("LOCAL_RANK", str(rank))
