@@ -321,15 +321,21 @@ def _check_subsample(subsample):
         raise DataError(f"subsample must be 'all', 'base' or 'new', got {subsample!r}")
 
 
+def subsample_labels(train, subsample):
+    """The labels of the base or new classes: the first ceil(n/2) of the sorted labels of the
+    train items, or the rest."""
+    labels = sorted({i.label for i in train})
+    m = math.ceil(len(labels) / 2)
+    return labels[:m] if subsample == "base" else labels[m:]
+
+
 def subsample_classes(splits, subsample):
     """Base = first ceil(n/2) of the sorted labels of the train split, new = the rest;
     every split filtered and relabelled 0..k-1, class names following."""
     _check_subsample(subsample)
     if subsample == "all":
         return splits
-    labels = sorted({i.label for i in splits["train"]})
-    m = math.ceil(len(labels) / 2)
-    keep = labels[:m] if subsample == "base" else labels[m:]
+    keep = subsample_labels(splits["train"], subsample)
     relabel = {y: k for k, y in enumerate(keep)}
     out = {s: [Item(i.impath, relabel[i.label], i.classname) for i in splits[s] if i.label in relabel]
            for s in ("train", "val", "test")}

@@ -73,6 +73,13 @@ def get_parser():
                    help="authors' files: unpickle every object they hold, not only tensors "
                         "(runs code from the file; trusted files only; not needed for the released format)")
     p.add_argument("--zeroshot", action="store_true", help="zero-shot CLIP instead of a checkpoint")
+    p.add_argument("--method", choices=tuple(train.METHODS),
+                   help="refuse a checkpoint of another method (default: whatever the checkpoint is)")
+    p.add_argument("--teacher", help="PromptKD students: the teacher file (or the folder of the released teachers); "
+                                     "default: the run's own")
+    p.add_argument("--teacher-clip", help="PromptKD students: the teacher's base CLIP (default: the run's, ViT-L/14)")
+    p.add_argument("--allow-other-teacher", action="store_true",
+                   help="PromptKD students: evaluate with another teacher file than the one the run recorded")
     p.add_argument("--dataset", help=f"one of {', '.join(data.DATASETS)}")
     p.add_argument("--root", help="data root")
     p.add_argument("--subsample", choices=data.SUBSAMPLES)
@@ -111,25 +118,109 @@ def authors_clip_name(learner):
     return None
 
 
-def load_authors_checkpoint(folder, epoch=None, allow_pickle=False):
-    """(state dict with SPEC 10 names, run info) from an output folder of the released code.
+# The released runs' output folders: Dassl registers two models, the prompt learner and Memory.
+# CoOp + TextRefiner calls the first prompt_learner/, PromptKD + TextRefiner VLPromptLearner/.
+AUTHORS_LEARNER = {"coop": "prompt_learner", "promptkd": "VLPromptLearner"}
 
-    Its trainer registers two Dassl models, so the folder holds prompt_learner/ and Memory/,
-    each with model.pth.tar-<epoch> (epoch counted from 1; the last one for --epoch 10) and,
-    with best_val model selection, model-best.pth.tar. Each file is Dassl's
-    {'state_dict', 'epoch', 'optimizer', 'scheduler', 'val_result'}, where:
-      prompt_learner/: 'state_dict' is the whole CustomCLIP: prompt_learner.ctx (n_ctx, W),
-        the fixed prompt_learner.token_prefix / token_suffix / tokenized_prompts of the
-        training classes (ignored: prompts are rebuilt for the classes evaluated), the frozen
-        CLIP as image_encoder.* / text_encoder.* / logit_scale (ignored: --clip is loaded),
-        and the alignment mid_image_trans.conv1.{0,1,3}: 1x1 Conv2d weights (D, D, 1, 1) and
-        biases, BatchNorm2d weight / bias / running stats / num_batches_tracked;
-      Memory/: 'state_dict' is {'extractor.weight': (D, 2D)}; the cache is not a buffer but
-        the file's own top-level entry 'memory_item' (M, D).
-    With the released default precision (fp16) ctx, the convolutions, extractor and cache are
-    fp16 and BatchNorm fp32; everything is returned in fp32 (num_batches_tracked as is)."""
+
+def authors_method(folder):
+    """Which released trainer wrote the run folder, from its sub-folders; None if neither."""
+    found = [m for m, part in AUTHORS_LEARNER.items() if os.path.isdir(os.path.join(folder, part))]
+    return found[0] if len(found) == 1 else None
+
+
+def authors_projector(learner, theirs, ours, path):
+    """{ours.fc1/bn/fc2...: tensor} from the released two-layer projector theirs.conv1.{0,1,3}
+    (1x1 Conv2d, BatchNorm2d, ReLU, 1x1 Conv2d on (N, C, 1, 1)): the same function as Linear ->
+    BatchNorm1d -> ReLU -> Linear over the N rows."""
+    out = {}
+    for their_key, our_key in AUTHORS_ALIGN.items():
+        tensor = learner[f"{theirs}.conv1.{their_key}"]
+        if their_key in AUTHORS_CONV_WEIGHTS:
+            if tensor.dim() != 4 or tuple(tensor.shape[2:]) != (1, 1):
+                raise DataError(f"{path}: {theirs}.conv1.{their_key} should be a 1x1 convolution weight "
+                                f"(out, in, 1, 1), found {tuple(tensor.shape)}")
+            tensor = tensor.reshape(tensor.shape[0], tensor.shape[1])  # Conv2d 1x1 -> Linear
+        out[f"{ours}.{our_key}"] = tensor
+    return out
+
+
+def projector_keys(theirs):
+    return [f"{theirs}.conv1.{k}" for k in AUTHORS_ALIGN]
+
+
+def coop_learner_state(learner, path):
+    """CoOp + TextRefiner's prompt_learner/ state dict: prompt_learner.ctx (n_ctx, W), the fixed
+    prompt buffers of the training classes (ignored: prompts are rebuilt for the classes
+    evaluated), the frozen CLIP as image_encoder.* / text_encoder.* / logit_scale (checked
+    against --clip), the alignment mid_image_trans.conv1.{0,1,3}. -> (state, hyper-parameters)."""
+    check_keys(learner, ["prompt_learner.ctx"] + projector_keys("mid_image_trans"), path,
+               "a CoOp + TextRefiner run")
+    ctx = learner["prompt_learner.ctx"]
+    if ctx.dim() != 2:
+        raise DataError(f"{path}: class-specific contexts (CSC) are not supported")
+    n_ctx = ctx.shape[0]
+    # The released scripts initialise 4 context vectors from "a photo of a"; the phrase only
+    # fixes the prompt's token positions, whose embeddings the loaded ctx replaces.
+    hp = dict(n_ctx=n_ctx, ctx_init="a photo of a" if n_ctx == 4 else "")
+    return dict({"prompt_learner.ctx": ctx}, **authors_projector(learner, "mid_image_trans", "refiner.align", path)), hp
+
+
+def promptkd_learner_state(learner, path):
+    """PromptKD + TextRefiner's VLPromptLearner/ state dict (promptkd_released.md G2): the student's
+    image tower as image_encoder.* with its deep visual prompts image_encoder.VPT (n_ctx, W) and
+    image_encoder.transformer.resblocks.{1..depth-1}.VPT_shallow, the global projector
+    VPT_image_trans.conv1.{0,1,3} and the alignment mid_image_trans.conv1.{0,1,3} (SPEC 11.5).
+    -> (state, hyper-parameters)."""
+    check_keys(learner, ["image_encoder.VPT"] + projector_keys("VPT_image_trans") + projector_keys("mid_image_trans"),
+               path, "a PromptKD + TextRefiner run")
+    shallow = sorted(int(k.split(".")[3]) for k in learner
+                     if k.startswith("image_encoder.transformer.resblocks.") and k.endswith(".VPT_shallow"))
+    depth = len(shallow) + 1
+    if shallow != list(range(1, depth)):
+        raise DataError(f"{path}: deep visual prompts in blocks {shallow}; expected blocks 1..{depth - 1}")
+    prompts = [learner["image_encoder.VPT"]] + [
+        learner[f"image_encoder.transformer.resblocks.{i}.VPT_shallow"] for i in shallow]
+    if len({tuple(p.shape) for p in prompts}) != 1 or prompts[0].dim() != 2:
+        raise DataError(f"{path}: the visual prompts differ in shape ({[tuple(p.shape) for p in prompts]})")
+    state = {"visual_prompts": torch.stack(prompts)}  # (depth, n_ctx, W)
+    state.update(authors_projector(learner, "VPT_image_trans", "image_proj", path))
+    state.update(authors_projector(learner, "mid_image_trans", "refiner.align", path))
+    return state, dict(depth=depth, n_ctx=prompts[0].shape[0])
+
+
+AUTHORS_LEARNER_STATE = {"coop": coop_learner_state, "promptkd": promptkd_learner_state}
+
+
+def check_keys(state, needed, path, what):
+    absent = [k for k in needed if k not in state]
+    if absent:
+        raise DataError(f"{path}: missing {absent}; is this {what}?")
+    for k in needed:
+        if not isinstance(state[k], torch.Tensor):
+            raise DataError(f"{path}: {k} is a {type(state[k]).__name__}, expected a tensor")
+
+
+def load_authors_checkpoint(folder, epoch=None, allow_pickle=False):
+    """(state dict with our names, run info) from an output folder of the released code.
+
+    CoOp + TextRefiner folders hold prompt_learner/ and Memory/, PromptKD + TextRefiner ones
+    VLPromptLearner/ and Memory/; each part has model.pth.tar-<epoch> (epoch counted from 1; the
+    last one for --epoch 10) and, with best_val model selection, model-best.pth.tar. Each file
+    is Dassl's {'state_dict', 'epoch', 'optimizer', 'scheduler', 'val_result'}; the prompt
+    learner's state dict is mapped by coop_learner_state / promptkd_learner_state; Memory's
+    'state_dict' is {'extractor.weight': (D, 2D)}, and the cache is not a buffer but the file's
+    own top-level entry 'memory_item' (M, D). With the released default precision (fp16) the
+    convolutions, extractor and cache (and CoOp's ctx) are fp16, BatchNorm and PromptKD's visual
+    prompts fp32; everything is returned in fp32 (num_batches_tracked as is).
+    info: method, epoch, val_result, precision, clip (the official name of the stored image
+    tower, or None), clip_weights (the stored CLIP, OpenAI names), hp (the run's shape flags)."""
+    method = authors_method(folder)
+    if method is None:
+        raise MissingData(f"authors' checkpoint folder {folder!r}: expected prompt_learner/ and Memory/ "
+                          f"(CoOp + TextRefiner) or VLPromptLearner/ and Memory/ (PromptKD + TextRefiner)")
     name = f"model.pth.tar-{epoch}" if epoch is not None else "model-best.pth.tar"
-    paths = {part: os.path.join(folder, part, name) for part in ("prompt_learner", "Memory")}
+    paths = {part: os.path.join(folder, part, name) for part in (AUTHORS_LEARNER[method], "Memory")}
     missing = [p for p in paths.values() if not os.path.isfile(p)]
     if missing:
         raise MissingData(f"authors' checkpoint folder {folder!r}: expected {missing} "
@@ -140,55 +231,43 @@ def load_authors_checkpoint(folder, epoch=None, allow_pickle=False):
             files[part] = read_dassl_file(path, allow_pickle)
         except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
             raise DataError(f"{path}: unreadable ({str(e).splitlines()[0][:200]}); a file cut short?") from None
-    for part, content in files.items():
-        if not isinstance(content, dict) or not isinstance(content.get("state_dict"), dict):
-            raise DataError(f"{paths[part]}: not a Dassl checkpoint (no 'state_dict' entry)")
-    learner, memory = files["prompt_learner"]["state_dict"], files["Memory"]
-    needed = ["prompt_learner.ctx"] + ["mid_image_trans.conv1." + k for k in AUTHORS_ALIGN]
-    absent = [k for k in needed if k not in learner]
-    if absent:
-        raise DataError(f"{paths['prompt_learner']}: missing {absent}; is this a TextRefiner run?")
+        if not isinstance(files[part], dict) or not isinstance(files[part].get("state_dict"), dict):
+            raise DataError(f"{path}: not a Dassl checkpoint (no 'state_dict' entry)")
+    learner_path, learner = paths[AUTHORS_LEARNER[method]], files[AUTHORS_LEARNER[method]]["state_dict"]
+    memory = files["Memory"]
     if "extractor.weight" not in memory["state_dict"]:
         raise DataError(f"{paths['Memory']}: no 'extractor.weight' in its state_dict")
     if "memory_item" not in memory:
         raise DataError(f"{paths['Memory']}: no 'memory_item' (the cache) in the file")
-    entries = [(paths["prompt_learner"], k, learner[k]) for k in needed] + [
-        (paths["Memory"], "state_dict.extractor.weight", memory["state_dict"]["extractor.weight"]),
-        (paths["Memory"], "memory_item", memory["memory_item"])]
-    for path, key, value in entries:
+    for key, value in (("state_dict.extractor.weight", memory["state_dict"]["extractor.weight"]),
+                       ("memory_item", memory["memory_item"])):
         if not isinstance(value, torch.Tensor):
-            raise DataError(f"{path}: {key} is a {type(value).__name__}, expected a tensor")
+            raise DataError(f"{paths['Memory']}: {key} is a {type(value).__name__}, expected a tensor")
     if memory["memory_item"].dim() != 2:
         raise DataError(f"{paths['Memory']}: memory_item has shape {tuple(memory['memory_item'].shape)}, "
                         f"expected (cache size, D)")
-    ctx = learner["prompt_learner.ctx"]
-    if ctx.dim() != 2:
-        raise DataError(f"{paths['prompt_learner']}: class-specific contexts (CSC) are not supported")
-    state = {"prompt_learner.ctx": ctx, "refiner.extractor.weight": memory["state_dict"]["extractor.weight"],
-             "refiner.cache": memory["memory_item"]}
-    for theirs, ours in AUTHORS_ALIGN.items():
-        tensor = learner["mid_image_trans.conv1." + theirs]
-        if theirs in AUTHORS_CONV_WEIGHTS:
-            if tensor.dim() != 4 or tuple(tensor.shape[2:]) != (1, 1):
-                raise DataError(f"{paths['prompt_learner']}: mid_image_trans.conv1.{theirs} should be a "
-                                 f"1x1 convolution weight (out, in, 1, 1), found {tuple(tensor.shape)}")
-            tensor = tensor.reshape(tensor.shape[0], tensor.shape[1])  # Conv2d 1x1 -> Linear
-        state["refiner.align." + ours] = tensor
+    state, hp = AUTHORS_LEARNER_STATE[method](learner, learner_path)
+    state.update({"refiner.extractor.weight": memory["state_dict"]["extractor.weight"],
+                  "refiner.cache": memory["memory_item"]})
+    conv = learner["mid_image_trans.conv1.0.weight"]
     state = {k: v.detach() if k.endswith("num_batches_tracked") else v.detach().float()
              for k, v in state.items()}
-    info = dict(epoch=files["prompt_learner"].get("epoch"), val_result=files["prompt_learner"].get("val_result"),
-                precision="fp16" if ctx.dtype == torch.float16 else "fp32", clip=authors_clip_name(learner),
-                clip_weights=authors_clip_weights(learner))
+    hp["cache_size"] = state["refiner.cache"].shape[0]
+    info = dict(method=method, epoch=files[AUTHORS_LEARNER[method]].get("epoch"),
+                val_result=files[AUTHORS_LEARNER[method]].get("val_result"),
+                precision="fp16" if conv.dtype == torch.float16 else "fp32", clip=authors_clip_name(learner),
+                clip_weights=authors_clip_weights(learner), hp=hp)
     return state, info
 
 
 def authors_clip_weights(learner):
     """{OpenAI name: tensor} of the frozen CLIP an authors' run stored in its prompt learner's
-    state dict (image_encoder.* = visual.*, text_encoder.* = the text tower's names): the
-    weights it was trained with, to check --clip against."""
+    state dict (image_encoder.* = visual.*, text_encoder.* = the text tower's names; PromptKD's
+    visual prompts, image_encoder.VPT and ...VPT_shallow, are not CLIP's): the weights it was
+    trained with, to check --clip against."""
     renames = (("image_encoder.", "visual."), ("text_encoder.", ""))
     return {ours + k[len(theirs):]: v for k, v in learner.items() for theirs, ours in renames
-            if k.startswith(theirs) and isinstance(v, torch.Tensor)}
+            if k.startswith(theirs) and isinstance(v, torch.Tensor) and "VPT" not in k}
 
 
 def check_authors_clip(clip, weights, clip_name, folder):
@@ -201,30 +280,64 @@ def check_authors_clip(clip, weights, clip_name, folder):
                             f"(first: {key}); pass the CLIP that run was trained with as --clip")
 
 
-def train_defaults():
-    """train.py's flag defaults as a dict (the paper's recipe)."""
-    return vars(train.get_parser().parse_args([]))
+def train_defaults(method="coop", dataset=None):
+    """train.py's flag defaults as a dict, the recipe flags filled from the method's row."""
+    p = train.get_parser()
+    args = p.parse_args(["--method", method] + (["--dataset", dataset] if dataset else []))
+    train.apply_recipe(p, args)
+    return vars(args)
 
 
 def read_checkpoint(args):
     """-> (trainable state dict, hyper-parameters of the run that wrote it, the CLIP weights an
     authors' folder stores (None for train.py's checkpoints, which hold no CLIP))."""
-    defaults = train_defaults()
     if os.path.isdir(args.checkpoint):
         ours = [n for n in ("best.pt", "last.pt") if os.path.isfile(os.path.join(args.checkpoint, n))]
-        if ours and not os.path.isdir(os.path.join(args.checkpoint, "prompt_learner")):
+        if ours and authors_method(args.checkpoint) is None:
             raise UserError(f"--checkpoint {args.checkpoint} is a train.py output folder: pass the file, "
                             f"{os.path.join(args.checkpoint, ours[0])}")
         state, info = load_authors_checkpoint(args.checkpoint, args.epoch, args.allow_pickle)
-        n_ctx = state["prompt_learner.ctx"].shape[0]
-        # The released scripts initialise 4 context vectors from "a photo of a"; the phrase only
-        # fixes the prompt's token positions, whose embeddings the loaded ctx replaces.
-        hp = dict(defaults, n_ctx=n_ctx, ctx_init="a photo of a" if n_ctx == 4 else "",
-                  cache_size=state["refiner.cache"].shape[0], dataset=None,
-                  precision=info["precision"], clip=info["clip"] or defaults["clip"])
+        defaults = train_defaults(info["method"])
+        hp = dict(defaults, **info["hp"], method=info["method"], dataset=None, precision=info["precision"],
+                  clip=info["clip"] or defaults["clip"], teacher=None, teacher_sha256=None)
         return state, hp, info["clip_weights"]
     ckpt = train.load_checkpoint(args.checkpoint)
-    return ckpt["model"], dict(defaults, **ckpt["args"]), None
+    method = train.recorded(ckpt["args"], "method")
+    hp = dict(train_defaults(method, ckpt["args"].get("dataset")), **ckpt["args"])
+    hp.update(method=method, selection=train.recorded(ckpt["args"], "selection"))
+    return ckpt["model"], hp, None
+
+
+def check_method(args, hp):
+    """The flags of the checkpoint's method only: a CoOp checkpoint on the PromptKD path (--method
+    promptkd, --teacher) and the reverse are refused, naming what the checkpoint is."""
+    method = train.METHODS[hp["method"]]
+    if args.method and args.method != hp["method"]:
+        raise UserError(f"--method {args.method}: {args.checkpoint} is a --method {hp['method']} checkpoint")
+    if not method.teacher and (args.teacher or args.teacher_clip or args.allow_other_teacher):
+        flag = "--teacher" if args.teacher else "--teacher-clip" if args.teacher_clip else "--allow-other-teacher"
+        raise UserError(f"{flag}: {args.checkpoint} is a --method {hp['method']} checkpoint, which has no teacher "
+                        f"(a PromptKD student's checkpoint takes {flag})")
+
+
+def resolve_eval_teacher(args, hp, dataset, subsample):
+    """The teacher file a PromptKD student is evaluated with: --teacher (a file, or the folder of
+    the released teachers), else the run's own. Another file than the run's (by SHA-256) is
+    refused unless --allow-other-teacher: the student was distilled from that one teacher."""
+    path = args.teacher or hp["teacher"]
+    if path is None:
+        raise UserError(f"--teacher is required: {args.checkpoint} names no teacher file (an authors' run folder "
+                        f"does not record it; pass the PromptKD teacher it was distilled from)")
+    if not os.path.exists(path):
+        raise UserError(f"--teacher {path!r}: no such file or folder"
+                        + ("" if args.teacher else f" (the teacher {args.checkpoint} was trained with; pass --teacher)"))
+    path = train.teacher_file(path, dataset, subsample)
+    sha = clip_model._sha256(path)
+    if hp["teacher_sha256"] not in (None, sha) and not args.allow_other_teacher:
+        raise UserError(f"--teacher {path}: not the teacher {args.checkpoint} was distilled from ({hp['teacher']}, "
+                        f"SHA-256 {hp['teacher_sha256'][:16]}..., this file {sha[:16]}...); pass that file, or "
+                        f"--allow-other-teacher to evaluate the student with this one anyway")
+    return path, sha
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -259,6 +372,9 @@ def check_results_target(path, expected):
 def run(args):
     rank, world_size, device, _ = train.setup_runtime(args)
     state, hp, stored_clip = (None, train_defaults(), None) if args.zeroshot else read_checkpoint(args)
+    if not args.zeroshot:
+        check_method(args, hp)
+    method = train.METHODS[hp["method"]]
     precision = eval_precision(args, hp, device)
     dataset = args.dataset or hp["dataset"]
     root = args.root or hp["root"]
@@ -269,7 +385,8 @@ def run(args):
     if not os.path.isdir(root):
         raise SystemExit(f"--root {root!r} is not a directory")
     subsample = args.subsample or (hp["subsample"] if dataset == hp["dataset"] else "all")
-    if not args.zeroshot and dataset == hp["dataset"] and hp["subsample"] == "all" and subsample == "new":
+    if not args.zeroshot and method.labelled and dataset == hp["dataset"] and hp["subsample"] == "all" \
+            and subsample == "new":
         raise UserError(f"--subsample new: {args.checkpoint} was trained on all classes of {dataset} "
                         f"(subsample: all), so its 'new' classes are training classes; use --subsample all")
     checkpoint = "zero-shot CLIP" if args.zeroshot else args.checkpoint
@@ -278,8 +395,13 @@ def run(args):
             dataset=dataset, subsample=subsample, split=args.split, checkpoint=os.path.realpath(checkpoint)))
     shots = hp["shots"] if args.shots is None else args.shots
     seed = hp["seed"] if args.seed is None else args.seed
-    splits = data.load_splits(dataset, root, num_shots=shots, seed=seed, subsample=subsample)
-    classnames, items = splits["classnames"], splits[args.split]
+    teacher = dict(teacher=None, teacher_sha256=None)
+    if method.teacher and not args.zeroshot:
+        path, sha = resolve_eval_teacher(args, hp, dataset, subsample)
+        teacher = dict(teacher=path, teacher_sha256=sha, teacher_clip=args.teacher_clip or hp["teacher_clip"])
+    hp = dict(hp, dataset=dataset, root=root, shots=shots, seed=seed, subsample=subsample, **teacher)
+    run_data = method.data(types.SimpleNamespace(**hp))
+    classnames, items = run_data.eval_classnames, getattr(run_data, args.split)
     if not items:
         raise SystemExit(f"{dataset}: the {args.split} split is empty")
 
@@ -290,17 +412,25 @@ def run(args):
     if args.zeroshot:
         model = ZeroShotCLIP(clip, classnames, dataset)
     else:
-        model = train.build_model(types.SimpleNamespace(**hp), classnames, clip)
-        model.load_trainable_state_dict(state)
+        model = train.build_model(types.SimpleNamespace(**hp), run_data.classnames, clip)
+        try:
+            model.load_trainable_state_dict(state)
+        except ValueError as e:
+            raise UserError(f"{args.checkpoint}: its tensors do not fit a --method {hp['method']} model with "
+                            f"its recorded flags ({e})") from None
     model.to(device)
     loader = data.build_eval_loader(items, args.batch_size or 100, clip.config.image_resolution,
                                     rank=rank, world_size=world_size, workers=args.workers,
                                     pin_memory=device.type == "cuda")
-    results = train.evaluate(model, loader, classnames, device, precision)
+    columns = None if args.zeroshot else run_data.columns
+    results = train.evaluate(model, loader, classnames, device, precision, columns)
     # The values actually used, not the flags as typed (None = "the checkpoint's").
     resolved = dict(dataset=dataset, root=root, subsample=subsample, shots=shots, seed=seed,
-                    clip=clip_name, precision=precision)
+                    clip=clip_name, precision=precision, method=hp["method"], **teacher)
     results.update(split=args.split, dataset=dataset, subsample=subsample, checkpoint=checkpoint,
+                   method=None if args.zeroshot else hp["method"],
+                   selection=None if args.zeroshot else hp["selection"],
+                   teacher=teacher["teacher"], teacher_sha256=teacher["teacher_sha256"],
                    args=dict(vars(args), **resolved))
     if rank == 0:
         if args.output_dir:

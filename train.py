@@ -26,6 +26,7 @@ Evaluation helpers (evaluate, metrics, distributed setup) live here; eval.py
 imports them.
 """
 import argparse
+import dataclasses
 import datetime
 import functools
 import inspect
@@ -39,6 +40,8 @@ import sys
 import time
 import zipfile
 from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -47,18 +50,20 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import clip_model
 import data
-from data import UserError
+import textrefiner
+from data import MissingData, UserError
 from textrefiner import TextRefinerCLIP, ZeroShotCLIP
 
 # torch 2.13 renamed DDP's broadcast_buffers to forward_sync_buffers; GPU hosts may run older.
 DDP_NO_BUFFER_SYNC = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters
                       else "broadcast_buffers")
-LOSS_KEYS = ("loss", "loss_global", "loss_local", "loss_reg")
 # Arguments that define the computation; a resumed run must use the same values.
-RECIPE_KEYS = ("dataset", "clip", "shots", "seed", "subsample", "epochs", "batch_size", "lr",
+RECIPE_KEYS = ("method", "dataset", "clip", "shots", "seed", "subsample", "epochs", "batch_size", "lr",
                "momentum", "weight_decay", "warmup_epochs", "warmup_lr", "precision", "n_ctx",
                "ctx_init", "cache_size", "alpha", "cache_momentum", "topk", "semantic_weight",
-               "reg_weight", "no_refiner", "no_val")
+               "reg_weight", "no_refiner", "selection", "teacher_sha256", "teacher_clip", "depth",
+               "kd_weight", "temperature")
+
 
 
 # torch.distributed's own default is 30 min; a stalled rank (an NFS hang) is reported sooner.
@@ -68,39 +73,58 @@ DIST_TIMEOUT_FLAG = dict(type=float, default=900.0, metavar="SECONDS",
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="Train CoOp + TextRefiner (defaults: the paper's recipe).")
+    p = argparse.ArgumentParser(description="Train CoOp + TextRefiner or PromptKD + TextRefiner (defaults: the "
+                                            "papers' recipes, one row per --method).")
+    recipe = "default: the --method's recipe"
+    p.add_argument("--method", default="coop", choices=tuple(METHODS),
+                   help="coop: CoOp + TextRefiner (SPEC 5); promptkd: PromptKD + TextRefiner, a student distilled "
+                        "from a PromptSRC teacher on unlabelled images (SPEC 11)")
     p.add_argument("--dataset", help=f"one of {', '.join(data.DATASETS)}")
     p.add_argument("--root", help="data root holding the CoOp dataset folders")
-    p.add_argument("--clip", default="ViT-B/16", help="official CLIP name or a weights file")
+    p.add_argument("--clip", default="ViT-B/16", help="official CLIP name or a weights file (promptkd: the student)")
     p.add_argument("--shots", type=int, default=16, help="images per class (<= 0: all)")
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--subsample", default="all", choices=data.SUBSAMPLES)
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=32, help="global batch, split across ranks")
+    p.add_argument("--subsample", default="all", choices=data.SUBSAMPLES,
+                   help="classes evaluated (coop: also the classes trained on; promptkd trains on all classes' "
+                        "unlabelled images)")
+    p.add_argument("--epochs", type=int, help=f"{recipe} (coop 10, promptkd 20)")
+    p.add_argument("--batch-size", type=int, help=f"global batch, split across ranks; {recipe} (coop 32, promptkd 8)")
     p.add_argument("--eval-batch-size", type=int, default=100, help="per rank")
-    p.add_argument("--lr", type=float, default=0.002)
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--warmup-epochs", type=int, default=1)
-    p.add_argument("--warmup-lr", type=float, default=1e-5)
+    p.add_argument("--lr", type=float, help=f"{recipe} (coop 0.002, promptkd 0.005)")
+    p.add_argument("--momentum", type=float, help=f"{recipe} (0.9)")
+    p.add_argument("--weight-decay", type=float, help=f"{recipe} (5e-4)")
+    p.add_argument("--warmup-epochs", type=int, help=f"{recipe} (1)")
+    p.add_argument("--warmup-lr", type=float, help=f"{recipe} (1e-5)")
     p.add_argument("--output-dir", help="checkpoints, log.jsonl and results.json go here")
     p.add_argument("--resume", action="store_true", help="continue from <output-dir>/last.pt if present")
-    p.add_argument("--no-val", action="store_true", help="skip per-epoch val; test the last epoch")
+    p.add_argument("--selection", choices=("best", "last"), default="best",
+                   help="best: after every epoch evaluate the method's selection split (coop: val; promptkd: the "
+                        "evaluated classes' test split, as released) and test the best epoch; last: the last epoch")
+    p.add_argument("--no-val", action="store_true", help="the same as --selection last")
     p.add_argument("--workers", type=int, default=4, help="data loader workers per rank")
     p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
     p.add_argument("--dist-timeout", **DIST_TIMEOUT_FLAG)
     p.add_argument("--precision", choices=("bf16", "fp16", "fp32"),
                    help="autocast dtype of the frozen towers (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--log-interval", type=int, default=20, help="steps between progress lines")
-    p.add_argument("--n-ctx", type=int, default=4)
-    p.add_argument("--ctx-init", default="a photo of a", help='"" for random context vectors')
-    p.add_argument("--cache-size", type=int, default=25)
-    p.add_argument("--alpha", type=float, default=0.2)
-    p.add_argument("--cache-momentum", type=float, default=0.8)
-    p.add_argument("--topk", type=int, default=5)
-    p.add_argument("--semantic-weight", type=float, default=0.02)
-    p.add_argument("--reg-weight", type=float, default=20.0)
-    p.add_argument("--no-refiner", action="store_true", help="plain CoOp")
+    p.add_argument("--n-ctx", type=int, help=f"prompt tokens (coop: context vectors; promptkd: visual prompts "
+                                             f"per block); {recipe} (4)")
+    p.add_argument("--ctx-init", help='coop: "" for random context vectors (default "a photo of a")')
+    p.add_argument("--cache-size", type=int, help=f"{recipe} (25)")
+    p.add_argument("--alpha", type=float, help=f"{recipe} (0.2)")
+    p.add_argument("--cache-momentum", type=float, help=f"{recipe} (0.8)")
+    p.add_argument("--topk", type=int, help=f"{recipe} (5)")
+    p.add_argument("--semantic-weight", type=float, help="coop (default 0.02)")
+    p.add_argument("--reg-weight", type=float, help="coop (default 20)")
+    p.add_argument("--no-refiner", action="store_true", help="plain CoOp / plain PromptKD")
+    p.add_argument("--teacher", help="promptkd: a PromptKD teacher file, or the folder of PromptKD's released "
+                                     "teachers (<Name>/VLPromptLearner/model-best.pth.tar picked per dataset; "
+                                     "--subsample all: ImageNet-xd/VLPromptLearner_large/model.pth.tar-20)")
+    p.add_argument("--teacher-clip", help="promptkd: the teacher's base CLIP, name or file (default ViT-L/14)")
+    p.add_argument("--depth", type=int, help="promptkd: blocks with visual prompts (default 9; cross-dataset: 3)")
+    p.add_argument("--kd-weight", type=float,
+                   help="promptkd: lambda (default 200 for fgvc_aircraft, oxford_flowers, dtd; else 1000)")
+    p.add_argument("--temperature", type=float, help="promptkd: distillation temperature (default 1)")
     p.add_argument("--benchmark", action="store_true", help="time synthetic training steps and exit")
     p.add_argument("--benchmark-clip", default="ViT-B/16", choices=tuple(clip_model.CONFIGS))
     p.add_argument("--benchmark-steps", type=int, default=20)
@@ -134,8 +158,20 @@ def check_output_dir(path, flag="--output-dir"):
         raise UserError(f"{flag} {path!r}: {existing} is not a writable directory")
 
 
+def recorded(run_args, key):
+    """A run's value of key from its checkpoint's args; checkpoints written before --method and
+    --selection existed ran CoOp and selected as their --no-val said."""
+    if key in run_args:
+        return run_args[key]
+    return dict(method="coop", selection="last" if run_args.get("no_val") else "best").get(key)
+
+
 def check_args(p, args):
-    """Flag errors argparse cannot see; p.error exits with status 2 and the usage line."""
+    """Flag errors argparse cannot see; p.error exits with status 2 and the usage line. Fills
+    the recipe flags left at None from the --method's row first."""
+    apply_recipe(p, args)
+    if args.no_val:
+        args.selection = "last"
     check_ranges(p, args, dict(dist_timeout=POSITIVE))
     if args.benchmark:
         check_ranges(p, args, BENCHMARK_RULES)
@@ -147,8 +183,8 @@ def check_args(p, args):
         p.error(f"--dataset {args.dataset!r}: expected one of {', '.join(data.DATASETS)}")
     if not os.path.isdir(args.root):
         p.error(f"--root {args.root!r} is not a directory")
-    for flag in ("epochs", "batch_size", "eval_batch_size", "n_ctx", "cache_size", "topk", "log_interval"):
-        if getattr(args, flag) <= 0:
+    for flag in ("epochs", "batch_size", "eval_batch_size", "n_ctx", "cache_size", "topk", "log_interval", "depth"):
+        if getattr(args, flag, None) is not None and getattr(args, flag) <= 0:
             p.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     if not 0 <= args.warmup_epochs < args.epochs:
         p.error(f"--warmup-epochs must be in [0, --epochs), got {args.warmup_epochs}")
@@ -158,17 +194,19 @@ def check_args(p, args):
     check_ranges(p, args, dict(
         warmup_lr=NON_NEGATIVE, weight_decay=NON_NEGATIVE, semantic_weight=NON_NEGATIVE, reg_weight=NON_NEGATIVE,
         alpha=UNIT, cache_momentum=UNIT, momentum=(lambda v: 0 <= v < 1, "in [0, 1)"), seed=NON_NEGATIVE,
-        workers=NON_NEGATIVE))
+        workers=NON_NEGATIVE, kd_weight=NON_NEGATIVE, temperature=(lambda v: v > 0 and math.isfinite(v), "positive")))
     check_clip_flag(p, args.clip)
+    if args.teacher_clip is not None:
+        check_clip_flag(p, args.teacher_clip, "--teacher-clip")
     try:
         check_output_dir(args.output_dir)
     except UserError as e:
         p.error(str(e))
 
 
-def check_clip_flag(p, name):
+def check_clip_flag(p, name, flag="--clip"):
     if name not in clip_model.MODELS and not os.path.isfile(name):
-        p.error(f"--clip {name!r}: no such file; expected an official name ({', '.join(clip_model.MODELS)}) "
+        p.error(f"{flag} {name!r}: no such file; expected an official name ({', '.join(clip_model.MODELS)}) "
                 f"or a weights file")
 
 
@@ -187,13 +225,13 @@ def check_prompts(args, classnames, context_length=77):
                         f"{context_length}; lower --n-ctx")
 
 
-def load_clip(name):
-    """clip_model.load_clip with a user error that names --clip (a missing or unreadable file,
+def load_clip(name, flag="--clip"):
+    """clip_model.load_clip with a user error that names the flag (a missing or unreadable file,
     an official name that cannot be downloaded here)."""
     try:
         return clip_model.load_clip(name)
     except (OSError, ValueError, RuntimeError) as e:
-        raise UserError(f"--clip {name}: {e}") from None
+        raise UserError(f"{flag} {name}: {e}") from None
 
 
 def exit_on_user_error(main):
@@ -521,16 +559,20 @@ def metrics(confusion, classnames):
 
 
 @torch.no_grad()
-def evaluate(model, loader, classnames, device, precision):
+def evaluate(model, loader, classnames, device, precision, columns=None):
     """Top-1 metrics of model(images) -> logits over this rank's shard; counts are summed
-    over all ranks, so every image of the split counts once."""
+    over all ranks, so every image of the split counts once. columns: the classifier rows of
+    `classnames` when the model classifies more classes (RunData.columns), else None."""
     model.eval()
     C = len(classnames)
+    rows = None if columns is None else torch.as_tensor(columns, device=device)
     confusion = torch.zeros(C * C, dtype=torch.int64, device=device)
     for images, labels in loader:
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with autocast(device, precision):
-            logits = model(images)  # (B, C)
+            logits = model(images)  # (B, n)
+        if rows is not None:
+            logits = logits.index_select(1, rows)  # (B, C)
         idx = labels * C + logits.argmax(1)
         confusion.index_add_(0, idx, torch.ones_like(idx))
     if dist.is_initialized():
@@ -600,9 +642,97 @@ def benchmark(args, training):
     return rates
 
 
-# ----------------------------------------------------------------------------- training
+# ----------------------------------------------------------------------------- methods
+# A method is a model class with one interface (train forward -> dict with "loss" and its
+# loss terms; eval forward -> logits; set_classnames; set_process_group; trainable_state_dict
+# / load_trainable_state_dict), one row of recipe defaults and its data protocol. train() and
+# eval.py go through METHODS[args.method] only.
 
-def build_model(args, classnames, clip=None):
+@dataclass(frozen=True)
+class Recipe:
+    """Flag defaults of a method: every flag left at None takes the row's value."""
+    epochs: int
+    batch_size: int
+    lr: float
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: int = 1
+    warmup_lr: float = 1e-5
+    n_ctx: int = 4
+    cache_size: int = 25
+    alpha: float = 0.2
+    cache_momentum: float = 0.8
+    topk: int = 5
+
+    def defaults(self, dataset):
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class CoOpRecipe(Recipe):
+    """SPEC 5: CoOp + TextRefiner, the paper's scripts."""
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 0.002
+    ctx_init: str = "a photo of a"
+    semantic_weight: float = 0.02
+    reg_weight: float = 20.0
+
+
+# PromptKD's per-dataset distillation weight (the comment in its scripts; SPEC 11.2); 1000 elsewhere.
+KD_WEIGHTS = {"fgvc_aircraft": 200.0, "oxford_flowers": 200.0, "dtd": 200.0}
+
+
+@dataclass(frozen=True)
+class PromptKDRecipe(Recipe):
+    """SPEC 11.3: PromptKD + TextRefiner (student ViT-B/16, PromptSRC ViT-L/14 teacher)."""
+    epochs: int = 20
+    batch_size: int = 8
+    lr: float = 0.005
+    depth: int = 9  # the student's deep visual prompts; PromptKD's cross-dataset student uses 3
+    kd_weight: float = None  # per dataset, see defaults()
+    temperature: float = 1.0
+    teacher_clip: str = "ViT-L/14"
+
+    def defaults(self, dataset):
+        return dict(super().defaults(dataset), kd_weight=KD_WEIGHTS.get(dataset, 1000.0))
+
+
+@dataclass
+class RunData:
+    """What a run trains and evaluates on. Labels of `train` index `classnames`, the classes the
+    model is built with; labels of `val` and `test` index `eval_classnames`, which are the
+    classifier rows `columns` (None: every row, and eval_classnames == classnames).
+    select_split: the split that per-epoch model selection evaluates ("val" or "test")."""
+    train: list
+    classnames: list
+    val: list
+    test: list
+    eval_classnames: list
+    columns: list = None
+    select_split: str = "val"
+
+
+def labelled_data(args):
+    """CoOp: the labelled --shots picks of the --subsample classes; selection on their val split."""
+    s = data.load_splits(args.dataset, args.root, num_shots=args.shots, seed=args.seed, subsample=args.subsample)
+    return RunData(s["train"], s["classnames"], s["val"], s["test"], s["classnames"])
+
+
+def transductive_data(args):
+    """PromptKD (SPEC 11.4): the student distils on unlabelled images of ALL classes (the --shots
+    picks of load_splits(subsample="all"); the whole train split with --shots 0; a test-only
+    dataset's test images, as released). The classifier covers all n classes; --subsample picks
+    the rows evaluated (base: the first ceil(n/2), new: the rest; refinement is row-wise).
+    Per-epoch selection evaluates those classes' test split, as released."""
+    every = data.load_splits(args.dataset, args.root, num_shots=args.shots, seed=args.seed, subsample="all")
+    evaluated = data.subsample_classes(every, args.subsample)
+    columns = None if args.subsample == "all" else data.subsample_labels(every["train"], args.subsample)
+    return RunData(every["train"] or every["test"], every["classnames"], evaluated["val"], evaluated["test"],
+                   evaluated["classnames"], columns, select_split="test")
+
+
+def build_coop(args, classnames, clip=None):
     clip = clip if clip is not None else load_clip(args.clip)
     return TextRefinerCLIP(clip, classnames, n_ctx=args.n_ctx, ctx_init=args.ctx_init,
                            cache_size=args.cache_size, alpha=args.alpha,
@@ -610,6 +740,122 @@ def build_model(args, classnames, clip=None):
                            semantic_weight=args.semantic_weight, reg_weight=args.reg_weight,
                            refiner=not args.no_refiner)
 
+
+def build_promptkd(args, classnames, clip=None):
+    """Student CLIP (--clip) + the frozen PromptSRC teacher read from args.teacher (a file:
+    resolve_teacher ran) on the --teacher-clip base weights."""
+    clip = clip if clip is not None else load_clip(args.clip)
+    teacher_clip = load_clip(args.teacher_clip, flag="--teacher-clip")
+    try:
+        teacher = textrefiner.PromptSRCTeacher.from_checkpoint(teacher_clip, args.teacher, classnames)
+    except (ValueError, KeyError, OSError) as e:
+        raise UserError(f"--teacher {args.teacher}: {e}") from None
+    return textrefiner.PromptKDCLIP(clip, teacher, classnames, depth=args.depth, n_ctx=args.n_ctx,
+                                    kd_weight=args.kd_weight, temperature=args.temperature,
+                                    cache_size=args.cache_size, alpha=args.alpha, momentum=args.cache_momentum,
+                                    topk=args.topk, refiner=not args.no_refiner)
+
+
+def check_coop(args, run):
+    check_prompts(args, run.classnames)
+
+
+@dataclass(frozen=True)
+class Method:
+    recipe: Recipe
+    build: Callable      # (args, classnames, clip=None) -> model
+    data: Callable       # (args) -> RunData
+    check: Callable      # (args, RunData): input errors before any weights are loaded, or None
+    loss_keys: tuple     # the train forward's loss terms, logged per epoch ("loss" first)
+    labelled: bool       # the train forward takes the labels
+    teacher: bool = False  # needs --teacher
+
+
+METHODS = {
+    "coop": Method(CoOpRecipe(), build_coop, labelled_data, check_coop,
+                   ("loss", "loss_global", "loss_local", "loss_reg"), labelled=True),
+    "promptkd": Method(PromptKDRecipe(), build_promptkd, transductive_data, None,
+                       ("loss", "loss_kd", "loss_local", "loss_reg"), labelled=False, teacher=True),
+}
+RECIPE_FLAGS = sorted({f.name for m in METHODS.values() for f in dataclasses.fields(m.recipe)})
+
+
+# results.json "selection" -> what it means (also printed at start and by eval.py --report).
+SELECTIONS = {"best-val": "the epoch of best val accuracy",
+              "best-test": "the epoch of best test accuracy on the evaluated classes, as released (it selects on "
+                           "test data)",
+              "last": "the last epoch"}
+
+
+def build_model(args, classnames, clip=None):
+    """The model of args.method (resolved flags) for `classnames`; clip: the student CLIP, else --clip."""
+    return METHODS[args.method].build(args, classnames, clip)
+
+
+def apply_recipe(p, args):
+    """Fill every recipe flag left at None from the --method's row; a flag of another method's
+    recipe that was given is a flag error (status 2)."""
+    method = METHODS[args.method]
+    own = method.recipe.defaults(args.dataset)
+    for flag in RECIPE_FLAGS:
+        if flag in own:
+            if getattr(args, flag) is None:
+                setattr(args, flag, own[flag])
+        elif getattr(args, flag) is not None:
+            p.error(f"--{flag.replace('_', '-')} applies to --method "
+                    f"{' or '.join(n for n, m in METHODS.items() if flag in m.recipe.defaults(None))}, "
+                    f"not {args.method}")
+    if getattr(args, "teacher", None) is not None and not method.teacher:
+        p.error(f"--teacher applies to --method promptkd, not {args.method}")
+
+
+# PromptKD's released teachers (SPEC 11.4): <teachers>/<Name>/VLPromptLearner/model-best.pth.tar,
+# Name = the dataset's Dassl name; PromptKD's README also spells two folders differently.
+TEACHER_FOLDERS = {"caltech101": ("Caltech101",), "dtd": ("DescribableTextures",), "eurosat": ("EuroSAT",),
+                   "fgvc_aircraft": ("FGVCAircraft", "FGVCaircraft"), "food101": ("Food101",),
+                   "imagenet": ("ImageNet",), "oxford_flowers": ("OxfordFlowers",), "oxford_pets": ("OxfordPets",),
+                   "stanford_cars": ("StanfordCars", "StandfordCars"), "sun397": ("SUN397",), "ucf101": ("UCF101",)}
+BASE2NEW_TEACHER = os.path.join("VLPromptLearner", "model-best.pth.tar")
+CROSS_DATASET_TEACHER = os.path.join("ImageNet-xd", "VLPromptLearner_large", "model.pth.tar-20")
+
+
+def teacher_file(path, dataset, subsample):
+    """--teacher: a teacher file as given, or a folder of PromptKD's released teachers, in which
+    base/new runs take the dataset's base-class teacher <Name>/VLPromptLearner/model-best.pth.tar
+    and all-class (cross-dataset) runs the ImageNet one, ImageNet-xd/VLPromptLearner_large/model.pth.tar-20."""
+    if os.path.isfile(path):
+        return path
+    if not os.path.isdir(path):
+        raise UserError(f"--teacher {path!r}: no such file or folder; expected a PromptKD teacher file or the "
+                        f"folder of PromptKD's released teachers")
+    if subsample == "all":
+        expected = [os.path.join(path, CROSS_DATASET_TEACHER)]
+    elif dataset in TEACHER_FOLDERS:
+        expected = [os.path.join(path, name, BASE2NEW_TEACHER) for name in TEACHER_FOLDERS[dataset]]
+    else:
+        raise UserError(f"--teacher {path}: PromptKD released no base-class teacher for {dataset}; "
+                        f"pass a teacher file")
+    found = [f for f in expected if os.path.isfile(f)]
+    if not found:
+        raise MissingData(f"--teacher {path}: no teacher for {dataset} ({subsample} classes): expected "
+                          f"{' or '.join(expected)} (PromptKD's released teachers, laid out as in its teacher_model/)")
+    return found[0]
+
+
+def resolve_teacher(args):
+    """args.teacher -> the teacher file and args.teacher_sha256 (recorded with the run, checked on
+    --resume and by eval.py) for a method with a teacher; None for the others."""
+    if not METHODS[args.method].teacher:
+        args.teacher_sha256 = None
+        return
+    if args.teacher is None:
+        raise UserError(f"--method {args.method} needs --teacher (a PromptKD teacher file, or the folder of "
+                        f"PromptKD's released teachers)")
+    args.teacher = teacher_file(args.teacher, args.dataset, args.subsample)
+    args.teacher_sha256 = clip_model.sha256(args.teacher)
+
+
+# ----------------------------------------------------------------------------- training
 
 def gather_rng_states(world_size, device):
     """Every rank's RNG state, in rank order (each rank's data augmentation draws its own)."""
@@ -647,29 +893,33 @@ def fit(args, rank, world_size, device, group):
     args.precision = default_precision(args, device)
     last_path, best_path = (os.path.join(args.output_dir, n) for n in ("last.pt", "best.pt"))
     log_path = os.path.join(args.output_dir, "log.jsonl")
+    method = METHODS[args.method]
+    resolve_teacher(args)
     ckpt = None
     if os.path.exists(last_path):
         if not args.resume:
             raise SystemExit(f"{last_path} exists: pass --resume to continue that run, "
                              f"or choose another --output-dir")
         ckpt = load_checkpoint(last_path)
-        changed = {k: (ckpt["args"].get(k), getattr(args, k)) for k in RECIPE_KEYS
-                   if ckpt["args"].get(k) != getattr(args, k)}
+        if recorded(ckpt["args"], "method") != args.method:
+            raise UserError(f"--resume: {last_path} is a --method {recorded(ckpt['args'], 'method')} run, this "
+                            f"command trains --method {args.method}; choose another --output-dir")
+        changed = {k: (recorded(ckpt["args"], k), getattr(args, k)) for k in RECIPE_KEYS
+                   if recorded(ckpt["args"], k) != getattr(args, k)}
         if changed:
             raise SystemExit(f"--resume: flags differ from the run in {last_path} "
                              f"(checkpoint value, new value): {changed}")
 
     seed_everything(args.seed)  # same on every rank: identical model initialisation
-    splits = data.load_splits(args.dataset, args.root, num_shots=args.shots, seed=args.seed,
-                              subsample=args.subsample)
-    if not splits["train"]:
+    run = method.data(args)
+    if not run.train:
         raise SystemExit(f"--dataset {args.dataset} has no train split (test-only dataset)")
-    if not splits["test"]:
+    if not run.test:
         raise UserError(f"--dataset {args.dataset} ({args.subsample} classes): the test split is empty; "
                         f"the final test would have no image")
-    classnames = splits["classnames"]
-    check_prompts(args, classnames)
-    model = build_model(args, classnames).to(device)
+    if method.check:
+        method.check(args, run)
+    model = build_model(args, run.classnames).to(device)
     resolution = model.clip.config.image_resolution
     raw_model = model
     if world_size > 1:
@@ -683,16 +933,16 @@ def fit(args, rank, world_size, device, group):
     scheduler = WarmupCosineLR(optimizer, args.lr, args.epochs, args.warmup_epochs, args.warmup_lr)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     pin = device.type == "cuda"  # pinning on a CPU run would only create a CUDA context
-    train_loader = data.build_train_loader(splits["train"], args.batch_size, resolution, args.seed,
+    train_loader = data.build_train_loader(run.train, args.batch_size, resolution, args.seed,
                                            rank=rank, world_size=world_size, workers=args.workers,
                                            pin_memory=pin)
 
     def eval_loader(split):
-        return data.build_eval_loader(splits[split], args.eval_batch_size, resolution, rank=rank,
+        return data.build_eval_loader(getattr(run, split), args.eval_batch_size, resolution, rank=rank,
                                       world_size=world_size, workers=args.workers, pin_memory=pin)
 
-    use_val = bool(splits["val"]) and not args.no_val
-    val_loader = eval_loader("val") if use_val else None
+    use_val = bool(getattr(run, run.select_split)) and args.selection == "best"
+    val_loader = eval_loader(run.select_split) if use_val else None
 
     start_epoch, best = 0, dict(val_acc=-1.0, epoch=-1)
     best_state = None
@@ -716,26 +966,29 @@ def fit(args, rank, world_size, device, group):
         os.remove(log_path)  # a fresh run owns its log
 
     steps = len(train_loader)
-    print0(f"{args.dataset} ({args.subsample}): {len(classnames)} classes, {len(splits['train'])} train, "
-           f"{len(splits['val'])} val, {len(splits['test'])} test images; {steps} steps/epoch; "
-           f"{world_size} rank(s) on {device}, {args.precision}")
+    selection = f"best-{run.select_split}" if use_val else "last"
+    print0(f"{args.method} on {args.dataset}: {len(run.classnames)} classes, {len(run.train)} train images; "
+           f"{args.subsample} classes evaluated ({len(run.eval_classnames)}): {len(run.val)} val, {len(run.test)} "
+           f"test images; {steps} steps/epoch; {world_size} rank(s) on {device}, {args.precision}; model "
+           f"selection: {SELECTIONS[selection]}")
     t_run, done = time.perf_counter(), 0
     for epoch in range(start_epoch, args.epochs):
         t_epoch = time.perf_counter()
         lr = scheduler.set_epoch(epoch)
         train_loader.set_epoch(epoch)
         model.train()
-        sums = torch.zeros(len(LOSS_KEYS), dtype=torch.float64, device=device)
+        sums = torch.zeros(len(method.loss_keys), dtype=torch.float64, device=device)
         for step, (images, labels) in enumerate(train_loader):
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            images = images.to(device, non_blocking=True)
+            inputs = (images, labels.to(device, non_blocking=True)) if method.labelled else (images,)
             Collective.now = f"epoch {epoch + 1} step {step + 1} (gradient, BatchNorm, cache or loss all-reduce)"
             with autocast(device, args.precision):
-                out = model(images, labels)
+                out = model(*inputs)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(out["loss"]).backward()
             scaler.step(optimizer)
             scaler.update()
-            sums += torch.stack([out[k].detach().double() for k in LOSS_KEYS])
+            sums += torch.stack([out[k].detach().double() for k in method.loss_keys])
             done += 1
             if (step + 1) % args.log_interval == 0 or step + 1 == steps:
                 # Reduced over ranks, so every rank sees a non-finite loss at the same step.
@@ -752,9 +1005,10 @@ def fit(args, rank, world_size, device, group):
                 eta = ((args.epochs - epoch) * steps - step - 1) / rate
                 print0(f"epoch {epoch + 1}/{args.epochs} step {step + 1}/{steps} loss {mean[0]:.4f} "
                        f"lr {lr:.3e} {rate:.2f} it/s eta {eta / 60:.1f} min")
-        record = dict(epoch=epoch, lr=lr, **dict(zip(LOSS_KEYS, mean)))
+        record = dict(epoch=epoch, lr=lr, **dict(zip(method.loss_keys, mean)))
         if use_val:
-            record["val_acc"] = evaluate(raw_model, val_loader, classnames, device, args.precision)["accuracy"]
+            record["val_acc"] = evaluate(raw_model, val_loader, run.eval_classnames, device, args.precision,
+                                         run.columns)["accuracy"]
             if record["val_acc"] > best["val_acc"]:
                 best = dict(val_acc=record["val_acc"], epoch=epoch)
                 best_state = {k: v.detach().clone() for k, v in raw_model.trainable_state_dict().items()}
@@ -774,11 +1028,12 @@ def fit(args, rank, world_size, device, group):
         print0(json.dumps(record))
         del ckpt
 
-    # Final test: best-val model (last epoch with --no-val or without a val split).
+    # Final test: the selected model (the last epoch with --selection last or without a selection split).
     if best_state is not None:
         raw_model.load_trainable_state_dict(best_state)
-    results = evaluate(raw_model, eval_loader("test"), classnames, device, args.precision)
-    results.update(split="test", dataset=args.dataset, subsample=args.subsample,
+    results = evaluate(raw_model, eval_loader("test"), run.eval_classnames, device, args.precision, run.columns)
+    results.update(split="test", dataset=args.dataset, subsample=args.subsample, method=args.method,
+                   selection=selection, teacher=args.teacher, teacher_sha256=args.teacher_sha256,
                    checkpoint=best_path if best_state is not None else last_path,
                    epoch=best["epoch"] if best_state is not None else args.epochs - 1, args=vars(args))
     if master:

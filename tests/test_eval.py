@@ -175,7 +175,8 @@ def test_authors_checkpoint_maps_to_our_names(run, tmp_path, dtype, precision):
     assert all(v.dtype == state[k].dtype for k, v in mapped.items())
     assert_same_tensors(mapped, rounded(state, dtype))
     stored_clip = info.pop("clip_weights")
-    assert info == {"epoch": 3, "val_result": None, "precision": precision, "clip": None}  # tiny CLIP: no name
+    assert info == {"method": "coop", "epoch": 3, "val_result": None, "precision": precision, "clip": None,
+                    "hp": {"n_ctx": 4, "ctx_init": "a photo of a", "cache_size": 25}}  # tiny CLIP: no name
     clip_weights = {k: v for k, v in torch.load(weights, weights_only=True).items() if k != "logit_scale"}
     assert_same_tensors(stored_clip, clip_weights)  # image_encoder.*, text_encoder.* renamed back
     _, best = evaluate_cli.load_authors_checkpoint(str(tmp_path / "theirs"))  # model-best.pth.tar
