@@ -69,6 +69,9 @@ CONFIGS = {
     "ViT-L/14@336px": CLIPConfig(768, 336, 24, 1024, 14, 77, 49408, 768, 12),
     # Random-weight model for tests and the demo: grid 4 (T = 17), 2 heads per tower.
     "tiny": CLIPConfig(64, 32, 2, 128, 8, 77, 49408, 128, 2),
+    # A wider one standing in for ViT-L/14 as PromptKD's teacher (tests, the PromptKD demo):
+    # same resolution as "tiny", embedding 96 vs 64 as ViT-L/14's 768 vs ViT-B/16's 512.
+    "tiny-teacher": CLIPConfig(96, 32, 3, 192, 16, 77, 49408, 192, 3),
 }
 
 # "<sha256>/<file>" under MODEL_URL_BASE; the checksum in the URL is what the file must hash to.

@@ -176,12 +176,14 @@ def _check_align_inputs(x, w1, b1, gamma, beta, w2, b2, process_group):
     n, d = x.shape
     if n < 1 and process_group is None:  # in a group, a rank without rows adds nothing
         raise ValueError("kernels.feature_align: need at least one row for batch statistics")
-    expected = dict(w1=(d, d), b1=(d,), gamma=(d,), beta=(d,), w2=(d, d), b2=(d,))
+    d_out = w1.shape[0] if w1.dim() == 2 else d  # the first Linear may widen: (D_out, D_in)
+    expected = dict(w1=(d_out, d), b1=(d_out,), gamma=(d_out,), beta=(d_out,), w2=(d_out, d_out), b2=(d_out,))
     given = dict(w1=w1, b1=b1, gamma=gamma, beta=beta, w2=w2, b2=b2)
     for name, shape in expected.items():
         t = given[name]
         if tuple(t.shape) != shape:
-            raise ValueError(f"kernels.feature_align: {name} must be {shape} for D={d}, got {tuple(t.shape)}")
+            raise ValueError(f"kernels.feature_align: {name} must be {shape} for D_in={d}, D_out={d_out}, "
+                             f"got {tuple(t.shape)}")
         if t.dtype != torch.float32:
             raise TypeError(f"kernels.feature_align: {name} must be fp32, got {t.dtype}")
         if t.device != x.device:
@@ -192,6 +194,8 @@ def _check_align_inputs(x, w1, b1, gamma, beta, w2, b2, process_group):
 
 def feature_align(x, w1, b1, gamma, beta, w2, b2, eps=1e-5, backend="auto", process_group=None):
     """Linear(D, D) -> BatchNorm1d with batch statistics -> ReLU -> Linear(D, D) over (N, D).
+    The first Linear may be rectangular, w1 (D_out, D_in) (PromptKD: 512 -> 768); then every
+    other tensor is of D_out and y is (N, D_out); such inputs run on the reference for now.
 
     Returns (y (N, D) fp32, mean (D,) fp32, var (D,) fp32 biased) where mean/var are the
     batch statistics of the first Linear's output (the caller updates running stats;
@@ -201,6 +205,11 @@ def feature_align(x, w1, b1, gamma, beta, w2, b2, eps=1e-5, backend="auto", proc
     rank may hold N = 0 rows (it adds nothing).
     """
     _check_align_inputs(x, w1, b1, gamma, beta, w2, b2, process_group)
+    if w1.shape[0] != w1.shape[1]:  # rectangular (D_out, D_in): the reference, until the kernel takes it
+        if backend == "triton":
+            raise ValueError(f"kernels.feature_align: backend='triton' needs a square w1, got "
+                             f"{tuple(w1.shape)}; use backend='auto' or 'torch'")
+        backend = "torch"
     if _use_triton(backend, x.device, _fits_int32(x), _too_large("feature_align", "x")):
         with on_device(x.device):
             return _triton_module("triton_feature_align").feature_align(x, w1, b1, gamma, beta, w2, b2, eps=eps,
