@@ -395,12 +395,15 @@ def run(args):
             dataset=dataset, subsample=subsample, split=args.split, checkpoint=os.path.realpath(checkpoint)))
     shots = hp["shots"] if args.shots is None else args.shots
     seed = hp["seed"] if args.seed is None else args.seed
+    # The run's own classes (its teacher, for PromptKD): its subsample on its dataset; an
+    # authors' folder or another dataset: the classes evaluated.
+    run_subsample = hp["subsample"] if dataset == hp["dataset"] else subsample
     teacher = dict(teacher=None, teacher_sha256=None)
     if method.teacher and not args.zeroshot:
-        path, sha = resolve_eval_teacher(args, hp, dataset, subsample)
+        path, sha = resolve_eval_teacher(args, hp, dataset, run_subsample)
         teacher = dict(teacher=path, teacher_sha256=sha, teacher_clip=args.teacher_clip or hp["teacher_clip"])
-    hp = dict(hp, dataset=dataset, root=root, shots=shots, seed=seed, subsample=subsample, **teacher)
-    run_data = method.data(types.SimpleNamespace(**hp))
+    hp = dict(hp, dataset=dataset, root=root, shots=shots, seed=seed, subsample=run_subsample, **teacher)
+    run_data = method.data(types.SimpleNamespace(**dict(hp, subsample=subsample)))
     classnames, items = run_data.eval_classnames, getattr(run_data, args.split)
     if not items:
         raise SystemExit(f"{dataset}: the {args.split} split is empty")

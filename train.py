@@ -200,6 +200,7 @@ def check_args(p, args):
         check_clip_flag(p, args.teacher_clip, "--teacher-clip")
     try:
         check_output_dir(args.output_dir)
+        resolve_teacher(args)
     except UserError as e:
         p.error(str(e))
 
@@ -746,8 +747,11 @@ def build_promptkd(args, classnames, clip=None):
     resolve_teacher ran) on the --teacher-clip base weights."""
     clip = clip if clip is not None else load_clip(args.clip)
     teacher_clip = load_clip(args.teacher_clip, flag="--teacher-clip")
+    # base/new runs distil from the dataset's base-class teacher; all-class runs are PromptKD's
+    # cross-dataset protocol, whose teacher learnt ImageNet's 1000 classes.
+    trained_on = IMAGENET_CLASSES if args.subsample == "all" else math.ceil(len(classnames) / 2)
     try:
-        teacher = textrefiner.PromptSRCTeacher.from_checkpoint(teacher_clip, args.teacher, classnames)
+        teacher = textrefiner.PromptSRCTeacher.from_checkpoint(teacher_clip, args.teacher, classnames, trained_on)
     except (ValueError, KeyError, OSError) as e:
         raise UserError(f"--teacher {args.teacher}: {e}") from None
     return textrefiner.PromptKDCLIP(clip, teacher, classnames, depth=args.depth, n_ctx=args.n_ctx,
@@ -815,6 +819,7 @@ TEACHER_FOLDERS = {"caltech101": ("Caltech101",), "dtd": ("DescribableTextures",
                    "fgvc_aircraft": ("FGVCAircraft", "FGVCaircraft"), "food101": ("Food101",),
                    "imagenet": ("ImageNet",), "oxford_flowers": ("OxfordFlowers",), "oxford_pets": ("OxfordPets",),
                    "stanford_cars": ("StanfordCars", "StandfordCars"), "sun397": ("SUN397",), "ucf101": ("UCF101",)}
+IMAGENET_CLASSES = 1000
 BASE2NEW_TEACHER = os.path.join("VLPromptLearner", "model-best.pth.tar")
 CROSS_DATASET_TEACHER = os.path.join("ImageNet-xd", "VLPromptLearner_large", "model.pth.tar-20")
 
@@ -852,7 +857,7 @@ def resolve_teacher(args):
         raise UserError(f"--method {args.method} needs --teacher (a PromptKD teacher file, or the folder of "
                         f"PromptKD's released teachers)")
     args.teacher = teacher_file(args.teacher, args.dataset, args.subsample)
-    args.teacher_sha256 = clip_model.sha256(args.teacher)
+    args.teacher_sha256 = clip_model._sha256(args.teacher)
 
 
 # ----------------------------------------------------------------------------- training
@@ -894,7 +899,6 @@ def fit(args, rank, world_size, device, group):
     last_path, best_path = (os.path.join(args.output_dir, n) for n in ("last.pt", "best.pt"))
     log_path = os.path.join(args.output_dir, "log.jsonl")
     method = METHODS[args.method]
-    resolve_teacher(args)
     ckpt = None
     if os.path.exists(last_path):
         if not args.resume:
