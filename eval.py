@@ -53,8 +53,28 @@ PAPER_DATASETS = {"imagenet": "ImageNet", "caltech101": "Caltech101", "oxford_pe
 # Cross-dataset / domain-generalisation table order: source, ImageNet variants, the other 10.
 XD_ORDER = ["imagenet", "imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r"] + \
     [d for d in PAPER_DATASETS if d != "imagenet"]
-# Published 11-dataset averages (base, new, HM), ViT-B/16, 16 shots, 3 seeds.
-PUBLISHED = {"CoOp": (82.69, 63.22, 71.66), "CoOp+TextRefiner": (79.74, 74.32, 76.94)}
+METHOD_NAMES = {"coop": "CoOp + TextRefiner", "promptkd": "PromptKD + TextRefiner"}
+# Published 11-dataset base2new averages (base, new, HM), ViT-B/16, 3 seeds, per method's table.
+PUBLISHED_AVERAGES = {
+    "coop": {"CoOp": (82.69, 63.22, 71.66), "CoOp+TextRefiner": (79.74, 74.32, 76.94)},
+    "promptkd": {"PromptKD+TextRefiner": (85.22, 79.64, 82.33), "PromptKD": (86.96, 80.73, 83.73)},
+}
+PUBLISHED_NOTES = {
+    "coop": "Published 11-dataset averages (ViT-B/16, 16 shots, seeds 1-3):",
+    "promptkd": "Published 11-dataset averages (ViT-B/16 student, seeds 1-3; PromptKD+TextRefiner: the TextRefiner "
+                "paper, 16 unlabelled shots; PromptKD and the PK columns: PromptKD's README, the full unlabelled "
+                "train set):",
+}
+# PromptKD's README per dataset (promptkd_released.md E3): base, new, HM.
+PROMPTKD_PUBLISHED_B2N = {
+    "imagenet": (80.83, 74.66, 77.62), "caltech101": (98.91, 96.65, 97.77), "oxford_pets": (96.30, 98.01, 97.15),
+    "stanford_cars": (82.80, 83.37, 83.13), "oxford_flowers": (99.42, 82.62, 90.24),
+    "food101": (92.43, 93.68, 93.05), "fgvc_aircraft": (49.12, 41.81, 45.17), "sun397": (83.69, 81.54, 82.60),
+    "dtd": (85.84, 71.37, 77.94), "eurosat": (97.54, 82.08, 89.14), "ucf101": (89.71, 82.27, 86.10)}
+# Its transductive cross-dataset accuracy per target (ImageNet-xd teacher).
+PROMPTKD_PUBLISHED_XD = {
+    "caltech101": 93.61, "oxford_pets": 91.59, "stanford_cars": 73.93, "oxford_flowers": 75.33, "food101": 88.84,
+    "fgvc_aircraft": 26.24, "sun397": 68.57, "dtd": 55.08, "eurosat": 63.74, "ucf101": 76.39}
 # The released code's feature alignment, mid_image_trans.conv1 = Sequential(Conv2d(D, D, 1),
 # BatchNorm2d(D), ReLU, Conv2d(D, D, 1)) run on (N, D, 1, 1), -> our FeatureAlign names. On 1x1
 # inputs BatchNorm2d normalises over the same N rows as BatchNorm1d and has the same keys.
@@ -469,9 +489,11 @@ def seed_dirs(folder, problems):
     return sorted(found)
 
 
-def read_accuracy(path, dataset, subsample, problems):
+def read_accuracy(path, dataset, subsample, problems, seen):
     """The accuracy in a results.json, once the file is checked to be the test of `dataset` on
-    `subsample` classes, as its folder says; None (and a line in problems) otherwise."""
+    `subsample` classes, as its folder says; None (and a line in problems) otherwise. seen:
+    {(method, model selection): first path} of the files read (files written before --method
+    existed are CoOp's)."""
     try:
         with open(path) as f:
             result = json.load(f)
@@ -490,18 +512,20 @@ def read_accuracy(path, dataset, subsample, problems):
     elif type(accuracy) not in (int, float) or not math.isfinite(accuracy):
         problems.append(f"{path}: accuracy is {accuracy!r}, expected a number; re-run that step")
     else:
+        seen.setdefault((result.get("method") or "coop", result.get("selection")), path)
         return accuracy
     return None
 
 
-def collect_base2new(root, problems):
+def collect_base2new(root, problems, seen):
     """{dataset: {seed: (base acc, new acc)}} from <root>/<dataset>/seed<S>/{base,new}/results.json."""
     runs = {}
     for dataset in dataset_dirs(root):
         for seed, d in seed_dirs(os.path.join(root, dataset), problems):
             paths = [os.path.join(d, part, "results.json") for part in ("base", "new")]
             if all(map(os.path.isfile, paths)):
-                accuracy = [read_accuracy(p, dataset, part, problems) for p, part in zip(paths, ("base", "new"))]
+                accuracy = [read_accuracy(p, dataset, part, problems, seen if part == "base" else {})
+                            for p, part in zip(paths, ("base", "new"))]
                 if None not in accuracy:
                     runs.setdefault(dataset, {})[seed] = tuple(accuracy)
             elif os.path.isdir(os.path.join(d, "base")):
@@ -555,34 +579,55 @@ def seeds_text(seeds):
     return ",".join(map(str, seeds))
 
 
-def format_base2new(summary, title):
+def published_cells(numbers):
+    """Cells of a published (base, new, HM) row; blanks where there is none."""
+    if numbers is None:
+        return [" " * MEAN_W] * 3
+    return [value_cell(numbers[0], with_std=False), value_cell(numbers[1], with_std=False),
+            value_cell(numbers[2], with_std=False)]
+
+
+def published_average(published, datasets):
+    """(base, new, HM) of the published per-dataset numbers averaged over `datasets`, as our
+    average row is (the 11-dataset one when all are present)."""
+    base = float(np.mean([published[d][0] for d in datasets]))
+    new = float(np.mean([published[d][1] for d in datasets]))
+    return base, new, harmonic_mean(base, new)
+
+
+def format_base2new(summary, title, method="coop"):
+    """The paper's table; for PromptKD the published per-dataset PromptKD numbers sit beside ours."""
     rows, average = summary["datasets"], summary["average"]
-    table = [["Dataset", "Seeds", heading_cell("Base"), heading_cell("New"), heading_cell("HM", with_std=False)]]
+    beside = PROMPTKD_PUBLISHED_B2N if method == "promptkd" else None
+    table = [["Dataset", "Seeds", heading_cell("Base"), heading_cell("New"), heading_cell("HM", with_std=False)]
+             + ([heading_cell("PK Base", False), heading_cell("PK New", False), heading_cell("PK HM", False)]
+                if beside else [])]
     if average:
         label = "Average" if len(average["datasets"]) == len(PAPER_DATASETS) else \
             f"Average ({len(average['datasets'])}/{len(PAPER_DATASETS)})"
         table.append([label, "", value_cell(average["base"]), value_cell(average["new"]),
-                      value_cell(average["hm"], with_std=False)])
+                      value_cell(average["hm"], with_std=False)]
+                     + (published_cells(published_average(beside, average["datasets"])) if beside else []))
     ordered = [d for d in PAPER_DATASETS if d in rows] + sorted(d for d in rows if d not in PAPER_DATASETS)
     for d in ordered:
         r = rows[d]
         table.append([PAPER_DATASETS.get(d, d), seeds_text(r["seeds"]), value_cell(r["base"], r["base_std"]),
-                      value_cell(r["new"], r["new_std"]), value_cell(r["hm"], with_std=False)])
+                      value_cell(r["new"], r["new_std"]), value_cell(r["hm"], with_std=False)]
+                     + (published_cells(beside.get(d)) if beside else []))
     published = [[name, "", value_cell(b), value_cell(n), value_cell(h, with_std=False)]
-                 for name, (b, n, h) in PUBLISHED.items()]
+                 for name, (b, n, h) in PUBLISHED_AVERAGES[method].items()]
     lines = format_table(table + published)
-    return "\n".join([title, *lines[:len(table)],
-                      "Published 11-dataset averages (ViT-B/16, 16 shots, seeds 1-3):", *lines[len(table):]])
+    return "\n".join([title, *lines[:len(table)], PUBLISHED_NOTES[method], *lines[len(table):]])
 
 
-def collect_xd(root, problems):
+def collect_xd(root, problems, seen):
     """{target: {seed: accuracy}} from <root>/<target>/seed<S>/results.json."""
     runs = {}
     for target in dataset_dirs(root):
         for seed, d in seed_dirs(os.path.join(root, target), problems):
             path = os.path.join(d, "results.json")
             if os.path.isfile(path):
-                accuracy = read_accuracy(path, target, "all", problems)
+                accuracy = read_accuracy(path, target, "all", problems, seen)
                 if accuracy is not None:
                     runs.setdefault(target, {})[seed] = accuracy
     return runs
@@ -595,25 +640,40 @@ def report(root):
     each problem is printed on its own line and no report is made."""
     if not os.path.isdir(root):
         raise SystemExit(f"--report {root!r} is not a directory")
-    problems = []
-    runs = collect_base2new(root, problems)
-    xd = {} if runs or problems else collect_xd(root, problems)
+    problems, seen = [], {}
+    runs = collect_base2new(root, problems, seen)
+    xd = {} if runs or problems else collect_xd(root, problems, seen)
+    methods = sorted({method for method, _ in seen})
+    if len(methods) > 1:
+        problems.append(f"{root} mixes methods ({', '.join(f'{m}: {p}' for (m, _), p in sorted(seen.items()))}); "
+                        f"one table per method: move one method's runs elsewhere")
     if problems:
         print("\n".join(problems), file=sys.stderr)
         raise UserError(f"--report {root}: {len(problems)} problem(s) above; no report made")
+    method = methods[0] if methods else "coop"
+    selections = sorted({s for _, s in seen if s})
+    selection = "Model selection: " + ("; ".join(f"{s} ({train.SELECTIONS.get(s, s)})" for s in selections)
+                                       if selections else "not recorded")
     if runs:
-        summary = summarise_base2new(runs)
-        text = format_base2new(summary, f"Base-to-new generalisation in {root} "
-                                        f"(mean±std over seeds; HM of the mean base and new)")
+        summary = dict(summarise_base2new(runs), method=method, selection=selections)
+        text = format_base2new(summary, f"{METHOD_NAMES[method]}: base-to-new generalisation in {root} "
+                                        f"(mean±std over seeds; HM of the mean base and new)\n{selection}", method)
     else:
         if not xd:
             raise SystemExit(f"--report {root}: no finished runs (<dataset>/seed<S>/results.json)")
         order = [t for t in XD_ORDER if t in xd] + sorted(t for t in xd if t not in XD_ORDER)
         summary = {t: dict(seeds=sorted(xd[t]), accuracy=float(np.mean(list(xd[t].values()))),
                            std=float(np.std(list(xd[t].values())))) for t in order}
-        table = [["Dataset", "Seeds", heading_cell("Accuracy")]] + \
-            [[t, seeds_text(r["seeds"]), value_cell(r["accuracy"], r["std"])] for t, r in summary.items()]
-        text = "\n".join([f"Accuracy in {root} (mean±std over seeds)", *format_table(table)])
+        beside = PROMPTKD_PUBLISHED_XD if method == "promptkd" else None
+        table = [["Dataset", "Seeds", heading_cell("Accuracy")] + ([heading_cell("PromptKD", False)] if beside else [])]
+        for t, r in summary.items():
+            table.append([t, seeds_text(r["seeds"]), value_cell(r["accuracy"], r["std"])]
+                         + ([value_cell(beside[t], with_std=False) if t in beside else " " * MEAN_W]
+                            if beside else []))
+        note = ["PromptKD: its published transductive cross-dataset accuracy (PromptKD README; full unlabelled "
+                "target train sets)"] if beside else []
+        text = "\n".join([f"{METHOD_NAMES[method]}: accuracy in {root} (mean±std over seeds)\n{selection}",
+                          *format_table(table), *note])
     print(text)
     train.write_json(summary, os.path.join(root, "report.json"))
     return summary

@@ -786,8 +786,8 @@ RECIPE_FLAGS = sorted({f.name for m in METHODS.values() for f in dataclasses.fie
 
 # results.json "selection" -> what it means (also printed at start and by eval.py --report).
 SELECTIONS = {"best-val": "the epoch of best val accuracy",
-              "best-test": "the epoch of best test accuracy on the evaluated classes, as released (it selects on "
-                           "test data)",
+              "best-test": "the epoch of best test accuracy on the evaluated classes, as released; this selects "
+                           "on test data",
               "last": "the last epoch"}
 
 
