@@ -324,7 +324,8 @@ def read_checkpoint(args):
     ckpt = train.load_checkpoint(args.checkpoint)
     method = train.recorded(ckpt["args"], "method")
     hp = dict(train_defaults(method, ckpt["args"].get("dataset")), **ckpt["args"])
-    hp.update(method=method, selection=train.recorded(ckpt["args"], "selection"))
+    # the selection the run made (results.json's), e.g. "best-test"; older checkpoints: the flag
+    hp.update(method=method, selection=ckpt.get("selection", train.recorded(ckpt["args"], "selection")))
     return ckpt["model"], hp, None
 
 

@@ -1019,7 +1019,7 @@ def fit(args, rank, world_size, device, group):
         record["seconds"] = time.perf_counter() - t_epoch
         ckpt = dict(model=raw_model.trainable_state_dict(), optimizer=optimizer.state_dict(),
                     scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), epoch=epoch,
-                    args=vars(args), rng=gather_rng_states(world_size, device), best=best,
+                    args=vars(args), selection=selection, rng=gather_rng_states(world_size, device), best=best,
                     best_model=best_state, log=record)
         if master:
             # best.pt first: last.pt is what --resume trusts, so it is written last, once
@@ -1037,6 +1037,7 @@ def fit(args, rank, world_size, device, group):
         raw_model.load_trainable_state_dict(best_state)
     results = evaluate(raw_model, eval_loader("test"), run.eval_classnames, device, args.precision, run.columns)
     results.update(split="test", dataset=args.dataset, subsample=args.subsample, method=args.method,
+                   train_classes=len(run.classnames), train_images=len(run.train),
                    selection=selection, teacher=args.teacher, teacher_sha256=args.teacher_sha256,
                    checkpoint=best_path if best_state is not None else last_path,
                    epoch=best["epoch"] if best_state is not None else args.epochs - 1, args=vars(args))

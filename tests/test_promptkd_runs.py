@@ -1,0 +1,443 @@
+"""PromptKD + TextRefiner through train.py / eval.py / make (SPEC 11.3-11.5), on the synthetic
+caltech101 of test_train.py, a tiny student CLIP and a tiny-teacher CLIP of another width, with
+teacher files written in PromptKD's released format and folder layout (CPU)."""
+import json
+import os
+import subprocess
+import sys
+from collections import OrderedDict
+
+import pytest
+import torch
+
+import clip_model
+import data
+import eval as evaluate_cli
+import textrefiner
+import train
+from test_eval import RunsCode, write_result
+from test_train import REPO, assert_same_tensors, assert_usage_error, read_log, synthetic, torchrun_two_ranks
+
+EPOCHS, DEPTH = 3, 2
+TEACHER_FILE = os.path.join("Caltech101", "VLPromptLearner", "model-best.pth.tar")
+
+
+def teacher_setup(base):
+    """(teacher CLIP weights file, folder of released-layout teachers) under base: the
+    caltech101 base-class teacher (3 of the 6 synthetic classes, depth 2) whose CLIP weights are
+    not the base file's (PromptSRC's weight averaging), and one trained on 4 classes."""
+    root, _ = synthetic(base)
+    clip_path, teachers = os.path.join(base, "teacher-clip.pt"), os.path.join(base, "teachers")
+    if not os.path.exists(os.path.join(teachers, TEACHER_FILE)):
+        weights = clip_model.random_state_dict(clip_model.CONFIGS["tiny-teacher"], seed=1)
+        torch.save(weights, clip_path)
+        averaged = {k: v + 0.01 if k.startswith("visual.transformer") else v for k, v in weights.items()}
+        base_names = data.load_splits("caltech101", root, subsample="base")["classnames"]
+        os.makedirs(os.path.dirname(os.path.join(teachers, TEACHER_FILE)))
+        textrefiner.write_teacher_checkpoint(os.path.join(base, "four-classes.pth.tar"), weights,
+                                             base_names + ["class_003"], depth=DEPTH)
+        textrefiner.write_teacher_checkpoint(os.path.join(teachers, TEACHER_FILE), averaged, base_names, depth=DEPTH)
+    return clip_path, teachers
+
+
+def pk_argv(base, out, *extra):
+    root, student = synthetic(base)
+    teacher_clip, teachers = teacher_setup(base)
+    return ["--method", "promptkd", "--dataset", "caltech101", "--root", root, "--clip", student,
+            "--teacher", teachers, "--teacher-clip", teacher_clip, "--subsample", "base", "--device", "cpu",
+            "--epochs", str(EPOCHS), "--batch-size", "4", "--depth", str(DEPTH), "--workers", "0",
+            "--log-interval", "3", "--output-dir", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def pk_run(tmp_path_factory):
+    """One uninterrupted PromptKD + TextRefiner base2new training run: (base folder, run folder)."""
+    base = str(tmp_path_factory.getbasetemp())
+    out = os.path.join(base, "pk-run")
+    if not os.path.exists(os.path.join(out, "results.json")):
+        train.main(pk_argv(base, out))
+    return base, out
+
+
+def read_results(folder):
+    with open(os.path.join(folder, "results.json")) as f:
+        return json.load(f)
+
+
+def test_recipe_rows_fill_flags_left_at_none_and_explicit_flags_win():
+    p = train.get_parser()
+
+    def resolved(*argv):
+        args = p.parse_args(list(argv))
+        train.apply_recipe(p, args)
+        return args
+
+    pk = resolved("--method", "promptkd", "--dataset", "caltech101")
+    assert (pk.epochs, pk.batch_size, pk.lr, pk.momentum, pk.weight_decay, pk.warmup_epochs, pk.warmup_lr) == \
+        (20, 8, 0.005, 0.9, 5e-4, 1, 1e-5)  # SPEC 11.3
+    assert (pk.depth, pk.n_ctx, pk.kd_weight, pk.temperature, pk.teacher_clip) == (9, 4, 1000.0, 1.0, "ViT-L/14")
+    assert (pk.cache_size, pk.alpha, pk.cache_momentum, pk.topk) == (25, 0.2, 0.8, 5)
+    assert pk.ctx_init is None and pk.semantic_weight is None  # CoOp's flags stay unset
+    for dataset in ("fgvc_aircraft", "oxford_flowers", "dtd"):  # PromptKD's per-dataset weight
+        assert resolved("--method", "promptkd", "--dataset", dataset).kd_weight == 200.0
+    assert resolved("--method", "promptkd", "--dataset", "dtd", "--kd-weight", "7", "--epochs", "2").kd_weight == 7.0
+    coop = resolved("--dataset", "dtd")
+    assert (coop.method, coop.epochs, coop.batch_size, coop.lr, coop.ctx_init, coop.semantic_weight,
+            coop.reg_weight) == ("coop", 10, 32, 0.002, "a photo of a", 0.02, 20.0)  # SPEC 5
+    assert coop.kd_weight is None and coop.depth is None
+    assert resolved("--ctx-init", "", "--lr", "0.1").ctx_init == "" and resolved("--lr", "0.1").lr == 0.1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "promptkd", "--semantic-weight", "0.1"], "--semantic-weight applies to --method coop, not promptkd"),
+    (["--kd-weight", "200"], "--kd-weight applies to --method promptkd, not coop"),
+    (["--teacher", "teachers"], "--teacher applies to --method promptkd, not coop"),
+    (["--method", "promptkd"], "--method promptkd needs --teacher"),
+    (["--method", "promptkd", "--teacher", "/no/teachers"], "--teacher '/no/teachers': no such file or folder"),
+    (["--method", "promptkd", "--teacher", "x", "--kd-weight", "-1"], "--kd-weight must be >= 0"),
+    (["--method", "promptkd", "--teacher", "x", "--temperature", "0"], "--temperature must be positive"),
+    (["--method", "promptkd", "--teacher", "x", "--depth", "0"], "--depth must be positive"),
+])
+def test_method_flag_errors(argv, message, tmp_path, monkeypatch, capsys):
+    os.makedirs(tmp_path / "x")
+    monkeypatch.chdir(tmp_path)  # "x" and "teachers" are relative
+    assert_usage_error(train.main, ["--dataset", "caltech101", "--root", str(tmp_path), "--output-dir",
+                                    str(tmp_path / "out"), *argv], message, capsys)
+
+
+def test_teacher_folder_layout_and_alternative_spellings(tmp_path):
+    for name in ("StandfordCars", "FGVCAircraft", "DescribableTextures"):
+        folder = tmp_path / name / "VLPromptLearner"
+        os.makedirs(folder)
+        (folder / "model-best.pth.tar").write_bytes(b"")
+    os.makedirs(tmp_path / "ImageNet-xd" / "VLPromptLearner_large")
+    (tmp_path / "ImageNet-xd" / "VLPromptLearner_large" / "model.pth.tar-20").write_bytes(b"")
+    t = str(tmp_path)
+    assert train.teacher_file(t, "stanford_cars", "base") == f"{t}/StandfordCars/VLPromptLearner/model-best.pth.tar"
+    assert train.teacher_file(t, "fgvc_aircraft", "new") == f"{t}/FGVCAircraft/VLPromptLearner/model-best.pth.tar"
+    assert train.teacher_file(t, "dtd", "all") == f"{t}/ImageNet-xd/VLPromptLearner_large/model.pth.tar-20"
+    file = f"{t}/DescribableTextures/VLPromptLearner/model-best.pth.tar"
+    assert train.teacher_file(file, "eurosat", "base") == file  # a file is used as given
+    with pytest.raises(data.MissingData, match=f"expected {t}/EuroSAT/VLPromptLearner/model-best.pth.tar"):
+        train.teacher_file(t, "eurosat", "base")
+    with pytest.raises(data.MissingData, match=f"{t}/OxfordPets/VLPromptLearner/model-best.pth.tar"):
+        train.teacher_file(t, "oxford_pets", "base")
+    with pytest.raises(train.UserError, match="no base-class teacher for imagenet_a"):
+        train.teacher_file(t, "imagenet_a", "base")
+
+
+def test_promptkd_base2new_run(pk_run):
+    """Student on the unlabelled shots of ALL 6 classes; per-epoch base-class test accuracy picks
+    the epoch (as released); Base = that accuracy; the loss is lambda(kd + local/100 + reg/50)."""
+    base, out = pk_run
+    log = read_log(out)
+    assert [r["epoch"] for r in log] == list(range(EPOCHS))
+    assert [r["lr"] for r in log] == pytest.approx([1e-5, 0.005, 0.00375], rel=1e-9)  # 0.005(1+cos(pi/3))/2
+    for r in log:
+        assert {"loss_kd", "loss_local", "loss_reg", "val_acc"} <= r.keys() and "loss_global" not in r
+        assert r["loss"] == pytest.approx(1000 * (r["loss_kd"] + r["loss_local"] / 100 + r["loss_reg"] / 50),
+                                          rel=1e-5)  # caltech101: lambda 1000
+    results = read_results(out)
+    assert (results["method"], results["selection"], results["subsample"]) == ("promptkd", "best-test", "base")
+    assert (results["train_classes"], results["train_images"], results["num_classes"]) == (6, 36, 3)
+    assert results["classnames"] == ["class_000", "class_001", "class_002"] and results["num_images"] == 9
+    best_epoch = max(range(EPOCHS), key=lambda e: (log[e]["val_acc"], -e))
+    assert results["epoch"] == best_epoch and results["accuracy"] == log[best_epoch]["val_acc"]
+    teacher = os.path.join(base, "teachers", TEACHER_FILE)
+    assert results["teacher"] == teacher and results["teacher_sha256"] == clip_model._sha256(teacher)
+    last = torch.load(os.path.join(out, "last.pt"), weights_only=True)
+    assert last["args"]["teacher_sha256"] == results["teacher_sha256"] and last["args"]["kd_weight"] == 1000.0
+    assert last["model"]["visual_prompts"].shape == (DEPTH, 4, 128)
+    assert {k.split(".")[0] for k in last["model"]} == {"visual_prompts", "image_proj", "refiner"}
+
+
+def test_new_classes_are_the_same_checkpoints_rows(pk_run, tmp_path):
+    """eval.py --subsample new: the all-class classifier's new rows; equal to a student built for
+    the new class names alone (refinement is row-wise, SPEC 11.4)."""
+    base, out = pk_run
+    new = evaluate_cli.main(["--checkpoint", os.path.join(out, "best.pt"), "--subsample", "new", "--workers", "0",
+                             "--device", "cpu", "--output-dir", str(tmp_path)])
+    assert new["classnames"] == ["class_003", "class_004", "class_005"] and new["num_images"] == 9
+    assert (new["method"], new["selection"]) == ("promptkd", "best-test")
+    root, student = synthetic(base)
+    teacher_clip, teachers = teacher_setup(base)
+    splits = data.load_splits("caltech101", root, subsample="new")
+    teacher = textrefiner.PromptSRCTeacher.from_checkpoint(clip_model.load_clip(teacher_clip),
+                                                           os.path.join(teachers, TEACHER_FILE),
+                                                           splits["classnames"], num_trained_classes=3)
+    model = textrefiner.PromptKDCLIP(clip_model.load_clip(student), teacher, splits["classnames"], depth=DEPTH)
+    model.load_trainable_state_dict(torch.load(os.path.join(out, "best.pt"), weights_only=True)["model"])
+    loader = data.build_eval_loader(splits["test"], 4, 32, workers=0)
+    alone = train.evaluate(model, loader, splits["classnames"], torch.device("cpu"), "fp32")
+    assert alone["per_class_accuracy"] == new["per_class_accuracy"] and alone["accuracy"] == new["accuracy"]
+
+
+def test_selection_last(pk_run, tmp_path):
+    base, out = pk_run
+    train.main(pk_argv(base, tmp_path, "--selection", "last", "--epochs", "2"))
+    results = read_results(tmp_path)
+    assert results["selection"] == "last" and results["epoch"] == 1 and not (tmp_path / "best.pt").exists()
+    assert all("val_acc" not in r for r in read_log(tmp_path))
+
+
+def test_resume_after_interruption_ends_bitwise_equal(pk_run, tmp_path, monkeypatch):
+    base, out = pk_run
+    real_loader = data.build_train_loader
+
+    class Interrupted(Exception):
+        pass
+
+    def killed_at_epoch_2(*args, **kwargs):
+        loader = real_loader(*args, **kwargs)
+        set_epoch = loader.set_epoch
+
+        def checked(epoch):
+            if epoch == 2:
+                raise Interrupted
+            set_epoch(epoch)
+        loader.set_epoch = checked
+        return loader
+
+    monkeypatch.setattr(data, "build_train_loader", killed_at_epoch_2)
+    with pytest.raises(Interrupted):
+        train.main(pk_argv(base, tmp_path))
+    monkeypatch.undo()
+    train.main(pk_argv(base, tmp_path, "--resume"))
+    for name in ("last.pt", "best.pt"):
+        resumed = torch.load(tmp_path / name, weights_only=True)
+        reference = torch.load(os.path.join(out, name), weights_only=True)
+        assert resumed["epoch"] == reference["epoch"] and resumed["best"] == reference["best"]
+        assert_same_tensors(resumed["model"], reference["model"])  # prompts, both BatchNorms, cache: bitwise
+    assert [r["loss"] for r in read_log(tmp_path)] == [r["loss"] for r in read_log(out)]
+    assert read_results(tmp_path)["accuracy"] == read_results(out)["accuracy"]
+
+
+def test_torchrun_two_ranks_match_one(pk_run, tmp_path):
+    """Global batch 4 as 2 ranks x 2 images (gloo): image_proj's and align's BatchNorm statistics
+    over the global batch, the cache update from every rank's tokens, gradients averaged."""
+    base, out = pk_run
+    torchrun_two_ranks("train.py", pk_argv(base, tmp_path))
+    two = torch.load(tmp_path / "last.pt", weights_only=True)["model"]
+    one = torch.load(os.path.join(out, "last.pt"), weights_only=True)["model"]
+    assert two.keys() == one.keys()
+    # 27 steps at lambda 1000 amplify float32 summation-order differences to ~1e-4 of a tensor's scale;
+    # a statistic or cache taken per rank, or gradients summed instead of averaged, differ by O(10%).
+    for k in one:
+        scale = one[k].float().abs().max().item()
+        assert (two[k].float() - one[k].float()).abs().max().item() <= 1e-3 * max(scale, 1e-3), k
+    for a, b in zip(read_log(tmp_path), read_log(out)):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4) and a["val_acc"] == b["val_acc"]
+
+
+def test_eval_refuses_another_teacher_and_the_other_method(pk_run, tmp_path, capsys):
+    base, out = pk_run
+    best = os.path.join(out, "best.pt")
+    other = os.path.join(base, "other-teacher.pth.tar")
+    if not os.path.exists(other):
+        names = ["class_000", "class_001", "class_002"]
+        textrefiner.write_teacher_checkpoint(other, torch.load(teacher_setup(base)[0], weights_only=True), names,
+                                             depth=DEPTH, seed=5)
+    common = ["--checkpoint", best, "--workers", "0", "--device", "cpu", "--subsample", "new"]
+    assert_usage_error(evaluate_cli.main, [*common, "--teacher", other],
+                       f"--teacher {other}: not the teacher {best} was distilled from", capsys)
+    allowed = evaluate_cli.main([*common, "--teacher", other, "--allow-other-teacher"])
+    assert allowed["teacher_sha256"] == clip_model._sha256(other)
+    assert_usage_error(evaluate_cli.main, [*common, "--method", "coop"],
+                       f"--method coop: {best} is a --method promptkd checkpoint", capsys)
+    # a CoOp checkpoint on the PromptKD path
+    coop = os.path.join(trained_run_dir(base), "best.pt")
+    assert_usage_error(evaluate_cli.main, ["--checkpoint", coop, "--workers", "0", "--teacher", other],
+                       f"--teacher: {coop} is a --method coop checkpoint, which has no teacher", capsys)
+    assert_usage_error(evaluate_cli.main, ["--checkpoint", coop, "--workers", "0", "--method", "promptkd"],
+                       f"--method promptkd: {coop} is a --method coop checkpoint", capsys)
+
+
+def trained_run_dir(base):
+    """test_train.py's CoOp run (trained here when this file runs alone)."""
+    out = os.path.join(base, "run")
+    if not os.path.exists(os.path.join(out, "results.json")):
+        root, weights = synthetic(base)
+        from test_train import train_argv
+        train.main(train_argv(root, weights, out))
+    return out
+
+
+def test_resume_with_the_other_method_is_refused(pk_run, tmp_path, capsys):
+    base, out = pk_run
+    coop = trained_run_dir(base)
+    (tmp_path / "last.pt").write_bytes(open(os.path.join(coop, "last.pt"), "rb").read())
+    assert_usage_error(train.main, pk_argv(base, tmp_path, "--resume"),
+                       f"--resume: {tmp_path}/last.pt is a --method coop run, this command trains --method promptkd",
+                       capsys)
+
+
+def test_teacher_of_another_class_count_is_one_line(pk_run, tmp_path, capsys):
+    base, _ = pk_run
+    argv = pk_argv(base, tmp_path / "out")
+    argv[argv.index("--teacher") + 1] = os.path.join(base, "four-classes.pth.tar")
+    assert_usage_error(train.main, argv, "trained on 4 classes (prompt_learner.token_prefix rows), expected 3", capsys)
+    assert not (tmp_path / "out" / "last.pt").exists()
+
+
+# ----------------------------------------------------------------------------- the authors' run folders
+
+def write_promptkd_authors_folder(folder, state, student_weights, epoch, best_epoch=None, extra=None):
+    """An output folder of the released PromptKD + TextRefiner trainer (promptkd_released.md G):
+    VLPromptLearner/ and Memory/, model.pth.tar-<epoch> (and model-best.pth.tar) plus Dassl's
+    'checkpoint' pointer, each file {'state_dict', 'epoch', 'optimizer', 'scheduler', 'val_result'}.
+    VLPromptLearner's state_dict in the released key order: logit_scale, image_encoder.VPT, the
+    student's image tower (OpenAI dtypes) with resblocks.{1..depth-1}.VPT_shallow first in their
+    blocks, VPT_image_trans.conv1.{0,1,3} and mid_image_trans.conv1.{0,1,3} (1x1 Conv2d fp16,
+    BatchNorm2d fp32); Memory's is {'extractor.weight' fp16}, with the fp16 cache as the file's
+    'memory_item' (requires_grad, as saved). Prompts stay fp32."""
+    clip = torch.load(student_weights, weights_only=True)
+    prompts = state["visual_prompts"]
+    learner = OrderedDict(logit_scale=clip["logit_scale"].float())
+    learner["image_encoder.VPT"] = prompts[0].clone()
+    for key, value in clip.items():
+        if not key.startswith("visual."):
+            continue
+        block = key.split(".")
+        if key.startswith("visual.transformer.resblocks.") and block[4] == "attn" and block[5] == "in_proj_weight":
+            i = int(block[3])
+            if 1 <= i < prompts.shape[0]:
+                learner[f"image_encoder.transformer.resblocks.{i}.VPT_shallow"] = prompts[i].clone()
+        learner["image_encoder." + key[len("visual."):]] = textrefiner._released_dtype(key, value)
+    for theirs, ours in (("VPT_image_trans", "image_proj"), ("mid_image_trans", "refiner.align")):
+        for their_key, our_key in evaluate_cli.AUTHORS_ALIGN.items():
+            t = state[f"{ours}.{our_key}"]
+            if their_key in evaluate_cli.AUTHORS_CONV_WEIGHTS:
+                t = t[:, :, None, None]
+            learner[f"{theirs}.conv1.{their_key}"] = t.half() if their_key[0] in "03" else t
+    memory = OrderedDict([("extractor.weight", state["refiner.extractor.weight"].half())])
+    params = [torch.nn.Parameter(t.float().clone()) for t in (learner["image_encoder.VPT"], memory["extractor.weight"])]
+    optim = torch.optim.SGD(params, lr=0.005, momentum=0.9, weight_decay=5e-4)
+    sched = {"successor": torch.optim.lr_scheduler.CosineAnnealingLR(optim, 20.0), "warmup_epoch": 1,
+             "cons_lr": 1e-5, "last_epoch": epoch}
+    cache = state["refiner.cache"].half().requires_grad_() * 1
+    saves = [(f"model.pth.tar-{epoch}", epoch, None)] + ([("model-best.pth.tar", best_epoch, 55.5)]
+                                                         if best_epoch is not None else [])
+    for part in ("VLPromptLearner", "Memory"):
+        os.makedirs(os.path.join(folder, part))
+        for name, at, val_result in saves:
+            content = {"state_dict": learner if part == "VLPromptLearner" else memory, "epoch": at,
+                       "optimizer": optim.state_dict(), "scheduler": sched, "val_result": val_result}
+            if part == "Memory":
+                content = {"memory_item": cache, **content}
+            torch.save(dict(content, **(extra or {})), os.path.join(folder, part, name))
+        with open(os.path.join(folder, part, "checkpoint"), "w") as f:
+            f.write(f"model.pth.tar-{epoch}\n")
+
+
+def released_rounding(state):
+    """What the released dtypes do to our fp32 trainables: convs, extractor and cache fp16."""
+    fp16 = ("image_proj.fc", "refiner.align.fc", "refiner.extractor", "refiner.cache")
+    return {k: v.half().float() if k.startswith(fp16) else v for k, v in state.items()}
+
+
+def test_authors_promptkd_folder_maps_and_evaluates_as_ours(pk_run, tmp_path):
+    base, out = pk_run
+    root, student = synthetic(base)
+    teacher_clip, teachers = teacher_setup(base)
+    ckpt = torch.load(os.path.join(out, "best.pt"), weights_only=True)
+    state = ckpt["model"]
+    marker = tmp_path / "code-ran"
+    write_promptkd_authors_folder(tmp_path / "theirs", state, student, epoch=3, best_epoch=2,
+                                  extra={"unexpected": RunsCode(str(marker))})
+    mapped, info = evaluate_cli.load_authors_checkpoint(str(tmp_path / "theirs"))
+    assert not marker.exists()  # read tensors-only: no code from the file ran
+    assert_same_tensors(mapped, released_rounding(state))
+    assert (info["method"], info["epoch"], info["val_result"], info["precision"]) == ("promptkd", 2, 55.5, "fp16")
+    assert info["hp"] == {"depth": DEPTH, "n_ctx": 4, "cache_size": 25}
+    assert not any("VPT" in k for k in info["clip_weights"])
+    torch.save(dict(ckpt, model=released_rounding(state)), tmp_path / "ours.pt")
+    common = ["--workers", "0", "--device", "cpu", "--subsample", "new"]
+    theirs = evaluate_cli.main(["--checkpoint", str(tmp_path / "theirs"), "--dataset", "caltech101", "--root", root,
+                                "--clip", student, "--teacher", teachers, "--teacher-clip", teacher_clip, *common])
+    ours = evaluate_cli.main(["--checkpoint", str(tmp_path / "ours.pt"), *common])
+    assert theirs["per_class_accuracy"] == ours["per_class_accuracy"] and theirs["method"] == "promptkd"
+
+
+def test_authors_promptkd_folder_errors(pk_run, tmp_path, capsys):
+    base, out = pk_run
+    root, student = synthetic(base)
+    state = torch.load(os.path.join(out, "best.pt"), weights_only=True)["model"]
+    write_promptkd_authors_folder(tmp_path / "theirs", state, student, epoch=3)
+    common = ["--checkpoint", str(tmp_path / "theirs"), "--epoch", "3", "--dataset", "caltech101", "--root", root,
+              "--clip", student, "--workers", "0", "--subsample", "new"]
+    assert_usage_error(evaluate_cli.main, common, "--teacher is required", capsys)
+    path = tmp_path / "theirs" / "VLPromptLearner" / "model.pth.tar-3"
+    content = torch.load(path, weights_only=False)
+    del content["state_dict"]["image_encoder.transformer.resblocks.1.VPT_shallow"]
+    content["state_dict"]["image_encoder.transformer.resblocks.0.VPT_shallow"] = state["visual_prompts"][1]
+    torch.save(content, path)
+    with pytest.raises(ValueError, match=r"deep visual prompts in blocks \[0\]; expected blocks 1..1"):
+        evaluate_cli.load_authors_checkpoint(str(tmp_path / "theirs"), 3)
+    del content["state_dict"]["VPT_image_trans.conv1.1.running_var"]
+    torch.save(content, path)
+    with pytest.raises(ValueError, match=r"VPT_image_trans.conv1.1.running_var.*PromptKD \+ TextRefiner run"):
+        evaluate_cli.load_authors_checkpoint(str(tmp_path / "theirs"), 3)
+
+
+# ----------------------------------------------------------------------------- make and the report
+
+def test_make_base2new_promptkd_commands():
+    proc = subprocess.run(["make", "--no-print-directory", "-n", "-C", REPO, "base2new", "DATASET=dtd", "SEED=2",
+                           "METHOD=promptkd", "TEACHERS=/t", "GPUS=2"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    assert "nproc_per_node=2 train.py --method promptkd --teacher /t --dataset dtd" in text
+    assert "--subsample base --output-dir output/promptkd/base2new/dtd/seed2/base --resume" in text
+    assert "ckpt=output/promptkd/base2new/dtd/seed2/base/best.pt" in text and "--subsample new" in text
+    xd = subprocess.run(["make", "--no-print-directory", "-n", "-C", REPO, "xd", "METHOD=promptkd", "TEACHERS=/t",
+                         "PROMPTKD_XD=dtd eurosat"], capture_output=True, text=True, timeout=60)
+    assert xd.returncode == 0 and "for t in dtd eurosat; do" in xd.stdout, xd.stderr
+    assert "--subsample all \\\n      --shots 0 --depth 3 --output-dir output/promptkd/xd/$t/seed1" in xd.stdout
+    bad = subprocess.run(["make", "-n", "-C", REPO, "base2new", "METHOD=maple"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "METHOD=maple: expected coop or promptkd" in bad.stderr
+
+
+@pytest.mark.slow
+def test_make_demo_promptkd(tmp_path):
+    """make demo-promptkd end to end, in a folder of its own (DEMO_PKD)."""
+    proc = subprocess.run(["make", "--no-print-directory", "-C", REPO, "demo-promptkd", f"DEMO_PKD={tmp_path}/demo",
+                           f"PYTHON={sys.executable}"], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "PromptKD + TextRefiner: base-to-new generalisation" in proc.stdout
+    assert "PromptKD+TextRefiner            85.22           79.64           82.33" in proc.stdout
+    run = tmp_path / "demo" / "output" / "promptkd" / "base2new" / "caltech101" / "seed1"
+    base, new = read_results(run / "base"), read_results(run / "new")
+    assert (base["method"], base["selection"], base["num_classes"], new["num_classes"]) == \
+        ("promptkd", "best-test", 3, 3)
+
+
+def test_report_promptkd_tables(tmp_path, capsys):
+    for seed, (b, n) in zip((1, 2), ((80, 60), (84, 64))):
+        write_result(tmp_path / "b2n" / "dtd" / f"seed{seed}" / "base", b, method="promptkd", selection="best-test")
+        write_result(tmp_path / "b2n" / "dtd" / f"seed{seed}" / "new", n, method="promptkd", selection="best-test")
+    summary = evaluate_cli.report(str(tmp_path / "b2n"))
+    assert (summary["method"], summary["selection"]) == ("promptkd", ["best-test"])
+    assert summary["datasets"]["dtd"]["base"] == 82
+    text = capsys.readouterr().out
+    assert "PromptKD + TextRefiner: base-to-new" in text and "Model selection: best-test (the epoch of best test" in text
+    dtd = next(line for line in text.splitlines() if line.startswith("DTD"))
+    assert dtd.split()[-3:] == ["85.84", "71.37", "77.94"]  # PromptKD's published DTD row beside ours
+    assert "PromptKD+TextRefiner            85.22           79.64           82.33" in text
+    assert "PromptKD                        86.96           80.73           83.73" in text
+    # the published per-dataset table averages to the published 11-dataset row
+    b, n, h = evaluate_cli.published_average(evaluate_cli.PROMPTKD_PUBLISHED_B2N, list(evaluate_cli.PAPER_DATASETS))
+    assert (round(b, 2), round(n, 2), round(h, 2)) == (86.96, 80.73, 83.73)
+    write_result(tmp_path / "xd" / "dtd" / "seed1", 50.5, method="promptkd", selection="best-test")
+    evaluate_cli.report(str(tmp_path / "xd"))
+    text = capsys.readouterr().out
+    assert "PromptKD + TextRefiner: accuracy in" in text and "55.08" in text.splitlines()[3]
+
+
+def test_report_refuses_mixed_methods(tmp_path, capsys):
+    for dataset, method in (("dtd", "promptkd"), ("eurosat", None)):
+        for part, acc in (("base", 80), ("new", 60)):
+            write_result(tmp_path / dataset / "seed1" / part, acc, **({"method": method} if method else {}))
+    with pytest.raises(SystemExit):
+        evaluate_cli.main(["--report", str(tmp_path)])
+    assert "mixes methods (coop:" in capsys.readouterr().err
