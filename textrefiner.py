@@ -612,8 +612,9 @@ class PromptSRCTeacher(nn.Module):
         config = clip.config
         ctx, text_prompts = cls._stack_prompts(path, ctx, text, "text_encoder", "prompt_learner.ctx",
                                                config.transformer_width, config.transformer_layers)
-        _, visual_prompts = cls._stack_prompts(path, visual.pop(0, None), visual, "image_encoder",
-                                               "image_encoder.VPT", config.vision_width, config.vision_layers)
+        vpt, visual_deep = cls._stack_prompts(path, visual.pop(0, None), visual, "image_encoder",
+                                              "image_encoder.VPT", config.vision_width, config.vision_layers)
+        visual_prompts = torch.cat([vpt[None], visual_deep])  # (depth, n, W): row 0 at the input
         device = clip.logit_scale.device
         teacher_clip = clip_model.build_model({**own, **{k: v.to(device) for k, v in weights.items()}})
         return cls(teacher_clip, ctx.to(device), text_prompts.to(device), visual_prompts.to(device),
