@@ -228,3 +228,142 @@ def test_teacher_file_errors(tmp_path, teacher_base_sd, teacher_file):
     torch.save({"model": {}}, tmp_path / "other.pth.tar")
     with pytest.raises(ValueError, match="other.pth.tar: not a Dassl checkpoint"):
         load(tmp_path / "other.pth.tar")
+
+
+# ------------------------------------------------------ float64 reference of SPEC 11.1 / 11.2
+
+def ref_projection(x, p, prefix, running=None, eps=1e-5):
+    """Linear -> BatchNorm1d -> ReLU -> Linear over rows; batch statistics (biased variance)
+    unless running = (mean, var). -> (y, batch mean, batch var)."""
+    h = x @ p[prefix + ".fc1.weight"].t() + p[prefix + ".fc1.bias"]
+    mean, var = (h.mean(0), ((h - h.mean(0)) ** 2).mean(0)) if running is None else running
+    z = torch.relu((h - mean) / torch.sqrt(var + eps) * p[prefix + ".bn.weight"] + p[prefix + ".bn.bias"])
+    return z @ p[prefix + ".fc2.weight"].t() + p[prefix + ".fc2.bias"], mean, var
+
+
+def kl_per_element(student_logits, teacher_probs, temperature):
+    log_q = student_logits / temperature
+    log_q = log_q - torch.logsumexp(log_q, 1, keepdim=True)
+    return temperature**2 * (teacher_probs * (teacher_probs.log() - log_q)).sum() / student_logits.numel()
+
+
+def reference_step(model, student_sd, teacher_sd, teacher_prompts, x, x_eval, kd_weight, temperature):
+    """One PromptKD + TextRefiner training step and the following evaluation, float64, from
+    SPEC 11 and copies of the model's raw trainable tensors."""
+    raw = {k: v.detach().double().clone() for k, v in model.trainable_state_dict().items()}
+    names = ["visual_prompts"] + [f"{m}.{l}.{w}" for m in ("image_proj", "refiner.align")
+                                  for l in ("fc1", "bn", "fc2") for w in ("weight", "bias")] + \
+        ["refiner.extractor.weight"]
+    p = {k: raw[k].requires_grad_() for k in names}
+    cache, alpha, topk = raw["refiner.cache"], 0.2, 5
+    student = {k: v.double() for k, v in student_sd.items()}
+    ls = student["logit_scale"].exp()
+
+    t, z_teacher = ref_teacher(teacher_sd, *teacher_prompts, CLASSNAMES, x)
+    p_teacher = torch.softmax(z_teacher / temperature, 1)
+
+    def refine(cache):
+        s = t @ cache.t()
+        a = torch.exp(s - s.max(1, keepdim=True).values)
+        return t + alpha * torch.cat([t, (a / a.sum(1, keepdim=True)) @ cache], 1) @ p["refiner.extractor.weight"].t()
+
+    c, tokens, cls_attn = ref_encode_image(student, x, p["visual_prompts"])
+    b, n_tok, _ = tokens.shape
+    g, proj_mean, proj_var = ref_projection(c, p, "image_proj")
+    g = g / g.norm(dim=-1, keepdim=True)
+    refined = refine(cache)
+    logits = ls * g @ refined.t()
+    aligned, align_mean, align_var = ref_projection(tokens.reshape(b * n_tok, -1), p, "refiner.align")
+    aligned = aligned.reshape(b, n_tok, -1)
+    ranked = cls_attn.argsort(dim=1, descending=True)
+    gaps = cls_attn.gather(1, ranked[:, topk - 1:topk]) - cls_attn.gather(1, ranked[:, topk:topk + 1])
+    assert gaps.min() > 1e-5 * cls_attn.max(), "top-5 is ill-conditioned for this seed"
+    local = torch.stack([torch.stack([aligned[i, 0]] + [aligned[i, j + 1] for j in ranked[i, :topk]]
+                                     + [aligned[i].mean(0)]) for i in range(b)])  # (B, 7, D_T)
+    local_logits = ls * local.reshape(b * 7, -1) @ t.t()
+    loss_kd = kl_per_element(logits, p_teacher, temperature)
+    loss_local = kl_per_element(local_logits, p_teacher[torch.arange(b).repeat_interleave(7)], temperature)
+    loss_reg = (refined / refined.norm(dim=-1, keepdim=True) - t).abs().mean()
+    loss = kd_weight * loss_kd + kd_weight / 100 * loss_local + kd_weight / 50 * loss_reg
+    grads = dict(zip(names, torch.autograd.grad(loss, list(p.values()))))
+
+    # cache update (SPEC 4 rule) on all B*T aligned tokens
+    x_hat = aligned.detach().reshape(b * n_tok, -1)
+    x_hat = x_hat / x_hat.norm(dim=-1, keepdim=True)
+    scores = x_hat @ cache.t()
+    top2 = scores.topk(2, dim=1).values
+    assert (top2[:, 0] - top2[:, 1]).min() > 1e-5, "cache assignment is ill-conditioned for this seed"
+    assign, col_max = scores.argmax(1), scores.max(0).values
+    new_cache = cache.clone()
+    for m in range(cache.shape[0]):
+        rows = (assign == m).nonzero()[:, 0]
+        if len(rows):
+            new_cache[m] = 0.8 * cache[m] + 0.2 * (torch.exp(scores[rows, m] - col_max[m])[:, None] * x_hat[rows]).sum(0)
+    new_cache = new_cache / new_cache.norm(dim=-1, keepdim=True)
+
+    running = {}
+    for prefix, mean, var, rows in (("image_proj", proj_mean, proj_var, b),
+                                    ("refiner.align", align_mean, align_var, b * n_tok)):
+        running[prefix] = (0.9 * raw[prefix + ".bn.running_mean"] + 0.1 * mean.detach(),
+                           0.9 * raw[prefix + ".bn.running_var"] + 0.1 * var.detach() * rows / (rows - 1))
+
+    with torch.no_grad():  # eval: BN running statistics, the updated cache, no alignment
+        c_eval, _, _ = ref_encode_image(student, x_eval, p["visual_prompts"])
+        g_eval, _, _ = ref_projection(c_eval, p, "image_proj", running=running["image_proj"])
+        eval_logits = ls * (g_eval / g_eval.norm(dim=-1, keepdim=True)) @ refine(new_cache).t()
+    return dict(loss=loss, loss_kd=loss_kd, loss_local=loss_local, loss_reg=loss_reg, logits=logits,
+                grads=grads, cache=new_cache, running=running, eval_logits=eval_logits)
+
+
+def perturb_trainables(model, seed):
+    """Off their init values, so every BatchNorm term and the visual prompts' effect are exercised."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        model.visual_prompts.normal_(0, 0.3, generator=g)
+        for bn in (model.image_proj.bn, model.refiner.align.bn):
+            bn.weight.uniform_(0.5, 1.5, generator=g)
+            bn.bias.uniform_(-0.2, 0.2, generator=g)
+            bn.running_mean.uniform_(-0.1, 0.1, generator=g)
+            bn.running_var.uniform_(0.5, 1.5, generator=g)
+
+
+def grad_errors(model, ref):
+    """Relative error of every gradient; the first Linears' biases have an exactly-zero
+    gradient (BatchNorm subtracts them again): measured against their weight gradient's scale."""
+    grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+    assert grads.keys() == ref["grads"].keys()
+    errors = {}
+    for name, expected in ref["grads"].items():
+        if name.endswith("fc1.bias"):
+            assert expected.abs().max() < 1e-10, name
+            scale = ref["grads"][name.replace("bias", "weight")].abs().max()
+            errors[name] = ((grads[name].double() - expected).abs().max() / scale).item()
+        else:
+            assert expected.abs().max() > 0, name
+            errors[name] = rel_err(grads[name], expected)
+    return errors
+
+
+def test_training_step_and_eval_match_float64_reference(student, student_sd, teacher, teacher_file, teacher_base_sd):
+    kd_weight, temperature = 200.0, 1.5
+    model = make_model(student, teacher, seed=4, kd_weight=kd_weight, temperature=temperature).train()
+    perturb_trainables(model, seed=5)
+    x, x_eval = images(4, seed=11), images(3, seed=12)
+    sd, ctx, text, visual = teacher_weights(teacher_file, teacher_base_sd)
+    ref = reference_step(model, student_sd, sd, (ctx, text, visual), x, x_eval, kd_weight, temperature)
+
+    out = model(x, labels=torch.tensor([0, 1, 2, 3]))  # labels are ignored
+    out["loss"].backward()
+    errors = {name: rel_err(out[name], ref[name]) for name in ("loss", "loss_kd", "loss_local", "loss_reg", "logits")}
+    errors.update(grad_errors(model, ref))
+    errors["cache"] = rel_err(model.refiner.cache, ref["cache"])
+    for prefix, bn in (("image_proj", model.image_proj.bn), ("refiner.align", model.refiner.align.bn)):
+        errors[prefix + ".running_mean"] = rel_err(bn.running_mean, ref["running"][prefix][0])
+        errors[prefix + ".running_var"] = rel_err(bn.running_var, ref["running"][prefix][1])
+        assert bn.num_batches_tracked.item() == 1
+    errors["eval_logits"] = rel_err(model.eval()(x_eval), ref["eval_logits"])
+    print("\nmax relative errors vs float64:", {k: f"{v:.1e}" for k, v in errors.items()})
+    bad = {k: v for k, v in errors.items() if not v < 1e-4}
+    assert not bad, bad
+    for name in ("loss_kd", "loss_local", "loss_reg"):  # every term is exercised
+        assert ref[name] > 1e-4, name
