@@ -367,3 +367,118 @@ def test_training_step_and_eval_match_float64_reference(student, student_sd, tea
     assert not bad, bad
     for name in ("loss_kd", "loss_local", "loss_reg"):  # every term is exercised
         assert ref[name] > 1e-4, name
+
+
+# ------------------------------------------------------------------------- model behaviour
+
+def test_gradient_routing_of_each_loss_term(student, teacher):
+    """SPEC 11.2: L_kd reaches P, image_proj and the extractor; L_local P and align; L_reg
+    the extractor only. Nothing else trains."""
+    model = make_model(student, teacher).train()
+    out = model(images(4))
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    groups = {"visual_prompts": ["visual_prompts"],
+              "image_proj": [n for n in params if n.startswith("image_proj.")],
+              "align": [n for n in params if n.startswith("refiner.align.")],
+              "extractor": ["refiner.extractor.weight"]}
+    assert sorted(sum(groups.values(), [])) == sorted(params)
+    reaches = {"loss_kd": {"visual_prompts", "image_proj", "extractor"},
+               "loss_local": {"visual_prompts", "align"}, "loss_reg": {"extractor"}}
+    for term, expected in reaches.items():
+        grads = torch.autograd.grad(out[term], list(params.values()), allow_unused=True, retain_graph=True)
+        by_name = dict(zip(params, grads))
+        reached = {group for group, names in groups.items()
+                   if any(by_name[n] is not None and by_name[n].abs().sum() > 0 for n in names)}
+        assert reached == expected, term
+    assert not model.refiner.cache.requires_grad and not student.training
+
+
+def test_refiner_false_is_plain_promptkd(student, teacher):
+    model = make_model(student, teacher, refiner=False, kd_weight=1000.0).train()
+    assert model.trainable_state_dict().keys() == {k for k in SPEC_KEYS if not k.startswith("refiner.")}
+    x = images(4)
+    out = model(x)
+    with torch.no_grad():
+        glob = student.encode_image(x, prompts=model.visual_prompts)
+        proj = model.image_proj
+        h = proj.fc1(glob)
+        h = (h - h.mean(0)) / torch.sqrt(h.var(0, unbiased=False) + 1e-5) * proj.bn.weight + proj.bn.bias
+        g = torch.nn.functional.normalize(proj.fc2(torch.relu(h)), dim=-1)
+        logits = student.logit_scale.exp() * g @ teacher.class_features().t()
+        p_t = torch.softmax(teacher(x), dim=-1)
+        kd = (p_t * (p_t.log() - torch.log_softmax(logits, dim=-1))).sum() / p_t.numel()
+    torch.testing.assert_close(out["logits"], logits)
+    torch.testing.assert_close(out["loss_kd"], kd)
+    torch.testing.assert_close(out["loss"], 1000.0 * kd)
+    assert out["loss_local"].item() == 0 and out["loss_reg"].item() == 0
+    out["loss"].backward()
+    assert model.visual_prompts.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        g = torch.nn.functional.normalize(proj(student.encode_image(x, prompts=model.visual_prompts)), dim=-1)
+    torch.testing.assert_close(model(x), student.logit_scale.exp() * g @ teacher.class_features().t())
+
+
+def test_eval_class_features_are_reused_and_invalidated(student, teacher, monkeypatch):
+    model = make_model(student, copy.deepcopy(teacher)).eval()
+    calls = []
+    refine = model.refiner.refine
+    monkeypatch.setattr(model.refiner, "refine", lambda t: calls.append(1) or refine(t))
+    x = images(3)
+    first = model(x)
+    model(images(2, seed=7))
+    assert len(calls) == 1  # once per evaluation, not per batch
+    with torch.no_grad():
+        model.refiner.cache.copy_(torch.nn.functional.normalize(model.refiner.cache + torch.rand(25, 96), dim=-1))
+    second = model(x)
+    assert len(calls) == 2 and not torch.allclose(first, second)
+    with torch.no_grad():
+        model.refiner.extractor.weight.mul_(-2)  # in place, as an optimizer step
+    assert not torch.allclose(model(x), second) and len(calls) == 3
+    model.set_classnames(["airliner", "cat"])
+    logits = model(x)
+    assert logits.shape == (3, 2) and len(calls) == 4
+    model.set_classnames(CLASSNAMES)
+    torch.testing.assert_close(logits, model(x)[:, [4, 0]], rtol=1e-5, atol=1e-5)
+    assert PromptKDCLIP.frozen_image_features is False  # trained prompts: features never reusable
+
+
+def test_eval_leaves_state_untouched_and_training_moves_it(student, teacher):
+    model = make_model(student, teacher).eval()
+    before = {k: v.clone() for k, v in model.trainable_state_dict().items()}
+    model(images(2))
+    assert all(torch.equal(v, before[k]) for k, v in model.trainable_state_dict().items())
+    model.train()(images(2))
+    after = model.trainable_state_dict()
+    for name in ("refiner.cache", "image_proj.bn.running_mean", "refiner.align.bn.running_var"):
+        assert not torch.equal(after[name], before[name]), name
+    assert not model.teacher.training and not model.clip.training
+
+
+def test_state_dict_round_trip_and_method_mixups(student, teacher):
+    model = make_model(student, teacher).train()
+    model(images(2))
+    state = model.trainable_state_dict()
+    assert state.keys() == SPEC_KEYS
+    assert state["visual_prompts"].shape == (2, 3, STUDENT.vision_width)
+    assert state["image_proj.fc1.weight"].shape == (96, 64) and state["refiner.align.fc1.weight"].shape == (96, 64)
+    assert state["refiner.cache"].shape == (25, 96) and state["refiner.extractor.weight"].shape == (96, 192)
+    other = make_model(student, teacher, seed=8).eval()
+    model.eval()
+    x = images(3)
+    assert not torch.allclose(other(x), model(x))
+    other.load_trainable_state_dict(copy.deepcopy(state))
+    torch.testing.assert_close(other(x), model(x))
+
+    coop = TextRefinerCLIP(student, CLASSNAMES)
+    with pytest.raises(ValueError, match=r"PromptKDCLIP.load_trainable_state_dict: this is a checkpoint of "
+                                         r"CoOp / CoOp \+ TextRefiner \(TextRefinerCLIP\).*the model is PromptKD"):
+        other.load_trainable_state_dict(coop.trainable_state_dict())
+    with pytest.raises(ValueError, match=r"TextRefinerCLIP.load_trainable_state_dict: this is a checkpoint of "
+                                         r"PromptKD / PromptKD \+ TextRefiner \(PromptKDCLIP\).*the model is CoOp"):
+        coop.load_trainable_state_dict(state)
+    with pytest.raises(ValueError, match=r"missing keys \['refiner.cache'\]"):
+        other.load_trainable_state_dict({k: v for k, v in state.items() if k != "refiner.cache"})
+    shallow = make_model(student, teacher, depth=1)
+    with pytest.raises(ValueError, match=r"visual_prompts: checkpoint \(2, 3, 128\), model \(1, 3, 128\)"):
+        shallow.load_trainable_state_dict(state)
