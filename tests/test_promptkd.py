@@ -482,3 +482,86 @@ def test_state_dict_round_trip_and_method_mixups(student, teacher):
     shallow = make_model(student, teacher, depth=1)
     with pytest.raises(ValueError, match=r"visual_prompts: checkpoint \(2, 3, 128\), model \(1, 3, 128\)"):
         shallow.load_trainable_state_dict(state)
+
+
+def test_losses_stay_fp32_under_bf16_autocast(student, teacher):
+    x = images(2)
+    reference = make_model(student, teacher).train()(x)
+    model = make_model(student, copy.deepcopy(teacher)).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    for name, value in out.items():
+        assert value.dtype == torch.float32, name
+        torch.testing.assert_close(value, reference[name], rtol=0.1, atol=0.1 * reference[name].abs().max().item())
+    state = model.trainable_state_dict()
+    assert all(v.dtype == torch.float32 for k, v in state.items() if not k.endswith("num_batches_tracked"))
+    model.eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(x).dtype == torch.float32
+
+
+# ------------------------------------------------------------------------------ two ranks
+
+def _two_rank_step(rank, init_file, out_dir, teacher_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    teacher = PromptSRCTeacher.from_checkpoint(build_model(random_state_dict(TEACHER, seed=1)), teacher_path,
+                                               CLASSNAMES)
+    model = make_model(build_model(random_state_dict(STUDENT, seed=0)), teacher, seed=3).train()
+    model.set_process_group(dist.group.WORLD)
+    x = images(4, seed=11)
+    # no tensor built from a host value per step: on CUDA that is a blocking copy
+    with mock.patch.object(torch, "tensor", side_effect=AssertionError("torch.tensor in a step")):
+        out = model(x[2 * rank:2 * rank + 2])  # this rank's half of the batch
+        out["loss"].backward()
+    grads = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:  # what DDP does: average the gradients over the ranks
+            dist.all_reduce(p.grad)
+            grads[name] = p.grad / 2
+    torch.save(dict(loss=out["loss"].detach(), grads=grads, state=model.trainable_state_dict()),
+               f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_two_ranks_match_one_process_on_the_global_batch(student, teacher, teacher_file, tmp_path):
+    """Both BatchNorms' statistics over the global batch, the cache combined over the ranks,
+    averaged gradients: one process on the concatenated batch."""
+    torch.multiprocessing.spawn(_two_rank_step, args=(str(tmp_path / "init"), str(tmp_path), teacher_file), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    model = make_model(student, teacher, seed=3).train()
+    out = model(images(4, seed=11))
+    out["loss"].backward()
+    torch.testing.assert_close((ranks[0]["loss"] + ranks[1]["loss"]) / 2, out["loss"].detach())
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            scale = p.grad.abs().max() if not name.endswith("fc1.bias") else \
+                dict(model.named_parameters())[name.replace("bias", "weight")].grad.abs().max()
+            assert (ranks[0]["grads"][name] - p.grad).abs().max() <= 1e-4 * scale, name
+    for name, value in model.trainable_state_dict().items():  # cache and both BN statistics
+        assert torch.equal(ranks[0]["state"][name], ranks[1]["state"][name]), name
+        torch.testing.assert_close(ranks[0]["state"][name], value, rtol=1e-5, atol=1e-6,
+                                   msg=lambda message: f"{name}: {message}")
+
+
+def test_feature_align_takes_a_rectangular_first_linear():
+    """kernels.feature_align with w1 (D_out, D_in): the reference path, as nn layers compute it."""
+    import kernels
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(10, 6, generator=g)
+    w1, b1 = torch.randn(9, 6, generator=g), torch.randn(9, generator=g)
+    gamma, beta = torch.rand(9, generator=g) + 0.5, torch.randn(9, generator=g)
+    w2, b2 = torch.randn(9, 9, generator=g), torch.randn(9, generator=g)
+    y, mean, var = kernels.feature_align(x, w1, b1, gamma, beta, w2, b2)
+    bn = torch.nn.BatchNorm1d(9).train()
+    with torch.no_grad():
+        bn.weight.copy_(gamma)
+        bn.bias.copy_(beta)
+    h = x @ w1.t() + b1
+    torch.testing.assert_close(y, torch.relu(bn(h)) @ w2.t() + b2)
+    torch.testing.assert_close(mean, h.mean(0))
+    with pytest.raises(ValueError, match=r"w2 must be \(9, 9\) for D_in=6, D_out=9"):
+        kernels.feature_align(x, w1, b1, gamma, beta, w2[:, :6], b2)
