@@ -4,8 +4,6 @@ PromptKDCLIP against an independent float64 implementation of SPEC 11.1/11.2 wri
 from the equations, with student and teacher CLIPs of different widths and a teacher file
 whose CLIP weights differ from the base CLIP's."""
 import copy
-import math
-import os
 from unittest import mock
 
 import pytest
