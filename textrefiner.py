@@ -26,6 +26,27 @@ image tower's last-block tokens and CLS attention row (clip.encode_image(x, retu
                 + 20 * F.l1_loss(F.normalize(refined, dim=-1), t))
         refiner.update_cache(aligned.detach())                 # after the forward that read it
 
+PromptKD + TextRefiner (SPEC 11): a frozen PromptSRC teacher (ViT-L/14 with deep prompts, read
+from PromptKD's released teacher files) distils into a ViT-B/16 student with deep visual
+prompts, whose classifier is the teacher's class text refined by TextRefiner:
+
+    teacher = textrefiner.PromptSRCTeacher.from_checkpoint(
+        clip_model.load_clip("ViT-L/14"), "teachers/DescribableTextures/VLPromptLearner/model-best.pth.tar",
+        classnames)                                              # class features computed once
+    model = textrefiner.PromptKDCLIP(clip_model.load_clip("ViT-B/16"), teacher, classnames,
+                                     kd_weight=200.0)            # refiner=False: plain PromptKD
+    model.train(); out = model(images); out["loss"].backward()   # no labels; updates the cache
+    model.eval();  logits = model(images)
+    # a tiny teacher file in the released layout (tests, demo):
+    textrefiner.write_teacher_checkpoint("teacher.pth.tar", clip_model.random_state_dict(
+        clip_model.CONFIGS["tiny-teacher"]), base_classnames, depth=3)
+
+PromptKDCLIP offers TextRefinerCLIP's training-loop interface: forward(images, labels) -> dict
+with "loss" and the other entries of loss_keys (labels ignored), eval forward -> logits,
+set_classnames, set_process_group, trainable_state_dict / load_trainable_state_dict; its eval
+forward is logits(image_features(images)), and frozen_image_features = False says that its
+image features change with training (trainable visual prompts), so they are never reused.
+
 The refiner maths, the losses and the cache are fp32 even under autocast.
 """
 import math
@@ -317,6 +338,8 @@ class TextRefiner(nn.Module):
 
 class TextRefinerCLIP(nn.Module):
     """Frozen CLIP + CoOp prompt learner + TextRefiner; refiner=False is plain CoOp."""
+
+    loss_keys = ("loss", "loss_global", "loss_local", "loss_reg")  # the forward's loss entries (train.py logs)
 
     def __init__(self, clip, classnames, n_ctx=4, ctx_init="a photo of a", cache_size=25,
                  alpha=0.2, momentum=0.8, topk=5, semantic_weight=1 / 50, reg_weight=20.0,
@@ -612,8 +635,9 @@ class PromptSRCTeacher(nn.Module):
         config = clip.config
         ctx, text_prompts = cls._stack_prompts(path, ctx, text, "text_encoder", "prompt_learner.ctx",
                                                config.transformer_width, config.transformer_layers)
-        _, visual_prompts = cls._stack_prompts(path, visual.pop(0, None), visual, "image_encoder",
-                                               "image_encoder.VPT", config.vision_width, config.vision_layers)
+        vpt, visual_deep = cls._stack_prompts(path, visual.pop(0, None), visual, "image_encoder",
+                                              "image_encoder.VPT", config.vision_width, config.vision_layers)
+        visual_prompts = torch.cat([vpt[None], visual_deep])  # (depth, n, W): row 0 at the input
         device = clip.logit_scale.device
         teacher_clip = clip_model.build_model({**own, **{k: v.to(device) for k, v in weights.items()}})
         return cls(teacher_clip, ctx.to(device), text_prompts.to(device), visual_prompts.to(device),
