@@ -644,10 +644,10 @@ def benchmark(args, training):
 
 
 # ----------------------------------------------------------------------------- methods
-# A method is a model class with one interface (train forward -> dict with "loss" and its
-# loss terms; eval forward -> logits; set_classnames; set_process_group; trainable_state_dict
-# / load_trainable_state_dict), one row of recipe defaults and its data protocol. train() and
-# eval.py go through METHODS[args.method] only.
+# A method is a model class with one interface (train forward(images, labels) -> dict with
+# "loss" and the other entries of its loss_keys; eval forward -> logits; set_classnames;
+# set_process_group; trainable_state_dict / load_trainable_state_dict), one row of recipe
+# defaults and its data protocol. train() and eval.py go through METHODS[args.method] only.
 
 @dataclass(frozen=True)
 class Recipe:
@@ -770,16 +770,13 @@ class Method:
     build: Callable      # (args, classnames, clip=None) -> model
     data: Callable       # (args) -> RunData
     check: Callable      # (args, RunData): input errors before any weights are loaded, or None
-    loss_keys: tuple     # the train forward's loss terms, logged per epoch ("loss" first)
-    labelled: bool       # the train forward takes the labels
+    labelled: bool       # trains on labels (PromptKD distils unlabelled images; its forward ignores them)
     teacher: bool = False  # needs --teacher
 
 
 METHODS = {
-    "coop": Method(CoOpRecipe(), build_coop, labelled_data, check_coop,
-                   ("loss", "loss_global", "loss_local", "loss_reg"), labelled=True),
-    "promptkd": Method(PromptKDRecipe(), build_promptkd, transductive_data, None,
-                       ("loss", "loss_kd", "loss_local", "loss_reg"), labelled=False, teacher=True),
+    "coop": Method(CoOpRecipe(), build_coop, labelled_data, check_coop, labelled=True),
+    "promptkd": Method(PromptKDRecipe(), build_promptkd, transductive_data, None, labelled=False, teacher=True),
 }
 RECIPE_FLAGS = sorted({f.name for m in METHODS.values() for f in dataclasses.fields(m.recipe)})
 
@@ -981,18 +978,17 @@ def fit(args, rank, world_size, device, group):
         lr = scheduler.set_epoch(epoch)
         train_loader.set_epoch(epoch)
         model.train()
-        sums = torch.zeros(len(method.loss_keys), dtype=torch.float64, device=device)
+        sums = torch.zeros(len(raw_model.loss_keys), dtype=torch.float64, device=device)
         for step, (images, labels) in enumerate(train_loader):
-            images = images.to(device, non_blocking=True)
-            inputs = (images, labels.to(device, non_blocking=True)) if method.labelled else (images,)
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             Collective.now = f"epoch {epoch + 1} step {step + 1} (gradient, BatchNorm, cache or loss all-reduce)"
             with autocast(device, args.precision):
-                out = model(*inputs)
+                out = model(images, labels)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(out["loss"]).backward()
             scaler.step(optimizer)
             scaler.update()
-            sums += torch.stack([out[k].detach().double() for k in method.loss_keys])
+            sums += torch.stack([out[k].detach().double() for k in raw_model.loss_keys])
             done += 1
             if (step + 1) % args.log_interval == 0 or step + 1 == steps:
                 # Reduced over ranks, so every rank sees a non-finite loss at the same step.
@@ -1009,7 +1005,7 @@ def fit(args, rank, world_size, device, group):
                 eta = ((args.epochs - epoch) * steps - step - 1) / rate
                 print0(f"epoch {epoch + 1}/{args.epochs} step {step + 1}/{steps} loss {mean[0]:.4f} "
                        f"lr {lr:.3e} {rate:.2f} it/s eta {eta / 60:.1f} min")
-        record = dict(epoch=epoch, lr=lr, **dict(zip(method.loss_keys, mean)))
+        record = dict(epoch=epoch, lr=lr, **dict(zip(raw_model.loss_keys, mean)))
         if use_val:
             record["val_acc"] = evaluate(raw_model, val_loader, run.eval_classnames, device, args.precision,
                                          run.columns)["accuracy"]
