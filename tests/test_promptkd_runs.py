@@ -441,3 +441,28 @@ def test_report_refuses_mixed_methods(tmp_path, capsys):
     with pytest.raises(SystemExit):
         evaluate_cli.main(["--report", str(tmp_path)])
     assert "mixes methods (coop:" in capsys.readouterr().err
+
+
+def test_cross_dataset_student_trains_on_a_test_only_targets_test_images(pk_run, tmp_path):
+    """PromptKD's transductive cross-dataset protocol (SPEC 11.4) on a test-only ImageNet variant:
+    the student distils on the target's test images themselves (as released), all classes, and
+    the teacher must be the ImageNet one (1000 classes)."""
+    base, _ = pk_run
+    _, student = synthetic(base)
+    teacher_clip, _ = teacher_setup(base)
+    root = str(tmp_path / "data")
+    data.write_synthetic_dataset(root, "imagenet_r", num_classes=4, images_per_class=4, image_size=32)
+    teachers = tmp_path / "teachers" / "ImageNet-xd" / "VLPromptLearner_large"
+    os.makedirs(teachers)
+    textrefiner.write_teacher_checkpoint(str(teachers / "model.pth.tar-20"),
+                                         torch.load(teacher_clip, weights_only=True),
+                                         [f"imagenet class {i}" for i in range(1000)], depth=DEPTH)
+    argv = ["--method", "promptkd", "--dataset", "imagenet_r", "--root", root, "--clip", student, "--teacher",
+            str(tmp_path / "teachers"), "--teacher-clip", teacher_clip, "--subsample", "all", "--shots", "0",
+            "--depth", "1", "--device", "cpu", "--epochs", "2", "--batch-size", "4", "--workers", "0",
+            "--output-dir", str(tmp_path / "out")]
+    train.main(argv)
+    results = read_results(tmp_path / "out")
+    assert (results["train_images"], results["num_images"], results["num_classes"]) == (16, 16, 4)
+    assert results["subsample"] == "all" and results["selection"] == "best-test"
+    assert results["teacher"].endswith("ImageNet-xd/VLPromptLearner_large/model.pth.tar-20")
