@@ -466,3 +466,16 @@ def test_cross_dataset_student_trains_on_a_test_only_targets_test_images(pk_run,
     assert (results["train_images"], results["num_images"], results["num_classes"]) == (16, 16, 4)
     assert results["subsample"] == "all" and results["selection"] == "best-test"
     assert results["teacher"].endswith("ImageNet-xd/VLPromptLearner_large/model.pth.tar-20")
+
+
+def test_plain_promptkd_trains_and_evaluates(pk_run, tmp_path):
+    """--no-refiner: plain PromptKD (loss = lambda * kd; the checkpoint holds prompts and image_proj only)."""
+    base, _ = pk_run
+    train.main(pk_argv(base, tmp_path / "run", "--no-refiner", "--epochs", "2"))
+    log = read_log(tmp_path / "run")
+    assert all(r["loss"] == pytest.approx(1000 * r["loss_kd"], rel=1e-6) and r["loss_local"] == 0 for r in log)
+    model = torch.load(tmp_path / "run" / "best.pt", weights_only=True)["model"]
+    assert {k.split(".")[0] for k in model} == {"visual_prompts", "image_proj"}
+    new = evaluate_cli.main(["--checkpoint", str(tmp_path / "run" / "best.pt"), "--subsample", "new", "--workers",
+                             "0", "--device", "cpu"])
+    assert new["num_classes"] == 3 and new["args"]["method"] == "promptkd"
