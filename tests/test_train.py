@@ -3,6 +3,7 @@
 The helpers here (synthetic data, one shared training run, torchrun, flag errors) are
 imported by test_eval.py.
 """
+import collections
 import json
 import math
 import os
@@ -16,7 +17,9 @@ import torch
 
 import clip_model
 import data
+import eval as evaluate_cli  # "eval" would shadow the builtin
 import train
+from textrefiner import TextRefinerCLIP, ZeroShotCLIP
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 6 classes -> 3 base classes; per class 6 train, 3 val, 3 test images of 32 px: 4 steps/epoch.
@@ -296,3 +299,38 @@ def test_benchmark_smoke(capsys):
                         "--num-classes", "3", "--benchmark-steps", "1"])
     assert set(rates) == {"TextRefiner", "CoOp", "zero-shot CLIP"} and all(r > 0 for r in rates.values())
     assert "images/s" in capsys.readouterr().out
+
+
+def counting(calls, name, fn):
+    """fn, counting its calls in calls[name]."""
+    def counted(*args, **kwargs):
+        calls[name] += 1
+        return fn(*args, **kwargs)
+    return counted
+
+
+def test_benchmarks_time_the_steps_training_and_evaluation_run(run, tmp_path, monkeypatch, capsys):
+    """The benchmarks must time train()'s and evaluate()'s own step functions, and evaluate
+    as evaluate() does: the class features computed once per model, not once per step (a
+    model.eval() per step would recompute them every time and time a text-tower pass)."""
+    calls = collections.Counter()
+    monkeypatch.setattr(train, "train_step", counting(calls, "train_step", train.train_step))
+    monkeypatch.setattr(train, "eval_step", counting(calls, "eval_step", train.eval_step))
+    for cls in (TextRefinerCLIP, ZeroShotCLIP):
+        monkeypatch.setattr(cls, "_compute_class_features",
+                            counting(calls, cls.__name__, cls._compute_class_features))
+    bench = ["--benchmark-clip", "tiny", "--device", "cpu", "--batch-size", "2", "--num-classes", "3",
+             "--benchmark-steps", "2"]
+    rounds = 3 + 2  # warm-up + timed
+    train.main(["--benchmark", *bench])
+    assert calls == {"train_step": 2 * rounds, "eval_step": rounds, "ZeroShotCLIP": 1}
+    assert "TextRefiner step time / CoOp step time" in capsys.readouterr().out
+    calls.clear()
+    evaluate_cli.main(["--benchmark", *bench])
+    assert calls == {"eval_step": 3 * rounds, "TextRefinerCLIP": 2, "ZeroShotCLIP": 1}
+    assert "TextRefiner images/s / zero-shot CLIP images/s" in capsys.readouterr().out
+    calls.clear()
+    root, weights, _ = run
+    train.main(train_argv(root, weights, str(tmp_path)))
+    assert calls["train_step"] == EPOCHS * 4  # 12 train images, batch 4: every step is a train_step
+    assert calls["TextRefinerCLIP"] == EPOCHS + 1  # once per val pass and once for the test
