@@ -251,9 +251,11 @@ def metrics(confusion, classnames):
 
 
 def train_step(model, images, labels, optimizer, scaler, device, precision):
-    """One optimisation step on a loader batch (moved to the device here) -> the model's output
-    dict. train() and the benchmark both run this function, so the benchmark times training."""
-    images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    """One optimisation step on a uint8 loader batch (moved to the device and normalised there)
+    -> the model's output dict. train() and the benchmark both run this function, so the
+    benchmark times training."""
+    images = data.normalize(images.to(device, non_blocking=True))
+    labels = labels.to(device, non_blocking=True)
     with autocast(device, precision):
         out = model(images, labels)
     optimizer.zero_grad(set_to_none=True)
@@ -265,9 +267,9 @@ def train_step(model, images, labels, optimizer, scaler, device, precision):
 
 @torch.no_grad()
 def eval_step(model, images, device, precision):
-    """Logits (B, C) of one loader batch for a model in eval mode; evaluate() and the
+    """Logits (B, C) of one uint8 loader batch for a model in eval mode; evaluate() and the
     benchmark both run this function."""
-    images = images.to(device, non_blocking=True)
+    images = data.normalize(images.to(device, non_blocking=True))
     with autocast(device, precision):
         return model(images)
 
@@ -315,9 +317,9 @@ def benchmark(args, training):
     clip = clip_model.build_model(clip_model.random_state_dict(config)).to(device)
     classnames = [f"class {i}" for i in range(args.num_classes)]
     B, R = args.batch_size, config.image_resolution
-    images = torch.randn(B, 3, R, R)
+    images = torch.randint(256, (B, 3, R, R), dtype=torch.uint8)  # as the loaders deliver them
     labels = torch.randint(args.num_classes, (B,))
-    if device.type == "cuda":  # as the loaders deliver them
+    if device.type == "cuda":
         images, labels = images.pin_memory(), labels.pin_memory()
     warmup = 3  # kernel compilation, allocator, first class-feature computation
     print(f"benchmark: {args.benchmark_clip} random weights, batch {B}, {args.num_classes} classes, "
