@@ -334,3 +334,63 @@ def test_benchmarks_time_the_steps_training_and_evaluation_run(run, tmp_path, mo
     train.main(train_argv(root, weights, str(tmp_path)))
     assert calls["train_step"] == EPOCHS * 4  # 12 train images, batch 4: every step is a train_step
     assert calls["TextRefinerCLIP"] == EPOCHS + 1  # once per val pass and once for the test
+
+
+def test_feature_cache_one_tower_pass_per_val_test_image_and_identical_results(tmp_path, monkeypatch):
+    """base2new with val on an ImageNet-layout dataset (its val split is its test split):
+    with the feature cache every val/test image goes through the image tower for evaluation
+    exactly once per run, and the logits, val accuracies and test metrics are bitwise those
+    of a run that encodes the images at every evaluation."""
+    root = str(tmp_path / "data")
+    data.write_synthetic_dataset(root, "imagenet", num_classes=6, images_per_class=8, image_size=32)
+    weights = synthetic(str(tmp_path))[1]
+    test_items = data.load_splits("imagenet", root, subsample="base")["test"]
+    assert len(test_items) == 3 * 2  # 3 base classes x 2 val (= test) images
+    encoded, logits = collections.Counter(), {}
+    real_features, real_step = TextRefinerCLIP.image_features, train.eval_step
+
+    def counted_features(self, images):
+        if not self.training:
+            encoded[run_name] += images.shape[0]
+        return real_features(self, images)
+
+    def recorded_step(*args, **kwargs):
+        out = real_step(*args, **kwargs)
+        logits.setdefault(run_name, []).append(out[0])
+        return out
+
+    monkeypatch.setattr(TextRefinerCLIP, "image_features", counted_features)
+    monkeypatch.setattr(train, "eval_step", recorded_step)
+    results = {}
+    for run_name, extra in (("cached", ()), ("uncached", ("--no-feature-cache",))):
+        out = str(tmp_path / run_name)
+        argv = train_argv(root, weights, out, *extra)
+        argv[argv.index("caltech101")] = "imagenet"
+        results[run_name] = train.main(argv), read_log(out)
+    assert encoded == {"cached": len(test_items), "uncached": (EPOCHS + 1) * len(test_items)}
+    (cached, cached_log), (uncached, uncached_log) = results["cached"], results["uncached"]
+    for key in ("accuracy", "macro_f1", "per_class_accuracy", "num_images", "epoch"):
+        assert cached[key] == uncached[key], key
+    assert [r["val_acc"] for r in cached_log] == [r["val_acc"] for r in uncached_log]
+    assert len(logits["cached"]) == len(logits["uncached"]) == EPOCHS + 1  # one batch per evaluation
+    assert all(torch.equal(a, b) for a, b in zip(logits["cached"], logits["uncached"]))
+
+
+def test_feature_cache_is_not_used_for_a_model_whose_image_features_train(run, monkeypatch):
+    """A model that does not declare frozen image features (e.g. one with trainable visual
+    prompts) is encoded at every evaluation, and nothing is stored for it."""
+    root, weights, _ = run
+    splits = data.load_splits("caltech101", root, subsample="base")
+    loader = data.build_eval_loader(splits["test"], 4, 32, workers=0)
+    model = TextRefinerCLIP(clip_model.load_clip(weights), splits["classnames"])
+    forwards = collections.Counter()
+    real_forward = TextRefinerCLIP.forward
+    monkeypatch.setattr(TextRefinerCLIP, "forward", counting(forwards, "forward", real_forward))
+    cache = train.FeatureCache()
+    model.frozen_image_features = False
+    first = train.evaluate(model, loader, splits["classnames"], torch.device("cpu"), "fp32", cache)
+    second = train.evaluate(model, loader, splits["classnames"], torch.device("cpu"), "fp32", cache)
+    assert forwards["forward"] == 2 * len(loader) and cache.batches == {} and first == second
+    model.frozen_image_features = True
+    train.evaluate(model, loader, splits["classnames"], torch.device("cpu"), "fp32", cache)
+    assert forwards["forward"] == 2 * len(loader) and len(cache.batches) == 1  # logits() from features
