@@ -450,11 +450,11 @@ def _natural_pixels(rng, colour, width, height):
     structure at a few scales (upsampled noise) and fine grain, so that JPEG sizes and decode
     times are those of real photos rather than of flat noise or flat colour."""
     pixels = np.broadcast_to(colour, (height, width, 3)).astype(np.float32)
-    for cells, amplitude in ((4, 50.0), (16, 25.0), (64, 12.0)):
+    for cells, amplitude in ((4, 50.0), (16, 25.0), (64, 15.0), (160, 10.0)):
         coarse = rng.normal(0, amplitude / 4, (max(1, cells * height // width), cells, 3)) + 128
         up = Image.fromarray(coarse.clip(0, 255).astype(np.uint8)).resize((width, height), Image.BICUBIC)
         pixels += 4 * (np.asarray(up, np.float32) - 128)
-    return pixels + rng.normal(0, 4, (height, width, 3))
+    return pixels + 6 * rng.standard_normal((height, width, 3), dtype=np.float32)
 
 
 def write_synthetic_dataset(root, dataset, num_classes=10, images_per_class=8, image_size=32, seed=0,

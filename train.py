@@ -13,6 +13,10 @@ Continue an interrupted run (same flags, picks up <output-dir>/last.pt):
 Throughput, no data or weights needed (random ViT-B/16, batch 32):
     python train.py --benchmark --num-classes 100
     python train.py --benchmark --benchmark-clip tiny --device cpu   # smoke test
+A whole base2new training run (train + val + test + checkpoints) on synthetic 500x375 photo-like
+JPEGs, wall time split by phase, loader images/s vs model images/s:
+    python train.py --benchmark-run                                  # ViT-B/16 size, 20 classes
+    python train.py --benchmark-run --benchmark-clip tiny --device cpu --workers 2   # 1-2 min on CPU
 
 Writes into --output-dir: last.pt (written atomically after every epoch: the trainable
 state with SPEC 10 names, optimizer, scheduler, epoch, args, RNG states, the best val
@@ -24,13 +28,17 @@ Evaluation helpers (evaluate, metrics, distributed setup) live here; eval.py
 imports them.
 """
 import argparse
+import collections
 import inspect
 import json
 import math
 import os
 import random
+import subprocess
+import sys
+import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -91,13 +99,21 @@ def get_parser():
     p.add_argument("--benchmark", action="store_true", help="time synthetic training steps and exit")
     p.add_argument("--benchmark-clip", default="ViT-B/16", choices=tuple(clip_model.CONFIGS))
     p.add_argument("--benchmark-steps", type=int, default=20)
-    p.add_argument("--num-classes", type=int, default=100, help="classes in --benchmark")
+    p.add_argument("--num-classes", type=int,
+                   help="classes in --benchmark (default 100) and in --benchmark-run's dataset (default 20)")
+    p.add_argument("--benchmark-run", action="store_true",
+                   help="time a whole run (start-up, data loading, compute, val, test, checkpointing) on "
+                        "synthetic photo-like JPEGs and random weights (--benchmark-clip), then exit")
+    p.add_argument("--benchmark-images", type=int, default=40,
+                   help="--benchmark-run: images per class (a quarter test, a quarter val, the rest train)")
+    p.add_argument("--benchmark-layout", default="caltech101", choices=("caltech101", "imagenet"),
+                   help="--benchmark-run: dataset layout; imagenet's val split is its test split")
     return p
 
 
 def check_args(p, args):
     """Flag errors argparse cannot see; p.error exits with status 2 and the usage line."""
-    if args.benchmark:
+    if args.benchmark or args.benchmark_run:
         return
     for flag in ("dataset", "root", "output_dir"):
         if getattr(args, flag) is None:
@@ -338,6 +354,46 @@ def write_json(obj, path):
     replace_atomically(path, "w", lambda f: json.dump(obj, f, indent=2))
 
 
+class PhaseTimer:
+    """Wall seconds per phase of a run, for --benchmark-run. A phase ends with a CUDA sync, so
+    asynchronous GPU work is charged to the phase that queued it. train() gets a disabled
+    timer by default: no syncs, no work."""
+
+    def __init__(self, enabled=True):
+        self.enabled = enabled
+        self.seconds = collections.defaultdict(float)
+
+    def add(self, phase, seconds):
+        self.seconds[phase] += seconds
+
+    def __call__(self, phase):
+        return self._timed(phase) if self.enabled else nullcontext()
+
+    @contextmanager
+    def _timed(self, phase):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if torch.cuda.is_initialized():
+                torch.cuda.synchronize()
+            self.add(phase, time.perf_counter() - t0)
+
+    def timed(self, iterable, phase):
+        """iterable, with the time spent waiting for each item charged to phase."""
+        if not self.enabled:
+            return iterable
+        return self._timed_items(iter(iterable), phase)
+
+    def _timed_items(self, iterator, phase):
+        while True:
+            with self(phase):
+                item = next(iterator, StopIteration)
+            if item is StopIteration:
+                return
+            yield item
+
+
 # ----------------------------------------------------------------------------- benchmark
 
 # README targets: a TextRefiner training step at most 1.10x plain CoOp's; TextRefiner inference
@@ -415,6 +471,62 @@ def benchmark(args, training):
     return {name: 1 / m for name, m in medians.items()}
 
 
+RUN_PHASES = ("start-up", "data loading", "compute", "val", "checkpointing", "test")
+
+
+def benchmark_run(args):
+    """The real train() (base classes, per-epoch val, best-val test, checkpoints) on a synthetic
+    dataset of photo-like 500x375 JPEGs and random --benchmark-clip weights, its wall time split
+    by PhaseTimer, then the train loader timed alone: loader images/s against model images/s
+    shows which one bounds a run on this machine. Every other flag is train.py's (--epochs,
+    --batch-size, --workers, --shots, --no-feature-cache, ...). -> {phase: seconds}."""
+    with tempfile.TemporaryDirectory(prefix="textrefiner-run-") as tmp:
+        t0 = time.perf_counter()
+        root, weights = os.path.join(tmp, "data"), os.path.join(tmp, "clip.pt")
+        data.write_synthetic_dataset(root, args.benchmark_layout, num_classes=args.num_classes,
+                                     images_per_class=args.benchmark_images, image_size=(500, 375),
+                                     natural=True)
+        config = clip_model.CONFIGS[args.benchmark_clip]
+        torch.save(clip_model.random_state_dict(config), weights)
+        written = time.perf_counter() - t0
+        # Imports are part of a user's start-up; this process has them already, so time them apart.
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import train"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                       check=True)
+        imports = time.perf_counter() - t0
+        run_args = argparse.Namespace(**dict(vars(args), dataset=args.benchmark_layout, root=root, clip=weights,
+                                             subsample="base", output_dir=os.path.join(tmp, "run"), resume=False))
+        timer = PhaseTimer()
+        t0 = time.perf_counter()
+        results = run_and_teardown(lambda a: train(a, timer), run_args)
+        wall = time.perf_counter() - t0
+        splits = data.load_splits(run_args.dataset, root, num_shots=args.shots, seed=args.seed, subsample="base")
+        steps_per_epoch = max(1, len(splits["train"]) // args.batch_size)
+        train_images = args.epochs * steps_per_epoch * min(args.batch_size, len(splits["train"]))
+        loader_rate = data.benchmark(run_args.dataset, root, workers=args.workers, batch_size=args.batch_size,
+                                     resolution=config.image_resolution, steps=2 * steps_per_epoch,
+                                     num_shots=args.shots)
+    seconds = dict(timer.seconds)
+    seconds["other (logging, between phases)"] = wall - sum(seconds.values())
+    model_rate = train_images / seconds["compute"]
+    print(f"\nwhole run: {args.benchmark_layout} layout, base classes of {args.num_classes}, "
+          f"{len(splits['train'])} train / {len(splits['val'])} val / {len(splits['test'])} test images "
+          f"(500x375 JPEGs), {args.benchmark_clip} random weights, {args.epochs} epochs, batch "
+          f"{args.batch_size}, {run_args.precision}, {args.workers} workers, feature cache "
+          f"{'off' if args.no_feature_cache else 'on'}; dataset written in {written:.1f} s (not counted)")
+    print(f"{'phase':<34s}{'seconds':>9s}{'share':>8s}")
+    for phase in (*RUN_PHASES, "other (logging, between phases)"):
+        print(f"{phase:<34s}{seconds.get(phase, 0.0):9.2f}{seconds.get(phase, 0.0) / wall:8.1%}")
+    print(f"{'whole run (train())':<34s}{wall:9.2f}{1:8.1%}")
+    print(f"{'python imports (timed apart)':<34s}{imports:9.2f}")
+    print(f"training images: {train_images}; loader alone {loader_rate:.1f} images/s (decode + augment, "
+          f"{args.workers} workers) vs model {model_rate:.1f} images/s (training steps): the "
+          f"{'loader' if loader_rate < model_rate else 'model'} bounds training on this machine")
+    print(f"test accuracy {results['accuracy']:.2f} (random weights: only the pipeline is checked)")
+    return dict(seconds, wall=wall, imports=imports, loader_images_per_s=loader_rate,
+                model_images_per_s=model_rate)
+
+
 # ----------------------------------------------------------------------------- training
 
 def build_model(args, classnames, clip=None):
@@ -442,7 +554,10 @@ def logged_epoch(line):
         return math.inf  # a line cut short by a crash while appending
 
 
-def train(args):
+def train(args, timer=None):
+    """timer: a PhaseTimer that --benchmark-run passes to split the run's wall time."""
+    timer = timer or PhaseTimer(enabled=False)
+    t_start = time.perf_counter()
     rank, world_size, device, group = setup_runtime(args)
     master = rank == 0
     print0 = print if master else (lambda *a, **k: None)
@@ -522,14 +637,16 @@ def train(args):
            f"{len(splits['val'])} val, {len(splits['test'])} test images; {steps} steps/epoch; "
            f"{world_size} rank(s) on {device}, {args.precision}")
     t_run, done = time.perf_counter(), 0
+    timer.add("start-up", t_run - t_start)
     for epoch in range(start_epoch, args.epochs):
         t_epoch = time.perf_counter()
         lr = scheduler.set_epoch(epoch)
         train_loader.set_epoch(epoch)
         model.train()
         sums = torch.zeros(len(LOSS_KEYS), dtype=torch.float64, device=device)
-        for step, (images, labels) in enumerate(train_loader):
-            out = train_step(model, images, labels, optimizer, scaler, device, args.precision)
+        for step, (images, labels) in enumerate(timer.timed(train_loader, "data loading")):
+            with timer("compute"):
+                out = train_step(model, images, labels, optimizer, scaler, device, args.precision)
             sums += torch.stack([out[k].detach().double() for k in LOSS_KEYS])
             done += 1
             if (step + 1) % args.log_interval == 0 or step + 1 == steps:
@@ -549,8 +666,9 @@ def train(args):
                        f"lr {lr:.3e} {rate:.2f} it/s eta {eta / 60:.1f} min")
         record = dict(epoch=epoch, lr=lr, **dict(zip(LOSS_KEYS, mean)))
         if use_val:
-            record["val_acc"] = evaluate(raw_model, val_loader, classnames, device, args.precision,
-                                         feature_cache)["accuracy"]
+            with timer("val"):
+                record["val_acc"] = evaluate(raw_model, val_loader, classnames, device, args.precision,
+                                             feature_cache)["accuracy"]
             if record["val_acc"] > best["val_acc"]:
                 best = dict(val_acc=record["val_acc"], epoch=epoch)
                 best_state = {k: v.detach().clone() for k, v in raw_model.trainable_state_dict().items()}
@@ -559,21 +677,23 @@ def train(args):
                     scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), epoch=epoch,
                     args=vars(args), rng=gather_rng_states(world_size, device), best=best,
                     best_model=best_state, log=record)
-        if master:
-            # best.pt first: last.pt is what --resume trusts, so it is written last, once
-            # everything of this epoch is on disk.
-            if best["epoch"] == epoch:
-                save_atomic(ckpt, best_path)
-            save_atomic(ckpt, last_path)
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        with timer("checkpointing"):
+            if master:
+                # best.pt first: last.pt is what --resume trusts, so it is written last, once
+                # everything of this epoch is on disk.
+                if best["epoch"] == epoch:
+                    save_atomic(ckpt, best_path)
+                save_atomic(ckpt, last_path)
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
         print0(json.dumps(record))
         del ckpt
 
     # Final test: best-val model (last epoch with --no-val or without a val split).
     if best_state is not None:
         raw_model.load_trainable_state_dict(best_state)
-    results = evaluate(raw_model, eval_loader("test"), classnames, device, args.precision, feature_cache)
+    with timer("test"):
+        results = evaluate(raw_model, eval_loader("test"), classnames, device, args.precision, feature_cache)
     results.update(split="test", dataset=args.dataset, subsample=args.subsample,
                    checkpoint=best_path if best_state is not None else last_path,
                    epoch=best["epoch"] if best_state is not None else args.epochs - 1, args=vars(args))
@@ -589,7 +709,11 @@ def main(argv=None):
     args = p.parse_args(argv)
     check_args(p, args)
     if args.benchmark:
+        args.num_classes = args.num_classes or 100
         return benchmark(args, training=True)
+    if args.benchmark_run:
+        args.num_classes = args.num_classes or 20
+        return benchmark_run(args)
     return run_and_teardown(train, args)
 
 

@@ -394,3 +394,20 @@ def test_feature_cache_is_not_used_for_a_model_whose_image_features_train(run, m
     model.frozen_image_features = True
     train.evaluate(model, loader, splits["classnames"], torch.device("cpu"), "fp32", cache)
     assert forwards["forward"] == 2 * len(loader) and len(cache.batches) == 1  # logits() from features
+
+
+def test_benchmark_run_times_every_phase_of_a_real_run(monkeypatch, capsys):
+    """--benchmark-run runs train() itself (counted) on photo-sized JPEGs and accounts for its
+    whole wall time by phase."""
+    calls = collections.Counter()
+    monkeypatch.setattr(train, "train", counting(calls, "train", train.train))
+    monkeypatch.setattr(train, "train_step", counting(calls, "train_step", train.train_step))
+    seconds = train.main(["--benchmark-run", "--benchmark-clip", "tiny", "--device", "cpu", "--workers", "0",
+                          "--num-classes", "4", "--benchmark-images", "8", "--epochs", "2", "--batch-size", "4"])
+    assert calls == {"train": 1, "train_step": 2 * 2}  # 2 base classes x 4 train images, batch 4
+    phases = ("start-up", "data loading", "compute", "val", "checkpointing", "test")
+    assert all(seconds[p] > 0 for p in phases)
+    assert sum(seconds[p] for p in phases) <= seconds["wall"]
+    assert seconds["other (logging, between phases)"] < 0.5 * seconds["wall"]
+    out = capsys.readouterr().out
+    assert "500x375 JPEGs" in out and "loader alone" in out and "bounds training" in out
