@@ -81,7 +81,7 @@ def get_parser():
     p.add_argument("--no-val", action="store_true", help="skip per-epoch val; test the last epoch")
     p.add_argument("--no-feature-cache", action="store_true",
                    help="encode the val/test images at every evaluation instead of once per run "
-                        "(same results; the cache holds D x 2 bytes per image on the device)")
+                        "(same results; the cache holds D x 2 bytes per image on the device in bf16/fp16)")
     p.add_argument("--workers", type=int, default=4, help="data loader workers per rank")
     p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
     p.add_argument("--precision", choices=("bf16", "fp16", "fp32"),
@@ -311,8 +311,9 @@ class FeatureCache:
     (bf16/fp16 under autocast), on the device. Later passes over the same images skip decoding
     and the image tower. Keyed by the rank's shard (image paths), batch size and precision, so
     ImageNet's test pass reuses its val features (they are the same images). Memory: D x 2
-    bytes per image on CUDA (4 on the CPU); ImageNet val with ViT-B/16 in bf16: 51 MB over all
-    ranks. Models without frozen image features are evaluated without it."""
+    bytes per image under bf16/fp16 autocast, the CUDA default (4 in fp32, as on the CPU);
+    ImageNet's 25 000 base val images with ViT-B/16 in bf16: 26 MB over all ranks. Models
+    without frozen image features are evaluated without it."""
 
     def __init__(self):
         self.batches = {}  # key -> [(features (B, D) on the device, labels (B,))]
@@ -407,8 +408,8 @@ def benchmark(args, training):
 
     Honest by construction: the steps are the functions train() and evaluate() run
     (train_step, eval_step), batches start on the host as loader batches do, the models' steps
-    alternate within every round (order reversed every other round) so a busy machine slows
-    all of them alike, and eval-mode models are put in eval mode once, as evaluate() does, so
+    alternate within every round (the order rotating from round to round, so each model takes
+    each position equally often) so a busy machine slows all of them alike, and eval-mode models are put in eval mode once, as evaluate() does, so
     their class features are computed once, not per step. -> {name: steps/s (median)}."""
     device = default_device(args)
     precision = default_precision(args, device)
@@ -445,7 +446,7 @@ def benchmark(args, training):
     names = list(steps)
     times = {name: [] for name in names}
     for round_ in range(warmup + args.benchmark_steps):
-        for name in names if round_ % 2 == 0 else names[::-1]:
+        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()
@@ -456,8 +457,9 @@ def benchmark(args, training):
                 times[name].append(time.perf_counter() - t0)
     medians = {name: float(np.median(t)) for name, t in times.items()}
     for name in names:
+        q1, q3 = 1e3 * np.percentile(times[name], [25, 75])
         print(f"{name:>15s} ({kinds[name]}): {1e3 * medians[name]:9.2f} ms/step median "
-              f"{B / medians[name]:9.1f} images/s")
+              f"(quartiles {q1:.2f}-{q3:.2f}) {B / medians[name]:9.1f} images/s")
     if training:
         ratio = medians["TextRefiner"] / medians["CoOp"]
         verdict = "meets" if ratio <= TRAIN_STEP_TARGET else "MISSES"
