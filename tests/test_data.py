@@ -320,3 +320,12 @@ def test_synthetic_classes_are_distinguishable(tmp_path):
     spread = max(np.abs(v - centres[y]).max() for y, vs in means.items() for v in vs)
     gap = min(np.abs(centres[a] - centres[b]).max() for a in range(6) for b in range(a))
     assert gap > 2 * spread
+
+
+def test_synthetic_natural_images_are_photo_sized(tmp_path):
+    synthetic(tmp_path, "dtd", num_classes=2, images_per_class=4, image_size=(500, 375), natural=True)
+    items = load_splits("dtd", str(tmp_path), num_shots=0)["train"]
+    for it in items:
+        with Image.open(it.impath) as image:
+            assert image.size == (500, 375) and image.format == "JPEG"
+        assert 20_000 < os.path.getsize(it.impath) < 200_000  # a photo-sized JPEG (flat colour: ~3 KB)
