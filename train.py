@@ -384,9 +384,11 @@ class PhaseTimer:
         """iterable, with the time spent waiting for each item charged to phase."""
         if not self.enabled:
             return iterable
-        return self._timed_items(iter(iterable), phase)
+        return self._timed_items(iterable, phase)
 
-    def _timed_items(self, iterator, phase):
+    def _timed_items(self, iterable, phase):
+        with self(phase):
+            iterator = iter(iterable)  # a loader starts its workers here
         while True:
             with self(phase):
                 item = next(iterator, StopIteration)
