@@ -483,7 +483,9 @@ def benchmark_run(args):
     dataset of photo-like 500x375 JPEGs and random --benchmark-clip weights, its wall time split
     by PhaseTimer, then the train loader timed alone: loader images/s against model images/s
     shows which one bounds a run on this machine. Every other flag is train.py's (--epochs,
-    --batch-size, --workers, --shots, --no-feature-cache, ...). -> {phase: seconds}."""
+    --batch-size, --workers, --shots, --no-feature-cache, ...). One process. -> {phase: seconds}."""
+    if "RANK" in os.environ:
+        raise SystemExit("--benchmark-run times one process; run it with python, not torchrun")
     with tempfile.TemporaryDirectory(prefix="textrefiner-run-") as tmp:
         t0 = time.perf_counter()
         root, weights = os.path.join(tmp, "data"), os.path.join(tmp, "clip.pt")
