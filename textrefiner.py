@@ -277,7 +277,15 @@ class TextRefiner(nn.Module):
 
 
 class TextRefinerCLIP(nn.Module):
-    """Frozen CLIP + CoOp prompt learner + TextRefiner; refiner=False is plain CoOp."""
+    """Frozen CLIP + CoOp prompt learner + TextRefiner; refiner=False is plain CoOp.
+
+    Evaluation uses only the image tower's global feature, and nothing trained reaches it
+    (frozen_image_features), so an evaluation loop may compute image_features once per image
+    and reuse them with logits() at every later evaluation (train.FeatureCache does that)."""
+
+    # eval logits = logits(image_features(images)), image_features independent of any
+    # trained tensor; a prompt learner with trainable visual prompts must say False
+    frozen_image_features = True
 
     def __init__(self, clip, classnames, n_ctx=4, ctx_init="a photo of a", cache_size=25,
                  alpha=0.2, momentum=0.8, topk=5, semantic_weight=1 / 50, reg_weight=20.0,
@@ -347,14 +355,21 @@ class TextRefinerCLIP(nn.Module):
                     logits=logits)
 
     def _eval_logits(self, images):
-        img = self.clip.encode_image(images)  # (B, D)
+        return self.logits(self.image_features(images))
+
+    def image_features(self, images):
+        """(B, 3, R, R) -> the frozen image tower's global features (B, D), not normalised."""
+        return self.clip.encode_image(images)
+
+    def logits(self, image_features):
+        """Eval logits (B, C) from image_features(images) (B, D); class features computed once."""
         ctx = self.prompt_learner.ctx
         refiner = self.refiner
         key = (self.prompt_learner.generation, _tensor_key(ctx), _autocast_key(ctx.device),
                None if refiner is None else
                (_tensor_key(refiner.cache), _tensor_key(refiner.extractor.weight), refiner.alpha))
         features = self._class_features.get(key, self._compute_class_features)  # (C, D)
-        return _scaled_cosine_logits(self.clip.logit_scale, img, features)
+        return _scaled_cosine_logits(self.clip.logit_scale, image_features, features)
 
     @torch.no_grad()
     def _compute_class_features(self):
@@ -388,6 +403,8 @@ class TextRefinerCLIP(nn.Module):
 class ZeroShotCLIP(nn.Module):
     """CLIP zero-shot classifier with CoOp's hand-crafted prompt for `dataset`."""
 
+    frozen_image_features = True  # as TextRefinerCLIP: forward = logits(image_features(images))
+
     def __init__(self, clip, classnames, dataset=None):
         super().__init__()
         if dataset is not None and dataset not in ZERO_SHOT_TEMPLATES:
@@ -414,10 +431,17 @@ class ZeroShotCLIP(nn.Module):
         self._class_features.clear()
 
     def forward(self, images):
-        img = self.clip.encode_image(images)  # (B, D)
-        key = (_tensor_key(self.token_ids), _autocast_key(img.device))
+        return self.logits(self.image_features(images))
+
+    def image_features(self, images):
+        """(B, 3, R, R) -> global image features (B, D), not normalised."""
+        return self.clip.encode_image(images)
+
+    def logits(self, image_features):
+        """(B, D) -> (B, C); class features computed once per class set and autocast setting."""
+        key = (_tensor_key(self.token_ids), _autocast_key(image_features.device))
         features = self._class_features.get(key, self._compute_class_features)  # (C, D)
-        return _scaled_cosine_logits(self.clip.logit_scale, img, features)
+        return _scaled_cosine_logits(self.clip.logit_scale, image_features, features)
 
     @torch.no_grad()
     def _compute_class_features(self):
