@@ -31,15 +31,19 @@ def random_tokens(n, d, dtype, seed):
     return (torch.randn(n, d, generator=g) + 0.3).to(DEVICE, dtype)
 
 
-def align_params(d, seed):
+def align_params(d_in, seed, d_hid=None, d_out=None):
+    """Linear(d_in, d_hid) -> BatchNorm1d(d_hid) -> Linear(d_hid, d_out) parameters; square
+    (d_in everywhere) unless told otherwise, as PromptKD's 512 -> 768 -> 768 is not."""
+    d_hid = d_in if d_hid is None else d_hid
+    d_out = d_hid if d_out is None else d_out
     g = torch.Generator().manual_seed(seed)
     return dict(
-        w1=torch.randn(d, d, generator=g) / math.sqrt(d),
-        b1=0.1 * torch.randn(d, generator=g),
-        gamma=1.0 + 0.1 * torch.randn(d, generator=g),
-        beta=0.1 * torch.randn(d, generator=g),
-        w2=torch.randn(d, d, generator=g) / math.sqrt(d),
-        b2=0.1 * torch.randn(d, generator=g),
+        w1=torch.randn(d_hid, d_in, generator=g) / math.sqrt(d_in),
+        b1=0.1 * torch.randn(d_hid, generator=g),
+        gamma=1.0 + 0.1 * torch.randn(d_hid, generator=g),
+        beta=0.1 * torch.randn(d_hid, generator=g),
+        w2=torch.randn(d_out, d_hid, generator=g) / math.sqrt(d_hid),
+        b2=0.1 * torch.randn(d_out, generator=g),
     )
 
 
@@ -92,23 +96,25 @@ def test_reference_batch_norm_statistics_worked_by_hand():
     assert torch.allclose(y, torch.stack([z[:, 0] + z[:, 1], z[:, 1] - 1.0], dim=1), atol=1e-6)
 
 
-def test_reference_feature_align_matches_nn_modules_and_their_gradients():
-    n, d = 13, 24
-    p = align_params(d, seed=3)
-    x = random_tokens(n, d, torch.float32, seed=4).cpu()
-    fc1, bn, fc2 = torch.nn.Linear(d, d), torch.nn.BatchNorm1d(d, eps=1e-5), torch.nn.Linear(d, d)
+@pytest.mark.parametrize("d_in,d_hid,d_out", [(24, 24, 24), (16, 24, 24), (24, 16, 20)])
+def test_reference_feature_align_matches_nn_modules_and_their_gradients(d_in, d_hid, d_out):
+    n = 13
+    p = align_params(d_in, seed=3, d_hid=d_hid, d_out=d_out)
+    x = random_tokens(n, d_in, torch.float32, seed=4).cpu()
+    fc1, bn, fc2 = torch.nn.Linear(d_in, d_hid), torch.nn.BatchNorm1d(d_hid, eps=1e-5), torch.nn.Linear(d_hid, d_out)
     with torch.no_grad():
         fc1.weight.copy_(p["w1"]), fc1.bias.copy_(p["b1"]), bn.weight.copy_(p["gamma"])
         bn.bias.copy_(p["beta"]), fc2.weight.copy_(p["w2"]), fc2.bias.copy_(p["b2"])
     x_mod = x.clone().requires_grad_()
     y_mod = fc2(torch.relu(bn.train()(fc1(x_mod))))
-    gy = torch.randn(n, d)
+    gy = torch.randn(n, d_out)
     (y_mod * gy).sum().backward()
 
     x_ref = x.clone().requires_grad_()
     q = {k: v.clone().requires_grad_() for k, v in p.items()}
     y, mean, var = kernels.feature_align(x_ref, **q, backend="torch")
     (y * gy).sum().backward()
+    assert y.shape == (n, d_out) and mean.shape == var.shape == (d_hid,)
     assert_close(y, y_mod, 1e-5, "y")
     # nn.BatchNorm1d keeps the unbiased variance in its running stats
     h = fc1(x)
@@ -118,6 +124,7 @@ def test_reference_feature_align_matches_nn_modules_and_their_gradients():
                  gamma=(q["gamma"], bn.weight), beta=(q["beta"], bn.bias),
                  w2=(q["w2"], fc2.weight), b2=(q["b2"], fc2.bias))
     for name, (ours, theirs) in pairs.items():
+        assert ours.grad.shape == theirs.grad.shape, name
         assert_close(ours.grad, theirs.grad, 1e-5, f"d{name}")
 
 
@@ -232,7 +239,7 @@ def test_cache_partials_combine_over_shards_equals_one_shot(backend, bounds):
     assert any((p[0] < one_shot).any() for p in partials)
 
 
-ALIGN_CASES = [  # (N, D, x dtype)
+ALIGN_CASES = [  # (N, D, x dtype): square, TextRefiner on CoOp
     (1, 64, torch.float32),
     (7, 96, torch.float16),
     (7, 512, torch.float32),
@@ -240,6 +247,18 @@ ALIGN_CASES = [  # (N, D, x dtype)
     (131, 96, torch.float32),
     (131, 64, torch.float16),
     (37, 512, torch.float16),
+]
+RECT_ALIGN_CASES = [  # (N, D_in, D_hid, D_out, x dtype): widening as PromptKD's 512 -> 768, narrowing,
+    (1, 48, 80, 80, torch.float32),  # and a rectangular second Linear; one prime-width case
+    (7, 48, 80, 80, torch.float16),
+    (37, 64, 96, 96, torch.float32),
+    (53, 64, 96, 96, torch.float16),
+    (53, 96, 64, 64, torch.float32),
+    (7, 96, 64, 64, torch.float16),
+    (131, 48, 80, 80, torch.float32),  # 3 row blocks: the statistics' fixed-order combine
+    (37, 48, 80, 64, torch.float32),
+    (53, 96, 64, 80, torch.float16),
+    (37, 29, 53, 41, torch.float32),
 ]
 
 
@@ -253,19 +272,22 @@ def run_feature_align(x, params, gy, backend, process_group=None):
     return y.detach(), mean, var, grads
 
 
-@pytest.mark.parametrize("n,d,dtype", ALIGN_CASES)
-def test_feature_align_triton_matches_reference(n, d, dtype):
-    x = random_tokens(n, d, dtype, seed=n * d)
-    params = align_params(d, seed=d)
-    gy = torch.randn(n, d, generator=torch.Generator().manual_seed(n)).to(DEVICE)
+@pytest.mark.parametrize("n,d_in,d_hid,d_out,dtype", [(n, d, d, d, dtype) for n, d, dtype in ALIGN_CASES]
+                         + RECT_ALIGN_CASES)
+def test_feature_align_triton_matches_reference(n, d_in, d_hid, d_out, dtype):
+    x = random_tokens(n, d_in, dtype, seed=n * d_in)
+    params = align_params(d_in, seed=d_in, d_hid=d_hid, d_out=d_out)
+    gy = torch.randn(n, d_out, generator=torch.Generator().manual_seed(n)).to(DEVICE)
     y, mean, var, grads = run_feature_align(x, params, gy, "triton")
     y_ref, mean_ref, var_ref, grads_ref = run_feature_align(x, params, gy, "torch")
     assert y.dtype == mean.dtype == var.dtype == torch.float32
+    assert y.shape == (n, d_out) and mean.shape == var.shape == (d_hid,)
     assert_close(y, y_ref, 1e-5, "y")
     assert_close(mean, mean_ref, 1e-6, "mean")
     assert_close(var, var_ref, 1e-5, "var")
     for name, g in grads.items():
         assert g.dtype == (dtype if name == "x" else torch.float32), name
+        assert g.shape == grads_ref[name].shape, name
         # dx is rounded to the token dtype on the way out
         tol = 2e-3 if (name == "x" and dtype != torch.float32) else 1e-5
         assert_close(g, grads_ref[name], tol, f"d{name}")
@@ -300,6 +322,22 @@ def test_launchers_reject_bad_inputs():
         kernels.feature_align(torch.randn(4, 16), **{**p, "w2": torch.randn(16, 8)})
     with pytest.raises(TypeError, match="int64"):
         kernels.feature_align(torch.ones(4, 16, dtype=torch.int64), **p)
+    # rectangular (PromptKD-like 16 -> 24 -> 20): the message names the tensor and its shape
+    r = {k: v.to(DEVICE) for k, v in align_params(16, seed=0, d_hid=24, d_out=20).items()}
+    x = torch.randn(4, 16, device=DEVICE)
+    for name, bad, message in [
+        ("x", torch.randn(4, 24, device=DEVICE), r"w1 must be \(D_hid, 24\) for x of width D_in=24, got \(24, 16\)"),
+        ("w1", torch.randn(24, 24, device=DEVICE), r"w1 must be \(D_hid, 16\) for x of width D_in=16, got \(24, 24\)"),
+        ("b1", torch.randn(16, device=DEVICE), r"b1 must be \(24,\) for D_in=16, D_hid=24, D_out=20, got \(16,\)"),
+        ("gamma", torch.randn(20, device=DEVICE), r"gamma must be \(24,\) for D_in=16, D_hid=24, D_out=20"),
+        ("beta", torch.randn(1, 24, device=DEVICE), r"beta must be \(24,\) for D_in=16, D_hid=24, D_out=20"),
+        ("w2", torch.randn(20, 16, device=DEVICE), r"w2 must be \(D_out, 24\) for w1 of 24 rows \(D_hid\), got \(20, 16\)"),
+        ("b2", torch.randn(24, device=DEVICE), r"b2 must be \(20,\) for D_in=16, D_hid=24, D_out=20, got \(24,\)"),
+    ]:
+        inputs = {"x": x, **r, name: bad}
+        for backend in ("torch", "triton"):
+            with pytest.raises(ValueError, match=message):
+                kernels.feature_align(**inputs, backend=backend)
 
 
 def test_auto_backend_uses_the_reference_for_caches_the_kernel_cannot_hold():
