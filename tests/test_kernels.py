@@ -444,20 +444,38 @@ def test_every_launch_has_enough_programs_for_a_gpu(monkeypatch, d):
         assert math.prod(grid) >= 132, (name, grid)
 
 
-@pytest.mark.parametrize("n,d,dtype", [(131, 64, torch.float32), (131, 96, torch.float16), (37, 64, torch.float32)])
-def test_split_k_weight_gradients_match_reference(monkeypatch, n, d, dtype):
+@pytest.mark.parametrize("n", [8 * 197, 32 * 197])
+def test_promptkd_align_launches_fill_a_gpu(monkeypatch, n):
+    """PromptKD's align (512 -> 768 -> 768, SPEC 11.1) at its batch of 8 images and at 32:
+    every launch of forward and backward (dx included: the student's visual prompts are
+    trained through it) has at least 132 programs. At N = 1576, dx = dh @ w1 (1576 x 512)
+    has only 25 x 4 tiles of 64 x 128, so it takes 64 x 64 ones. Recorded, not run."""
+    launches = record_launches(monkeypatch, execute=False)
+    x = torch.zeros(n, 512, device=DEVICE, requires_grad=True)
+    params = {k: v.to(DEVICE).requires_grad_() for k, v in align_params(512, seed=0, d_hid=768).items()}
+    y, _, _ = kernels.feature_align(x, **params, backend="triton")
+    y.backward(torch.zeros(n, 768, device=DEVICE))
+    assert len(launches) == 7  # h, y; dpre, dw2, dh, dx, dw1
+    for name, grid, _ in launches:
+        assert math.prod(grid) >= 132, (name, grid)
+
+
+@pytest.mark.parametrize("n,d_in,d_hid,d_out,dtype", [(131, 64, 64, 64, torch.float32), (131, 96, 96, 96, torch.float16),
+                                                      (37, 64, 64, 64, torch.float32), (131, 48, 80, 64, torch.float32)])
+def test_split_k_weight_gradients_match_reference(monkeypatch, n, d_in, d_hid, d_out, dtype):
     from kernels import triton_feature_align
 
     # splits of one K-step at these small shapes (at full size they come from TARGET_PROGRAMS)
     monkeypatch.setattr(triton_feature_align, "MIN_SPLIT_ROWS", triton_feature_align.BLOCK_K)
     launches = record_launches(monkeypatch, execute=True)
-    x = random_tokens(n, d, dtype, seed=n + d)
-    params = align_params(d, seed=d + 1)
-    gy = torch.randn(n, d, generator=torch.Generator().manual_seed(n + 2)).to(DEVICE)
+    x = random_tokens(n, d_in, dtype, seed=n + d_in)
+    params = align_params(d_in, seed=d_in + 1, d_hid=d_hid, d_out=d_out)
+    gy = torch.randn(n, d_out, generator=torch.Generator().manual_seed(n + 2)).to(DEVICE)
     _, _, _, grads = run_feature_align(x, params, gy, "triton")
     _, _, _, grads_ref = run_feature_align(x, params, gy, "torch")
     splits = [grid[2] for name, grid, _ in launches if name == "_matmul_kernel"]
-    assert max(splits) == math.ceil(n / triton_feature_align.BLOCK_K)  # dW1 and dW2 were split
+    # dW2 and dW1 were split (the matmuls are h, y; dpre, dw2, dx, dw1), the others not
+    assert splits == [1, 1, 1, math.ceil(n / triton_feature_align.BLOCK_K), 1, splits[3]], splits
     for name in ("w1", "w2", "b1", "gamma", "beta"):
         assert_close(grads[name], grads_ref[name], 1e-5, f"d{name}")
     again = run_feature_align(x, params, gy, "triton")[3]
@@ -481,6 +499,17 @@ def test_inputs_past_int32_offsets_are_refused_or_go_to_the_reference(monkeypatc
     assert kernels._fits_int32(torch.empty(2**31 // d, d, device="meta"))
     # a stride-0 view has few offsets of its own, but the kernels' (N, D) buffers do not
     assert not kernels._fits_int32(torch.zeros(1, d).expand(2**31 // d + 1, d))
+    # PromptKD's 512 -> 768: x (N, 512) fits, but h, dpre and y (N, 768) do not
+    wide = {k: v.to("meta") for k, v in align_params(d, seed=0, d_hid=768).items()}
+    x = torch.empty(2**31 // 768 + 1, d, device="meta")
+    assert kernels._fits_int32(x)
+    assert not kernels._align_fits_int32(x, wide["w1"], wide["w2"])
+    with pytest.raises(ValueError, match="int32"):
+        kernels.feature_align(x, **wide, backend="triton")
+    assert kernels._align_fits_int32(x[:-1], wide["w1"], wide["w2"])  # N * 768 = 2^31 - 512
+    # ... and a narrowing second Linear's (N, D_out) output counts too
+    narrow = {k: v.to("meta") for k, v in align_params(d, seed=0, d_hid=256, d_out=768).items()}
+    assert not kernels._align_fits_int32(x, narrow["w1"], narrow["w2"])
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -507,14 +536,15 @@ def test_no_tokens_contribute_nothing(backend):
 
 # ---------------------------------------------------------------- 2 processes over gloo
 
-def _sync_worker(rank, world, init_file, out_dir, x, params, gy, cache, bounds):
+def _sync_worker(rank, world, init_file, out_dir, align_cases, cache, bounds):
     # backend="triton" needs CUDA tensors or the interpreter. With CUDA both ranks share the
     # one GPU (gloo all_reduces CUDA tensors), so the real kernels run under the group;
     # otherwise the interpreter, switched on here, before the first Triton import: the
     # spawned process has only the environment it was started with.
     if torch.cuda.is_available():
-        x, gy, cache = x.cuda(), gy.cuda(), cache.cuda()
-        params = {k: v.cuda() for k, v in params.items()}
+        align_cases = {shape: (x.cuda(), {k: v.cuda() for k, v in params.items()}, gy.cuda())
+                       for shape, (x, params, gy) in align_cases.items()}
+        cache = cache.cuda()
     else:
         os.environ["TRITON_INTERPRET"] = "1"
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -522,9 +552,12 @@ def _sync_worker(rank, world, init_file, out_dir, x, params, gy, cache, bounds):
         lo, hi = bounds[rank], bounds[rank + 1]
         results = {}
         for backend in ("torch", "triton"):
-            # no tensor built from a host value per step: on CUDA that is a blocking copy
-            with mock.patch.object(torch, "tensor", side_effect=AssertionError("torch.tensor in a step")):
-                results[backend] = run_feature_align(x[lo:hi], params, gy[lo:hi], backend, dist.group.WORLD)
+            for shape, (x, params, gy) in align_cases.items():
+                # no tensor built from a host value per step: on CUDA that is a blocking copy
+                with mock.patch.object(torch, "tensor", side_effect=AssertionError("torch.tensor in a step")):
+                    results[backend, shape] = run_feature_align(x[lo:hi], params, gy[lo:hi], backend,
+                                                                dist.group.WORLD)
+            x = align_cases[SQUARE][0]  # the cache sees (aligned) tokens of the square case
             results[backend + "_cache"] = kernels.cache_update(x[lo:hi], cache, backend=backend,
                                                                process_group=dist.group.WORLD)
             # one NaN token on the last rank only: every rank must keep its cache
@@ -538,6 +571,10 @@ def _sync_worker(rank, world, init_file, out_dir, x, params, gy, cache, bounds):
         dist.destroy_process_group()
 
 
+SQUARE = (24, 24, 24)  # (D_in, D_hid, D_out) of the synced feature alignment: CoOp's square
+SYNC_SHAPES = (SQUARE, (16, 24, 20))  # and a rectangular one (PromptKD widens 512 -> 768)
+
+
 # uneven shards of 5 and 8 rows; a rank without rows (it must join the sums with nothing,
 # not raise while the other rank waits in all_reduce)
 @pytest.mark.parametrize("bounds", [(0, 5, 13), (0, 0, 13)])
@@ -545,26 +582,30 @@ def test_process_group_sync_equals_one_process_on_the_whole_batch(tmp_path, monk
     # the workers start without TRITON_INTERPRET, as on a CUDA host (where conftest does not
     # set it): each must pick the GPU or the interpreter itself
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    n, d = 13, 24
-    x = random_tokens(n, d, torch.float32, seed=12).cpu()
-    params = align_params(d, seed=13)
-    gy = torch.randn(n, d, generator=torch.Generator().manual_seed(14))
-    cache = unit_rows(5, d, seed=15).cpu()
-    mp.spawn(_sync_worker, args=(2, str(tmp_path / "rdzv"), str(tmp_path), x, params, gy, cache, bounds),
+    n = 13
+    align_cases = {(d_in, d_hid, d_out): (random_tokens(n, d_in, torch.float32, seed=12).cpu(),
+                                          align_params(d_in, seed=13, d_hid=d_hid, d_out=d_out),
+                                          torch.randn(n, d_out, generator=torch.Generator().manual_seed(14)))
+                   for d_in, d_hid, d_out in SYNC_SHAPES}
+    x = align_cases[SQUARE][0]
+    cache = unit_rows(5, x.shape[1], seed=15).cpu()
+    mp.spawn(_sync_worker, args=(2, str(tmp_path / "rdzv"), str(tmp_path), align_cases, cache, bounds),
              nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False, map_location="cpu") for r in range(2)]
-    y_ref, mean_ref, var_ref, grads_ref = run_feature_align(x, params, gy, "torch")
     cache_ref = kernels.cache_update(x, cache, backend="torch")
     for backend in ("torch", "triton"):
-        per_rank = [r[backend] for r in ranks]
-        assert_close(torch.cat([r[0] for r in per_rank]), y_ref, 1e-5, f"{backend} y")
-        for y, mean, var, _ in per_rank:  # every rank holds the global-batch statistics
-            assert_close(mean, mean_ref, 1e-6, f"{backend} mean")
-            assert_close(var, var_ref, 1e-6, f"{backend} var")
-        assert_close(torch.cat([r[3]["x"] for r in per_rank]), grads_ref["x"], 1e-5, f"{backend} dx")
-        for name in params:  # DDP sums (then averages) the ranks' weight gradients
-            assert_close(per_rank[0][3][name] + per_rank[1][3][name], grads_ref[name], 1e-5,
-                         f"{backend} d{name}")
+        for shape, (x_all, params, gy) in align_cases.items():
+            what = f"{backend} {shape}"
+            y_ref, mean_ref, var_ref, grads_ref = run_feature_align(x_all, params, gy, "torch")
+            per_rank = [r[backend, shape] for r in ranks]
+            assert_close(torch.cat([r[0] for r in per_rank]), y_ref, 1e-5, f"{what} y")
+            for y, mean, var, _ in per_rank:  # every rank holds the global-batch statistics
+                assert_close(mean, mean_ref, 1e-6, f"{what} mean")
+                assert_close(var, var_ref, 1e-6, f"{what} var")
+            assert_close(torch.cat([r[3]["x"] for r in per_rank]), grads_ref["x"], 1e-5, f"{what} dx")
+            for name in params:  # DDP sums (then averages) the ranks' weight gradients
+                assert_close(per_rank[0][3][name] + per_rank[1][3][name], grads_ref[name], 1e-5,
+                             f"{what} d{name}")
         for r in ranks:
             assert_close(r[backend + "_cache"], cache_ref, 1e-6, f"{backend} synced cache")
             assert torch.equal(r[backend + "_poisoned"], cache), f"{backend}: a NaN token changed the cache"
@@ -611,10 +652,11 @@ def with_gate_margin(x, params, eps=1e-5, margin=GATE_MARGIN):
     raise AssertionError("with_gate_margin: no beta found")
 
 
-def large_align_case(n, d, dtype):
+def large_align_case(n, d, dtype, d_hid=None):
     x = random_tokens(n, d, dtype, seed=22)
-    gy = torch.randn(n, d, generator=torch.Generator().manual_seed(24)).to(DEVICE) / math.sqrt(n)
-    return x, align_params(d, seed=23), gy
+    d_out = d if d_hid is None else d_hid
+    gy = torch.randn(n, d_out, generator=torch.Generator().manual_seed(24)).to(DEVICE) / math.sqrt(n)
+    return x, align_params(d, seed=23, d_hid=d_hid), gy
 
 
 def assert_large_align_close(got, want, dtype):
@@ -644,9 +686,10 @@ def test_large_align_comparison_tells_gate_flips_from_kernel_errors():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("n,d", [(32 * 197, 512), (997, 768)])
-def test_feature_align_triton_gpu_large(n, d, dtype):
-    x, params, gy = large_align_case(n, d, dtype)
+@pytest.mark.parametrize("n,d,d_hid", [(32 * 197, 512, 512), (997, 768, 768),
+                                       (8 * 197, 512, 768), (32 * 197, 512, 768)])  # PromptKD: 512 -> 768
+def test_feature_align_triton_gpu_large(n, d, d_hid, dtype):
+    x, params, gy = large_align_case(n, d, dtype, d_hid)
     params = with_gate_margin(x, params)
     assert_large_align_close(run_feature_align(x, params, gy, "triton"), run_feature_align(x, params, gy, "torch"),
                              dtype)
