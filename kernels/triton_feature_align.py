@@ -20,9 +20,9 @@ they split that reduction over the tokens (split-K) into enough programs to fill
 A100/H100/H200, and sum the per-split partial results in a fixed order afterwards.
 Tiles (64 x 128, K-step 32, or 16 for an fp16/bf16 right operand, 8 warps; 64 x 64 and 4
 warps for an unsplit output of fewer than MIN_PROGRAMS tiles, such as dx at PromptKD's batch
-of 8) were chosen with tests/test_kernels_compile.py's ptxas report: no register spills on
-sm_80 or sm_90 (a K-step of 64 spilled up to 9.6 KB on sm_80, with 32 registers in the dpre
-and dW2 variants).
+of 8, and for split-K over a token count that is not a multiple of 16) were chosen with
+tests/test_kernels_compile.py's ptxas report: no register spills on sm_80 or sm_90 (a K-step
+of 64 spilled up to 9.6 KB on sm_80, with 32 registers in the dpre and dW2 variants).
 
 Backward, with xhat = (h - mean) * rstd and dpre = dy @ w2 gated by relu' (pre > 0):
     dgamma = sum_n dpre * xhat,  dbeta = sum_n dpre                  (this rank's rows)
@@ -169,14 +169,20 @@ def _bn_input_grad_kernel(
     tl.store(dpre_ptr + offs, dh, mask=mask)
 
 
-def _tile(m, n, split_k=False):
-    """Output tile for an (m, n) result: 64 x 128 for large shapes, shrunk (not below the
-    16 tl.dot needs) for small ones so few rows are masked off; 64 wide instead of 128 when
-    an unsplit launch would have fewer than MIN_PROGRAMS tiles (a split-K launch fills the
-    device with its splits). Fixed per shape, no autotune."""
+def _tile(m, n, k, split_k=False):
+    """Output tile for an (m, n) result reducing over k: 64 x 128 for large shapes, shrunk
+    (not below the 16 tl.dot needs) for small ones so few rows are masked off; 64 wide
+    instead of 128 when an unsplit launch would have fewer than MIN_PROGRAMS tiles (a
+    split-K launch fills the device with its splits). Fixed per shape, no autotune."""
     block_m = min(64, max(16, triton.next_power_of_2(m)))
     block_n = min(128, max(16, triton.next_power_of_2(n)))
-    if not split_k and block_n == 128 and triton.cdiv(m, block_m) * triton.cdiv(n, block_n) < MIN_PROGRAMS:
+    if block_n == 128 and (
+            (not split_k and triton.cdiv(m, block_m) * triton.cdiv(n, block_n) < MIN_PROGRAMS)
+            # Triton compiles its own binary for a reduction length that is not a multiple of
+            # 16: split-K over B * 197 tokens with B not a multiple of 16, e.g. PromptKD's batch
+            # of 8. There ptxas 12.9 spilled the fp32 dW1 on sm_90 with 64 x 128 tiles and 8
+            # warps (80 registers, 4 B); 64 x 64 tiles and 4 warps compile without spills
+            or (split_k and k % 16 != 0)):
         block_n = 64
     return block_m, block_n, 8 if block_m * block_n >= 8192 else 4
 
@@ -199,7 +205,7 @@ def _matmul(a, b, out, *, bias=None, bn=None, a_bn=A_PLAIN, epilogue=EPI_NONE, h
     n = b.shape[1]
     assert b.shape[0] == k and out.shape == (m, n), (a.shape, b.shape, out.shape)
     assert not split_k or (bias is None and epilogue == EPI_NONE)
-    block_m, block_n, num_warps = _tile(m, n, split_k)
+    block_m, block_n, num_warps = _tile(m, n, k, split_k)
     block_k = BLOCK_K if b.dtype == torch.float32 else BLOCK_K // 2
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     parts = None
