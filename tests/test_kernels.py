@@ -512,6 +512,33 @@ def test_inputs_past_int32_offsets_are_refused_or_go_to_the_reference(monkeypatc
     assert not kernels._align_fits_int32(x, narrow["w1"], narrow["w2"])
 
 
+def test_a_strided_gradient_past_int32_offsets_is_made_contiguous(monkeypatch):
+    """dy is the caller's: a narrow view of a wider gradient (y concatenated with something)
+    has offsets the forward's check of the (N, D_out) buffers never saw. Meta tensors,
+    launches recorded and not run."""
+    from kernels import triton_feature_align
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    record_launches(monkeypatch, execute=False)
+    left_operands = []
+    matmul = triton_feature_align._matmul
+
+    def spy(a, b, out, **kwargs):
+        left_operands.append(a)
+        return matmul(a, b, out, **kwargs)
+
+    monkeypatch.setattr(triton_feature_align, "_matmul", spy)
+    x = torch.empty(4, 16, device="meta", requires_grad=True)
+    params = {k: v.to("meta").requires_grad_() for k, v in align_params(16, seed=0, d_hid=24).items()}
+    # the Function itself: feature_align's autocast guard does not take the meta device
+    y, _, _ = triton_feature_align.FeatureAlignFunction.apply(x, *params.values(), 1e-5, None)
+    dy = torch.empty(4, 2**30, device="meta")[:, :24]  # row stride 2^30: offsets up to 3 * 2^30
+    assert not kernels._fits_int32(dy)
+    y.backward(dy)
+    dpre_left = left_operands[2]  # h, y; then dpre = dy @ w2
+    assert dpre_left.shape == (4, 24) and dpre_left.is_contiguous()
+
+
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_a_nonfinite_token_leaves_the_cache_unchanged(backend, bad):
