@@ -4,7 +4,9 @@ slot-by-slot loop as the released TextRefiner code does it) on a CUDA device.
     python -m kernels.bench                 # print the table and write it into kernels/README.md
     python -m kernels.bench --no-write --dtype bfloat16
 
-Shapes: N = 32*197 and 256*197 tokens (batch 32 / 256 of ViT-B/16), D = 512 and 768, M = 25.
+Shapes: N = 32*197 and 256*197 tokens (batch 32 / 256 of ViT-B/16), D = 512 and 768, M = 25;
+and PromptKD's alignment (SPEC 11.1), 512 -> 768 -> 768 at N = 8*197 (its batch of 8) and
+32*197, with dx (the student's deep visual prompts train through it).
 GB/s is measured against the bytes the operation cannot avoid moving (its inputs and outputs
 once), so it is comparable across implementations, not the traffic each one really causes.
 """
@@ -68,18 +70,22 @@ def bench_cache(n, d, m, dtype):
     return dict(op="cache_update", n=n, d=d, mode="fwd", ms=ms, bytes=moved)
 
 
-def bench_align(n, d, dtype, backward):
-    x = torch.randn(n, d, device="cuda").to(dtype)  # frozen CLIP tokens: no dx needed
-    params = [torch.randn(d, d, device="cuda") / d ** 0.5, torch.zeros(d, device="cuda"),
-              torch.ones(d, device="cuda"), torch.zeros(d, device="cuda"),
-              torch.randn(d, d, device="cuda") / d ** 0.5, torch.zeros(d, device="cuda")]
+def bench_align(n, d, dtype, backward, d_hid=None, needs_dx=False):
+    """Linear(d, d_hid) -> BN -> ReLU -> Linear(d_hid, d_hid); square unless d_hid is given.
+    needs_dx: x requires grad (PromptKD's prompted student tokens), else frozen CLIP tokens."""
+    d_hid = d if d_hid is None else d_hid
+    x = torch.randn(n, d, device="cuda").to(dtype).requires_grad_(backward and needs_dx)
+    params = [torch.randn(d_hid, d, device="cuda") / d ** 0.5, torch.zeros(d_hid, device="cuda"),
+              torch.ones(d_hid, device="cuda"), torch.zeros(d_hid, device="cuda"),
+              torch.randn(d_hid, d_hid, device="cuda") / d_hid ** 0.5, torch.zeros(d_hid, device="cuda")]
     for p in params:
         p.requires_grad_(backward)
-    dy = torch.randn(n, d, device="cuda")
-    # x and y once, both weights; backward adds dy in and both weight gradients out
-    moved = n * d * (x.element_size() + 4) + 2 * d * d * 4
+    dy = torch.randn(n, d_hid, device="cuda")
+    # x and y once, both weights; backward adds dy in, both weight gradients (and dx) out
+    weights = (d_hid * d + d_hid * d_hid) * 4
+    moved = n * d * x.element_size() + n * d_hid * 4 + weights
     if backward:
-        moved += n * d * 4 + 2 * d * d * 4
+        moved += n * d_hid * 4 + weights + (n * d * x.element_size() if needs_dx else 0)
 
     def run(backend):
         def step():
@@ -89,7 +95,8 @@ def bench_align(n, d, dtype, backward):
         return step
 
     ms = {backend: time_ms(run(backend)) for backend in ("triton", "torch")}
-    return dict(op="feature_align", n=n, d=d, mode="fwd+bwd" if backward else "fwd", ms=ms, bytes=moved)
+    mode = ("fwd+bwd+dx" if needs_dx else "fwd+bwd") if backward else "fwd"
+    return dict(op="feature_align", n=n, d=d if d_hid == d else f"{d}->{d_hid}", mode=mode, ms=ms, bytes=moved)
 
 
 def table(rows, dtype):
@@ -125,6 +132,10 @@ def main():
             rows.append(bench_align(n, d, dtype, backward=False))
             rows.append(bench_align(n, d, dtype, backward=True))
             print(f"done N={n} D={d}", file=sys.stderr)
+    for n in (8 * 197, 32 * 197):  # PromptKD: batch 8 (its recipe) and 32
+        rows.append(bench_align(n, 512, dtype, backward=False, d_hid=768))
+        rows.append(bench_align(n, 512, dtype, backward=True, d_hid=768, needs_dx=True))
+        print(f"done PromptKD N={n} D=512->768", file=sys.stderr)
     header = (f"GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}; triton {triton.__version__}; "
               f"CUDA {torch.version.cuda}")
     text = header + "\n\n" + table(rows, args.dtype)
