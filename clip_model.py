@@ -31,9 +31,11 @@ import hashlib
 import html
 import math
 import os
+import pickle
 import re
 import sys
 import tempfile
+import types
 import unicodedata
 import urllib.request
 import warnings
@@ -67,6 +69,9 @@ CONFIGS = {
     "ViT-L/14@336px": CLIPConfig(768, 336, 24, 1024, 14, 77, 49408, 768, 12),
     # Random-weight model for tests and the demo: grid 4 (T = 17), 2 heads per tower.
     "tiny": CLIPConfig(64, 32, 2, 128, 8, 77, 49408, 128, 2),
+    # A wider one standing in for ViT-L/14 as PromptKD's teacher (tests, the PromptKD demo):
+    # same resolution as "tiny", embedding 96 vs 64 as ViT-L/14's 768 vs ViT-B/16's 512.
+    "tiny-teacher": CLIPConfig(96, 32, 3, 192, 16, 77, 49408, 192, 3),
 }
 
 # "<sha256>/<file>" under MODEL_URL_BASE; the checksum in the URL is what the file must hash to.
@@ -145,11 +150,29 @@ class Transformer(nn.Module):
         self.causal = causal
         self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads) for _ in range(layers)])
 
-    def forward(self, x, return_cls_attn=False):
-        """x (B, L, W) -> (B, L, W), and the last block's CLS attention row when asked."""
-        for block in self.resblocks[:-1]:
-            x, _ = block(x, self.causal)
-        return self.resblocks[-1](x, self.causal, return_cls_attn)
+    def forward(self, x, return_cls_attn=False, block_prompts=None, prompt_start=1):
+        """x (B, L, W) -> (B, L, W), and the last block's CLS attention row when asked.
+
+        block_prompts (K, n, W), deep prompts (IVLP / VPT-deep): before block i (1 <= i <= K)
+        the n tokens at positions prompt_start .. prompt_start + n - 1 are replaced by
+        block_prompts[i - 1] (no positional embedding); the other blocks run on what the
+        previous block wrote there.
+        """
+        if block_prompts is None:
+            for block in self.resblocks[:-1]:
+                x, _ = block(x, self.causal)
+            return self.resblocks[-1](x, self.causal, return_cls_attn)
+        k, n, _ = block_prompts.shape
+        if k >= len(self.resblocks) or prompt_start < 0 or prompt_start + n > x.shape[1]:
+            raise ValueError(f"Transformer: {k} block prompts of {n} tokens at position {prompt_start} do "
+                             f"not fit {len(self.resblocks)} blocks of {x.shape[1]} tokens")
+        last = len(self.resblocks) - 1
+        for i, block in enumerate(self.resblocks):
+            if 1 <= i <= k:
+                prompts = block_prompts[i - 1].to(x.dtype).expand(x.shape[0], -1, -1)  # (B, n, W)
+                x = torch.cat([x[:, :prompt_start], prompts, x[:, prompt_start + n:]], dim=1)
+            x, cls_attn = block(x, self.causal, return_cls_attn and i == last)
+        return x, cls_attn
 
 
 class VisionTransformer(nn.Module):
@@ -164,16 +187,34 @@ class VisionTransformer(nn.Module):
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(torch.empty(width, output_dim))
 
-    def forward(self, images, return_tokens=False):
+    def forward(self, images, return_tokens=False, prompts=None):
         x = self.conv1(images.to(self.conv1.weight.dtype))  # (B, W, G, G)
         x = x.flatten(2).transpose(1, 2)  # (B, G*G, W)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (B, 1, W)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding  # (B, T, W)
-        x, cls_attn = self.transformer(self.ln_pre(x), return_cls_attn=return_tokens)
+        if prompts is None:
+            x, cls_attn = self.transformer(self.ln_pre(x), return_cls_attn=return_tokens)
+        else:
+            x, cls_attn = self._prompted_blocks(x, prompts, return_tokens)
         if not return_tokens:
             return self.ln_post(x[:, 0]) @ self.proj  # (B, D)
         tokens = self.ln_post(x) @ self.proj  # (B, T, D)
         return tokens[:, 0], tokens, cls_attn
+
+    def _prompted_blocks(self, x, prompts, return_cls_attn):
+        """Deep visual prompts (depth, n, W): prompts[0] appended after the T image tokens
+        (no positional embedding), prompts[i] replacing the last n tokens before block i.
+        -> the last block's T image tokens (prompt tokens dropped) (B, T, W), and its CLS
+        attention over the patches (B, T - 1): the softmax ran over all T + n keys; the
+        prompt columns are dropped like the CLS one, without renormalisation."""
+        depth, n, width = prompts.shape
+        if depth < 1 or n < 1 or width != x.shape[-1] or depth > len(self.transformer.resblocks):
+            raise ValueError(f"VisionTransformer: deep prompts must be (depth <= "
+                             f"{len(self.transformer.resblocks)}, n >= 1, {x.shape[-1]}), got {tuple(prompts.shape)}")
+        b, t, _ = x.shape
+        x = torch.cat([x, prompts[0].to(x.dtype).expand(b, -1, -1)], dim=1)  # (B, T + n, W)
+        x, cls_attn = self.transformer(self.ln_pre(x), return_cls_attn, block_prompts=prompts[1:], prompt_start=t)
+        return x[:, :t], None if cls_attn is None else cls_attn[:, :t - 1]
 
 
 class CLIP(nn.Module):
@@ -197,12 +238,23 @@ class CLIP(nn.Module):
         self.text_projection = nn.Parameter(torch.empty(c.transformer_width, c.embed_dim))
         self.logit_scale = nn.Parameter(torch.empty(()))
 
-    def encode_image(self, images, return_tokens=False):
-        """images (B, 3, R, R) -> (B, D); or (global (B, D), tokens (B, T, D), cls_attn (B, G*G))."""
-        return self.visual(images, return_tokens)
+    def encode_image(self, images, return_tokens=False, prompts=None):
+        """images (B, 3, R, R) -> (B, D); or (global (B, D), tokens (B, T, D), cls_attn (B, G*G)).
 
-    def encode_prompts(self, prompt_embeddings, token_ids, length=None):
+        prompts (depth, n, vision width): deep visual prompts (IVLP / VPT-deep, SPEC 11.1):
+        prompts[0] is appended after the T image tokens without positional embedding and
+        prompts[i] replaces the last n tokens before block i (1 <= i < depth). The outputs
+        keep their shapes: the prompt tokens are dropped, and cls_attn is the CLS query's
+        head-averaged softmax over all T + n keys at the patch columns (not renormalised).
+        """
+        return self.visual(images, return_tokens, prompts)
+
+    def encode_prompts(self, prompt_embeddings, token_ids, length=None, deep_prompts=None):
         """prompt_embeddings (C, 77, W) without positional embedding, token_ids (C, 77) -> (C, D).
+
+        deep_prompts (depth - 1, n, W): deep text prompts (IVLP, SPEC 11.1) replacing
+        positions 1..n (the context the prompt embeddings carry at the input) before blocks
+        1..depth-1.
 
         The row at each prompt's EOT (argmax id) only sees positions up to it (causal mask),
         so the class set runs truncated to its first `length` positions (SPEC 9.3), by
@@ -217,7 +269,7 @@ class CLIP(nn.Module):
                              f"ids need length >= {text_length(token_ids)}")
         eot = token_ids.argmax(dim=-1)  # (C,)
         x = prompt_embeddings[:, :length] + self.positional_embedding[:length]  # (C, L, W)
-        x, _ = self.transformer(x)
+        x, _ = self.transformer(x, block_prompts=deep_prompts, prompt_start=1)
         x = self.ln_final(x[torch.arange(x.shape[0], device=x.device), eot])  # (C, W)
         return x @ self.text_projection  # (C, D)
 
@@ -412,6 +464,70 @@ def read_state_dict(path) -> dict:
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise ValueError(f"{path}: holds a {type(state_dict).__name__}, expected a dict of tensors ({expected})")
     return state_dict
+
+
+# Dassl checkpoints (the authors' TextRefiner runs, PromptKD's teacher files) pickle whole
+# objects; they are read tensors-only, with a restricted unpickler (eval.py and textrefiner.py).
+
+class _NotLoaded:
+    """Stands in for a pickled object of any class other than tensors and plain containers.
+    Dassl's checkpoints pickle a scheduler object (its warm-up scheduler's state holds the
+    CosineAnnealingLR successor, which holds the SGD optimiser); reading such a file must not
+    import or run code from it, so what the pickle describes is only recorded here."""
+    origin = "?"
+
+    def __new__(cls, *args, **kwargs):
+        self = object.__new__(cls)
+        self.args, self.state, self.items = args, None, {}
+        return self
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def __setitem__(self, key, value):  # dict subclasses (defaultdict) unpickle item by item
+        self.items[key] = value
+
+    def append(self, value):  # list subclasses
+        self.items[len(self.items)] = value
+
+    def extend(self, values):
+        for v in values:
+            self.append(v)
+
+    def __repr__(self):
+        return f"<not loaded: {self.origin}>"
+
+
+# Globals an authors' file may resolve for real: the tensor and parameter rebuilders (torch.load
+# resolves storages itself), OrderedDict and dtypes. Anything else becomes a _NotLoaded.
+_TENSOR_GLOBALS = {("collections", "OrderedDict"), ("torch", "Size"),
+                   ("torch._utils", "_rebuild_tensor"), ("torch._utils", "_rebuild_tensor_v2"),
+                   ("torch._utils", "_rebuild_parameter"), ("torch._utils", "_rebuild_parameter_with_state")}
+
+
+class _TensorsOnlyUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) in _TENSOR_GLOBALS:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        return type(name, (_NotLoaded,), {"origin": f"{module}.{name}"})
+
+
+_tensors_only_pickle = types.ModuleType("tensors_only_pickle")
+_tensors_only_pickle.Unpickler = _TensorsOnlyUnpickler
+_tensors_only_pickle.load = lambda f, **kwargs: _TensorsOnlyUnpickler(f, **kwargs).load()
+
+
+def read_dassl_file(path, allow_pickle=False):
+    """A Dassl checkpoint file on the CPU. By default only tensors and containers are built
+    (other objects become _NotLoaded; no code from the file runs); allow_pickle unpickles fully."""
+    if allow_pickle:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_tensors_only_pickle)
 
 
 def load_clip(name_or_path, download_root=None) -> CLIP:

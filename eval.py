@@ -41,6 +41,7 @@ import torch
 import clip_model
 import data
 import train
+from clip_model import read_dassl_file
 from data import DataError, MissingData, UserError
 from textrefiner import ZeroShotCLIP
 
@@ -95,67 +96,6 @@ def get_parser():
 
 
 # ----------------------------------------------------------------------------- checkpoints
-
-class _NotLoaded:
-    """Stands in for a pickled object of any class other than tensors and plain containers.
-    Dassl's checkpoints pickle a scheduler object (its warm-up scheduler's state holds the
-    CosineAnnealingLR successor, which holds the SGD optimiser); reading such a file must not
-    import or run code from it, so what the pickle describes is only recorded here."""
-    origin = "?"
-
-    def __new__(cls, *args, **kwargs):
-        self = object.__new__(cls)
-        self.args, self.state, self.items = args, None, {}
-        return self
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __setstate__(self, state):
-        self.state = state
-
-    def __setitem__(self, key, value):  # dict subclasses (defaultdict) unpickle item by item
-        self.items[key] = value
-
-    def append(self, value):  # list subclasses
-        self.items[len(self.items)] = value
-
-    def extend(self, values):
-        for v in values:
-            self.append(v)
-
-    def __repr__(self):
-        return f"<not loaded: {self.origin}>"
-
-
-# Globals an authors' file may resolve for real: the tensor and parameter rebuilders (torch.load
-# resolves storages itself), OrderedDict and dtypes. Anything else becomes a _NotLoaded.
-_TENSOR_GLOBALS = {("collections", "OrderedDict"), ("torch", "Size"),
-                   ("torch._utils", "_rebuild_tensor"), ("torch._utils", "_rebuild_tensor_v2"),
-                   ("torch._utils", "_rebuild_parameter"), ("torch._utils", "_rebuild_parameter_with_state")}
-
-
-class _TensorsOnlyUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        if (module, name) in _TENSOR_GLOBALS:
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        return type(name, (_NotLoaded,), {"origin": f"{module}.{name}"})
-
-
-_tensors_only_pickle = types.ModuleType("tensors_only_pickle")
-_tensors_only_pickle.Unpickler = _TensorsOnlyUnpickler
-_tensors_only_pickle.load = lambda f, **kwargs: _TensorsOnlyUnpickler(f, **kwargs).load()
-
-
-def read_dassl_file(path, allow_pickle=False):
-    """A Dassl checkpoint file on the CPU. By default only tensors and containers are built
-    (other objects become _NotLoaded; no code from the file runs); allow_pickle unpickles fully."""
-    if allow_pickle:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_tensors_only_pickle)
-
 
 def authors_clip_name(learner):
     """Backbone of the run from the frozen image tower the released code also saves

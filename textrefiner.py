@@ -26,13 +26,39 @@ image tower's last-block tokens and CLS attention row (clip.encode_image(x, retu
                 + 20 * F.l1_loss(F.normalize(refined, dim=-1), t))
         refiner.update_cache(aligned.detach())                 # after the forward that read it
 
+PromptKD + TextRefiner (SPEC 11): a frozen PromptSRC teacher (ViT-L/14 with deep prompts, read
+from PromptKD's released teacher files) distils into a ViT-B/16 student with deep visual
+prompts, whose classifier is the teacher's class text refined by TextRefiner:
+
+    teacher = textrefiner.PromptSRCTeacher.from_checkpoint(
+        clip_model.load_clip("ViT-L/14"), "teachers/DescribableTextures/VLPromptLearner/model-best.pth.tar",
+        classnames)                                              # class features computed once
+    model = textrefiner.PromptKDCLIP(clip_model.load_clip("ViT-B/16"), teacher, classnames,
+                                     kd_weight=200.0)            # refiner=False: plain PromptKD
+    model.train(); out = model(images); out["loss"].backward()   # no labels; updates the cache
+    model.eval();  logits = model(images)
+    # a tiny teacher file in the released layout (tests, demo):
+    textrefiner.write_teacher_checkpoint("teacher.pth.tar", clip_model.random_state_dict(
+        clip_model.CONFIGS["tiny-teacher"]), base_classnames, depth=3)
+
+PromptKDCLIP offers TextRefinerCLIP's training-loop interface: forward(images, labels) -> dict
+with "loss" and the other entries of loss_keys (labels ignored), eval forward -> logits,
+set_classnames, set_process_group, trainable_state_dict / load_trainable_state_dict; its eval
+forward is logits(image_features(images)), and frozen_image_features = False says that its
+image features change with training (trainable visual prompts), so they are never reused.
+
 The refiner maths, the losses and the cache are fp32 even under autocast.
 """
+import math
+import os
+import re
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+import clip_model
 from clip_model import text_length, tokenize
 from kernels import cache_update, feature_align
 
@@ -95,6 +121,34 @@ class _Memo:
             self.value = compute()
             self.key = key
         return self.value
+
+
+# The key only one method's checkpoints hold -> the method, for a clear error on a mix-up.
+METHOD_MARKERS = {"prompt_learner.ctx": "CoOp / CoOp + TextRefiner (TextRefinerCLIP)",
+                  "visual_prompts": "PromptKD / PromptKD + TextRefiner (PromptKDCLIP)"}
+
+
+def _load_trainable(model, state_dict):
+    """Copy state_dict into model.trainable_state_dict()'s tensors (they share storage with
+    the model) after checking that keys and shapes match exactly."""
+    where = f"{type(model).__name__}.load_trainable_state_dict"
+    own = model.trainable_state_dict()
+    for marker, method in METHOD_MARKERS.items():
+        if marker in state_dict and marker not in own:
+            mine = next(m for k, m in METHOD_MARKERS.items() if k in own)
+            raise ValueError(f"{where}: this is a checkpoint of {method} (it holds {marker!r}); "
+                             f"the model is {mine}: evaluate it with that method")
+    missing = sorted(own.keys() - state_dict.keys())
+    unexpected = sorted(state_dict.keys() - own.keys())
+    mismatched = [f"{k}: checkpoint {tuple(state_dict[k].shape)}, model {tuple(own[k].shape)}"
+                  for k in sorted(own.keys() & state_dict.keys())
+                  if state_dict[k].shape != own[k].shape]
+    if missing or unexpected or mismatched:
+        raise ValueError(f"{where}: state dict does not match the model; missing keys {missing}, "
+                         f"unexpected keys {unexpected}, shape mismatches {mismatched}")
+    with torch.no_grad():
+        for name, tensor in own.items():
+            tensor.copy_(state_dict[name])
 
 
 class PromptLearner(nn.Module):
@@ -179,20 +233,22 @@ class PromptLearner(nn.Module):
 
 
 class FeatureAlign(nn.Module):
-    """Linear -> BatchNorm1d -> ReLU -> Linear, token-wise (SPEC 4 `align`).
+    """Linear(dim, out_dim) -> BatchNorm1d(out_dim) -> ReLU -> Linear(out_dim, out_dim), row-wise
+    (SPEC 4 `align`; out_dim defaults to dim. PromptKD's `align` and `image_proj` widen 512 -> 768).
 
     Training uses batch statistics through kernels.feature_align (summed over the process
     group when one is set) and updates bn's running statistics as nn.BatchNorm1d would.
     """
 
-    def __init__(self, dim):
+    def __init__(self, dim, out_dim=None):
         super().__init__()
-        self.fc1 = nn.Linear(dim, dim)
-        self.bn = nn.BatchNorm1d(dim)
-        self.fc2 = nn.Linear(dim, dim)
+        out_dim = dim if out_dim is None else out_dim
+        self.fc1 = nn.Linear(dim, out_dim)
+        self.bn = nn.BatchNorm1d(out_dim)
+        self.fc2 = nn.Linear(out_dim, out_dim)
         self.process_group = None
 
-    def forward(self, x):  # (N, D) -> (N, D) fp32
+    def forward(self, x):  # (N, dim) -> (N, out_dim) fp32
         with _fp32(x):
             x = x.float()
             if not self.training:
@@ -226,13 +282,17 @@ class FeatureAlign(nn.Module):
 
 
 class TextRefiner(nn.Module):
-    """Feature alignment, local cache and aggregation of SPEC 4, for any prompt learner."""
+    """Feature alignment, local cache and aggregation of SPEC 4, for any prompt learner.
 
-    def __init__(self, embed_dim, cache_size=25, alpha=0.2, momentum=0.8, topk=5):
+    embed_dim: the width of the text features refined (and of the cache); token_dim: the
+    width of the image tokens aligned to it (default embed_dim; PromptKD: 512 tokens, 768 text).
+    """
+
+    def __init__(self, embed_dim, cache_size=25, alpha=0.2, momentum=0.8, topk=5, token_dim=None):
         super().__init__()
         if cache_size < 1 or topk < 1:
             raise ValueError(f"TextRefiner: cache_size and topk must be >= 1, got {cache_size}, {topk}")
-        self.align = FeatureAlign(embed_dim)
+        self.align = FeatureAlign(embed_dim if token_dim is None else token_dim, embed_dim)
         self.extractor = nn.Linear(2 * embed_dim, embed_dim, bias=False)
         # Not a parameter (no gradient), but persistent: every checkpoint carries it.
         self.register_buffer("cache", F.normalize(torch.rand(cache_size, embed_dim), dim=-1))  # (M, D)
@@ -250,9 +310,9 @@ class TextRefiner(nn.Module):
             return self.alpha * self.extractor(torch.cat([t, read], dim=-1)) + t
 
     def align_tokens(self, tokens):
-        """(B, T, D) last-block image tokens -> aligned tokens (B, T, D) fp32."""
+        """(B, T, token_dim) last-block image tokens -> aligned tokens (B, T, D) fp32."""
         b, n, d = tokens.shape
-        return self.align(tokens.reshape(b * n, d)).reshape(b, n, d)
+        return self.align(tokens.reshape(b * n, d)).reshape(b, n, -1)
 
     def semantic_tokens(self, aligned, cls_attn):
         """CLS + the top-k patches by CLS attention + the mean of all tokens: (B, k+2, D)."""
@@ -286,6 +346,8 @@ class TextRefinerCLIP(nn.Module):
     # eval logits = logits(image_features(images)), image_features independent of any
     # trained tensor; a prompt learner with trainable visual prompts must say False
     frozen_image_features = True
+
+    loss_keys = ("loss", "loss_global", "loss_local", "loss_reg")  # the forward's loss entries (train.py logs)
 
     def __init__(self, clip, classnames, n_ctx=4, ctx_init="a photo of a", cache_size=25,
                  alpha=0.2, momentum=0.8, topk=5, semantic_weight=1 / 50, reg_weight=20.0,
@@ -384,19 +446,7 @@ class TextRefinerCLIP(nn.Module):
         return state
 
     def load_trainable_state_dict(self, state_dict):
-        own = self.trainable_state_dict()
-        missing = sorted(own.keys() - state_dict.keys())
-        unexpected = sorted(state_dict.keys() - own.keys())
-        mismatched = [f"{k}: checkpoint {tuple(state_dict[k].shape)}, model {tuple(own[k].shape)}"
-                      for k in sorted(own.keys() & state_dict.keys())
-                      if state_dict[k].shape != own[k].shape]
-        if missing or unexpected or mismatched:
-            raise ValueError("TextRefinerCLIP.load_trainable_state_dict: state dict does not match "
-                             f"the model; missing keys {missing}, unexpected keys {unexpected}, "
-                             f"shape mismatches {mismatched}")
-        with torch.no_grad():
-            for name, tensor in own.items():
-                tensor.copy_(state_dict[name])  # state_dict() tensors share storage with the model
+        _load_trainable(self, state_dict)
         self._class_features.clear()
 
 
@@ -448,3 +498,367 @@ class ZeroShotCLIP(nn.Module):
         text = self.clip.encode_text(self.token_ids, length=self.text_length)  # (C, D)
         with _fp32(text):
             return F.normalize(text.float(), dim=-1)
+
+
+# ------------------------------------------------------------- PromptKD + TextRefiner (SPEC 11)
+
+# Tensors OpenAI's convert_weights stores in fp16 (matrices and their biases, conv1, the
+# projections); LayerNorms, embeddings and logit_scale stay fp32. Used to write teacher files
+# with the released dtypes.
+_FP16_SUFFIXES = ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias", "c_fc.weight",
+                  "c_fc.bias", "c_proj.weight", "c_proj.bias", "conv1.weight", "proj", "text_projection")
+_VPT_SHALLOW = re.compile(r"transformer\.resblocks\.(\d+)\.VPT_shallow")
+
+
+def _released_dtype(key, tensor):
+    return tensor.half() if key.endswith(_FP16_SUFFIXES) else tensor.float()
+
+
+def write_teacher_checkpoint(path, clip_state_dict, classnames, depth=9, n_ctx=4, seed=0, prompt_std=0.02,
+                             zero_shot_state_dict=None):
+    """Write a PromptSRC teacher file laid out as PromptKD's released ones (SPEC 11.1,
+    promptkd_released.md B4), for tests and the PromptKD demo: Dassl's
+    {'state_dict', 'epoch', 'optimizer', 'scheduler', 'val_result'}, where 'scheduler' pickles
+    a scheduler object holding an SGD optimiser, as Dassl does (read_dassl_file must not run it).
+
+    clip_state_dict: OpenAI-named weights of the teacher's CLIP (the file stores them as
+    image_encoder.* / text_encoder.* / logit_scale in OpenAI's fp16/fp32 dtypes, without
+    token_embedding, as PromptSRC does). classnames: the classes it was trained on (the
+    prompt_learner.token_prefix / token_suffix rows, built with clip_state_dict's
+    token_embedding). depth, n_ctx: deep prompts in both towers, N(0, prompt_std^2), seeded:
+    prompt_learner.ctx (n_ctx, text width) fp16, text_encoder / image_encoder
+    transformer.resblocks.{1..depth-1}.VPT_shallow and image_encoder.VPT fp32.
+    zero_shot_state_dict: the CLIP PromptSRC keeps frozen as prompt_learner.ZS_image_encoder
+    (default clip_state_dict). Returns the written 'state_dict'.
+    """
+    config = clip_model.config_from_state_dict(clip_state_dict)
+    if not 1 <= depth <= min(config.vision_layers, config.transformer_layers) or n_ctx < 1:
+        raise ValueError(f"write_teacher_checkpoint: depth must be in 1..{min(config.vision_layers, config.transformer_layers)} "
+                         f"and n_ctx >= 1, got depth={depth}, n_ctx={n_ctx}")
+    g = torch.Generator().manual_seed(seed)
+
+    def prompt(width):
+        return torch.randn(n_ctx, width, generator=g) * prompt_std
+
+    sd = {k: v.detach().cpu() for k, v in clip_state_dict.items() if k not in clip_model.JIT_EXTRA_KEYS}
+    zero_shot = sd if zero_shot_state_dict is None else zero_shot_state_dict
+    names = [name.replace("_", " ") for name in classnames]
+    ids = tokenize([" ".join(["X"] * n_ctx) + f" {name}." for name in names], config.context_length)
+    embedded = sd["token_embedding.weight"][ids]  # (m, 77, W)
+    state = {"logit_scale": sd["logit_scale"].float(),
+             "prompt_learner.ctx": prompt(config.transformer_width).half(),
+             "prompt_learner.token_prefix": embedded[:, :1].half(),
+             "prompt_learner.token_suffix": embedded[:, 1 + n_ctx:].half()}
+    for key, value in zero_shot.items():
+        if key.startswith("visual."):
+            state["prompt_learner.ZS_image_encoder." + key[7:]] = _released_dtype(key, value.detach().cpu())
+    state["image_encoder.VPT"] = prompt(config.vision_width)
+    for i in range(1, depth):
+        state[f"image_encoder.transformer.resblocks.{i}.VPT_shallow"] = prompt(config.vision_width)
+        state[f"text_encoder.transformer.resblocks.{i}.VPT_shallow"] = prompt(config.transformer_width)
+    for key, value in sd.items():
+        if key.startswith("visual."):
+            state["image_encoder." + key[7:]] = _released_dtype(key, value)
+        elif key not in ("logit_scale", "token_embedding.weight"):
+            state["text_encoder." + key] = _released_dtype(key, value)
+    trained = [state[k] for k in state if "VPT" in k or k == "prompt_learner.ctx"]
+    optimizer = torch.optim.SGD([nn.Parameter(t.float().clone()) for t in trained], lr=0.005, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=20)
+    checkpoint = dict(state_dict=state, epoch=20, optimizer=optimizer.state_dict(),
+                      scheduler=dict(successor=scheduler, last_epoch=20), val_result=None)
+    tmp = f"{path}.tmp"
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, path)
+    return state
+
+
+class PromptSRCTeacher(nn.Module):
+    """PromptKD's frozen teacher (SPEC 11.1): a CLIP (ViT-L/14) with PromptSRC / IVLP deep
+    prompts in both towers. logits(images) -> exp(logit_scale) * normalise(v_T) t_T^T (B, n);
+    the class features t_T are computed once per class set (and autocast setting), not per
+    batch. Nothing in it trains; it stays in eval mode. Build it with from_checkpoint.
+    """
+
+    def __init__(self, clip, ctx, text_prompts, visual_prompts, classnames, path=None):
+        """clip: the teacher CLIP with the file's weights; ctx (n, W_text) the text context
+        at the input; text_prompts (depth_text - 1, n, W_text) for text blocks 1..;
+        visual_prompts (depth_vision, n_vision, W_vision) as CLIP.encode_image takes them."""
+        super().__init__()
+        self.clip = clip.requires_grad_(False).eval()
+        n_ctx = ctx.shape[0]
+        # "X X X X {name}.": only the token layout matters, the loaded ctx replaces positions 1..n
+        self.prompt_learner = PromptLearner(clip, classnames, n_ctx=n_ctx, ctx_init=" ".join(["X"] * n_ctx))
+        self.prompt_learner.ctx.requires_grad_(False).copy_(ctx)
+        self.register_buffer("text_prompts", text_prompts.float().clone())
+        self.register_buffer("visual_prompts", visual_prompts.float().clone())
+        self.path = path
+        self._class_features = _Memo()
+
+    @classmethod
+    def from_checkpoint(cls, clip, path, classnames, num_trained_classes=None):
+        """The teacher of one of PromptKD's released files (or write_teacher_checkpoint's).
+
+        clip: the CLIP the teacher was trained from (OpenAI ViT-L/14): it supplies the
+        architecture and token_embedding, which the file does not hold; every CLIP weight the
+        file holds replaces clip's (PromptSRC's weight averaging may have changed them), in a
+        new model: clip itself is left as it is. The file is read tensors-only
+        (clip_model.read_dassl_file: no code from it runs). Keys (SPEC 11.1):
+        prompt_learner.ctx, text_encoder.* and image_encoder.* (CLIP weights, and the deep
+        prompts image_encoder.VPT and {text,image}_encoder.transformer.resblocks.{i}.VPT_shallow,
+        whose count and shape give each tower's depth and token count), logit_scale;
+        prompt_learner.token_prefix / token_suffix are rebuilt from classnames (their row
+        count is the number of classes the teacher was trained on, checked below), and
+        prompt_learner.ZS_image_encoder.* (PromptSRC's frozen zero-shot copy) is ignored.
+
+        num_trained_classes: the classes the teacher must have been trained on; by default
+        ceil(n/2) (base2new: the base half of the n classnames) or n. Cross-dataset passes
+        the source's count (1000 for ImageNet-xd).
+        """
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"teacher file {path}: no such file")
+        try:
+            content = clip_model.read_dassl_file(path)
+        except Exception as e:  # not a torch file, cut short, ...
+            raise ValueError(f"teacher file {path}: unreadable ({str(e).splitlines()[0][:200]})") from None
+        if not isinstance(content, dict) or not isinstance(content.get("state_dict"), dict):
+            raise ValueError(f"teacher file {path}: not a Dassl checkpoint (no 'state_dict' entry)")
+        weights, ctx, text, visual, unknown = {}, None, {}, {}, []
+        for key, value in content["state_dict"].items():
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"teacher file {path}: {key} is a {type(value).__name__}, expected a tensor")
+            tower, _, rest = key.partition(".")
+            deep = _VPT_SHALLOW.fullmatch(rest)
+            if key == "logit_scale":
+                weights[key] = value
+            elif key == "prompt_learner.ctx":
+                ctx = value
+            elif tower == "prompt_learner":
+                pass  # token_prefix/suffix: rebuilt; ZS_image_encoder: not part of the teacher
+            elif tower == "image_encoder" and rest == "VPT":
+                visual[0] = value
+            elif tower in ("image_encoder", "text_encoder") and deep:
+                (visual if tower == "image_encoder" else text)[int(deep.group(1))] = value
+            elif tower == "image_encoder":
+                weights["visual." + rest] = value
+            elif tower == "text_encoder":
+                weights[rest] = value
+            else:
+                unknown.append(key)
+        if unknown:
+            raise ValueError(f"teacher file {path}: unexpected keys {unknown[:5]}; a PromptSRC teacher holds "
+                             f"logit_scale, prompt_learner.*, image_encoder.* and text_encoder.* only")
+        cls._check_class_count(path, content["state_dict"], len(classnames), num_trained_classes)
+
+        own = clip.state_dict()
+        for key, value in weights.items():
+            if key not in own or own[key].shape != value.shape:
+                found = "no such CLIP weight" if key not in own else f"CLIP has {tuple(own[key].shape)}"
+                raise ValueError(f"teacher file {path}: {key} {tuple(value.shape)} does not fit the CLIP given "
+                                 f"({found}); pass the CLIP the teacher was trained from (ViT-L/14)")
+        config = clip.config
+        ctx, text_prompts = cls._stack_prompts(path, ctx, text, "text_encoder", "prompt_learner.ctx",
+                                               config.transformer_width, config.transformer_layers)
+        vpt, visual_deep = cls._stack_prompts(path, visual.pop(0, None), visual, "image_encoder",
+                                              "image_encoder.VPT", config.vision_width, config.vision_layers)
+        visual_prompts = torch.cat([vpt[None], visual_deep])  # (depth, n, W): row 0 at the input
+        device = clip.logit_scale.device
+        teacher_clip = clip_model.build_model({**own, **{k: v.to(device) for k, v in weights.items()}})
+        return cls(teacher_clip, ctx.to(device), text_prompts.to(device), visual_prompts.to(device),
+                   classnames, path=path)
+
+    @staticmethod
+    def _check_class_count(path, state_dict, n, num_trained_classes):
+        prefix = state_dict.get("prompt_learner.token_prefix")
+        if prefix is None:
+            raise ValueError(f"teacher file {path}: no prompt_learner.token_prefix, so the classes it was "
+                             f"trained on are unknown; not a PromptSRC teacher file?")
+        trained = prefix.shape[0]
+        expected = {math.ceil(n / 2), n} if num_trained_classes is None else {num_trained_classes}
+        if trained not in expected:
+            wanted = " or ".join(str(c) for c in sorted(expected))
+            raise ValueError(f"teacher file {path}: trained on {trained} classes (prompt_learner.token_prefix "
+                             f"rows), expected {wanted} for these {n} classes; another dataset's teacher?")
+
+    @staticmethod
+    def _stack_prompts(path, first, deep, tower, first_key, width, layers):
+        """-> (first (n, width), deep prompts (k, n, width) of blocks 1..k), checked: blocks
+        1..k all present, k < layers, every tensor (n, width)."""
+        if first is None:
+            raise ValueError(f"teacher file {path}: no {first_key}: not a PromptSRC / IVLP teacher file")
+        k = max(deep, default=0)
+        absent = [i for i in range(1, k + 1) if i not in deep]
+        if absent:
+            raise ValueError(f"teacher file {path}: {tower}.transformer.resblocks.{absent[0]}.VPT_shallow is "
+                             f"missing, yet block {k} has one: the deep prompts must cover blocks 1..{k}")
+        if k >= layers:
+            raise ValueError(f"teacher file {path}: {tower} has VPT_shallow up to block {k}, but the CLIP "
+                             f"given has {layers} blocks")
+        for key, value in [(first_key, first)] + [(f"{tower}.transformer.resblocks.{i}.VPT_shallow", deep[i])
+                                                   for i in range(1, k + 1)]:
+            if value.dim() != 2 or tuple(value.shape) != (first.shape[0], width):
+                raise ValueError(f"teacher file {path}: {key} has shape {tuple(value.shape)}, expected "
+                                 f"({first.shape[0]}, {width}) like {first_key} and the CLIP's width")
+        stacked = torch.stack([deep[i].float() for i in range(1, k + 1)]) if k else first.new_zeros(0, *first.shape)
+        return first.float(), stacked.float()
+
+    @property
+    def depth(self):
+        """(text depth, vision depth): 1 + the blocks with deep prompts."""
+        return 1 + self.text_prompts.shape[0], self.visual_prompts.shape[0]
+
+    def train(self, mode=True):
+        return super().train(False)  # frozen: always in eval mode
+
+    def set_classnames(self, classnames):
+        self.prompt_learner.set_classnames(classnames)
+        self._class_features.clear()
+
+    def class_features(self):
+        """Normalised teacher text features t_T (n, D_T) fp32, once per class set."""
+        key = (self.prompt_learner.generation, _autocast_key(self.text_prompts.device))
+        return self._class_features.get(key, self._compute_class_features)
+
+    @torch.no_grad()
+    def _compute_class_features(self):
+        prompts, ids = self.prompt_learner()
+        text = self.clip.encode_prompts(prompts, ids, length=self.prompt_learner.text_length,
+                                        deep_prompts=self.text_prompts if len(self.text_prompts) else None)
+        with _fp32(text):
+            return F.normalize(text.float(), dim=-1)
+
+    @torch.no_grad()
+    def forward(self, images):
+        """(B, 3, R, R) -> teacher logits z_T (B, n) fp32."""
+        image_features = self.clip.encode_image(images, prompts=self.visual_prompts)  # (B, D_T)
+        return _scaled_cosine_logits(self.clip.logit_scale, image_features, self.class_features())
+
+
+def _kl_per_element(student_logits, teacher_probs, temperature):
+    """PromptKD's distillation loss: T^2 * KL(p_T || softmax(z_S / T)) summed over every
+    element and divided by their count (not batchmean). fp32."""
+    log_student = F.log_softmax(student_logits / temperature, dim=-1)
+    kl = F.kl_div(log_student, teacher_probs, reduction="sum")  # xlogy: p_T = 0 terms are 0
+    return temperature**2 * kl / student_logits.numel()
+
+
+class PromptKDCLIP(nn.Module):
+    """PromptKD (CVPR 2024) student with TextRefiner (SPEC 11): a frozen CLIP image tower
+    (ViT-B/16) with trainable deep visual prompts, image_proj (D_S -> D_T) and a TextRefiner
+    whose classifier is the frozen teacher's class text, refined; distilled from the teacher's
+    logits without labels. refiner=False is plain PromptKD. The student's text tower is unused.
+    """
+
+    # Trainable visual prompts and image_proj: image features change with every step, so an
+    # evaluation loop must not reuse them across evaluations (TextRefinerCLIP says True).
+    frozen_image_features = False
+    loss_keys = ("loss", "loss_kd", "loss_local", "loss_reg")
+
+    def __init__(self, clip, teacher, classnames, depth=9, n_ctx=4, kd_weight=1000.0, temperature=1.0,
+                 cache_size=25, alpha=0.2, momentum=0.8, topk=5, refiner=True):
+        super().__init__()
+        config = clip.config
+        if not 1 <= depth <= config.vision_layers or n_ctx < 1:
+            raise ValueError(f"PromptKDCLIP: depth must be in 1..{config.vision_layers} and n_ctx >= 1, "
+                             f"got depth={depth}, n_ctx={n_ctx}")
+        if temperature <= 0:
+            raise ValueError(f"PromptKDCLIP: temperature must be > 0, got {temperature}")
+        self.clip = clip.requires_grad_(False).eval()
+        self.teacher = teacher.requires_grad_(False).eval()
+        self.teacher.set_classnames(classnames)
+        teacher_dim = teacher.clip.config.embed_dim
+        self.visual_prompts = nn.Parameter(torch.empty(depth, n_ctx, config.vision_width).normal_(std=0.02))
+        self.image_proj = FeatureAlign(config.embed_dim, teacher_dim)
+        self.refiner = (TextRefiner(teacher_dim, cache_size, alpha, momentum, topk, token_dim=config.embed_dim)
+                        if refiner else None)
+        self.kd_weight, self.temperature = kd_weight, temperature
+        self._class_features = _Memo()
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.clip.eval()
+        self.teacher.eval()
+        self._class_features.clear()
+        return self
+
+    def set_classnames(self, classnames):
+        """The teacher's class features for these classes (base -> new, another dataset)."""
+        self.teacher.set_classnames(classnames)
+        self._class_features.clear()
+
+    def set_process_group(self, group):
+        """DDP: both BatchNorms' statistics over `group` (SyncBatchNorm semantics), the cache
+        updates combined over it."""
+        self.image_proj.process_group = group
+        if self.refiner is not None:
+            self.refiner.process_group = group
+            self.refiner.align.process_group = group
+
+    def forward(self, images, labels=None):
+        """Training: dict of loss, loss_kd, loss_local, loss_reg (unweighted terms; 0 for the
+        last two without refiner), logits z_S (B, n); updates the cache. labels are ignored
+        (PromptKD distils unlabelled images). Eval: logits (B, n)."""
+        if not self.training:
+            return self.logits(self.image_features(images))
+        teacher_logits = self.teacher(images)  # (B, n) no grad
+        t = self.teacher.class_features()  # (n, D_T), normalised
+        if self.refiner is None:
+            glob = self.clip.encode_image(images, prompts=self.visual_prompts)  # (B, D_S)
+        else:
+            glob, tokens, cls_attn = self.clip.encode_image(images, return_tokens=True, prompts=self.visual_prompts)
+        with _fp32(t):
+            g = F.normalize(self.image_proj(glob.float()), dim=-1)  # (B, D_T)
+            scale = self.clip.logit_scale.exp().float()
+            teacher_probs = F.softmax(teacher_logits.float() / self.temperature, dim=-1)  # (B, n)
+            if self.refiner is None:
+                logits = scale * g @ t.t()  # (B, n)
+                loss_kd = _kl_per_element(logits, teacher_probs, self.temperature)
+                zero = loss_kd.new_zeros(())
+                return dict(loss=self.kd_weight * loss_kd, loss_kd=loss_kd, loss_local=zero, loss_reg=zero,
+                            logits=logits)
+            refined = self.refiner.refine(t)  # (n, D_T), reads the cache before this step's update
+            logits = scale * g @ refined.t()  # (B, n)
+            aligned = self.refiner.align_tokens(tokens)  # (B, T, D_T)
+            local = self.refiner.semantic_tokens(aligned, cls_attn)  # (B, k+2, D_T)
+            local_logits = scale * local.flatten(0, 1) @ t.t()  # (B*(k+2), n)
+            loss_kd = _kl_per_element(logits, teacher_probs, self.temperature)
+            loss_local = _kl_per_element(local_logits, teacher_probs.repeat_interleave(local.shape[1], dim=0),
+                                         self.temperature)
+            loss_reg = F.l1_loss(F.normalize(refined, dim=-1), t)
+            loss = self.kd_weight * (loss_kd + loss_local / 100 + loss_reg / 50)
+        self.refiner.update_cache(aligned)
+        return dict(loss=loss, loss_kd=loss_kd, loss_local=loss_local, loss_reg=loss_reg, logits=logits)
+
+    def image_features(self, images):
+        """(B, 3, R, R) -> image_proj(prompted global feature) (B, D_T), not normalised; BN
+        with running statistics in eval mode."""
+        glob = self.clip.encode_image(images, prompts=self.visual_prompts)  # (B, D_S)
+        return self.image_proj(glob.float())
+
+    def logits(self, image_features):
+        """Eval logits (B, n) from image_features(images): the refined teacher classifier,
+        computed once per class set and trained state."""
+        teacher, refiner = self.teacher, self.refiner
+        key = (teacher.prompt_learner.generation, _autocast_key(teacher.text_prompts.device),
+               None if refiner is None else
+               (_tensor_key(refiner.cache), _tensor_key(refiner.extractor.weight), refiner.alpha))
+        features = self._class_features.get(key, self._compute_class_features)  # (n, D_T)
+        return _scaled_cosine_logits(self.clip.logit_scale, image_features, features)
+
+    @torch.no_grad()
+    def _compute_class_features(self):
+        t = self.teacher.class_features()
+        return t if self.refiner is None else self.refiner.refine(t)
+
+    def trainable_state_dict(self):
+        """SPEC 11.5 names: visual_prompts, image_proj.{fc1,bn,fc2}.*, refiner.* (no CLIP or
+        teacher weights)."""
+        state = {"visual_prompts": self.visual_prompts.detach()}
+        state.update(self.image_proj.state_dict(prefix="image_proj."))
+        if self.refiner is not None:
+            state.update(self.refiner.state_dict(prefix="refiner."))
+        return state
+
+    def load_trainable_state_dict(self, state_dict):
+        _load_trainable(self, state_dict)
+        self._class_features.clear()

@@ -85,31 +85,46 @@ def ref_block(x, sd, prefix, mask):
     return x + h @ sd[prefix + ".mlp.c_proj.weight"].T + sd[prefix + ".mlp.c_proj.bias"], probs
 
 
-def ref_encode_image(sd, imgs):
+def ref_encode_image(sd, imgs, prompts=None):
+    """prompts (depth, n, W): appended after the T tokens at the input (no positional
+    embedding), prompts[i] overwriting the last n tokens before block i; the outputs are
+    the T image tokens and the CLS row at the patch columns of the softmax over all keys."""
     sd = {k: v.double() for k, v in sd.items()}
     W, _, P, _ = sd["visual.conv1.weight"].shape
     B, _, R, _ = imgs.shape
     G = R // P
+    T = G * G + 1
     # Patch embedding as a matmul over flattened (channel, row, col) patches, row-major grid.
     patches = imgs.double().reshape(B, 3, G, P, G, P).permute(0, 2, 4, 1, 3, 5).reshape(B, G * G, 3 * P * P)
     x = patches @ sd["visual.conv1.weight"].reshape(W, -1).T
     x = torch.cat([sd["visual.class_embedding"].expand(B, 1, W), x], 1) + sd["visual.positional_embedding"]
+    if prompts is not None:
+        prompts = prompts.double()
+        x = torch.cat([x, prompts[0].expand(B, -1, -1)], 1)
     x = ref_layer_norm(x, sd, "visual.ln_pre")
     layers = len({k for k in sd if k.startswith("visual.transformer.resblocks.") and k.endswith("in_proj_weight")})
     for i in range(layers):
+        if prompts is not None and 1 <= i < len(prompts):
+            x = x.clone()
+            x[:, T:] = prompts[i]
         x, probs = ref_block(x, sd, f"visual.transformer.resblocks.{i}", mask=0.0)
-    tokens = ref_layer_norm(x, sd, "visual.ln_post") @ sd["visual.proj"]
-    return tokens[:, 0], tokens, probs[:, :, 0, 1:].mean(1)
+    tokens = ref_layer_norm(x[:, :T], sd, "visual.ln_post") @ sd["visual.proj"]
+    return tokens[:, 0], tokens, probs[:, :, 0, 1:T].mean(1)
 
 
-def ref_encode_text(sd, ids):
-    """The full 77-token computation with an explicit causal mask."""
+def ref_encode_text(sd, ids, embeddings=None, deep_prompts=None):
+    """The full 77-token computation with an explicit causal mask. embeddings (C, 77, W)
+    replace the token embeddings of ids; deep_prompts (K, n, W) overwrite positions 1..n
+    before blocks 1..K."""
     sd = {k: v.double() for k, v in sd.items()}
-    x = sd["token_embedding.weight"][ids] + sd["positional_embedding"]
+    x = (sd["token_embedding.weight"][ids] if embeddings is None else embeddings.double()) + sd["positional_embedding"]
     L = ids.shape[1]
     mask = torch.full((L, L), float("-inf"), dtype=torch.float64).triu(1)
     layers = len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")})
     for i in range(layers):
+        if deep_prompts is not None and 1 <= i <= len(deep_prompts):
+            x = x.clone()
+            x[:, 1:1 + deep_prompts.shape[1]] = deep_prompts[i - 1].double()
         x, _ = ref_block(x, sd, f"transformer.resblocks.{i}", mask)
     x = ref_layer_norm(x, sd, "ln_final")
     return x[torch.arange(len(ids)), ids.argmax(-1)] @ sd["text_projection"]
@@ -148,6 +163,76 @@ def test_text_tower_matches_equations(model, state_dict):
         out = model.encode_text(ids)
     assert out.shape == (len(PROMPTS), TINY.embed_dim)
     assert_rel_close(out, ref_encode_text(state_dict, ids))
+
+
+def test_no_prompts_runs_the_unprompted_blocks_bitwise(model):
+    """prompts=None is the plain tower: bitwise what the blocks give run one after another
+    (the code path before deep prompts existed), with no prompt work."""
+    imgs, ids = images(), cm.tokenize(PROMPTS)
+    visual = model.visual
+    with torch.no_grad():
+        x = visual.conv1(imgs).flatten(2).transpose(1, 2)
+        x = torch.cat([visual.class_embedding.expand(3, 1, -1), x], 1) + visual.positional_embedding
+        x = visual.ln_pre(x)
+        for block in visual.transformer.resblocks[:-1]:
+            x, _ = block(x)
+        x, cls_attn = visual.transformer.resblocks[-1](x, False, True)
+        tokens = visual.ln_post(x) @ visual.proj
+        for a, b in zip(model.encode_image(imgs, return_tokens=True, prompts=None), (tokens[:, 0], tokens, cls_attn)):
+            assert torch.equal(a, b)
+        assert torch.equal(model.encode_image(imgs, prompts=None), visual.ln_post(x[:, 0]) @ visual.proj)
+        length = cm.text_length(ids)
+        t = model.token_embedding(ids)[:, :length] + model.positional_embedding[:length]
+        for block in model.transformer.resblocks:
+            t, _ = block(t, True)
+        t = model.ln_final(t[torch.arange(len(ids)), ids.argmax(-1)]) @ model.text_projection
+        assert torch.equal(model.encode_text(ids), t)
+        emb = model.token_embedding(ids)
+        assert torch.equal(model.encode_prompts(emb, ids, deep_prompts=None), t)
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_image_tower_with_deep_prompts_matches_equations(model, state_dict, depth):
+    """Deep visual prompts (depth, n, W) against the float64 equations, every output and
+    the gradient path to the prompts."""
+    n = 3
+    prompts = (torch.randn(depth, n, TINY.vision_width, generator=torch.Generator().manual_seed(5)) * 0.5)
+    imgs = images()
+    prompts.requires_grad_(True)
+    glob, tokens, cls_attn = model.encode_image(imgs, return_tokens=True, prompts=prompts)
+    ref_glob, ref_tokens, ref_attn = ref_encode_image(state_dict, imgs, prompts.detach())
+    G = TINY.image_resolution // TINY.vision_patch_size
+    assert tokens.shape == (3, G * G + 1, TINY.embed_dim) and cls_attn.shape == (3, G * G)
+    assert_rel_close(glob, ref_glob)
+    assert_rel_close(tokens, ref_tokens)
+    assert_rel_close(cls_attn, ref_attn)
+    assert torch.equal(tokens[:, 0], glob)
+    with torch.no_grad():
+        assert_rel_close(model.encode_image(imgs, prompts=prompts), ref_glob)
+        plain = ref_encode_image(state_dict, imgs)
+    assert (ref_glob - plain[0]).abs().max() > 1e-3 * plain[0].abs().max()  # the prompts matter
+    # the prompt keys took a share of the CLS softmax: patches sum to less than without them
+    assert (cls_attn.sum(-1) < 1 - 1e-4).all()
+    glob.sum().backward()
+    assert prompts.grad.abs().sum(dim=(1, 2)).min() > 0  # every prompt row reaches the output
+
+
+def test_text_tower_with_deep_prompts_matches_equations(model, state_dict):
+    ids = cm.tokenize(["x x x x dog.", "x x x x a boeing 737-800, a type of aircraft."])
+    g = torch.Generator().manual_seed(6)
+    emb = model.token_embedding(ids).detach().clone()
+    emb[:, 1:5] = torch.randn(4, TINY.transformer_width, generator=g) * 0.1  # learned context at the input
+    deep = torch.randn(1, 4, TINY.transformer_width, generator=g) * 0.5  # block 1 (of 2)
+    with torch.no_grad():
+        out = model.encode_prompts(emb, ids, deep_prompts=deep)
+        plain = model.encode_prompts(emb, ids)
+    assert_rel_close(out, ref_encode_text(state_dict, ids, emb, deep))
+    assert_rel_close(plain, ref_encode_text(state_dict, ids, emb))
+    assert (out - plain).abs().max() > 1e-3 * plain.abs().max()
+    with pytest.raises(ValueError, match="2 block prompts.*2 blocks"):
+        model.encode_prompts(emb, ids, deep_prompts=torch.zeros(2, 4, TINY.transformer_width))
+    with pytest.raises(ValueError, match="deep prompts must be"):
+        model.encode_image(images(), prompts=torch.zeros(3, 4, TINY.vision_width))
 
 
 def test_text_truncation_equals_full_length(model):
