@@ -24,21 +24,35 @@ import kernels
 
 README = os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+# TIMED_ROUNDS is a multiple of 2 and 3, so with 2 or 3 implementations each takes each place equally often
+WARMUP_ROUNDS, TIMED_ROUNDS = 5, 30
 
 
-def time_ms(fn, warmup=5, reps=30):
-    """Median wall time of fn() in milliseconds, measured with CUDA events."""
+def cuda_event_ms(fn):
+    """Wall time of one fn() in milliseconds, measured with CUDA events (synchronised)."""
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    stop.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(stop)
+
+
+def time_interleaved(steps, timer=cuda_event_ms, warmup=WARMUP_ROUNDS, rounds=TIMED_ROUNDS):
+    """Median time of each of steps {name: fn}: every step runs `warmup` times first, then the
+    steps alternate within every round, the order rotating from round to round (so each takes
+    each position equally often) and a busy GPU slows all of them alike. timer(fn) runs fn
+    once and returns its time. -> {name: median ms over the rounds}."""
+    names = list(steps)
     for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(stop))
-    return statistics.median(times)
+        for name in names:
+            steps[name]()
+    times = {name: [] for name in names}
+    for round_ in range(rounds):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            times[name].append(timer(steps[name]))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 @torch.no_grad()
@@ -62,11 +76,11 @@ def bench_cache(n, d, m, dtype):
     tokens = torch.randn(n, d, device="cuda").add_(0.3).to(dtype)
     cache = F.normalize(torch.rand(m, d, device="cuda"), dim=-1)
     moved = n * d * tokens.element_size() + 2 * m * d * 4  # tokens in, cache in and out
-    ms = {
-        "triton": time_ms(lambda: kernels.cache_update(tokens, cache, backend="triton")),
-        "torch": time_ms(lambda: kernels.cache_update(tokens, cache, backend="torch")),
-        "loop": time_ms(lambda: loop_cache_update(tokens, cache)),
-    }
+    ms = time_interleaved({
+        "triton": lambda: kernels.cache_update(tokens, cache, backend="triton"),
+        "torch": lambda: kernels.cache_update(tokens, cache, backend="torch"),
+        "loop": lambda: loop_cache_update(tokens, cache),
+    })
     return dict(op="cache_update", n=n, d=d, mode="fwd", ms=ms, bytes=moved)
 
 
@@ -94,13 +108,14 @@ def bench_align(n, d, dtype, backward, d_hid=None, needs_dx=False):
                 torch.autograd.backward(y, dy)
         return step
 
-    ms = {backend: time_ms(run(backend)) for backend in ("triton", "torch")}
+    ms = time_interleaved({backend: run(backend) for backend in ("triton", "torch")})
     mode = ("fwd+bwd+dx" if needs_dx else "fwd+bwd") if backward else "fwd"
     return dict(op="feature_align", n=n, d=d if d_hid == d else f"{d}->{d_hid}", mode=mode, ms=ms, bytes=moved)
 
 
 def table(rows, dtype):
-    lines = [f"tokens/x dtype {dtype}; M = 25; median of 30 runs after 5 warm-up runs",
+    lines = [f"tokens/x dtype {dtype}; M = 25; medians of {TIMED_ROUNDS} rounds after {WARMUP_ROUNDS} warm-up "
+             "rounds, the implementations alternating in every round (order rotating); ratios of the medians",
              "",
              "| op | N | D | pass | Triton ms | torch ms | loop ms | vs torch | vs loop | Triton GB/s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
