@@ -2,12 +2,13 @@
 The 15 CoOp benchmarks: CoOp's on-disk layouts, Dassl-identical few-shot splits,
 base/new classes, CLIP transforms and (distributed) loaders. See SPEC sections 5, 6.
 
-    from data import load_splits, build_train_loader, build_eval_loader
+    from data import load_splits, build_train_loader, build_eval_loader, normalize
     splits = load_splits("caltech101", "~/data", num_shots=16, seed=1, subsample="base")
     loader = build_train_loader(splits["train"], global_batch_size=32, resolution=224, seed=1)
     for epoch in range(10):
         loader.set_epoch(epoch)
-        for images, labels in loader: ...          # (B, 3, 224, 224), (B,)
+        for images, labels in loader:              # uint8 (B, 3, 224, 224), (B,)
+            x = normalize(images.to(device))       # float32 CLIP input, normalised on the device
 
 Loader throughput (decoded + augmented images per second), real or synthetic data:
 
@@ -413,13 +414,25 @@ def load_splits(dataset, root, num_shots=16, seed=1, subsample="all"):
 
 
 def build_transform(train, resolution):
+    """PIL image -> uint8 tensor (3, R, R). Batches leave the loader workers as uint8 (4x less
+    shared and pinned memory and host-to-device traffic than float32); normalize() turns them
+    into the CLIP input on the device."""
     bicubic = T.InterpolationMode.BICUBIC
     if train:
         head = [T.RandomResizedCrop(resolution, scale=(0.08, 1.0), interpolation=bicubic),
                 T.RandomHorizontalFlip()]
     else:  # shorter side to `resolution`, then the central square
         head = [T.Resize(resolution, interpolation=bicubic), T.CenterCrop(resolution)]
-    return T.Compose(head + [T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
+    return T.Compose(head + [T.PILToTensor()])
+
+
+def normalize(images):
+    """uint8 (B, 3, R, R) loader batch -> float32 CLIP input (B, 3, R, R) on the batch's device.
+    The arithmetic of torchvision's ToTensor + Normalize(CLIP_MEAN, CLIP_STD): x / 255, then
+    (x - mean) / std, each rounded to float32 in that order, so the values are bitwise the same."""
+    mean = torch.tensor(CLIP_MEAN, device=images.device).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=images.device).view(3, 1, 1)
+    return images.float().div_(255).sub_(mean).div_(std)
 
 
 def _to_8_bits(image):
@@ -533,15 +546,32 @@ def build_eval_loader(items, batch_size, resolution, rank=0, world_size=1, worke
 # ----------------------------------------------------------------------------- synthetic data
 
 
-def write_synthetic_dataset(root, dataset, num_classes=10, images_per_class=8, image_size=32, seed=0):
+def _natural_pixels(rng, colour, width, height):
+    """(height, width, 3) float pixels with a photograph's spectrum, roughly: the class colour,
+    structure at a few scales (upsampled noise) and fine grain, so that JPEG sizes (about
+    55 KiB at 500x375) and decode times come near those of photos, unlike flat noise or colour."""
+    pixels = np.broadcast_to(colour, (height, width, 3)).astype(np.float32)
+    for cells, amplitude in ((4, 50.0), (16, 25.0), (64, 15.0), (160, 10.0)):
+        coarse = rng.normal(0, amplitude / 4, (max(1, cells * height // width), cells, 3)) + 128
+        up = Image.fromarray(coarse.clip(0, 255).astype(np.uint8)).resize((width, height), Image.BICUBIC)
+        pixels += 4 * (np.asarray(up, np.float32) - 128)
+    return pixels + 6 * rng.standard_normal((height, width, 3), dtype=np.float32)
+
+
+def write_synthetic_dataset(root, dataset, num_classes=10, images_per_class=8, image_size=32, seed=0,
+                            natural=False):
     """Writes a small fake `dataset` in its CoOp layout under root and returns its folder.
-    Images are the class's own hue plus noise, so a tiny model can tell classes apart.
+    Images are the class's own hue plus noise, so a tiny model can tell classes apart;
+    natural=True adds structure at several scales (photo-like JPEG sizes and decode cost: use
+    it with image_size=(500, 375), a typical photo's (width, height), to time real pipelines).
+    image_size: side of a square, or (width, height).
     Per class: max(1, n // 4) test images, as many val images where the layout has a val
     split, the rest train; test-only layouts put all n in test."""
     info = dataset_info(dataset)
     folder = os.path.join(root, info.folder)
     image_dir = os.path.join(folder, info.image_dir)
     rng = np.random.default_rng(seed)
+    width, height = (image_size, image_size) if isinstance(image_size, int) else image_size
     n_test = max(1, images_per_class // 4)
     n_val = 0 if info.layout == "imagenet" or info.test_only else n_test
     if images_per_class - n_test - n_val < 1 and not info.test_only:
@@ -549,10 +579,11 @@ def write_synthetic_dataset(root, dataset, num_classes=10, images_per_class=8, i
 
     def image(label, rel):
         colour = np.array(colorsys.hsv_to_rgb(label / num_classes, 0.8, 0.9)) * 255
-        pixels = colour + rng.normal(0, 25, (image_size, image_size, 3))
+        pixels = _natural_pixels(rng, colour, width, height) if natural else \
+            colour + rng.normal(0, 25, (height, width, 3))
         path = os.path.join(image_dir, rel)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(path)
+        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(path, quality=90 if natural else 75)
         return rel
 
     def split_of(j):

@@ -118,6 +118,7 @@ def get_parser():
     p.add_argument("--benchmark", action="store_true", help="time synthetic inference and exit")
     p.add_argument("--benchmark-clip", default="ViT-B/16", choices=tuple(clip_model.CONFIGS))
     p.add_argument("--benchmark-steps", type=int, default=20)
+    p.add_argument("--benchmark-warmup", type=int, default=3)
     p.add_argument("--num-classes", type=int, default=100)
     return p
 
@@ -447,7 +448,7 @@ def run(args):
                                     rank=rank, world_size=world_size, workers=args.workers,
                                     pin_memory=device.type == "cuda")
     columns = None if args.zeroshot else run_data.columns
-    results = train.evaluate(model, loader, classnames, device, precision, columns)
+    results = train.evaluate(model, loader, classnames, device, precision, columns=columns)
     # The values actually used, not the flags as typed (None = "the checkpoint's").
     resolved = dict(dataset=dataset, root=root, subsample=subsample, shots=shots, seed=seed,
                     clip=clip_name, precision=precision, method=hp["method"], **teacher)
@@ -685,6 +686,8 @@ def check_args(p, args):
     train.check_ranges(p, args, dict(dist_timeout=train.POSITIVE))
     if args.benchmark:
         train.check_ranges(p, args, train.BENCHMARK_RULES)
+        if args.teacher_clip is not None and args.teacher_clip not in clip_model.CONFIGS:
+            p.error(f"--benchmark --teacher-clip {args.teacher_clip!r}: expected one of {', '.join(clip_model.CONFIGS)}")
         return
     if args.zeroshot == bool(args.checkpoint):
         p.error("give exactly one of --checkpoint PATH and --zeroshot")
@@ -713,7 +716,10 @@ def main(argv=None):
     check_args(p, args)
     if args.benchmark:
         args.batch_size = args.batch_size or 32
-        return train.benchmark(args, training=False)
+        # the --method's recipe (PromptKD: --depth, --teacher-clip, ...) under the flags given here
+        given = {k: v for k, v in vars(args).items() if v is not None}
+        return train.benchmark(argparse.Namespace(**dict(train_defaults(args.method or "coop"), **given)),
+                               training=False)
     return train.run_and_teardown(run, args)
 
 

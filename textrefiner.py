@@ -337,7 +337,15 @@ class TextRefiner(nn.Module):
 
 
 class TextRefinerCLIP(nn.Module):
-    """Frozen CLIP + CoOp prompt learner + TextRefiner; refiner=False is plain CoOp."""
+    """Frozen CLIP + CoOp prompt learner + TextRefiner; refiner=False is plain CoOp.
+
+    Evaluation uses only the image tower's global feature, and nothing trained reaches it
+    (frozen_image_features), so an evaluation loop may compute image_features once per image
+    and reuse them with logits() at every later evaluation (train.FeatureCache does that)."""
+
+    # eval logits = logits(image_features(images)), image_features independent of any
+    # trained tensor; a prompt learner with trainable visual prompts must say False
+    frozen_image_features = True
 
     loss_keys = ("loss", "loss_global", "loss_local", "loss_reg")  # the forward's loss entries (train.py logs)
 
@@ -409,14 +417,21 @@ class TextRefinerCLIP(nn.Module):
                     logits=logits)
 
     def _eval_logits(self, images):
-        img = self.clip.encode_image(images)  # (B, D)
+        return self.logits(self.image_features(images))
+
+    def image_features(self, images):
+        """(B, 3, R, R) -> the frozen image tower's global features (B, D), not normalised."""
+        return self.clip.encode_image(images)
+
+    def logits(self, image_features):
+        """Eval logits (B, C) from image_features(images) (B, D); class features computed once."""
         ctx = self.prompt_learner.ctx
         refiner = self.refiner
         key = (self.prompt_learner.generation, _tensor_key(ctx), _autocast_key(ctx.device),
                None if refiner is None else
                (_tensor_key(refiner.cache), _tensor_key(refiner.extractor.weight), refiner.alpha))
         features = self._class_features.get(key, self._compute_class_features)  # (C, D)
-        return _scaled_cosine_logits(self.clip.logit_scale, img, features)
+        return _scaled_cosine_logits(self.clip.logit_scale, image_features, features)
 
     @torch.no_grad()
     def _compute_class_features(self):
@@ -437,6 +452,8 @@ class TextRefinerCLIP(nn.Module):
 
 class ZeroShotCLIP(nn.Module):
     """CLIP zero-shot classifier with CoOp's hand-crafted prompt for `dataset`."""
+
+    frozen_image_features = True  # as TextRefinerCLIP: forward = logits(image_features(images))
 
     def __init__(self, clip, classnames, dataset=None):
         super().__init__()
@@ -464,10 +481,17 @@ class ZeroShotCLIP(nn.Module):
         self._class_features.clear()
 
     def forward(self, images):
-        img = self.clip.encode_image(images)  # (B, D)
-        key = (_tensor_key(self.token_ids), _autocast_key(img.device))
+        return self.logits(self.image_features(images))
+
+    def image_features(self, images):
+        """(B, 3, R, R) -> global image features (B, D), not normalised."""
+        return self.clip.encode_image(images)
+
+    def logits(self, image_features):
+        """(B, D) -> (B, C); class features computed once per class set and autocast setting."""
+        key = (_tensor_key(self.token_ids), _autocast_key(image_features.device))
         features = self._class_features.get(key, self._compute_class_features)  # (C, D)
-        return _scaled_cosine_logits(self.clip.logit_scale, img, features)
+        return _scaled_cosine_logits(self.clip.logit_scale, image_features, features)
 
     @torch.no_grad()
     def _compute_class_features(self):

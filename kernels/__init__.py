@@ -45,7 +45,7 @@ def on_device(device):
 
 
 def _fits_int32(*tensors):
-    """Whether every element offset of the tensors (and of (N, D) buffers of their shape)
+    """Whether every element offset of the tensors (and of contiguous buffers of their shape)
     fits the kernels' int32 arithmetic."""
     for t in tensors:
         largest = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
@@ -171,19 +171,28 @@ def cache_update(tokens, cache, momentum=0.8, backend="auto", process_group=None
 
 
 def _check_align_inputs(x, w1, b1, gamma, beta, w2, b2, process_group):
+    """The widths come from x (D_in), w1's rows (D_hid) and w2's rows (D_out); every other
+    tensor must agree with them. A mismatch names the tensor and the shape it must have."""
     if x.dim() != 2:
-        raise ValueError(f"kernels.feature_align: x must be (N, D), got {tuple(x.shape)}")
-    n, d = x.shape
+        raise ValueError(f"kernels.feature_align: x must be (N, D_in), got {tuple(x.shape)}")
+    n, d_in = x.shape
     if n < 1 and process_group is None:  # in a group, a rank without rows adds nothing
         raise ValueError("kernels.feature_align: need at least one row for batch statistics")
-    d_out = w1.shape[0] if w1.dim() == 2 else d  # the first Linear may widen: (D_out, D_in)
-    expected = dict(w1=(d_out, d), b1=(d_out,), gamma=(d_out,), beta=(d_out,), w2=(d_out, d_out), b2=(d_out,))
+    if w1.dim() != 2 or w1.shape[1] != d_in:
+        raise ValueError(f"kernels.feature_align: w1 must be (D_hid, {d_in}) for x of width D_in={d_in}, "
+                         f"got {tuple(w1.shape)}")
+    d_hid = w1.shape[0]
+    if w2.dim() != 2 or w2.shape[1] != d_hid:
+        raise ValueError(f"kernels.feature_align: w2 must be (D_out, {d_hid}) for w1 of {d_hid} rows "
+                         f"(D_hid), got {tuple(w2.shape)}")
+    d_out = w2.shape[0]
+    widths = f"D_in={d_in}, D_hid={d_hid}, D_out={d_out}"
+    expected = dict(w1=(d_hid, d_in), b1=(d_hid,), gamma=(d_hid,), beta=(d_hid,), w2=(d_out, d_hid), b2=(d_out,))
     given = dict(w1=w1, b1=b1, gamma=gamma, beta=beta, w2=w2, b2=b2)
     for name, shape in expected.items():
         t = given[name]
         if tuple(t.shape) != shape:
-            raise ValueError(f"kernels.feature_align: {name} must be {shape} for D_in={d}, D_out={d_out}, "
-                             f"got {tuple(t.shape)}")
+            raise ValueError(f"kernels.feature_align: {name} must be {shape} for {widths}, got {tuple(t.shape)}")
         if t.dtype != torch.float32:
             raise TypeError(f"kernels.feature_align: {name} must be fp32, got {t.dtype}")
         if t.device != x.device:
@@ -192,25 +201,32 @@ def _check_align_inputs(x, w1, b1, gamma, beta, w2, b2, process_group):
         raise TypeError(f"kernels.feature_align: x must be fp32/fp16/bf16, got {x.dtype}")
 
 
-def feature_align(x, w1, b1, gamma, beta, w2, b2, eps=1e-5, backend="auto", process_group=None):
-    """Linear(D, D) -> BatchNorm1d with batch statistics -> ReLU -> Linear(D, D) over (N, D).
-    The first Linear may be rectangular, w1 (D_out, D_in) (PromptKD: 512 -> 768); then every
-    other tensor is of D_out and y is (N, D_out); such inputs run on the reference for now.
+def _align_fits_int32(x, w1, w2):
+    """Whether every offset of the feature alignment's Triton kernels fits int32: those of x
+    (and dx, the same shape), of the weights, and of its (N, D_hid) intermediates (h, dpre/dh)
+    and (N, D_out) ones (y, dy), which are wider than x when D_hid or D_out > D_in (PromptKD:
+    512 -> 768). The split-K partials (at most ~256 programs of D_hid x D_in) and the column
+    partials (N / 16 x D_hid) are smaller than these."""
+    widest = x.shape[0] * max(w1.shape[0], w2.shape[0])
+    return _fits_int32(x, w1, w2) and widest - 1 <= TRITON_MAX_OFFSET
 
-    Returns (y (N, D) fp32, mean (D,) fp32, var (D,) fp32 biased) where mean/var are the
-    batch statistics of the first Linear's output (the caller updates running stats;
+
+def feature_align(x, w1, b1, gamma, beta, w2, b2, eps=1e-5, backend="auto", process_group=None):
+    """Linear(D_in, D_hid) -> BatchNorm1d(D_hid) with batch statistics -> ReLU ->
+    Linear(D_hid, D_out), token-wise over x (N, D_in); w1 (D_hid, D_in), b1/gamma/beta
+    (D_hid,), w2 (D_out, D_hid), b2 (D_out,). TextRefiner on CoOp is square (D, D, D); on
+    PromptKD it is 512 -> 768 -> 768 (SPEC 11.1).
+
+    Returns (y (N, D_out) fp32, mean (D_hid,) fp32, var (D_hid,) fp32 biased) where mean/var
+    are the batch statistics of the first Linear's output (the caller updates running stats;
     nn.BatchNorm1d uses the unbiased var for those). Differentiable w.r.t. x and all
     weights. With process_group, statistics and their backward reductions are summed over
     the group (SyncBatchNorm): mean/var are those of the concatenated global batch, and a
     rank may hold N = 0 rows (it adds nothing).
     """
     _check_align_inputs(x, w1, b1, gamma, beta, w2, b2, process_group)
-    if w1.shape[0] != w1.shape[1]:  # rectangular (D_out, D_in): the reference, until the kernel takes it
-        if backend == "triton":
-            raise ValueError(f"kernels.feature_align: backend='triton' needs a square w1, got "
-                             f"{tuple(w1.shape)}; use backend='auto' or 'torch'")
-        backend = "torch"
-    if _use_triton(backend, x.device, _fits_int32(x), _too_large("feature_align", "x")):
+    if _use_triton(backend, x.device, _align_fits_int32(x, w1, w2),
+                   _too_large("feature_align", "x or its (N, D_hid) / (N, D_out) intermediates")):
         with on_device(x.device):
             return _triton_module("triton_feature_align").feature_align(x, w1, b1, gamma, beta, w2, b2, eps=eps,
                                                                          process_group=process_group)

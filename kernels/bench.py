@@ -4,7 +4,9 @@ slot-by-slot loop as the released TextRefiner code does it) on a CUDA device.
     python -m kernels.bench                 # print the table and write it into kernels/README.md
     python -m kernels.bench --no-write --dtype bfloat16
 
-Shapes: N = 32*197 and 256*197 tokens (batch 32 / 256 of ViT-B/16), D = 512 and 768, M = 25.
+Shapes: N = 32*197 and 256*197 tokens (batch 32 / 256 of ViT-B/16), D = 512 and 768, M = 25;
+and PromptKD's alignment (SPEC 11.1), 512 -> 768 -> 768 at N = 8*197 (its batch of 8) and
+32*197, with dx (the student's deep visual prompts train through it).
 GB/s is measured against the bytes the operation cannot avoid moving (its inputs and outputs
 once), so it is comparable across implementations, not the traffic each one really causes.
 """
@@ -22,21 +24,35 @@ import kernels
 
 README = os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+# TIMED_ROUNDS is a multiple of 2 and 3, so with 2 or 3 implementations each takes each place equally often
+WARMUP_ROUNDS, TIMED_ROUNDS = 5, 30
 
 
-def time_ms(fn, warmup=5, reps=30):
-    """Median wall time of fn() in milliseconds, measured with CUDA events."""
+def cuda_event_ms(fn):
+    """Wall time of one fn() in milliseconds, measured with CUDA events (synchronised)."""
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    stop.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(stop)
+
+
+def time_interleaved(steps, timer=cuda_event_ms, warmup=WARMUP_ROUNDS, rounds=TIMED_ROUNDS):
+    """Median time of each of steps {name: fn}: every step runs `warmup` times first, then the
+    steps alternate within every round, the order rotating from round to round (so each takes
+    each position equally often) and a busy GPU slows all of them alike. timer(fn) runs fn
+    once and returns its time. -> {name: median ms over the rounds}."""
+    names = list(steps)
     for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(stop))
-    return statistics.median(times)
+        for name in names:
+            steps[name]()
+    times = {name: [] for name in names}
+    for round_ in range(rounds):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            times[name].append(timer(steps[name]))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 @torch.no_grad()
@@ -60,26 +76,30 @@ def bench_cache(n, d, m, dtype):
     tokens = torch.randn(n, d, device="cuda").add_(0.3).to(dtype)
     cache = F.normalize(torch.rand(m, d, device="cuda"), dim=-1)
     moved = n * d * tokens.element_size() + 2 * m * d * 4  # tokens in, cache in and out
-    ms = {
-        "triton": time_ms(lambda: kernels.cache_update(tokens, cache, backend="triton")),
-        "torch": time_ms(lambda: kernels.cache_update(tokens, cache, backend="torch")),
-        "loop": time_ms(lambda: loop_cache_update(tokens, cache)),
-    }
+    ms = time_interleaved({
+        "triton": lambda: kernels.cache_update(tokens, cache, backend="triton"),
+        "torch": lambda: kernels.cache_update(tokens, cache, backend="torch"),
+        "loop": lambda: loop_cache_update(tokens, cache),
+    })
     return dict(op="cache_update", n=n, d=d, mode="fwd", ms=ms, bytes=moved)
 
 
-def bench_align(n, d, dtype, backward):
-    x = torch.randn(n, d, device="cuda").to(dtype)  # frozen CLIP tokens: no dx needed
-    params = [torch.randn(d, d, device="cuda") / d ** 0.5, torch.zeros(d, device="cuda"),
-              torch.ones(d, device="cuda"), torch.zeros(d, device="cuda"),
-              torch.randn(d, d, device="cuda") / d ** 0.5, torch.zeros(d, device="cuda")]
+def bench_align(n, d, dtype, backward, d_hid=None, needs_dx=False):
+    """Linear(d, d_hid) -> BN -> ReLU -> Linear(d_hid, d_hid); square unless d_hid is given.
+    needs_dx: x requires grad (PromptKD's prompted student tokens), else frozen CLIP tokens."""
+    d_hid = d if d_hid is None else d_hid
+    x = torch.randn(n, d, device="cuda").to(dtype).requires_grad_(backward and needs_dx)
+    params = [torch.randn(d_hid, d, device="cuda") / d ** 0.5, torch.zeros(d_hid, device="cuda"),
+              torch.ones(d_hid, device="cuda"), torch.zeros(d_hid, device="cuda"),
+              torch.randn(d_hid, d_hid, device="cuda") / d_hid ** 0.5, torch.zeros(d_hid, device="cuda")]
     for p in params:
         p.requires_grad_(backward)
-    dy = torch.randn(n, d, device="cuda")
-    # x and y once, both weights; backward adds dy in and both weight gradients out
-    moved = n * d * (x.element_size() + 4) + 2 * d * d * 4
+    dy = torch.randn(n, d_hid, device="cuda")
+    # x and y once, both weights; backward adds dy in, both weight gradients (and dx) out
+    weights = (d_hid * d + d_hid * d_hid) * 4
+    moved = n * d * x.element_size() + n * d_hid * 4 + weights
     if backward:
-        moved += n * d * 4 + 2 * d * d * 4
+        moved += n * d_hid * 4 + weights + (n * d * x.element_size() if needs_dx else 0)
 
     def run(backend):
         def step():
@@ -88,12 +108,14 @@ def bench_align(n, d, dtype, backward):
                 torch.autograd.backward(y, dy)
         return step
 
-    ms = {backend: time_ms(run(backend)) for backend in ("triton", "torch")}
-    return dict(op="feature_align", n=n, d=d, mode="fwd+bwd" if backward else "fwd", ms=ms, bytes=moved)
+    ms = time_interleaved({backend: run(backend) for backend in ("triton", "torch")})
+    mode = ("fwd+bwd+dx" if needs_dx else "fwd+bwd") if backward else "fwd"
+    return dict(op="feature_align", n=n, d=d if d_hid == d else f"{d}->{d_hid}", mode=mode, ms=ms, bytes=moved)
 
 
 def table(rows, dtype):
-    lines = [f"tokens/x dtype {dtype}; M = 25; median of 30 runs after 5 warm-up runs",
+    lines = [f"tokens/x dtype {dtype}; M = 25; medians of {TIMED_ROUNDS} rounds after {WARMUP_ROUNDS} warm-up "
+             "rounds, the implementations alternating in every round (order rotating); ratios of the medians",
              "",
              "| op | N | D | pass | Triton ms | torch ms | loop ms | vs torch | vs loop | Triton GB/s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -125,6 +147,10 @@ def main():
             rows.append(bench_align(n, d, dtype, backward=False))
             rows.append(bench_align(n, d, dtype, backward=True))
             print(f"done N={n} D={d}", file=sys.stderr)
+    for n in (8 * 197, 32 * 197):  # PromptKD: batch 8 (its recipe) and 32
+        rows.append(bench_align(n, 512, dtype, backward=False, d_hid=768))
+        rows.append(bench_align(n, 512, dtype, backward=True, d_hid=768, needs_dx=True))
+        print(f"done PromptKD N={n} D=512->768", file=sys.stderr)
     header = (f"GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}; triton {triton.__version__}; "
               f"CUDA {torch.version.cuda}")
     text = header + "\n\n" + table(rows, args.dtype)

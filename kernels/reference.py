@@ -59,22 +59,23 @@ def _group_sum(tensor, group):
 
 
 def feature_align(x, w1, b1, gamma, beta, w2, b2, eps, process_group=None):
-    """Linear -> BatchNorm1d (batch statistics) -> ReLU -> Linear, in fp32.
+    """Linear -> BatchNorm1d (batch statistics) -> ReLU -> Linear, in fp32: x (N, D_in),
+    w1 (D_hid, D_in), w2 (D_out, D_hid); square (CoOp) or not (PromptKD 512 -> 768 -> 768).
 
     With a process group the column statistics are those of the concatenated global batch
     (two-pass mean then centred second moment, each summed over the group), and autograd
     flows through the sums, which gives SyncBatchNorm's backward.
     """
     with torch.autocast(x.device.type, enabled=False):
-        h = F.linear(x.float(), w1, b1)  # (N, D)
+        h = F.linear(x.float(), w1, b1)  # (N, D_hid)
         count = float(h.shape[0])
         if process_group is not None:  # global count, filled on the device: no blocking host copy
             count = torch.full((1,), count, device=h.device)
             dist.all_reduce(count, op=dist.ReduceOp.SUM, group=process_group)
-        mean = _group_sum(h.sum(dim=0), process_group) / count  # (D,)
-        centred = h - mean  # (N, D)
-        var = _group_sum((centred * centred).sum(dim=0), process_group) / count  # (D,) biased
-        z = torch.relu(centred * torch.rsqrt(var + eps) * gamma + beta)  # (N, D)
-        y = F.linear(z, w2, b2)  # (N, D)
+        mean = _group_sum(h.sum(dim=0), process_group) / count  # (D_hid,)
+        centred = h - mean  # (N, D_hid)
+        var = _group_sum((centred * centred).sum(dim=0), process_group) / count  # (D_hid,) biased
+        z = torch.relu(centred * torch.rsqrt(var + eps) * gamma + beta)  # (N, D_hid)
+        y = F.linear(z, w2, b2)  # (N, D_out)
     # the statistics are returned for the caller's running-stat update, not differentiated
     return y, mean.detach(), var.detach()

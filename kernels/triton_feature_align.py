@@ -1,8 +1,12 @@
 """Triton feature alignment (SPEC 4 `align`): kernels.feature_align(..., backend="triton").
 
-    h = x @ w1^T + b1                       (N, D)  + per-row-block column (sum, M2) partials
-    mean, var = batch statistics of h       (D,)    fixed-order Chan combine (+ group sums)
-    y = relu((h - mean) * rstd * gamma + beta) @ w2^T + b2,  rstd = 1 / sqrt(var + eps)
+    h = x @ w1^T + b1                       (N, D_hid)  + per-row-block column (sum, M2) partials
+    mean, var = batch statistics of h       (D_hid,)    fixed-order Chan combine (+ group sums)
+    y = relu((h - mean) * rstd * gamma + beta) @ w2^T + b2,  rstd = 1 / sqrt(var + eps)   (N, D_out)
+
+x (N, D_in), w1 (D_hid, D_in), w2 (D_out, D_hid): square for TextRefiner on CoOp (D = 512 or
+768), 512 -> 768 -> 768 on PromptKD (SPEC 11.1). The matmul kernel takes any (M, K) @ (K, N),
+so the widths only decide the buffers' shapes and the tiles.
 
 All five matmuls of forward and backward are one Triton kernel, _matmul_kernel, whose
 constexpr flags pick a prologue on the left operand (BatchNorm + ReLU recomputed from h,
@@ -11,10 +15,12 @@ backward gating). Column reductions are written per row block and summed in a fi
 order on the host side: deterministic, no atomics. fp32 everywhere (tl.dot in ieee fp32,
 not tf32), x may be fp16/bf16 and is widened on load.
 
-dW1 and dW2 reduce over the N tokens but have only D x D outputs (32 output tiles at D=512):
+dW1 and dW2 reduce over the N tokens but have few outputs (32 output tiles at D=512):
 they split that reduction over the tokens (split-K) into enough programs to fill an
 A100/H100/H200, and sum the per-split partial results in a fixed order afterwards.
-Tiles (64 x 128, K-step 32, or 16 for an fp16/bf16 right operand, 8 warps) were chosen with
+Tiles (64 x 128, K-step 32, or 16 for an fp16/bf16 right operand, 8 warps; 64 x 64 and 4
+warps for an unsplit output of fewer than MIN_PROGRAMS tiles, such as dx at PromptKD's batch
+of 8, and for split-K over a token count that is not a multiple of 16) were chosen with
 tests/test_kernels_compile.py's ptxas report: no register spills on sm_80 or sm_90 (a K-step
 of 64 spilled up to 9.6 KB on sm_80, with 32 registers in the dpre and dW2 variants).
 
@@ -32,7 +38,7 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
-from kernels import on_device
+from kernels import _fits_int32, on_device
 
 BLOCK_K = 32  # halved when the right operand is fp16/bf16 (dW1 = dh^T @ x): widening it
 # in registers spilled ~600 B at 32 on both sm_80 and sm_90
@@ -42,6 +48,9 @@ ELEMENTWISE_BLOCK = (32, 64)
 # give each split at least MIN_SPLIT_ROWS tokens so the partials stay small next to the work
 TARGET_PROGRAMS = 256
 MIN_SPLIT_ROWS = 256
+# an unsplit launch with fewer 64 x 128 output tiles than this (the SMs of an H100/H200) takes
+# 64 x 64 tiles instead: dx = dh @ w1 at PromptKD's batch of 8 (1576 x 512) has 25 x 4 = 100
+MIN_PROGRAMS = 132
 
 A_PLAIN, A_BN_ALONG_K, A_BN_ALONG_M = 0, 1, 2  # where the BN channel index of A lives
 EPI_NONE, EPI_STATS, EPI_RELU_BN_GRAD = 0, 1, 2
@@ -136,7 +145,7 @@ def _matmul_kernel(
 @triton.jit
 def _bn_input_grad_kernel(
     dpre_ptr,  # (N, D) fp32 gated gradient; overwritten with dh (in place is safe: elementwise)
-    h_ptr,  # (N, D) fp32 pre-BN activations
+    h_ptr,  # (N, D) fp32 pre-BN activations; D is the BN width D_hid
     mean_ptr,  # (D,) fp32 batch mean
     k_dpre_ptr,  # (D,) fp32 gamma * rstd
     k_centred_ptr,  # (D,) fp32 -gamma * rstd^2 * S2 / N_g
@@ -160,11 +169,21 @@ def _bn_input_grad_kernel(
     tl.store(dpre_ptr + offs, dh, mask=mask)
 
 
-def _tile(m, n):
-    """Output tile for an (m, n) result: 64 x 128 for large shapes, shrunk (not below the
-    16 tl.dot needs) for small ones so few rows are masked off. Fixed per shape, no autotune."""
+def _tile(m, n, k, split_k=False):
+    """Output tile for an (m, n) result reducing over k: 64 x 128 for large shapes, shrunk
+    (not below the 16 tl.dot needs) for small ones so few rows are masked off; 64 wide
+    instead of 128 when an unsplit launch would have fewer than MIN_PROGRAMS tiles (a
+    split-K launch fills the device with its splits). Fixed per shape, no autotune."""
     block_m = min(64, max(16, triton.next_power_of_2(m)))
     block_n = min(128, max(16, triton.next_power_of_2(n)))
+    if block_n == 128 and (
+            (not split_k and triton.cdiv(m, block_m) * triton.cdiv(n, block_n) < MIN_PROGRAMS)
+            # Triton compiles its own binary for a reduction length that is not a multiple of
+            # 16: split-K over B * 197 tokens with B not a multiple of 16, e.g. PromptKD's batch
+            # of 8. There ptxas 12.9 spilled the fp32 dW1 on sm_90 with 64 x 128 tiles and 8
+            # warps (80 registers, 4 B); 64 x 64 tiles and 4 warps compile without spills
+            or (split_k and k % 16 != 0)):
+        block_n = 64
     return block_m, block_n, 8 if block_m * block_n >= 8192 else 4
 
 
@@ -186,7 +205,7 @@ def _matmul(a, b, out, *, bias=None, bn=None, a_bn=A_PLAIN, epilogue=EPI_NONE, h
     n = b.shape[1]
     assert b.shape[0] == k and out.shape == (m, n), (a.shape, b.shape, out.shape)
     assert not split_k or (bias is None and epilogue == EPI_NONE)
-    block_m, block_n, num_warps = _tile(m, n)
+    block_m, block_n, num_warps = _tile(m, n, k, split_k)
     block_k = BLOCK_K if b.dtype == torch.float32 else BLOCK_K // 2
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     parts = None
@@ -244,12 +263,13 @@ def _batch_stats(parts, block_m, n, group):
 class FeatureAlignFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, b1, gamma, beta, w2, b2, eps, process_group):
-        n, d = x.shape
-        h = torch.empty(n, d, dtype=torch.float32, device=x.device)
+        n = x.shape[0]
+        d_hid, d_out = w1.shape[0], w2.shape[0]
+        h = torch.empty(n, d_hid, dtype=torch.float32, device=x.device)  # (N, D_hid)
         parts, block_m = _matmul(x, w1.t(), h, bias=b1, epilogue=EPI_STATS)
-        mean, var, total = _batch_stats(parts, block_m, n, process_group)
+        mean, var, total = _batch_stats(parts, block_m, n, process_group)  # (D_hid,) each
         rstd = torch.rsqrt(var + eps)
-        y = torch.empty(n, d, dtype=torch.float32, device=x.device)
+        y = torch.empty(n, d_out, dtype=torch.float32, device=x.device)  # (N, D_out)
         _matmul(h, w2.t(), y, bias=b2, bn=(mean, rstd, gamma, beta), a_bn=A_BN_ALONG_K)
         ctx.save_for_backward(x, w1, gamma, beta, w2, h, mean, rstd, total)
         ctx.process_group = process_group
@@ -262,15 +282,21 @@ class FeatureAlignFunction(torch.autograd.Function):
         with on_device(dy.device):
             x, w1, gamma, beta, w2, h, mean, rstd, total = ctx.saved_tensors
             bn = (mean, rstd, gamma, beta)
-            n, d = h.shape
-            dpre = torch.empty(n, d, dtype=torch.float32, device=h.device)
+            n, d_hid = h.shape
+            d_in, d_out = x.shape[1], w2.shape[0]
+            if not _fits_int32(dy):
+                # a strided view of a wider gradient (y concatenated with something, say):
+                # its offsets may pass int32 where the contiguous (N, D_out) ones, checked
+                # in forward, do not
+                dy = dy.contiguous()
+            dpre = torch.empty(n, d_hid, dtype=torch.float32, device=h.device)  # (N, D_hid)
             parts, _ = _matmul(dy, w2, dpre, bn=bn, epilogue=EPI_RELU_BN_GRAD, h=h)
-            dbeta = parts[0].sum(dim=0)  # (D,) this rank's rows
-            dgamma = parts[1].sum(dim=0)  # (D,)
+            dbeta = parts[0].sum(dim=0)  # (D_hid,) this rank's rows
+            dgamma = parts[1].sum(dim=0)  # (D_hid,)
             s1 = _group_sum_(dbeta.clone(), ctx.process_group) / total
             s2 = _group_sum_(dgamma.clone(), ctx.process_group) / total
 
-            dw2 = torch.empty(d, d, dtype=torch.float32, device=h.device)
+            dw2 = torch.empty(d_out, d_hid, dtype=torch.float32, device=h.device)
             # dw2^T = z^T @ dy with z = relu(BN(h)) rebuilt in the prologue; write through dw2.t()
             _matmul(h.t(), dy, dw2.t(), bn=bn, a_bn=A_BN_ALONG_M, split_k=True)
             db2 = dy.sum(dim=0)
@@ -278,17 +304,17 @@ class FeatureAlignFunction(torch.autograd.Function):
             k_dpre = gamma * rstd
             dh = dpre  # overwritten in place
             if n > 0:
-                _bn_input_grad_kernel[(triton.cdiv(n, ELEMENTWISE_BLOCK[0]), triton.cdiv(d, ELEMENTWISE_BLOCK[1]))](
+                _bn_input_grad_kernel[(triton.cdiv(n, ELEMENTWISE_BLOCK[0]), triton.cdiv(d_hid, ELEMENTWISE_BLOCK[1]))](
                     dpre, h, mean, k_dpre, -k_dpre * rstd * s2, -k_dpre * s1,
-                    n, d,
+                    n, d_hid,
                     BLOCK_M=ELEMENTWISE_BLOCK[0], BLOCK_N=ELEMENTWISE_BLOCK[1],
                 )
             dx = None
             if ctx.needs_input_grad[0]:
-                dx = torch.empty(n, d, dtype=torch.float32, device=h.device)
+                dx = torch.empty(n, d_in, dtype=torch.float32, device=h.device)  # (N, D_in)
                 _matmul(dh, w1, dx)
                 dx = dx.to(x.dtype)
-            dw1 = torch.empty(d, d, dtype=torch.float32, device=h.device)
+            dw1 = torch.empty(d_hid, d_in, dtype=torch.float32, device=h.device)
             _matmul(dh.t(), x, dw1, split_k=True)
             db1 = dh.sum(dim=0)
             return dx, dw1, db1, dgamma, dbeta, dw2, db2, None, None

@@ -11,6 +11,7 @@ import types
 import numpy as np
 import pytest
 import torch
+from torchvision import transforms as T
 from PIL import Image
 
 import data
@@ -177,9 +178,33 @@ def test_transforms():
     colour = (200, 30, 90)
     image = Image.new("RGB", (24, 16), colour)
     x = data.build_transform(False, 12)(image)
+    assert x.dtype == torch.uint8 and x.shape == (3, 12, 12)
     want = (torch.tensor(colour) / 255 - torch.tensor(data.CLIP_MEAN)) / torch.tensor(data.CLIP_STD)
-    assert x.shape == (3, 12, 12) and torch.allclose(x, want[:, None, None].expand_as(x), atol=1e-5)
+    x = data.normalize(x[None])[0]
+    assert x.dtype == torch.float32 and torch.allclose(x, want[:, None, None].expand_as(x), atol=1e-5)
     assert data.build_transform(True, 10)(image).shape == (3, 10, 10)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_uint8_batches_normalised_on_the_device_equal_totensor_normalize_bitwise(train):
+    """The loaders' uint8 output + normalize() gives exactly (bitwise, float32) what the
+    reference pipeline, torchvision's ToTensor + Normalize after the same crop, gives."""
+    bicubic = T.InterpolationMode.BICUBIC
+    head = [T.RandomResizedCrop(20, scale=(0.08, 1.0), interpolation=bicubic), T.RandomHorizontalFlip()] \
+        if train else [T.Resize(20, interpolation=bicubic), T.CenterCrop(20)]
+    reference = T.Compose(head + [T.ToTensor(), T.Normalize(data.CLIP_MEAN, data.CLIP_STD)])
+    rng = np.random.default_rng(3)
+    for _ in range(4):
+        image = Image.fromarray(rng.integers(0, 256, (37, 53, 3), dtype=np.uint8))
+        torch.manual_seed(7)
+        want = reference(image)
+        torch.manual_seed(7)  # the same random crop and flip
+        got = data.normalize(data.build_transform(train, 20)(image)[None])[0]
+        assert got.dtype == torch.float32 and torch.equal(got, want)
+    every_value = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16).expand(1, 3, 16, 16)
+    want = T.Normalize(data.CLIP_MEAN, data.CLIP_STD)(T.ToTensor()(Image.fromarray(
+        every_value[0].permute(1, 2, 0).numpy().copy())))
+    assert torch.equal(data.normalize(every_value)[0], want)
 
 
 def collect(world_size, workers, items, epochs=(0, 1), batch=4):
@@ -376,3 +401,12 @@ def test_16_bit_png_is_scaled_to_8_bits(tmp_path):
     rgb = np.asarray(data.load_image(path))
     assert rgb.shape == (16, 16, 3) and (rgb[..., 0] == rgb[..., 2]).all()
     assert (rgb[..., 0] == np.arange(256).reshape(16, 16)).all()  # all 256 levels, as a viewer shows them
+
+
+def test_synthetic_natural_images_are_photo_sized(tmp_path):
+    synthetic(tmp_path, "dtd", num_classes=2, images_per_class=4, image_size=(500, 375), natural=True)
+    items = load_splits("dtd", str(tmp_path), num_shots=0)["train"]
+    for it in items:
+        with Image.open(it.impath) as image:
+            assert image.size == (500, 375) and image.format == "JPEG"
+        assert 20_000 < os.path.getsize(it.impath) < 200_000  # a photo-sized JPEG (flat colour: ~3 KB)

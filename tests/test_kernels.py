@@ -31,15 +31,19 @@ def random_tokens(n, d, dtype, seed):
     return (torch.randn(n, d, generator=g) + 0.3).to(DEVICE, dtype)
 
 
-def align_params(d, seed):
+def align_params(d_in, seed, d_hid=None, d_out=None):
+    """Linear(d_in, d_hid) -> BatchNorm1d(d_hid) -> Linear(d_hid, d_out) parameters; square
+    (d_in everywhere) unless told otherwise, as PromptKD's 512 -> 768 -> 768 is not."""
+    d_hid = d_in if d_hid is None else d_hid
+    d_out = d_hid if d_out is None else d_out
     g = torch.Generator().manual_seed(seed)
     return dict(
-        w1=torch.randn(d, d, generator=g) / math.sqrt(d),
-        b1=0.1 * torch.randn(d, generator=g),
-        gamma=1.0 + 0.1 * torch.randn(d, generator=g),
-        beta=0.1 * torch.randn(d, generator=g),
-        w2=torch.randn(d, d, generator=g) / math.sqrt(d),
-        b2=0.1 * torch.randn(d, generator=g),
+        w1=torch.randn(d_hid, d_in, generator=g) / math.sqrt(d_in),
+        b1=0.1 * torch.randn(d_hid, generator=g),
+        gamma=1.0 + 0.1 * torch.randn(d_hid, generator=g),
+        beta=0.1 * torch.randn(d_hid, generator=g),
+        w2=torch.randn(d_out, d_hid, generator=g) / math.sqrt(d_hid),
+        b2=0.1 * torch.randn(d_out, generator=g),
     )
 
 
@@ -92,23 +96,25 @@ def test_reference_batch_norm_statistics_worked_by_hand():
     assert torch.allclose(y, torch.stack([z[:, 0] + z[:, 1], z[:, 1] - 1.0], dim=1), atol=1e-6)
 
 
-def test_reference_feature_align_matches_nn_modules_and_their_gradients():
-    n, d = 13, 24
-    p = align_params(d, seed=3)
-    x = random_tokens(n, d, torch.float32, seed=4).cpu()
-    fc1, bn, fc2 = torch.nn.Linear(d, d), torch.nn.BatchNorm1d(d, eps=1e-5), torch.nn.Linear(d, d)
+@pytest.mark.parametrize("d_in,d_hid,d_out", [(24, 24, 24), (16, 24, 24), (24, 16, 20)])
+def test_reference_feature_align_matches_nn_modules_and_their_gradients(d_in, d_hid, d_out):
+    n = 13
+    p = align_params(d_in, seed=3, d_hid=d_hid, d_out=d_out)
+    x = random_tokens(n, d_in, torch.float32, seed=4).cpu()
+    fc1, bn, fc2 = torch.nn.Linear(d_in, d_hid), torch.nn.BatchNorm1d(d_hid, eps=1e-5), torch.nn.Linear(d_hid, d_out)
     with torch.no_grad():
         fc1.weight.copy_(p["w1"]), fc1.bias.copy_(p["b1"]), bn.weight.copy_(p["gamma"])
         bn.bias.copy_(p["beta"]), fc2.weight.copy_(p["w2"]), fc2.bias.copy_(p["b2"])
     x_mod = x.clone().requires_grad_()
     y_mod = fc2(torch.relu(bn.train()(fc1(x_mod))))
-    gy = torch.randn(n, d)
+    gy = torch.randn(n, d_out)
     (y_mod * gy).sum().backward()
 
     x_ref = x.clone().requires_grad_()
     q = {k: v.clone().requires_grad_() for k, v in p.items()}
     y, mean, var = kernels.feature_align(x_ref, **q, backend="torch")
     (y * gy).sum().backward()
+    assert y.shape == (n, d_out) and mean.shape == var.shape == (d_hid,)
     assert_close(y, y_mod, 1e-5, "y")
     # nn.BatchNorm1d keeps the unbiased variance in its running stats
     h = fc1(x)
@@ -118,6 +124,7 @@ def test_reference_feature_align_matches_nn_modules_and_their_gradients():
                  gamma=(q["gamma"], bn.weight), beta=(q["beta"], bn.bias),
                  w2=(q["w2"], fc2.weight), b2=(q["b2"], fc2.bias))
     for name, (ours, theirs) in pairs.items():
+        assert ours.grad.shape == theirs.grad.shape, name
         assert_close(ours.grad, theirs.grad, 1e-5, f"d{name}")
 
 
@@ -232,7 +239,7 @@ def test_cache_partials_combine_over_shards_equals_one_shot(backend, bounds):
     assert any((p[0] < one_shot).any() for p in partials)
 
 
-ALIGN_CASES = [  # (N, D, x dtype)
+ALIGN_CASES = [  # (N, D, x dtype): square, TextRefiner on CoOp
     (1, 64, torch.float32),
     (7, 96, torch.float16),
     (7, 512, torch.float32),
@@ -240,6 +247,18 @@ ALIGN_CASES = [  # (N, D, x dtype)
     (131, 96, torch.float32),
     (131, 64, torch.float16),
     (37, 512, torch.float16),
+]
+RECT_ALIGN_CASES = [  # (N, D_in, D_hid, D_out, x dtype): widening as PromptKD's 512 -> 768, narrowing,
+    (1, 48, 80, 80, torch.float32),  # and a rectangular second Linear; one prime-width case
+    (7, 48, 80, 80, torch.float16),
+    (37, 64, 96, 96, torch.float32),
+    (53, 64, 96, 96, torch.float16),
+    (53, 96, 64, 64, torch.float32),
+    (7, 96, 64, 64, torch.float16),
+    (131, 48, 80, 80, torch.float32),  # 3 row blocks: the statistics' fixed-order combine
+    (37, 48, 80, 64, torch.float32),
+    (53, 96, 64, 80, torch.float16),
+    (37, 29, 53, 41, torch.float32),
 ]
 
 
@@ -253,19 +272,22 @@ def run_feature_align(x, params, gy, backend, process_group=None):
     return y.detach(), mean, var, grads
 
 
-@pytest.mark.parametrize("n,d,dtype", ALIGN_CASES)
-def test_feature_align_triton_matches_reference(n, d, dtype):
-    x = random_tokens(n, d, dtype, seed=n * d)
-    params = align_params(d, seed=d)
-    gy = torch.randn(n, d, generator=torch.Generator().manual_seed(n)).to(DEVICE)
+@pytest.mark.parametrize("n,d_in,d_hid,d_out,dtype", [(n, d, d, d, dtype) for n, d, dtype in ALIGN_CASES]
+                         + RECT_ALIGN_CASES)
+def test_feature_align_triton_matches_reference(n, d_in, d_hid, d_out, dtype):
+    x = random_tokens(n, d_in, dtype, seed=n * d_in)
+    params = align_params(d_in, seed=d_in, d_hid=d_hid, d_out=d_out)
+    gy = torch.randn(n, d_out, generator=torch.Generator().manual_seed(n)).to(DEVICE)
     y, mean, var, grads = run_feature_align(x, params, gy, "triton")
     y_ref, mean_ref, var_ref, grads_ref = run_feature_align(x, params, gy, "torch")
     assert y.dtype == mean.dtype == var.dtype == torch.float32
+    assert y.shape == (n, d_out) and mean.shape == var.shape == (d_hid,)
     assert_close(y, y_ref, 1e-5, "y")
     assert_close(mean, mean_ref, 1e-6, "mean")
     assert_close(var, var_ref, 1e-5, "var")
     for name, g in grads.items():
         assert g.dtype == (dtype if name == "x" else torch.float32), name
+        assert g.shape == grads_ref[name].shape, name
         # dx is rounded to the token dtype on the way out
         tol = 2e-3 if (name == "x" and dtype != torch.float32) else 1e-5
         assert_close(g, grads_ref[name], tol, f"d{name}")
@@ -300,6 +322,22 @@ def test_launchers_reject_bad_inputs():
         kernels.feature_align(torch.randn(4, 16), **{**p, "w2": torch.randn(16, 8)})
     with pytest.raises(TypeError, match="int64"):
         kernels.feature_align(torch.ones(4, 16, dtype=torch.int64), **p)
+    # rectangular (PromptKD-like 16 -> 24 -> 20): the message names the tensor and its shape
+    r = {k: v.to(DEVICE) for k, v in align_params(16, seed=0, d_hid=24, d_out=20).items()}
+    x = torch.randn(4, 16, device=DEVICE)
+    for name, bad, message in [
+        ("x", torch.randn(4, 24, device=DEVICE), r"w1 must be \(D_hid, 24\) for x of width D_in=24, got \(24, 16\)"),
+        ("w1", torch.randn(24, 24, device=DEVICE), r"w1 must be \(D_hid, 16\) for x of width D_in=16, got \(24, 24\)"),
+        ("b1", torch.randn(16, device=DEVICE), r"b1 must be \(24,\) for D_in=16, D_hid=24, D_out=20, got \(16,\)"),
+        ("gamma", torch.randn(20, device=DEVICE), r"gamma must be \(24,\) for D_in=16, D_hid=24, D_out=20"),
+        ("beta", torch.randn(1, 24, device=DEVICE), r"beta must be \(24,\) for D_in=16, D_hid=24, D_out=20"),
+        ("w2", torch.randn(20, 16, device=DEVICE), r"w2 must be \(D_out, 24\) for w1 of 24 rows \(D_hid\), got \(20, 16\)"),
+        ("b2", torch.randn(24, device=DEVICE), r"b2 must be \(20,\) for D_in=16, D_hid=24, D_out=20, got \(24,\)"),
+    ]:
+        inputs = {"x": x, **r, name: bad}
+        for backend in ("torch", "triton"):
+            with pytest.raises(ValueError, match=message):
+                kernels.feature_align(**inputs, backend=backend)
 
 
 def test_auto_backend_uses_the_reference_for_caches_the_kernel_cannot_hold():
@@ -406,20 +444,38 @@ def test_every_launch_has_enough_programs_for_a_gpu(monkeypatch, d):
         assert math.prod(grid) >= 132, (name, grid)
 
 
-@pytest.mark.parametrize("n,d,dtype", [(131, 64, torch.float32), (131, 96, torch.float16), (37, 64, torch.float32)])
-def test_split_k_weight_gradients_match_reference(monkeypatch, n, d, dtype):
+@pytest.mark.parametrize("n", [8 * 197, 32 * 197])
+def test_promptkd_align_launches_fill_a_gpu(monkeypatch, n):
+    """PromptKD's align (512 -> 768 -> 768, SPEC 11.1) at its batch of 8 images and at 32:
+    every launch of forward and backward (dx included: the student's visual prompts are
+    trained through it) has at least 132 programs. At N = 1576, dx = dh @ w1 (1576 x 512)
+    has only 25 x 4 tiles of 64 x 128, so it takes 64 x 64 ones. Recorded, not run."""
+    launches = record_launches(monkeypatch, execute=False)
+    x = torch.zeros(n, 512, device=DEVICE, requires_grad=True)
+    params = {k: v.to(DEVICE).requires_grad_() for k, v in align_params(512, seed=0, d_hid=768).items()}
+    y, _, _ = kernels.feature_align(x, **params, backend="triton")
+    y.backward(torch.zeros(n, 768, device=DEVICE))
+    assert len(launches) == 7  # h, y; dpre, dw2, dh, dx, dw1
+    for name, grid, _ in launches:
+        assert math.prod(grid) >= 132, (name, grid)
+
+
+@pytest.mark.parametrize("n,d_in,d_hid,d_out,dtype", [(131, 64, 64, 64, torch.float32), (131, 96, 96, 96, torch.float16),
+                                                      (37, 64, 64, 64, torch.float32), (131, 48, 80, 64, torch.float32)])
+def test_split_k_weight_gradients_match_reference(monkeypatch, n, d_in, d_hid, d_out, dtype):
     from kernels import triton_feature_align
 
     # splits of one K-step at these small shapes (at full size they come from TARGET_PROGRAMS)
     monkeypatch.setattr(triton_feature_align, "MIN_SPLIT_ROWS", triton_feature_align.BLOCK_K)
     launches = record_launches(monkeypatch, execute=True)
-    x = random_tokens(n, d, dtype, seed=n + d)
-    params = align_params(d, seed=d + 1)
-    gy = torch.randn(n, d, generator=torch.Generator().manual_seed(n + 2)).to(DEVICE)
+    x = random_tokens(n, d_in, dtype, seed=n + d_in)
+    params = align_params(d_in, seed=d_in + 1, d_hid=d_hid, d_out=d_out)
+    gy = torch.randn(n, d_out, generator=torch.Generator().manual_seed(n + 2)).to(DEVICE)
     _, _, _, grads = run_feature_align(x, params, gy, "triton")
     _, _, _, grads_ref = run_feature_align(x, params, gy, "torch")
     splits = [grid[2] for name, grid, _ in launches if name == "_matmul_kernel"]
-    assert max(splits) == math.ceil(n / triton_feature_align.BLOCK_K)  # dW1 and dW2 were split
+    # dW2 and dW1 were split (the matmuls are h, y; dpre, dw2, dx, dw1), the others not
+    assert splits == [1, 1, 1, math.ceil(n / triton_feature_align.BLOCK_K), 1, splits[3]], splits
     for name in ("w1", "w2", "b1", "gamma", "beta"):
         assert_close(grads[name], grads_ref[name], 1e-5, f"d{name}")
     again = run_feature_align(x, params, gy, "triton")[3]
@@ -443,6 +499,44 @@ def test_inputs_past_int32_offsets_are_refused_or_go_to_the_reference(monkeypatc
     assert kernels._fits_int32(torch.empty(2**31 // d, d, device="meta"))
     # a stride-0 view has few offsets of its own, but the kernels' (N, D) buffers do not
     assert not kernels._fits_int32(torch.zeros(1, d).expand(2**31 // d + 1, d))
+    # PromptKD's 512 -> 768: x (N, 512) fits, but h, dpre and y (N, 768) do not
+    wide = {k: v.to("meta") for k, v in align_params(d, seed=0, d_hid=768).items()}
+    x = torch.empty(2**31 // 768 + 1, d, device="meta")
+    assert kernels._fits_int32(x)
+    assert not kernels._align_fits_int32(x, wide["w1"], wide["w2"])
+    with pytest.raises(ValueError, match="int32"):
+        kernels.feature_align(x, **wide, backend="triton")
+    assert kernels._align_fits_int32(x[:-1], wide["w1"], wide["w2"])  # N * 768 = 2^31 - 512
+    # ... and a narrowing second Linear's (N, D_out) output counts too
+    narrow = {k: v.to("meta") for k, v in align_params(d, seed=0, d_hid=256, d_out=768).items()}
+    assert not kernels._align_fits_int32(x, narrow["w1"], narrow["w2"])
+
+
+def test_a_strided_gradient_past_int32_offsets_is_made_contiguous(monkeypatch):
+    """dy is the caller's: a narrow view of a wider gradient (y concatenated with something)
+    has offsets the forward's check of the (N, D_out) buffers never saw. Meta tensors,
+    launches recorded and not run."""
+    from kernels import triton_feature_align
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    record_launches(monkeypatch, execute=False)
+    left_operands = []
+    matmul = triton_feature_align._matmul
+
+    def spy(a, b, out, **kwargs):
+        left_operands.append(a)
+        return matmul(a, b, out, **kwargs)
+
+    monkeypatch.setattr(triton_feature_align, "_matmul", spy)
+    x = torch.empty(4, 16, device="meta", requires_grad=True)
+    params = {k: v.to("meta").requires_grad_() for k, v in align_params(16, seed=0, d_hid=24).items()}
+    # the Function itself: feature_align's autocast guard does not take the meta device
+    y, _, _ = triton_feature_align.FeatureAlignFunction.apply(x, *params.values(), 1e-5, None)
+    dy = torch.empty(4, 2**30, device="meta")[:, :24]  # row stride 2^30: offsets up to 3 * 2^30
+    assert not kernels._fits_int32(dy)
+    y.backward(dy)
+    dpre_left = left_operands[2]  # h, y; then dpre = dy @ w2
+    assert dpre_left.shape == (4, 24) and dpre_left.is_contiguous()
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -469,14 +563,15 @@ def test_no_tokens_contribute_nothing(backend):
 
 # ---------------------------------------------------------------- 2 processes over gloo
 
-def _sync_worker(rank, world, init_file, out_dir, x, params, gy, cache, bounds):
+def _sync_worker(rank, world, init_file, out_dir, align_cases, cache, bounds):
     # backend="triton" needs CUDA tensors or the interpreter. With CUDA both ranks share the
     # one GPU (gloo all_reduces CUDA tensors), so the real kernels run under the group;
     # otherwise the interpreter, switched on here, before the first Triton import: the
     # spawned process has only the environment it was started with.
     if torch.cuda.is_available():
-        x, gy, cache = x.cuda(), gy.cuda(), cache.cuda()
-        params = {k: v.cuda() for k, v in params.items()}
+        align_cases = {shape: (x.cuda(), {k: v.cuda() for k, v in params.items()}, gy.cuda())
+                       for shape, (x, params, gy) in align_cases.items()}
+        cache = cache.cuda()
     else:
         os.environ["TRITON_INTERPRET"] = "1"
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -484,9 +579,12 @@ def _sync_worker(rank, world, init_file, out_dir, x, params, gy, cache, bounds):
         lo, hi = bounds[rank], bounds[rank + 1]
         results = {}
         for backend in ("torch", "triton"):
-            # no tensor built from a host value per step: on CUDA that is a blocking copy
-            with mock.patch.object(torch, "tensor", side_effect=AssertionError("torch.tensor in a step")):
-                results[backend] = run_feature_align(x[lo:hi], params, gy[lo:hi], backend, dist.group.WORLD)
+            for shape, (x, params, gy) in align_cases.items():
+                # no tensor built from a host value per step: on CUDA that is a blocking copy
+                with mock.patch.object(torch, "tensor", side_effect=AssertionError("torch.tensor in a step")):
+                    results[backend, shape] = run_feature_align(x[lo:hi], params, gy[lo:hi], backend,
+                                                                dist.group.WORLD)
+            x = align_cases[SQUARE][0]  # the cache sees (aligned) tokens of the square case
             results[backend + "_cache"] = kernels.cache_update(x[lo:hi], cache, backend=backend,
                                                                process_group=dist.group.WORLD)
             # one NaN token on the last rank only: every rank must keep its cache
@@ -500,6 +598,10 @@ def _sync_worker(rank, world, init_file, out_dir, x, params, gy, cache, bounds):
         dist.destroy_process_group()
 
 
+SQUARE = (24, 24, 24)  # (D_in, D_hid, D_out) of the synced feature alignment: CoOp's square
+SYNC_SHAPES = (SQUARE, (16, 24, 20))  # and a rectangular one (PromptKD widens 512 -> 768)
+
+
 # uneven shards of 5 and 8 rows; a rank without rows (it must join the sums with nothing,
 # not raise while the other rank waits in all_reduce)
 @pytest.mark.parametrize("bounds", [(0, 5, 13), (0, 0, 13)])
@@ -507,26 +609,30 @@ def test_process_group_sync_equals_one_process_on_the_whole_batch(tmp_path, monk
     # the workers start without TRITON_INTERPRET, as on a CUDA host (where conftest does not
     # set it): each must pick the GPU or the interpreter itself
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    n, d = 13, 24
-    x = random_tokens(n, d, torch.float32, seed=12).cpu()
-    params = align_params(d, seed=13)
-    gy = torch.randn(n, d, generator=torch.Generator().manual_seed(14))
-    cache = unit_rows(5, d, seed=15).cpu()
-    mp.spawn(_sync_worker, args=(2, str(tmp_path / "rdzv"), str(tmp_path), x, params, gy, cache, bounds),
+    n = 13
+    align_cases = {(d_in, d_hid, d_out): (random_tokens(n, d_in, torch.float32, seed=12).cpu(),
+                                          align_params(d_in, seed=13, d_hid=d_hid, d_out=d_out),
+                                          torch.randn(n, d_out, generator=torch.Generator().manual_seed(14)))
+                   for d_in, d_hid, d_out in SYNC_SHAPES}
+    x = align_cases[SQUARE][0]
+    cache = unit_rows(5, x.shape[1], seed=15).cpu()
+    mp.spawn(_sync_worker, args=(2, str(tmp_path / "rdzv"), str(tmp_path), align_cases, cache, bounds),
              nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False, map_location="cpu") for r in range(2)]
-    y_ref, mean_ref, var_ref, grads_ref = run_feature_align(x, params, gy, "torch")
     cache_ref = kernels.cache_update(x, cache, backend="torch")
     for backend in ("torch", "triton"):
-        per_rank = [r[backend] for r in ranks]
-        assert_close(torch.cat([r[0] for r in per_rank]), y_ref, 1e-5, f"{backend} y")
-        for y, mean, var, _ in per_rank:  # every rank holds the global-batch statistics
-            assert_close(mean, mean_ref, 1e-6, f"{backend} mean")
-            assert_close(var, var_ref, 1e-6, f"{backend} var")
-        assert_close(torch.cat([r[3]["x"] for r in per_rank]), grads_ref["x"], 1e-5, f"{backend} dx")
-        for name in params:  # DDP sums (then averages) the ranks' weight gradients
-            assert_close(per_rank[0][3][name] + per_rank[1][3][name], grads_ref[name], 1e-5,
-                         f"{backend} d{name}")
+        for shape, (x_all, params, gy) in align_cases.items():
+            what = f"{backend} {shape}"
+            y_ref, mean_ref, var_ref, grads_ref = run_feature_align(x_all, params, gy, "torch")
+            per_rank = [r[backend, shape] for r in ranks]
+            assert_close(torch.cat([r[0] for r in per_rank]), y_ref, 1e-5, f"{what} y")
+            for y, mean, var, _ in per_rank:  # every rank holds the global-batch statistics
+                assert_close(mean, mean_ref, 1e-6, f"{what} mean")
+                assert_close(var, var_ref, 1e-6, f"{what} var")
+            assert_close(torch.cat([r[3]["x"] for r in per_rank]), grads_ref["x"], 1e-5, f"{what} dx")
+            for name in params:  # DDP sums (then averages) the ranks' weight gradients
+                assert_close(per_rank[0][3][name] + per_rank[1][3][name], grads_ref[name], 1e-5,
+                             f"{what} d{name}")
         for r in ranks:
             assert_close(r[backend + "_cache"], cache_ref, 1e-6, f"{backend} synced cache")
             assert torch.equal(r[backend + "_poisoned"], cache), f"{backend}: a NaN token changed the cache"
@@ -573,10 +679,11 @@ def with_gate_margin(x, params, eps=1e-5, margin=GATE_MARGIN):
     raise AssertionError("with_gate_margin: no beta found")
 
 
-def large_align_case(n, d, dtype):
+def large_align_case(n, d, dtype, d_hid=None):
     x = random_tokens(n, d, dtype, seed=22)
-    gy = torch.randn(n, d, generator=torch.Generator().manual_seed(24)).to(DEVICE) / math.sqrt(n)
-    return x, align_params(d, seed=23), gy
+    d_out = d if d_hid is None else d_hid
+    gy = torch.randn(n, d_out, generator=torch.Generator().manual_seed(24)).to(DEVICE) / math.sqrt(n)
+    return x, align_params(d, seed=23, d_hid=d_hid), gy
 
 
 def assert_large_align_close(got, want, dtype):
@@ -606,9 +713,10 @@ def test_large_align_comparison_tells_gate_flips_from_kernel_errors():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("n,d", [(32 * 197, 512), (997, 768)])
-def test_feature_align_triton_gpu_large(n, d, dtype):
-    x, params, gy = large_align_case(n, d, dtype)
+@pytest.mark.parametrize("n,d,d_hid", [(32 * 197, 512, 512), (997, 768, 768),
+                                       (8 * 197, 512, 768), (32 * 197, 512, 768)])  # PromptKD: 512 -> 768
+def test_feature_align_triton_gpu_large(n, d, d_hid, dtype):
+    x, params, gy = large_align_case(n, d, dtype, d_hid)
     params = with_gate_margin(x, params)
     assert_large_align_close(run_feature_align(x, params, gy, "triton"), run_feature_align(x, params, gy, "torch"),
                              dtype)

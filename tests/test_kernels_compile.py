@@ -56,7 +56,15 @@ REALISTIC_M = (13, 25, 50, 100, 128)
 # and a non-power-of-two 96; 16-row matmul tiles) with fp16; sm_90 also gets one.
 REALISTIC_DTYPES = {90: DTYPES, 80: ("float32",)}
 SMALL_CACHE = {90: [], 80: [(1, 64, 1, "float32"), (7, 96, 13, "float16")]}  # (N, D, M, dtype)
-SMALL_ALIGN = {90: [(7, 96, "float16")], 80: [(1, 64, "float32")]}  # (N, D, dtype)
+# (N, D_in, D_hid, D_out, dtype): square ones, and rectangular ones as the interpreter tests
+# run them. Not the interpreter's prime widths (29 -> 53 -> 41): they compile, but ptxas
+# spills 28-68 B on sm_80 at 255 registers (strides not divisible by 16 load element by
+# element), and no CLIP has such a width (512, 768, 1024: multiples of 16).
+SMALL_ALIGN = {90: [(7, 96, 96, 96, "float16"), (7, 48, 80, 64, "float16")],
+               80: [(1, 64, 64, 64, "float32"), (37, 48, 80, 64, "float32")]}
+# PromptKD's align (SPEC 11.1), 512 -> 768 -> 768, at its batch of 8 images (N = 1576 is not
+# divisible by 16: its own specialisation, and 64 x 64 tiles for dx) and of 32
+PROMPTKD_ALIGN = [(8 * 197, 512, 768, 768), (32 * 197, 512, 768, 768)]  # (N, D_in, D_hid, D_out)
 
 
 def cache_cases(capability):
@@ -66,10 +74,14 @@ def cache_cases(capability):
 
 
 def align_cases(capability):
-    """(N, D, x dtype) for kernels.triton_feature_align's launcher, forward and backward. One
-    realistic N: every N >= 64 divisible by 16 gets the same tiles and specialisation."""
-    return [(REALISTIC_N[0], d, dt) for d in REALISTIC_D
-            for dt in REALISTIC_DTYPES[capability]] + SMALL_ALIGN[capability]
+    """(N, D_in, D_hid, D_out, x dtype) for kernels.triton_feature_align's launcher, forward
+    and backward. For the square ones one realistic N (every N >= 64 divisible by 16 gets the
+    same tiles and specialisation) and one batch of 20 images (3940 tokens, not divisible by 16:
+    Triton's other specialisation, as for any batch that is not a multiple of 16 images)."""
+    return ([(n, d, d, d, dt) for n in (REALISTIC_N[0], 20 * 197) for d in REALISTIC_D
+             for dt in REALISTIC_DTYPES[capability]]
+            + [(*shape, dt) for shape in PROMPTKD_ALIGN for dt in REALISTIC_DTYPES[capability]]
+            + SMALL_ALIGN[capability])
 
 
 # ------------------------------------------------------------------ the compiling subprocess
@@ -159,14 +171,16 @@ def compile_all(capability):
             cache_module.cache_partials(torch.empty(n, d, dtype=getattr(torch, dtype)), torch.empty(m, d))
         except Exception as error:  # report every failing case, not just the first
             failures.append(dict(case=f"cache_partials N={n} D={d} M={m} {dtype}", error=str(error)))
-    for n, d, dtype in align_cases(capability):
-        x = torch.empty(n, d, dtype=getattr(torch, dtype), requires_grad=True)  # dx path too
-        params = [torch.empty(shape, requires_grad=True) for shape in [(d, d), d, d, d, (d, d), d]]
+    for n, d_in, d_hid, d_out, dtype in align_cases(capability):
+        x = torch.empty(n, d_in, dtype=getattr(torch, dtype), requires_grad=True)  # dx path too
+        params = [torch.empty(shape, requires_grad=True)
+                  for shape in [(d_hid, d_in), d_hid, d_hid, d_hid, (d_out, d_hid), d_out]]
         try:
             y, _, _ = align_module.feature_align(x, *params, eps=1e-5)
-            y.backward(torch.empty(n, d))
+            y.backward(torch.empty(n, d_out))
         except Exception as error:
-            failures.append(dict(case=f"feature_align N={n} D={d} {dtype}", error=str(error)))
+            failures.append(dict(case=f"feature_align N={n} D_in={d_in} D_hid={d_hid} D_out={d_out} {dtype}",
+                                 error=str(error)))
     return dict(compiled=[_describe(b, ptxas_logs[h]) for h, b in compiled.items()], failures=failures,
                 all_kernels=all_kernels)
 

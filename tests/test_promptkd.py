@@ -542,24 +542,3 @@ def test_two_ranks_match_one_process_on_the_global_batch(student, teacher, teach
         assert torch.equal(ranks[0]["state"][name], ranks[1]["state"][name]), name
         torch.testing.assert_close(ranks[0]["state"][name], value, rtol=1e-5, atol=1e-6,
                                    msg=lambda message: f"{name}: {message}")
-
-
-def test_feature_align_takes_a_rectangular_first_linear():
-    """kernels.feature_align with w1 (D_out, D_in): the reference path, as nn layers compute it."""
-    import kernels
-
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(10, 6, generator=g)
-    w1, b1 = torch.randn(9, 6, generator=g), torch.randn(9, generator=g)
-    gamma, beta = torch.rand(9, generator=g) + 0.5, torch.randn(9, generator=g)
-    w2, b2 = torch.randn(9, 9, generator=g), torch.randn(9, generator=g)
-    y, mean, var = kernels.feature_align(x, w1, b1, gamma, beta, w2, b2)
-    bn = torch.nn.BatchNorm1d(9).train()
-    with torch.no_grad():
-        bn.weight.copy_(gamma)
-        bn.bias.copy_(beta)
-    h = x @ w1.t() + b1
-    torch.testing.assert_close(y, torch.relu(bn(h)) @ w2.t() + b2)
-    torch.testing.assert_close(mean, h.mean(0))
-    with pytest.raises(ValueError, match=r"w2 must be \(9, 9\) for D_in=6, D_out=9"):
-        kernels.feature_align(x, w1, b1, gamma, beta, w2[:, :6], b2)

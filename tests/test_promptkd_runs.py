@@ -214,19 +214,18 @@ def test_resume_after_interruption_ends_bitwise_equal(pk_run, tmp_path, monkeypa
 
 def test_torchrun_two_ranks_match_one(pk_run, tmp_path):
     """Global batch 4 as 2 ranks x 2 images (gloo): image_proj's and align's BatchNorm statistics
-    over the global batch, the cache update from every rank's tokens, gradients averaged."""
-    base, out = pk_run
-    torchrun_two_ranks("train.py", pk_argv(base, tmp_path))
-    two = torch.load(tmp_path / "last.pt", weights_only=True)["model"]
-    one = torch.load(os.path.join(out, "last.pt"), weights_only=True)["model"]
-    assert two.keys() == one.keys()
-    # 27 steps at lambda 1000 amplify float32 summation-order differences to ~1e-4 of a tensor's scale;
-    # a statistic or cache taken per rank, or gradients summed instead of averaged, differ by O(10%).
-    for k in one:
-        scale = one[k].float().abs().max().item()
-        assert (two[k].float() - one[k].float()).abs().max().item() <= 1e-3 * max(scale, 1e-3), k
-    for a, b in zip(read_log(tmp_path), read_log(out)):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4) and a["val_acc"] == b["val_acc"]
+    over the global batch, the cache update from every rank's tokens, gradients averaged. At a
+    small lr: at lambda 1000 and lr 0.005, float32 summation-order differences grow over the steps
+    until a token's cache slot (an argmax) flips, which then differs by O(1) in that slot."""
+    base, _ = pk_run
+    flags = ["--epochs", "2", "--lr", "1e-4"]
+    train.main(pk_argv(base, tmp_path / "one", *flags))
+    torchrun_two_ranks("train.py", pk_argv(base, tmp_path / "two", *flags))
+    one = torch.load(tmp_path / "one" / "last.pt", weights_only=True)["model"]
+    two = torch.load(tmp_path / "two" / "last.pt", weights_only=True)["model"]
+    assert_same_tensors(two, one, exact=False)  # rtol 1e-4, atol 1e-5
+    for a, b in zip(read_log(tmp_path / "two"), read_log(tmp_path / "one")):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["val_acc"] == b["val_acc"]
 
 
 def test_eval_refuses_another_teacher_and_the_other_method(pk_run, tmp_path, capsys):
@@ -479,3 +478,26 @@ def test_plain_promptkd_trains_and_evaluates(pk_run, tmp_path):
     new = evaluate_cli.main(["--checkpoint", str(tmp_path / "run" / "best.pt"), "--subsample", "new", "--workers",
                              "0", "--device", "cpu"])
     assert new["num_classes"] == 3 and new["args"]["method"] == "promptkd"
+
+
+def test_promptkd_benchmark_times_the_released_per_batch_teacher_text(monkeypatch, capsys):
+    """--method promptkd --benchmark: PromptKD + TextRefiner against plain PromptKD and against the
+    released per-batch teacher text: that variant computes the teacher's class features in every
+    step, the two others once (train_step / eval_step, as the real loops)."""
+    calls = []
+    real = textrefiner.PromptSRCTeacher._compute_class_features
+    monkeypatch.setattr(textrefiner.PromptSRCTeacher, "_compute_class_features",
+                        lambda self: calls.append(id(self)) or real(self))
+    bench = ["--method", "promptkd", "--benchmark", "--benchmark-clip", "tiny", "--teacher-clip", "tiny-teacher",
+             "--device", "cpu", "--batch-size", "2", "--num-classes", "3", "--benchmark-steps", "2",
+             "--benchmark-warmup", "1"]
+    rates = train.main(bench)
+    assert set(rates) == {"PromptKD+TextRefiner", "PromptKD", "PromptKD+TR (released)"}
+    assert sorted(calls.count(c) for c in set(calls)) == [1, 1, 3]  # 3 rounds: once, once, every step
+    out = capsys.readouterr().out
+    assert "PromptKD+TextRefiner step time / PromptKD step time" in out and "target <= 1.10" in out
+    assert "PromptKD+TR (released) step time / PromptKD+TextRefiner step time" in out
+    calls.clear()
+    rates = evaluate_cli.main(bench)
+    assert sorted(calls.count(c) for c in set(calls)) == [1, 1, 3]
+    assert "PromptKD+TextRefiner images/s / PromptKD images/s" in capsys.readouterr().out

@@ -3,6 +3,7 @@
 The helpers here (synthetic data, one shared training run, torchrun, flag errors) are
 imported by test_eval.py.
 """
+import collections
 import json
 import math
 import os
@@ -19,7 +20,9 @@ import torch
 
 import clip_model
 import data
+import eval as evaluate_cli  # "eval" would shadow the builtin
 import train
+from textrefiner import TextRefinerCLIP, ZeroShotCLIP
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 6 classes -> 3 base classes; per class 6 train, 3 val, 3 test images of 32 px: 4 steps/epoch.
@@ -562,3 +565,115 @@ def test_stalled_rank_times_out_with_a_message_naming_rank_and_collective(run, t
     # 10 s: short, yet long enough that a slow start of one rank on a busy machine is no stall
     assert "rank 0: timed out after 10 s (--dist-timeout) in the all-reduce of the evaluation counts" in proc.stderr, \
         proc.stderr[-5000:]
+
+
+def counting(calls, name, fn):
+    """fn, counting its calls in calls[name]."""
+    def counted(*args, **kwargs):
+        calls[name] += 1
+        return fn(*args, **kwargs)
+    return counted
+
+
+def test_benchmarks_time_the_steps_training_and_evaluation_run(run, tmp_path, monkeypatch, capsys):
+    """The benchmarks must time train()'s and evaluate()'s own step functions, and evaluate
+    as evaluate() does: the class features computed once per model, not once per step (a
+    model.eval() per step would recompute them every time and time a text-tower pass)."""
+    calls = collections.Counter()
+    monkeypatch.setattr(train, "train_step", counting(calls, "train_step", train.train_step))
+    monkeypatch.setattr(train, "eval_step", counting(calls, "eval_step", train.eval_step))
+    for cls in (TextRefinerCLIP, ZeroShotCLIP):
+        monkeypatch.setattr(cls, "_compute_class_features",
+                            counting(calls, cls.__name__, cls._compute_class_features))
+    bench = ["--benchmark-clip", "tiny", "--device", "cpu", "--batch-size", "2", "--num-classes", "3",
+             "--benchmark-steps", "2"]
+    rounds = 3 + 2  # warm-up + timed
+    train.main(["--benchmark", *bench])
+    assert calls == {"train_step": 2 * rounds, "eval_step": rounds, "ZeroShotCLIP": 1}
+    assert "TextRefiner step time / CoOp step time" in capsys.readouterr().out
+    calls.clear()
+    evaluate_cli.main(["--benchmark", *bench])
+    assert calls == {"eval_step": 3 * rounds, "TextRefinerCLIP": 2, "ZeroShotCLIP": 1}
+    assert "TextRefiner images/s / zero-shot CLIP images/s" in capsys.readouterr().out
+    calls.clear()
+    root, weights, _ = run
+    train.main(train_argv(root, weights, str(tmp_path)))
+    assert calls["train_step"] == EPOCHS * 4  # 12 train images, batch 4: every step is a train_step
+    assert calls["TextRefinerCLIP"] == EPOCHS + 1  # once per val pass and once for the test
+
+
+def test_feature_cache_one_tower_pass_per_val_test_image_and_identical_results(tmp_path, monkeypatch):
+    """base2new with val on an ImageNet-layout dataset (its val split is its test split):
+    with the feature cache every val/test image goes through the image tower for evaluation
+    exactly once per run, and the logits, val accuracies and test metrics are bitwise those
+    of a run that encodes the images at every evaluation."""
+    root = str(tmp_path / "data")
+    data.write_synthetic_dataset(root, "imagenet", num_classes=6, images_per_class=8, image_size=32)
+    weights = synthetic(str(tmp_path))[1]
+    test_items = data.load_splits("imagenet", root, subsample="base")["test"]
+    assert len(test_items) == 3 * 2  # 3 base classes x 2 val (= test) images
+    encoded, logits = collections.Counter(), {}
+    real_features, real_step = TextRefinerCLIP.image_features, train.eval_step
+
+    def counted_features(self, images):
+        if not self.training:
+            encoded[run_name] += images.shape[0]
+        return real_features(self, images)
+
+    def recorded_step(*args, **kwargs):
+        out = real_step(*args, **kwargs)
+        logits.setdefault(run_name, []).append(out[0])
+        return out
+
+    monkeypatch.setattr(TextRefinerCLIP, "image_features", counted_features)
+    monkeypatch.setattr(train, "eval_step", recorded_step)
+    results = {}
+    for run_name, extra in (("cached", ()), ("uncached", ("--no-feature-cache",))):
+        out = str(tmp_path / run_name)
+        argv = train_argv(root, weights, out, *extra)
+        argv[argv.index("caltech101")] = "imagenet"
+        results[run_name] = train.main(argv), read_log(out)
+    assert encoded == {"cached": len(test_items), "uncached": (EPOCHS + 1) * len(test_items)}
+    (cached, cached_log), (uncached, uncached_log) = results["cached"], results["uncached"]
+    for key in ("accuracy", "macro_f1", "per_class_accuracy", "num_images", "epoch"):
+        assert cached[key] == uncached[key], key
+    assert [r["val_acc"] for r in cached_log] == [r["val_acc"] for r in uncached_log]
+    assert len(logits["cached"]) == len(logits["uncached"]) == EPOCHS + 1  # one batch per evaluation
+    assert all(torch.equal(a, b) for a, b in zip(logits["cached"], logits["uncached"]))
+
+
+def test_feature_cache_is_not_used_for_a_model_whose_image_features_train(run, monkeypatch):
+    """A model that does not declare frozen image features (e.g. one with trainable visual
+    prompts) is encoded at every evaluation, and nothing is stored for it."""
+    root, weights, _ = run
+    splits = data.load_splits("caltech101", root, subsample="base")
+    loader = data.build_eval_loader(splits["test"], 4, 32, workers=0)
+    model = TextRefinerCLIP(clip_model.load_clip(weights), splits["classnames"])
+    forwards = collections.Counter()
+    real_forward = TextRefinerCLIP.forward
+    monkeypatch.setattr(TextRefinerCLIP, "forward", counting(forwards, "forward", real_forward))
+    cache = train.FeatureCache()
+    model.frozen_image_features = False
+    first = train.evaluate(model, loader, splits["classnames"], torch.device("cpu"), "fp32", cache)
+    second = train.evaluate(model, loader, splits["classnames"], torch.device("cpu"), "fp32", cache)
+    assert forwards["forward"] == 2 * len(loader) and cache.batches == {} and first == second
+    model.frozen_image_features = True
+    train.evaluate(model, loader, splits["classnames"], torch.device("cpu"), "fp32", cache)
+    assert forwards["forward"] == 2 * len(loader) and len(cache.batches) == 1  # logits() from features
+
+
+def test_benchmark_run_times_every_phase_of_a_real_run(monkeypatch, capsys):
+    """--benchmark-run runs train() itself (counted) on photo-sized JPEGs and accounts for its
+    whole wall time by phase."""
+    calls = collections.Counter()
+    monkeypatch.setattr(train, "train", counting(calls, "train", train.train))
+    monkeypatch.setattr(train, "train_step", counting(calls, "train_step", train.train_step))
+    seconds = train.main(["--benchmark-run", "--benchmark-clip", "tiny", "--device", "cpu", "--workers", "0",
+                          "--num-classes", "4", "--benchmark-images", "8", "--epochs", "2", "--batch-size", "4"])
+    assert calls == {"train": 1, "train_step": 2 * 2}  # 2 base classes x 4 train images, batch 4
+    phases = ("start-up", "data loading", "compute", "val", "checkpointing", "test")
+    assert all(seconds[p] > 0 for p in phases)
+    assert sum(seconds[p] for p in phases) <= seconds["wall"]
+    assert seconds["other (logging, between phases)"] < 0.5 * seconds["wall"]
+    out = capsys.readouterr().out
+    assert "500x375 JPEGs" in out and "loader alone" in out and "bounds training" in out
