@@ -1,4 +1,7 @@
-"""Evaluate a TextRefiner / CoOp checkpoint, zero-shot CLIP, or summarise finished runs.
+"""Evaluate a CoOp + TextRefiner or PromptKD + TextRefiner checkpoint, zero-shot CLIP, or
+summarise finished runs. The checkpoint says its --method; a PromptKD student is evaluated with
+the teacher file it was distilled from (by SHA-256; --teacher to point at it elsewhere,
+--allow-other-teacher to use another).
 
 A checkpoint written by train.py on the new classes of the same dataset (base2new):
     python eval.py --checkpoint output/base2new/dtd/seed1/base/best.pt --subsample new \
@@ -12,11 +15,15 @@ A run of the authors' released code (its Dassl output folder, holding prompt_lea
 model-best.pth.tar by default, model.pth.tar-N with --epoch N):
     python eval.py --checkpoint their_output/base2new/train_base/dtd/.../seed1 --dataset dtd --root /data \
         --subsample new
+A run folder of the authors' PromptKD + TextRefiner code (VLPromptLearner/ and Memory/):
+    python eval.py --checkpoint their_output/... --dataset dtd --root /data --teacher /teachers \
+        --subsample new
 Zero-shot CLIP with CoOp's hand-crafted prompt:
     python eval.py --zeroshot --dataset dtd --root /data --subsample new
 Tables over seeds and datasets (base/new/HM next to the published averages):
     python eval.py --report output/base2new
     python eval.py --report output/xd
+    python eval.py --report output/promptkd/base2new
 Inference throughput on random ViT-B/16 weights (no data needed):
     python eval.py --benchmark --num-classes 1000
 
