@@ -72,16 +72,17 @@ PUBLISHED_NOTES = {
                 "paper, 16 unlabelled shots; PromptKD and the PK columns: PromptKD's README, the full unlabelled "
                 "train set):",
 }
-# PromptKD's README per dataset (promptkd_released.md E3): base, new, HM.
-PROMPTKD_PUBLISHED_B2N = {
+# Published per-dataset numbers shown beside ours, per method. PromptKD's README
+# (promptkd_released.md E3): base, new, HM.
+PUBLISHED_PER_DATASET = {"promptkd": {
     "imagenet": (80.83, 74.66, 77.62), "caltech101": (98.91, 96.65, 97.77), "oxford_pets": (96.30, 98.01, 97.15),
     "stanford_cars": (82.80, 83.37, 83.13), "oxford_flowers": (99.42, 82.62, 90.24),
     "food101": (92.43, 93.68, 93.05), "fgvc_aircraft": (49.12, 41.81, 45.17), "sun397": (83.69, 81.54, 82.60),
-    "dtd": (85.84, 71.37, 77.94), "eurosat": (97.54, 82.08, 89.14), "ucf101": (89.71, 82.27, 86.10)}
+    "dtd": (85.84, 71.37, 77.94), "eurosat": (97.54, 82.08, 89.14), "ucf101": (89.71, 82.27, 86.10)}}
 # Its transductive cross-dataset accuracy per target (ImageNet-xd teacher).
-PROMPTKD_PUBLISHED_XD = {
+PUBLISHED_XD = {"promptkd": {
     "caltech101": 93.61, "oxford_pets": 91.59, "stanford_cars": 73.93, "oxford_flowers": 75.33, "food101": 88.84,
-    "fgvc_aircraft": 26.24, "sun397": 68.57, "dtd": 55.08, "eurosat": 63.74, "ucf101": 76.39}
+    "fgvc_aircraft": 26.24, "sun397": 68.57, "dtd": 55.08, "eurosat": 63.74, "ucf101": 76.39}}
 # The released code's feature alignment, mid_image_trans.conv1 = Sequential(Conv2d(D, D, 1),
 # BatchNorm2d(D), ReLU, Conv2d(D, D, 1)) run on (N, D, 1, 1), -> our FeatureAlign names. On 1x1
 # inputs BatchNorm2d normalises over the same N rows as BatchNorm1d and has the same keys.
@@ -607,7 +608,7 @@ def published_average(published, datasets):
 def format_base2new(summary, title, method="coop"):
     """The paper's table; for PromptKD the published per-dataset PromptKD numbers sit beside ours."""
     rows, average = summary["datasets"], summary["average"]
-    beside = PROMPTKD_PUBLISHED_B2N if method == "promptkd" else None
+    beside = PUBLISHED_PER_DATASET.get(method)
     table = [["Dataset", "Seeds", heading_cell("Base"), heading_cell("New"), heading_cell("HM", with_std=False)]
              + ([heading_cell("PK Base", False), heading_cell("PK New", False), heading_cell("PK HM", False)]
                 if beside else [])]
@@ -673,7 +674,7 @@ def report(root):
         order = [t for t in XD_ORDER if t in xd] + sorted(t for t in xd if t not in XD_ORDER)
         summary = {t: dict(seeds=sorted(xd[t]), accuracy=float(np.mean(list(xd[t].values()))),
                            std=float(np.std(list(xd[t].values())))) for t in order}
-        beside = PROMPTKD_PUBLISHED_XD if method == "promptkd" else None
+        beside = PUBLISHED_XD.get(method)
         table = [["Dataset", "Seeds", heading_cell("Accuracy")] + ([heading_cell("PromptKD", False)] if beside else [])]
         for t, r in summary.items():
             table.append([t, seeds_text(r["seeds"]), value_cell(r["accuracy"], r["std"])]

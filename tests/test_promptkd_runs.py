@@ -425,7 +425,8 @@ def test_report_promptkd_tables(tmp_path, capsys):
     assert "PromptKD+TextRefiner            85.22           79.64           82.33" in text
     assert "PromptKD                        86.96           80.73           83.73" in text
     # the published per-dataset table averages to the published 11-dataset row
-    b, n, h = evaluate_cli.published_average(evaluate_cli.PROMPTKD_PUBLISHED_B2N, list(evaluate_cli.PAPER_DATASETS))
+    b, n, h = evaluate_cli.published_average(evaluate_cli.PUBLISHED_PER_DATASET["promptkd"],
+                                             list(evaluate_cli.PAPER_DATASETS))
     assert (round(b, 2), round(n, 2), round(h, 2)) == (86.96, 80.73, 83.73)
     write_result(tmp_path / "xd" / "dtd" / "seed1", 50.5, method="promptkd", selection="best-test")
     evaluate_cli.report(str(tmp_path / "xd"))
