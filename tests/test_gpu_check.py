@@ -20,8 +20,8 @@ for arg in "$@"; do  # train.py's outputs, so the script can copy them
     prev=$arg
 done
 """
-STEPS = ["versions", "pytest", "kernels-bench", "train-benchmark", "eval-benchmark", "synthetic-data",
-         "train-bf16", "train-fp16"]
+STEPS = ["versions", "pytest", "kernels-bench", "train-benchmark", "eval-benchmark", "promptkd-train-benchmark",
+         "promptkd-eval-benchmark", "synthetic-data", "train-bf16", "train-fp16"]
 
 
 def gpu_check(tmp_path, fail=None, via_make=False):
@@ -51,6 +51,8 @@ def test_gpu_check_runs_every_step_and_passes_when_all_do(tmp_path):
         "-m kernels.bench",
         "train.py --benchmark --num-classes 100",
         "eval.py --benchmark --num-classes 1000",
+        "train.py --method promptkd --benchmark --batch-size 8",
+        "eval.py --method promptkd --benchmark --batch-size 8",
         "clip_model.random_state_dict(clip_model.CONFIGS['ViT-B/16'])",
         "--precision bf16",
         "--precision fp16",
@@ -72,7 +74,7 @@ def test_gpu_check_runs_every_step_and_passes_when_all_do(tmp_path):
 def test_gpu_check_exits_nonzero_when_any_step_fails_and_still_runs_the_rest(tmp_path, failing):
     proc, out, calls = gpu_check(tmp_path, fail=failing)
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert len(calls) == 9  # every step ran regardless
+    assert len(calls) == 1 + len(STEPS)  # every step ran regardless
     summary = (out / "summary.txt").read_text()
     failed_step = {"-m pytest": "pytest", "-m kernels.bench": "kernels-bench", "--precision fp16": "train-fp16"}
     assert f"FAILED: {failed_step[failing]} (exit " in summary and summary.count("(exit") == 1
@@ -88,4 +90,4 @@ def test_make_gpu_check_fails_when_a_step_fails(tmp_path):
     # `pytest | tee` without pipefail once made the target pass whatever pytest said
     proc, _, calls = gpu_check(tmp_path, fail="-m pytest", via_make=True)
     assert proc.returncode != 0, proc.stdout + proc.stderr
-    assert len(calls) == 9
+    assert len(calls) == 1 + len(STEPS)
