@@ -135,7 +135,8 @@ demo-promptkd: install
 # On a CUDA machine, one prepared run (.ci/gpu-check: the steps, their time limits, the logs):
 # versions, the whole suite without the interpreter (GPU-marked tests included), the kernel
 # benchmark (its table goes into kernels/README.md), the training/eval throughput benchmarks,
-# and short bf16 and fp16 train.py runs on synthetic data. Exits non-zero if any step fails.
+# a whole bf16 --benchmark-run and a short fp16 train.py run on synthetic data, all within
+# GPU_BUDGET seconds (default 570: one 10-minute device call). Exits non-zero if any step fails.
 # Needs no .venv; a GPU host with its own torch: make gpu-check GPU_PYTHON=python3
 GPU_PYTHON ?= $(PYTHON)
 GPU_OUT ?= gpu-results

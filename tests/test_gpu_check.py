@@ -14,6 +14,7 @@ FAKE_PYTHON = """#!/usr/bin/env bash
 all="$*"
 echo "TRITON_INTERPRET=${TRITON_INTERPRET-unset} ${all//$'\n'/ }" >> "$FAKE_CALLS"
 if [ -n "$FAKE_FAIL" ]; then case "$*" in *"$FAKE_FAIL"*) exit 3 ;; esac; fi
+if [ -n "$FAKE_SLOW" ]; then case "$*" in *"$FAKE_SLOW"*) sleep 3 ;; esac; fi
 prev=
 for arg in "$@"; do  # train.py's outputs, so the script can copy them
     if [ "$prev" = --output-dir ]; then mkdir -p "$arg" && touch "$arg/log.jsonl" "$arg/results.json"; fi
@@ -21,16 +22,18 @@ for arg in "$@"; do  # train.py's outputs, so the script can copy them
 done
 """
 STEPS = ["versions", "pytest", "kernels-bench", "train-benchmark", "eval-benchmark", "promptkd-train-benchmark",
-         "promptkd-eval-benchmark", "synthetic-data", "train-bf16", "train-fp16"]
+         "promptkd-eval-benchmark", "whole-run-bf16", "synthetic-data", "train-fp16"]
 
 
-def gpu_check(tmp_path, fail=None, via_make=False):
+def gpu_check(tmp_path, fail=None, via_make=False, slow=None, budget=None):
     fake = tmp_path / "python"
     fake.write_text(FAKE_PYTHON)
     fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
     out, calls = tmp_path / "out", tmp_path / "calls.txt"
     # a leftover interpreter flag must not reach the suite
-    env = dict(os.environ, FAKE_CALLS=str(calls), FAKE_FAIL=fail or "", TRITON_INTERPRET="1")
+    env = dict(os.environ, FAKE_CALLS=str(calls), FAKE_FAIL=fail or "", FAKE_SLOW=slow or "", TRITON_INTERPRET="1")
+    if budget is not None:
+        env["GPU_BUDGET"] = str(budget)
     if via_make:
         cmd = ["make", "--no-print-directory", "-C", REPO, "gpu-check", f"GPU_PYTHON={fake}", f"GPU_OUT={out}"]
     else:
@@ -53,19 +56,17 @@ def test_gpu_check_runs_every_step_and_passes_when_all_do(tmp_path):
         "eval.py --benchmark --num-classes 1000",
         "train.py --method promptkd --benchmark --batch-size 8",
         "eval.py --method promptkd --benchmark --batch-size 8",
+        "train.py --benchmark-run --precision bf16",
         "clip_model.random_state_dict(clip_model.CONFIGS['ViT-B/16'])",
-        "--precision bf16",
         "--precision fp16",
     ]
     assert len(calls) == 1 + len(expected)
     for call, fragment in zip(calls[1:], expected):
         assert fragment in call, (fragment, call)
-    for call in calls[-2:]:
-        assert call.split()[1] == "train.py" and "--benchmark" not in call and "--output-dir" in call
+    assert calls[-1].split()[1] == "train.py" and "--benchmark" not in calls[-1] and "--output-dir" in calls[-1]
     for name in STEPS:
         assert (out / f"{name}.txt").exists(), name
-    for precision in ("bf16", "fp16"):
-        assert (out / f"train-{precision}.results.json").exists()
+    assert (out / "train-fp16.results.json").exists()
     assert (out / "kernels-README.md").exists()
     assert "passed" in (out / "summary.txt").read_text()
 
@@ -91,3 +92,14 @@ def test_make_gpu_check_fails_when_a_step_fails(tmp_path):
     proc, _, calls = gpu_check(tmp_path, fail="-m pytest", via_make=True)
     assert proc.returncode != 0, proc.stdout + proc.stderr
     assert len(calls) == 1 + len(STEPS)
+
+
+def test_gpu_check_keeps_within_its_total_budget(tmp_path):
+    """The steps share one budget (a device call is limited to 10 minutes): a slow step leaves
+    less to the later ones, and those the budget cannot hold are reported as not run."""
+    proc, out, calls = gpu_check(tmp_path, slow="-m pytest", budget=7)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    summary = (out / "summary.txt").read_text()
+    assert "pytest" not in summary.split("FAILED:")[1]  # slow, not failed
+    assert "train-fp16 (not run: budget spent)" in summary
+    assert len(calls) < 1 + len(STEPS)
