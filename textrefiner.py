@@ -299,6 +299,11 @@ class TextRefiner(nn.Module):
         self.alpha, self.momentum, self.topk = alpha, momentum, topk
         self.process_group = None
 
+    def set_process_group(self, group):
+        """DDP: the alignment's BatchNorm statistics over `group` and the cache updates
+        combined over it, so every rank computes what one process would on the global batch."""
+        self.process_group = self.align.process_group = group
+
     def refine(self, text_features):
         """(C, D) class text features -> alpha * extractor([t, softmax(t cache^T) cache]) + t,
         t = normalise(text_features). Not re-normalised."""
@@ -373,8 +378,7 @@ class TextRefinerCLIP(nn.Module):
     def set_process_group(self, group):
         """DDP: reduce alignment BatchNorm statistics and combine cache updates over `group`."""
         if self.refiner is not None:
-            self.refiner.process_group = group
-            self.refiner.align.process_group = group
+            self.refiner.set_process_group(group)
 
     def text_features(self):
         """Normalised class text features (C, D) fp32, with the graph to ctx when grad is on."""
@@ -791,8 +795,7 @@ class PromptKDCLIP(nn.Module):
         updates combined over it."""
         self.image_proj.process_group = group
         if self.refiner is not None:
-            self.refiner.process_group = group
-            self.refiner.align.process_group = group
+            self.refiner.set_process_group(group)
 
     def forward(self, images, labels=None):
         """Training: dict of loss, loss_kd, loss_local, loss_reg (unweighted terms; 0 for the
