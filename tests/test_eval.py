@@ -139,16 +139,24 @@ def write_authors_folder(folder, state, weights, epoch, dtype=torch.float16, bes
     sched = {"successor": successor, "warmup_epoch": 1, "cons_lr": 1e-5, "base_lrs": [0.002],
              "last_epoch": 1, "_step_count": epoch + 1}
     cache = state["refiner.cache"].to(dtype).requires_grad_() * 1  # the write leaves it in a graph
+    write_dassl_run(folder, {"prompt_learner": learner, "Memory": memory}, cache, optim, sched, epoch,
+                    best_epoch, extra)
+
+
+def write_dassl_run(folder, parts, memory_item, optim, sched, epoch, best_epoch=None, extra=None):
+    """The released trainer's save_model: per registered model (parts: {folder name: state
+    dict}) model.pth.tar-{epoch}, model-best.pth.tar when best_epoch is given, and Dassl's
+    'checkpoint' pointer; Memory's files also carry the cache as 'memory_item'."""
     saves = [(f"model.pth.tar-{epoch}", epoch, None)]
     if best_epoch is not None:
         saves.append(("model-best.pth.tar", best_epoch, 61.25))
-    for part in ("prompt_learner", "Memory"):
+    for part, state_dict in parts.items():
         os.makedirs(os.path.join(folder, part))
         for name, at, val_result in saves:
-            content = {"state_dict": learner if part == "prompt_learner" else memory, "epoch": at,
-                       "optimizer": optim.state_dict(), "scheduler": sched, "val_result": val_result}
+            content = {"state_dict": state_dict, "epoch": at, "optimizer": optim.state_dict(), "scheduler": sched,
+                       "val_result": val_result}
             if part == "Memory":
-                content = {"memory_item": cache, **content}
+                content = {"memory_item": memory_item, **content}
             torch.save(dict(content, **(extra or {})), os.path.join(folder, part, name))
         with open(os.path.join(folder, part, "checkpoint"), "w") as f:
             f.write(f"model.pth.tar-{epoch}\n")

@@ -15,7 +15,7 @@ import data
 import eval as evaluate_cli
 import textrefiner
 import train
-from test_eval import RunsCode, write_result
+from test_eval import RunsCode, write_dassl_run, write_result
 from test_train import REPO, assert_same_tensors, assert_usage_error, read_log, synthetic, torchrun_two_ranks
 
 EPOCHS, DEPTH = 3, 2
@@ -314,18 +314,8 @@ def write_promptkd_authors_folder(folder, state, student_weights, epoch, best_ep
     sched = {"successor": torch.optim.lr_scheduler.CosineAnnealingLR(optim, 20.0), "warmup_epoch": 1,
              "cons_lr": 1e-5, "last_epoch": epoch}
     cache = state["refiner.cache"].half().requires_grad_() * 1
-    saves = [(f"model.pth.tar-{epoch}", epoch, None)] + ([("model-best.pth.tar", best_epoch, 55.5)]
-                                                         if best_epoch is not None else [])
-    for part in ("VLPromptLearner", "Memory"):
-        os.makedirs(os.path.join(folder, part))
-        for name, at, val_result in saves:
-            content = {"state_dict": learner if part == "VLPromptLearner" else memory, "epoch": at,
-                       "optimizer": optim.state_dict(), "scheduler": sched, "val_result": val_result}
-            if part == "Memory":
-                content = {"memory_item": cache, **content}
-            torch.save(dict(content, **(extra or {})), os.path.join(folder, part, name))
-        with open(os.path.join(folder, part, "checkpoint"), "w") as f:
-            f.write(f"model.pth.tar-{epoch}\n")
+    write_dassl_run(folder, {"VLPromptLearner": learner, "Memory": memory}, cache, optim, sched, epoch, best_epoch,
+                    extra)
 
 
 def released_rounding(state):
@@ -346,7 +336,7 @@ def test_authors_promptkd_folder_maps_and_evaluates_as_ours(pk_run, tmp_path):
     mapped, info = evaluate_cli.load_authors_checkpoint(str(tmp_path / "theirs"))
     assert not marker.exists()  # read tensors-only: no code from the file ran
     assert_same_tensors(mapped, released_rounding(state))
-    assert (info["method"], info["epoch"], info["val_result"], info["precision"]) == ("promptkd", 2, 55.5, "fp16")
+    assert (info["method"], info["epoch"], info["val_result"], info["precision"]) == ("promptkd", 2, 61.25, "fp16")
     assert info["hp"] == {"depth": DEPTH, "n_ctx": 4, "cache_size": 25}
     assert not any("VPT" in k for k in info["clip_weights"])
     torch.save(dict(ckpt, model=released_rounding(state)), tmp_path / "ours.pt")
