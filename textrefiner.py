@@ -599,7 +599,7 @@ class PromptSRCTeacher(nn.Module):
         self._class_features = _Memo()
 
     @classmethod
-    def from_checkpoint(cls, clip, path, classnames, num_trained_classes=None):
+    def from_checkpoint(cls, clip, path, classnames, num_trained_classes=None, *, trained_classnames=None):
         """The teacher of one of PromptKD's released files (or write_teacher_checkpoint's).
 
         clip: the CLIP the teacher was trained from (OpenAI ViT-L/14): it supplies the
@@ -610,13 +610,23 @@ class PromptSRCTeacher(nn.Module):
         prompt_learner.ctx, text_encoder.* and image_encoder.* (CLIP weights, and the deep
         prompts image_encoder.VPT and {text,image}_encoder.transformer.resblocks.{i}.VPT_shallow,
         whose count and shape give each tower's depth and token count), logit_scale;
-        prompt_learner.token_prefix / token_suffix are rebuilt from classnames (their row
-        count is the number of classes the teacher was trained on, checked below), and
+        prompt_learner.token_prefix / token_suffix are rebuilt from classnames, and
         prompt_learner.ZS_image_encoder.* (PromptSRC's frozen zero-shot copy) is ignored.
 
-        num_trained_classes: the classes the teacher must have been trained on; by default
-        ceil(n/2) (base2new: the base half of the n classnames) or n. Cross-dataset passes
-        the source's count (1000 for ImageNet-xd).
+        The file's own prefix / suffix rows say which classes the teacher was trained on: one
+        row per class (token_prefix's row count, checked against the count expected), and
+        token_suffix holds token_embedding of "a photo of a {name}." after the 4 context
+        tokens, i.e. of "{name}.", EOT and padding (promptkd_released.md B2). When the names
+        of the trained classes are known, those rows are checked against the prompts of these
+        names with clip's token_embedding, so a teacher of another dataset (or another class
+        order) with the same class count is refused too. A file without token_suffix is
+        checked by its class count only.
+
+        Which classes the teacher must have been trained on, in its label order:
+        trained_classnames, if given (base2new: the dataset's first ceil(n/2) classes);
+        else num_trained_classes, a count whose names are unknown here (cross-dataset:
+        1000 for ImageNet-xd), so the rows are not compared; else (default) the first
+        ceil(n/2) of the n classnames (base2new) or all n. Pass at most one of the two.
         """
         path = os.fspath(path)
         if not os.path.isfile(path):
@@ -652,7 +662,8 @@ class PromptSRCTeacher(nn.Module):
         if unknown:
             raise ValueError(f"teacher file {path}: unexpected keys {unknown[:5]}; a PromptSRC teacher holds "
                              f"logit_scale, prompt_learner.*, image_encoder.* and text_encoder.* only")
-        cls._check_class_count(path, content["state_dict"], len(classnames), num_trained_classes)
+        trained_names = cls._check_class_count(path, content["state_dict"], classnames, num_trained_classes,
+                                               trained_classnames)
 
         own = clip.state_dict()
         for key, value in weights.items():
@@ -666,23 +677,69 @@ class PromptSRCTeacher(nn.Module):
         vpt, visual_deep = cls._stack_prompts(path, visual.pop(0, None), visual, "image_encoder",
                                               "image_encoder.VPT", config.vision_width, config.vision_layers)
         visual_prompts = torch.cat([vpt[None], visual_deep])  # (depth, n, W): row 0 at the input
+        suffix = content["state_dict"].get("prompt_learner.token_suffix")
+        if suffix is not None and trained_names is not None:
+            cls._check_trained_classes(path, suffix, clip, ctx.shape[0], trained_names)
         device = clip.logit_scale.device
         teacher_clip = clip_model.build_model({**own, **{k: v.to(device) for k, v in weights.items()}})
         return cls(teacher_clip, ctx.to(device), text_prompts.to(device), visual_prompts.to(device),
                    classnames, path=path)
 
     @staticmethod
-    def _check_class_count(path, state_dict, n, num_trained_classes):
+    def _check_class_count(path, state_dict, classnames, num_trained_classes, trained_classnames):
+        """The file's class count (token_prefix rows) against the one expected (from_checkpoint)
+        -> the names of the classes the teacher was trained on, in its row order, or None where
+        only their count is known (num_trained_classes)."""
+        if num_trained_classes is not None and trained_classnames is not None:
+            raise ValueError("PromptSRCTeacher.from_checkpoint: pass num_trained_classes or trained_classnames, "
+                             "not both")
         prefix = state_dict.get("prompt_learner.token_prefix")
         if prefix is None:
             raise ValueError(f"teacher file {path}: no prompt_learner.token_prefix, so the classes it was "
                              f"trained on are unknown; not a PromptSRC teacher file?")
-        trained = prefix.shape[0]
-        expected = {math.ceil(n / 2), n} if num_trained_classes is None else {num_trained_classes}
+        trained, n = prefix.shape[0], len(classnames)
+        if trained_classnames is not None:
+            expected = {len(trained_classnames)}
+        elif num_trained_classes is not None:
+            expected = {num_trained_classes}
+        else:
+            expected = {math.ceil(n / 2), n}
         if trained not in expected:
             wanted = " or ".join(str(c) for c in sorted(expected))
             raise ValueError(f"teacher file {path}: trained on {trained} classes (prompt_learner.token_prefix "
                              f"rows), expected {wanted} for these {n} classes; another dataset's teacher?")
+        if trained_classnames is not None:
+            return list(trained_classnames)
+        return None if num_trained_classes is not None else list(classnames[:trained])
+
+    @staticmethod
+    def _check_trained_classes(path, suffix, clip, n_ctx, names):
+        """The file's prompt_learner.token_suffix (m, L - 1 - n_ctx, W) against the same rows
+        built, as PromptSRC built them, from `names` (the m classes the teacher must have been
+        trained on) with clip's token_embedding, which the file does not hold."""
+        # The prompt learner the teacher itself uses: its context words only fill positions 1..n_ctx.
+        learner = PromptLearner(clip, names, n_ctx=n_ctx, ctx_init=" ".join(["X"] * n_ctx))
+        expected = learner.token_suffix.float()  # (m, L - 1 - n_ctx, W)
+        if tuple(suffix.shape) != tuple(expected.shape):
+            raise ValueError(f"teacher file {path}: prompt_learner.token_suffix has shape {tuple(suffix.shape)}, "
+                             f"expected {tuple(expected.shape)} (a row per trained class, the prompt positions "
+                             f"after SOT and the {n_ctx} context tokens, the CLIP's text width)")
+        # Relative L2 error of each token vector, 1e-2 at most. The buffer x is fp16 (ViT-L-14.pt's
+        # token_embedding is), but PromptSRC's Gaussian weight averaging saves the whole state dict
+        # as the fp16 sum over its 20 epochs of round16(w_i x), sum w_i = 1, w_i > 0: the products
+        # round by <= 2^-11 w_i |x| (together 2^-11 |x|) and each of the 19 additions by <= 2^-11 |x|
+        # (every partial sum is <= |x|), so <= 20 * 2^-11 = 0.98e-2 relative per element in the
+        # worst case (fp16 subnormals: 2^-25 absolute, nothing against a vector's norm), and
+        # per vector; ~1e-3 typically, as the roundings cancel. Another class name puts other
+        # token ids at some position, i.e. another row of token_embedding, off by O(1) there.
+        error = (suffix.to(expected.device).float() - expected).norm(dim=-1)  # (m, L - 1 - n_ctx)
+        wrong = (error > 1e-2 * expected.norm(dim=-1)).any(dim=1)  # (m,)
+        if wrong.any():
+            first = int(wrong.nonzero()[0])
+            raise ValueError(f"teacher file {path}: trained on other classes: {int(wrong.sum())} of its "
+                             f"{len(names)} class prompts (prompt_learner.token_suffix rows) differ from ours, "
+                             f"the first at row {first} (our {names[first]!r}); another dataset's teacher, or "
+                             f"another class order? Pass the dataset's own teacher")
 
     @staticmethod
     def _stack_prompts(path, first, deep, tower, first_key, width, layers):

@@ -966,11 +966,15 @@ def build_promptkd(args, classnames, clip=None):
     resolve_teacher ran) on the --teacher-clip base weights."""
     clip = clip if clip is not None else load_clip(args.clip)
     teacher_clip = load_clip(args.teacher_clip, flag="--teacher-clip")
-    # base/new runs distil from the dataset's base-class teacher; all-class runs are PromptKD's
-    # cross-dataset protocol, whose teacher learnt ImageNet's 1000 classes.
-    trained_on = IMAGENET_CLASSES if args.subsample == "all" else math.ceil(len(classnames) / 2)
+    # base/new runs distil from the dataset's base-class teacher (its class prompts are checked
+    # against these names); all-class runs are PromptKD's cross-dataset protocol, whose teacher
+    # learnt ImageNet's 1000 classes (names not at hand: their count is checked).
+    if args.subsample == "all":
+        trained_on = dict(num_trained_classes=IMAGENET_CLASSES)
+    else:
+        trained_on = dict(trained_classnames=classnames[:math.ceil(len(classnames) / 2)])
     try:
-        teacher = textrefiner.PromptSRCTeacher.from_checkpoint(teacher_clip, args.teacher, classnames, trained_on)
+        teacher = textrefiner.PromptSRCTeacher.from_checkpoint(teacher_clip, args.teacher, classnames, **trained_on)
     except (ValueError, KeyError, OSError) as e:
         raise UserError(f"--teacher {args.teacher}: {e}") from None
     return textrefiner.PromptKDCLIP(clip, teacher, classnames, depth=args.depth, n_ctx=args.n_ctx,

@@ -28,9 +28,12 @@ SPEC_KEYS = {"visual_prompts"} | {
 
 
 def perturbed(state_dict, seed):
-    """The base weights moved by a few percent: a teacher whose weight averaging changed CLIP."""
+    """The base weights moved by a few percent: a teacher whose weight averaging changed CLIP.
+    Not token_embedding: the file holds none (PromptSRC never trains or saves it), and its class
+    prompt buffers were built from the base CLIP's."""
     g = torch.Generator().manual_seed(seed)
-    return {k: v + 0.05 * v.abs().mean() * torch.randn(v.shape, generator=g) if v.dim() else v + 0.1
+    return {k: v if k == "token_embedding.weight" else
+            v + 0.05 * v.abs().mean() * torch.randn(v.shape, generator=g) if v.dim() else v + 0.1
             for k, v in state_dict.items()}
 
 
@@ -126,6 +129,12 @@ def test_teacher_file_has_the_released_layout(teacher_file, teacher_base_sd):
     assert state["text_encoder.ln_final.weight"].dtype == torch.float32
     assert state["prompt_learner.token_prefix"].shape == (3, 1, TEACHER.transformer_width)
     assert state["prompt_learner.token_suffix"].shape == (3, 77 - 1 - TEACHER_CTX, TEACHER.transformer_width)
+    # promptkd_released.md B2: token_embedding of PromptSRC's "a photo of a {name}." ("_" -> " "),
+    # position 0 (SOT) and positions 5.. ("{name}.", EOT, padding), fp16
+    released = teacher_base_sd["token_embedding.weight"][tokenize([f"a photo of a {name.replace('_', ' ')}."
+                                                                   for name in BASE])]  # (3, 77, W)
+    assert torch.equal(state["prompt_learner.token_prefix"], released[:, :1].half())
+    assert torch.equal(state["prompt_learner.token_suffix"], released[:, 5:].half())
     assert not any("token_embedding" in k for k in state)
     content = cm.read_dassl_file(teacher_file)  # tensors only: the pickled scheduler is not built
     assert isinstance(content["scheduler"]["successor"], cm._NotLoaded)
@@ -226,6 +235,56 @@ def test_teacher_file_errors(tmp_path, teacher_base_sd, teacher_file):
     torch.save({"model": {}}, tmp_path / "other.pth.tar")
     with pytest.raises(ValueError, match="other.pth.tar: not a Dassl checkpoint"):
         load(tmp_path / "other.pth.tar")
+
+
+def test_teacher_of_other_classes_with_the_same_count_is_refused(tmp_path, teacher_base_sd, teacher_file):
+    """The file's token_suffix rows are the prompts of the classes the teacher learnt: a teacher of
+    another dataset (or class order) with as many classes is refused, naming the first wrong row."""
+    clip = build_model(teacher_base_sd)
+
+    def load(path=teacher_file, names=CLASSNAMES, **kwargs):
+        return PromptSRCTeacher.from_checkpoint(clip, path, names, **kwargs)
+
+    textures = ["banded", "blotchy", "braided", "bubbly", "bumpy"]  # another dataset, 5 classes too
+    refused = {
+        r"trained on other classes: 3 of its 3 class prompts \(prompt_learner.token_suffix rows\) differ from ours, "
+        r"the first at row 0 \(our 'banded'\); another dataset's teacher, or another class order\? "
+        r"Pass the dataset's own teacher": textures,
+        r"2 of its 3 class prompts .* row 0 \(our 'golden_retriever'\)": ["golden_retriever", "cat"] + CLASSNAMES[2:],
+        r"1 of its 3 class prompts .* row 2 \(our 'race car'\)": BASE[:2] + ["race car"] + CLASSNAMES[3:],
+    }
+    for message, names in refused.items():
+        with pytest.raises(ValueError, match=r"^teacher file \S+model-best.pth.tar: .*" + message):
+            load(names=names)
+    with pytest.raises(ValueError, match=r"3 of its 3 class prompts .* row 0 \(our 'banded'\)"):
+        load(trained_classnames=textures[:3])  # the trained classes named explicitly
+    assert load(trained_classnames=BASE).depth == (TEACHER_DEPTH, TEACHER_DEPTH)
+    load(names=["cat", "golden retriever", "sports_car", "x", "y"])  # "_" and " " are one name
+    load(names=textures, num_trained_classes=3)  # a count alone (cross-dataset): names unknown
+    with pytest.raises(ValueError, match="pass num_trained_classes or trained_classnames, not both"):
+        load(num_trained_classes=3, trained_classnames=BASE)
+
+    suffix = file_state(teacher_file)["prompt_learner.token_suffix"]  # (3, 72, W) fp16
+    # PromptSRC's Gaussian weight averaging: the fp16 sum of per-epoch copies weighted w_i (sum 1)
+    weights = torch.tensor([-1.0, 0.0, 1.0]).pow(2).mul(-0.5).exp()  # Gaussian at -1, 0, 1
+    weights = (weights / weights.sum()).tolist()
+    averaged = suffix * weights[0] + suffix * weights[1] + suffix * weights[2]  # fp16 throughout
+    assert averaged.dtype == torch.float16 and not torch.equal(averaged, suffix)  # rounding happened
+    load(rewrite(teacher_file, tmp_path / "averaged.pth.tar",
+                 lambda sd: sd.__setitem__("prompt_learner.token_suffix", averaged)))
+    off = suffix.clone()
+    off[1, 3] *= 1.03  # one token of one class 3% off: beyond any fp16 rounding
+    with pytest.raises(ValueError, match=r"off.pth.tar: trained on other classes: 1 of its 3 .* row 1 \(our "
+                                         r"'golden_retriever'\)"):
+        load(rewrite(teacher_file, tmp_path / "off.pth.tar",
+                     lambda sd: sd.__setitem__("prompt_learner.token_suffix", off)))
+    with pytest.raises(ValueError, match=r"short.pth.tar: prompt_learner.token_suffix has shape \(3, 71, 192\), "
+                                         r"expected \(3, 72, 192\)"):
+        load(rewrite(teacher_file, tmp_path / "short.pth.tar",
+                     lambda sd: sd.__setitem__("prompt_learner.token_suffix", suffix[:, 1:])))
+    # no token_suffix: only the class count can be checked
+    load(rewrite(teacher_file, tmp_path / "no_suffix.pth.tar", lambda sd: sd.pop("prompt_learner.token_suffix")),
+         names=textures)
 
 
 # ------------------------------------------------------ float64 reference of SPEC 11.1 / 11.2

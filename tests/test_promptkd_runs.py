@@ -162,9 +162,10 @@ def test_new_classes_are_the_same_checkpoints_rows(pk_run, tmp_path):
     root, student = synthetic(base)
     teacher_clip, teachers = teacher_setup(base)
     splits = data.load_splits("caltech101", root, subsample="new")
+    base_names = data.load_splits("caltech101", root, subsample="base")["classnames"]
     teacher = textrefiner.PromptSRCTeacher.from_checkpoint(clip_model.load_clip(teacher_clip),
                                                            os.path.join(teachers, TEACHER_FILE),
-                                                           splits["classnames"], num_trained_classes=3)
+                                                           splits["classnames"], trained_classnames=base_names)
     model = textrefiner.PromptKDCLIP(clip_model.load_clip(student), teacher, splits["classnames"], depth=DEPTH)
     model.load_trainable_state_dict(torch.load(os.path.join(out, "best.pt"), weights_only=True)["model"])
     loader = data.build_eval_loader(splits["test"], 4, 32, workers=0)
@@ -276,6 +277,25 @@ def test_teacher_of_another_class_count_is_one_line(pk_run, tmp_path, capsys):
     argv[argv.index("--teacher") + 1] = os.path.join(base, "four-classes.pth.tar")
     assert_usage_error(train.main, argv, "trained on 4 classes (prompt_learner.token_prefix rows), expected 3", capsys)
     assert not (tmp_path / "out" / "last.pt").exists()
+
+
+def test_teacher_of_another_dataset_with_as_many_classes_is_one_line(pk_run, tmp_path, capsys):
+    """A base-class teacher of another dataset (3 classes too): refused by train.py before any
+    training, and by eval.py even with --allow-other-teacher, naming the file and the first row."""
+    base, out = pk_run
+    other = str(tmp_path / "dtd-teacher.pth.tar")
+    textrefiner.write_teacher_checkpoint(other, torch.load(teacher_setup(base)[0], weights_only=True),
+                                         ["banded", "blotchy", "braided"], depth=DEPTH)
+    argv = pk_argv(base, tmp_path / "out")
+    argv[argv.index("--teacher") + 1] = other
+    message = (f"--teacher {other}: teacher file {other}: trained on other classes: 3 of its 3 class prompts "
+               f"(prompt_learner.token_suffix rows) differ from ours, the first at row 0 (our 'class_000'); another "
+               f"dataset's teacher, or another class order? Pass the dataset's own teacher")
+    assert_usage_error(train.main, argv, message, capsys)
+    assert not os.path.exists(tmp_path / "out" / "last.pt")
+    assert_usage_error(evaluate_cli.main, ["--checkpoint", os.path.join(out, "best.pt"), "--workers", "0", "--device",
+                                           "cpu", "--subsample", "new", "--teacher", other, "--allow-other-teacher"],
+                       message, capsys)
 
 
 # ----------------------------------------------------------------------------- the authors' run folders
