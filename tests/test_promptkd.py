@@ -4,7 +4,6 @@ PromptKDCLIP against an independent float64 implementation of SPEC 11.1/11.2 wri
 from the equations, with student and teacher CLIPs of different widths and a teacher file
 whose CLIP weights differ from the base CLIP's."""
 import copy
-from unittest import mock
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ import clip_model as cm
 import textrefiner as tr
 from clip_model import CONFIGS, build_model, random_state_dict, tokenize
 from test_clip import ref_encode_image, ref_encode_text
+from test_textrefiner import save_half_batch_step
 from textrefiner import PromptKDCLIP, PromptSRCTeacher, TextRefinerCLIP
 
 CLASSNAMES = ["cat", "golden_retriever", "sports car", "tabby_cat", "airliner"]
@@ -568,18 +568,7 @@ def _two_rank_step(rank, init_file, out_dir, teacher_path):
                                                CLASSNAMES)
     model = make_model(build_model(random_state_dict(STUDENT, seed=0)), teacher, seed=3).train()
     model.set_process_group(dist.group.WORLD)
-    x = images(4, seed=11)
-    # no tensor built from a host value per step: on CUDA that is a blocking copy
-    with mock.patch.object(torch, "tensor", side_effect=AssertionError("torch.tensor in a step")):
-        out = model(x[2 * rank:2 * rank + 2])  # this rank's half of the batch
-        out["loss"].backward()
-    grads = {}
-    for name, p in model.named_parameters():
-        if p.requires_grad:  # what DDP does: average the gradients over the ranks
-            dist.all_reduce(p.grad)
-            grads[name] = p.grad / 2
-    torch.save(dict(loss=out["loss"].detach(), grads=grads, state=model.trainable_state_dict()),
-               f"{out_dir}/rank{rank}.pt")
+    save_half_batch_step(model, rank, out_dir, images(4, seed=11))
     dist.destroy_process_group()
 
 

@@ -451,19 +451,27 @@ def _two_rank_step(rank, init_file, out_dir):
     clip = build_model(random_state_dict(CONFIGS["tiny"], seed=0))
     model = make_model(clip, seed=3).train()
     model.set_process_group(dist.group.WORLD)
-    x, y = images(4, seed=11), torch.tensor([2, 0, 4, 2])
+    save_half_batch_step(model, rank, out_dir, images(4, seed=11), torch.tensor([2, 0, 4, 2]))
+    dist.destroy_process_group()
+
+
+def save_half_batch_step(model, rank, out_dir, *batch):
+    """One training step of this rank (of 2) on its half of the batch tensors, gradients
+    averaged over the ranks as DDP does; loss, gradients and trainable state saved to
+    out_dir/rank{rank}.pt for the comparison with one process on the whole batch."""
+    import torch.distributed as dist
+
     # no tensor built from a host value per step: on CUDA that is a blocking copy
     with mock.patch.object(torch, "tensor", side_effect=AssertionError("torch.tensor in a step")):
-        out = model(x[2 * rank:2 * rank + 2], y[2 * rank:2 * rank + 2])  # this rank's half of the batch
+        out = model(*(t[2 * rank:2 * rank + 2] for t in batch))
         out["loss"].backward()
     grads = {}
     for name, p in model.named_parameters():
-        if p.requires_grad:  # what DDP does: average the gradients over the ranks
+        if p.requires_grad:
             dist.all_reduce(p.grad)
             grads[name] = p.grad / 2
     torch.save(dict(loss=out["loss"].detach(), grads=grads, state=model.trainable_state_dict()),
                f"{out_dir}/rank{rank}.pt")
-    dist.destroy_process_group()
 
 
 def test_two_ranks_match_one_process_on_the_global_batch(clip, tmp_path):
