@@ -209,6 +209,10 @@ def check_args(p, args):
             p.error(f"--benchmark --teacher-clip {args.teacher_clip!r}: expected one of {', '.join(clip_model.CONFIGS)} "
                     f"(random weights of that size)")
         args.teacher_sha256 = None  # no teacher file: random weights
+        if args.benchmark_run:  # the real train(): its flags have the same ranges
+            check_run_ranges(p, args)
+            fewest = 2 if args.benchmark_layout == "imagenet" else 3  # a test (and a val) image, one to train
+            check_ranges(p, args, dict(benchmark_images=(lambda v: v >= fewest, f"at least {fewest}")))
         return
     for flag in ("dataset", "root", "output_dir"):
         if getattr(args, flag) is None:
@@ -217,6 +221,19 @@ def check_args(p, args):
         p.error(f"--dataset {args.dataset!r}: expected one of {', '.join(data.DATASETS)}")
     if not os.path.isdir(args.root):
         p.error(f"--root {args.root!r} is not a directory")
+    check_run_ranges(p, args)
+    check_clip_flag(p, args.clip)
+    if args.teacher_clip is not None:
+        check_clip_flag(p, args.teacher_clip, "--teacher-clip")
+    try:
+        check_output_dir(args.output_dir)
+        resolve_teacher(args)
+    except UserError as e:
+        p.error(str(e))
+
+
+def check_run_ranges(p, args):
+    """The ranges of the flags train() reads (recipe filled in)."""
     for flag in ("epochs", "batch_size", "eval_batch_size", "n_ctx", "cache_size", "topk", "log_interval", "depth"):
         if getattr(args, flag, None) is not None and getattr(args, flag) <= 0:
             p.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
@@ -229,14 +246,6 @@ def check_args(p, args):
         warmup_lr=NON_NEGATIVE, weight_decay=NON_NEGATIVE, semantic_weight=NON_NEGATIVE, reg_weight=NON_NEGATIVE,
         alpha=UNIT, cache_momentum=UNIT, momentum=(lambda v: 0 <= v < 1, "in [0, 1)"), seed=NON_NEGATIVE,
         workers=NON_NEGATIVE, kd_weight=NON_NEGATIVE, temperature=(lambda v: v > 0 and math.isfinite(v), "positive")))
-    check_clip_flag(p, args.clip)
-    if args.teacher_clip is not None:
-        check_clip_flag(p, args.teacher_clip, "--teacher-clip")
-    try:
-        check_output_dir(args.output_dir)
-        resolve_teacher(args)
-    except UserError as e:
-        p.error(str(e))
 
 
 def check_clip_flag(p, name, flag="--clip"):

@@ -458,6 +458,23 @@ def test_nonsense_benchmark_flags_are_refused(flags, message, capsys):
                        capsys)
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--log-interval", "0"], "--log-interval must be positive"),
+    (["--epochs", "0"], "--epochs must be positive"),
+    (["--warmup-epochs", "10"], "--warmup-epochs must be in [0, --epochs)"),
+    (["--lr", "nan"], "--lr must be a positive number"),
+    (["--eval-batch-size", "0"], "--eval-batch-size must be positive"),
+    (["--benchmark-images", "2"], "--benchmark-images must be at least 3"),
+])
+def test_nonsense_benchmark_run_flags_are_refused_before_the_dataset_is_written(flags, message, monkeypatch,
+                                                                                capsys):
+    """--benchmark-run runs the real train(): its flags are checked as a training run's are,
+    before the synthetic dataset is written (not a traceback minutes later)."""
+    monkeypatch.setattr(data, "write_synthetic_dataset", lambda *a, **k: pytest.fail("dataset written"))
+    assert_usage_error(train.main, ["--benchmark-run", "--benchmark-clip", "tiny", "--device", "cpu", *flags],
+                       message, capsys)
+
+
 def test_output_dir_that_is_a_file_fails_at_start(tmp_path, capsys):
     (tmp_path / "out").write_text("")
     assert_usage_error(train.main, ["--dataset", "caltech101", "--root", str(tmp_path), "--output-dir",
