@@ -1214,6 +1214,7 @@ def fit(args, rank, world_size, device, group, timer, t_start):
     raw_model = model
     if world_size > 1:
         model.set_process_group(group)
+        Collective.now = "DDP's set-up (the parameter and buffer broadcast from rank 0)"
         # No buffer broadcast per forward: BN running stats and the cache are kept equal
         # by the model's own reductions (they are synced once at construction).
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
