@@ -408,10 +408,13 @@ def run(args):
     precision = eval_precision(args, hp, device)
     dataset = args.dataset or hp["dataset"]
     root = args.root or hp["root"]
+    source = "zero-shot CLIP has no run to take it from" if args.zeroshot else f"{args.checkpoint} does not name one"
+    if dataset is None:
+        raise SystemExit(f"--dataset is required: {source}")
     if dataset not in data.DATASETS:
         raise SystemExit(f"--dataset {dataset!r}: expected one of {', '.join(data.DATASETS)}")
     if root is None:
-        raise SystemExit("--root is required: the checkpoint does not name a data root")
+        raise SystemExit(f"--root is required: {source}")
     if not os.path.isdir(root):
         raise SystemExit(f"--root {root!r} is not a directory")
     subsample = args.subsample or (hp["subsample"] if dataset == hp["dataset"] else "all")

@@ -357,6 +357,10 @@ def test_zeroshot_and_missing_data_errors(run, tmp_path):
         evaluate_cli.main(["--report", str(tmp_path / "nothing")])
     with pytest.raises(SystemExit, match="--root"):
         evaluate_cli.main(["--zeroshot", "--dataset", "dtd", "--root", str(tmp_path / "nothing")])
+    with pytest.raises(SystemExit, match="^--dataset is required: zero-shot CLIP has no run to take it from$"):
+        evaluate_cli.main(["--zeroshot", "--root", root])  # not "--dataset None: expected one of ..."
+    with pytest.raises(SystemExit, match="^--root is required: zero-shot CLIP has no run to take it from$"):
+        evaluate_cli.main(["--zeroshot", "--dataset", "dtd"])
     zs = evaluate_cli.main(["--zeroshot", "--clip", weights, "--dataset", "caltech101", "--root", root,
                             "--workers", "0", "--device", "cpu"])
     assert zs["num_classes"] == 6 and zs["num_images"] == 18 and zs["checkpoint"] == "zero-shot CLIP"
