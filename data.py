@@ -19,6 +19,7 @@ Lay real data out as CoOp's DATASETS.md says; the split files are CoOp's, never 
 """
 import argparse
 import colorsys
+import functools
 import json
 import math
 import os
@@ -430,9 +431,16 @@ def normalize(images):
     """uint8 (B, 3, R, R) loader batch -> float32 CLIP input (B, 3, R, R) on the batch's device.
     The arithmetic of torchvision's ToTensor + Normalize(CLIP_MEAN, CLIP_STD): x / 255, then
     (x - mean) / std, each rounded to float32 in that order, so the values are bitwise the same."""
-    mean = torch.tensor(CLIP_MEAN, device=images.device).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=images.device).view(3, 1, 1)
+    mean, std = _mean_std(images.device)
     return images.float().div_(255).sub_(mean).div_(std)
+
+
+@functools.lru_cache(maxsize=None)
+def _mean_std(device):
+    """CLIP_MEAN and CLIP_STD as float32 (3, 1, 1) on device, made once per device: made per
+    batch, each would be a blocking host-to-device copy, a device synchronisation every step."""
+    return (torch.tensor(CLIP_MEAN, device=device).view(3, 1, 1),
+            torch.tensor(CLIP_STD, device=device).view(3, 1, 1))
 
 
 def _to_8_bits(image):

@@ -207,6 +207,17 @@ def test_uint8_batches_normalised_on_the_device_equal_totensor_normalize_bitwise
     assert torch.equal(data.normalize(every_value)[0], want)
 
 
+def test_normalize_makes_its_constants_once_per_device(monkeypatch):
+    """normalize() runs on every training and eval batch: a tensor built from the host there
+    is a blocking copy (a device synchronisation per step on CUDA)."""
+    batch = torch.randint(256, (2, 3, 4, 4), dtype=torch.uint8)
+    want = data.normalize(batch)
+    made = []
+    real_tensor = torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: made.append(a) or real_tensor(*a, **k))
+    assert torch.equal(data.normalize(batch), want) and made == []
+
+
 def collect(world_size, workers, items, epochs=(0, 1), batch=4):
     """Per epoch and step: the rank slices concatenated in rank order."""
     loaders = [data.build_train_loader(items, batch, 8, seed=5, rank=r, world_size=world_size, workers=workers)
