@@ -31,7 +31,9 @@ JPEGs, wall time split by phase, loader images/s vs model images/s:
 Writes into --output-dir: last.pt (written atomically after every epoch: the trainable
 state with SPEC 10 names, optimizer, scheduler, epoch, args, RNG states, the best val
 accuracy and the best-val model's trainable state, so --resume needs nothing else),
-best.pt (the same for the best-val epoch, for users; written before last.pt),
+best.pt (the same for the epoch of best val_acc, the selection split's accuracy: coop's val,
+promptkd's test of the evaluated classes; for users; written before last.pt; not with
+--selection last),
 log.jsonl (one line per epoch, written after that epoch's checkpoint) and results.json
 (test split, selected model; method, selection, teacher file and SHA-256).
 Evaluation helpers (evaluate, metrics, distributed setup) live here; eval.py
