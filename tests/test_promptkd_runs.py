@@ -16,7 +16,8 @@ import eval as evaluate_cli
 import textrefiner
 import train
 from test_eval import RunsCode, write_dassl_run, write_result
-from test_train import REPO, assert_same_tensors, assert_usage_error, read_log, synthetic, torchrun_two_ranks
+from test_train import (REPO, Interrupted, assert_same_tensors, assert_usage_error, interrupt_at_epoch, read_log,
+                        synthetic, torchrun_two_ranks)
 
 EPOCHS, DEPTH = 3, 2
 TEACHER_FILE = os.path.join("Caltech101", "VLPromptLearner", "model-best.pth.tar")
@@ -183,23 +184,7 @@ def test_selection_last(pk_run, tmp_path):
 
 def test_resume_after_interruption_ends_bitwise_equal(pk_run, tmp_path, monkeypatch):
     base, out = pk_run
-    real_loader = data.build_train_loader
-
-    class Interrupted(Exception):
-        pass
-
-    def killed_at_epoch_2(*args, **kwargs):
-        loader = real_loader(*args, **kwargs)
-        set_epoch = loader.set_epoch
-
-        def checked(epoch):
-            if epoch == 2:
-                raise Interrupted
-            set_epoch(epoch)
-        loader.set_epoch = checked
-        return loader
-
-    monkeypatch.setattr(data, "build_train_loader", killed_at_epoch_2)
+    interrupt_at_epoch(monkeypatch, 2)
     with pytest.raises(Interrupted):
         train.main(pk_argv(base, tmp_path))
     monkeypatch.undo()

@@ -150,25 +150,32 @@ def dead_pid():
     return proc.pid
 
 
-def test_resume_after_interruption_ends_bitwise_equal(run, tmp_path, monkeypatch):
-    root, weights, out = run
+class Interrupted(Exception):
+    """A training run stopped by interrupt_at_epoch, as if killed."""
+
+
+def interrupt_at_epoch(monkeypatch, epoch):
+    """Training raises Interrupted when its train loader is set to `epoch`: the checkpoints and
+    log lines of the epochs before are written by then (monkeypatch.undo() ends it)."""
     real_loader = data.build_train_loader
 
-    class Interrupted(Exception):
-        pass
-
-    def loader_killed_at_epoch_1(*args, **kwargs):
+    def loader_killed_at_epoch(*args, **kwargs):
         loader = real_loader(*args, **kwargs)
         set_epoch = loader.set_epoch
 
-        def checked(epoch):
-            if epoch == 1:  # epoch 0's checkpoint and log line are written by now
+        def checked(e):
+            if e == epoch:
                 raise Interrupted
-            set_epoch(epoch)
+            set_epoch(e)
         loader.set_epoch = checked
         return loader
 
-    monkeypatch.setattr(data, "build_train_loader", loader_killed_at_epoch_1)
+    monkeypatch.setattr(data, "build_train_loader", loader_killed_at_epoch)
+
+
+def test_resume_after_interruption_ends_bitwise_equal(run, tmp_path, monkeypatch):
+    root, weights, out = run
+    interrupt_at_epoch(monkeypatch, 1)
     with pytest.raises(Interrupted):
         train.main(train_argv(root, weights, str(tmp_path)))
     monkeypatch.undo()
