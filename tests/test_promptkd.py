@@ -174,6 +174,24 @@ def test_teacher_class_features_once_per_class_set(teacher, monkeypatch):
     assert len(calls) == 2
 
 
+def test_teacher_and_student_class_features_follow_a_move(teacher, student, monkeypatch):
+    """The memos see the teacher's tensors move: model.to(device) after a first evaluation
+    must not serve class features of the old device. Moved here in dtype (no second device
+    on a CPU machine); a device move replaces the same tensors."""
+    for refiner in (True, False):
+        model = make_model(copy.deepcopy(student), copy.deepcopy(teacher), refiner=refiner).eval()
+        calls = []
+        encode = model.teacher.clip.encode_prompts
+        monkeypatch.setattr(model.teacher.clip, "encode_prompts", lambda *a, **k: calls.append(1) or encode(*a, **k))
+        features = torch.randn(2, 96)
+        first = model.logits(features)
+        model.logits(features)
+        assert len(calls) == 1
+        model.teacher.double()
+        torch.testing.assert_close(model.logits(features), first, rtol=1e-5, atol=1e-5)
+        assert len(calls) == 2
+
+
 def test_zero_shot_copy_in_the_file_is_ignored(tmp_path, teacher_base_sd, teacher_file, teacher):
     path = tmp_path / "zs.pth.tar"
     tr.write_teacher_checkpoint(path, perturbed(teacher_base_sd, seed=2), BASE, depth=TEACHER_DEPTH,
