@@ -332,6 +332,12 @@ class TextRefiner(nn.Module):
         picked = aligned.gather(1, index[:, :, None].expand(-1, -1, d))  # (B, k+1, D)
         return torch.cat([picked, aligned.mean(dim=1, keepdim=True)], dim=1)  # (B, k+2, D)
 
+    def state_key(self):
+        """A key that changes whenever refine() may give another result for the same input:
+        a cache update, an optimiser step on the extractor, a load or move, another alpha.
+        For memos of refined class features."""
+        return _tensor_key(self.cache), _tensor_key(self.extractor.weight), self.alpha
+
     @torch.no_grad()
     def update_cache(self, aligned_tokens):
         """Momentum update of the cache from this step's aligned tokens (B, T, D) (SPEC 4),
@@ -430,10 +436,8 @@ class TextRefinerCLIP(nn.Module):
     def logits(self, image_features):
         """Eval logits (B, C) from image_features(images) (B, D); class features computed once."""
         ctx = self.prompt_learner.ctx
-        refiner = self.refiner
         key = (self.prompt_learner.generation, _tensor_key(ctx), _autocast_key(ctx.device),
-               None if refiner is None else
-               (_tensor_key(refiner.cache), _tensor_key(refiner.extractor.weight), refiner.alpha))
+               None if self.refiner is None else self.refiner.state_key())
         features = self._class_features.get(key, self._compute_class_features)  # (C, D)
         return _scaled_cosine_logits(self.clip.logit_scale, image_features, features)
 
@@ -775,10 +779,15 @@ class PromptSRCTeacher(nn.Module):
         self.prompt_learner.set_classnames(classnames)
         self._class_features.clear()
 
+    def class_features_key(self):
+        """What class_features() depends on: the class set, the autocast setting, and the
+        prompts' tensor (so a move to another device or dtype is not served stale features)."""
+        return (self.prompt_learner.generation, _tensor_key(self.text_prompts),
+                _autocast_key(self.text_prompts.device))
+
     def class_features(self):
         """Normalised teacher text features t_T (n, D_T) fp32, once per class set."""
-        key = (self.prompt_learner.generation, _autocast_key(self.text_prompts.device))
-        return self._class_features.get(key, self._compute_class_features)
+        return self._class_features.get(self.class_features_key(), self._compute_class_features)
 
     @torch.no_grad()
     def _compute_class_features(self):
@@ -898,10 +907,7 @@ class PromptKDCLIP(nn.Module):
     def logits(self, image_features):
         """Eval logits (B, n) from image_features(images): the refined teacher classifier,
         computed once per class set and trained state."""
-        teacher, refiner = self.teacher, self.refiner
-        key = (teacher.prompt_learner.generation, _autocast_key(teacher.text_prompts.device),
-               None if refiner is None else
-               (_tensor_key(refiner.cache), _tensor_key(refiner.extractor.weight), refiner.alpha))
+        key = (self.teacher.class_features_key(), None if self.refiner is None else self.refiner.state_key())
         features = self._class_features.get(key, self._compute_class_features)  # (n, D_T)
         return _scaled_cosine_logits(self.clip.logit_scale, image_features, features)
 

@@ -3,7 +3,8 @@
     from kernels import cache_update, cache_partials, cache_apply, feature_align
 
 backend: "auto" (Triton for CUDA tensors, the PyTorch reference otherwise; the reference
-also for a cache larger than the Triton kernel supports), "triton", or "torch". The Triton
+also for a cache larger than the Triton kernel supports and for inputs whose element offsets
+pass int32), "triton" (a ValueError for what it cannot take), or "torch". The Triton
 modules (triton_cache_update, triton_feature_align) are imported on first use, so the
 reference path needs no triton install, and importing never touches a GPU. On a CPU,
 backend="triton" needs TRITON_INTERPRET=1 set before that first use. Benchmark:
@@ -120,10 +121,12 @@ def cache_partials(tokens, cache, backend="auto"):
     N = 0 (a rank without tokens) gives col_max -inf and zero sums and counts: nothing.
     """
     _check_cache_inputs(tokens, cache)
+    # decided first: a rank without tokens refuses a bad backend as the other ranks do
+    use_triton = _cache_uses_triton(backend, tokens.device, cache.shape[0], _fits_int32(tokens))
     if tokens.shape[0] == 0:
         m, d = cache.shape
         return cache.new_full((m,), float("-inf")), cache.new_zeros(m, d), cache.new_zeros(m)
-    if _cache_uses_triton(backend, tokens.device, cache.shape[0], _fits_int32(tokens)):
+    if use_triton:
         with on_device(tokens.device):
             return _triton_module("triton_cache_update").cache_partials(tokens, cache)
     return reference.cache_partials(tokens, cache)

@@ -561,6 +561,16 @@ def test_no_tokens_contribute_nothing(backend):
     assert_close(kernels.cache_update(torch.empty(0, 64, device=DEVICE), cache, backend=backend), cache, 1e-7, "cache")
 
 
+def test_no_tokens_still_refuses_what_the_other_ranks_refuse():
+    """A rank without tokens checks the backend and the cache size like the ranks with tokens,
+    so a bad argument is an error on every rank, not on all but one."""
+    empty = torch.empty(0, 64, device=DEVICE)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        kernels.cache_partials(empty, unit_rows(13, 64, seed=36), backend="cuda")
+    with pytest.raises(ValueError, match="at most 128 rows"):
+        kernels.cache_partials(empty, unit_rows(129, 64, seed=36), backend="triton")
+
+
 # ---------------------------------------------------------------- 2 processes over gloo
 
 def _sync_worker(rank, world, init_file, out_dir, align_cases, cache, bounds):

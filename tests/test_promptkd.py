@@ -12,7 +12,7 @@ import clip_model as cm
 import textrefiner as tr
 from clip_model import CONFIGS, build_model, random_state_dict, tokenize
 from test_clip import ref_encode_image, ref_encode_text
-from test_textrefiner import save_half_batch_step
+from test_textrefiner import save_half_batch_step, spec_cache_update, spec_semantic_tokens
 from textrefiner import PromptKDCLIP, PromptSRCTeacher, TextRefinerCLIP
 
 CLASSNAMES = ["cat", "golden_retriever", "sports car", "tabby_cat", "airliner"]
@@ -174,6 +174,24 @@ def test_teacher_class_features_once_per_class_set(teacher, monkeypatch):
     assert len(calls) == 2
 
 
+def test_teacher_and_student_class_features_follow_a_move(teacher, student, monkeypatch):
+    """The memos see the teacher's tensors move: model.to(device) after a first evaluation
+    must not serve class features of the old device. Moved here in dtype (no second device
+    on a CPU machine); a device move replaces the same tensors."""
+    for refiner in (True, False):
+        model = make_model(copy.deepcopy(student), copy.deepcopy(teacher), refiner=refiner).eval()
+        calls = []
+        encode = model.teacher.clip.encode_prompts
+        monkeypatch.setattr(model.teacher.clip, "encode_prompts", lambda *a, **k: calls.append(1) or encode(*a, **k))
+        features = torch.randn(2, 96)
+        first = model.logits(features)
+        model.logits(features)
+        assert len(calls) == 1
+        model.teacher.double()
+        torch.testing.assert_close(model.logits(features), first, rtol=1e-5, atol=1e-5)
+        assert len(calls) == 2
+
+
 def test_zero_shot_copy_in_the_file_is_ignored(tmp_path, teacher_base_sd, teacher_file, teacher):
     path = tmp_path / "zs.pth.tar"
     tr.write_teacher_checkpoint(path, perturbed(teacher_base_sd, seed=2), BASE, depth=TEACHER_DEPTH,
@@ -332,11 +350,7 @@ def reference_step(model, student_sd, teacher_sd, teacher_prompts, x, x_eval, kd
     logits = ls * g @ refined.t()
     aligned, align_mean, align_var = ref_projection(tokens.reshape(b * n_tok, -1), p, "refiner.align")
     aligned = aligned.reshape(b, n_tok, -1)
-    ranked = cls_attn.argsort(dim=1, descending=True)
-    gaps = cls_attn.gather(1, ranked[:, topk - 1:topk]) - cls_attn.gather(1, ranked[:, topk:topk + 1])
-    assert gaps.min() > 1e-5 * cls_attn.max(), "top-5 is ill-conditioned for this seed"
-    local = torch.stack([torch.stack([aligned[i, 0]] + [aligned[i, j + 1] for j in ranked[i, :topk]]
-                                     + [aligned[i].mean(0)]) for i in range(b)])  # (B, 7, D_T)
+    local = spec_semantic_tokens(aligned, cls_attn, topk)  # (B, 7, D_T)
     local_logits = ls * local.reshape(b * 7, -1) @ t.t()
     loss_kd = kl_per_element(logits, p_teacher, temperature)
     loss_local = kl_per_element(local_logits, p_teacher[torch.arange(b).repeat_interleave(7)], temperature)
@@ -344,19 +358,7 @@ def reference_step(model, student_sd, teacher_sd, teacher_prompts, x, x_eval, kd
     loss = kd_weight * loss_kd + kd_weight / 100 * loss_local + kd_weight / 50 * loss_reg
     grads = dict(zip(names, torch.autograd.grad(loss, list(p.values()))))
 
-    # cache update (SPEC 4 rule) on all B*T aligned tokens
-    x_hat = aligned.detach().reshape(b * n_tok, -1)
-    x_hat = x_hat / x_hat.norm(dim=-1, keepdim=True)
-    scores = x_hat @ cache.t()
-    top2 = scores.topk(2, dim=1).values
-    assert (top2[:, 0] - top2[:, 1]).min() > 1e-5, "cache assignment is ill-conditioned for this seed"
-    assign, col_max = scores.argmax(1), scores.max(0).values
-    new_cache = cache.clone()
-    for m in range(cache.shape[0]):
-        rows = (assign == m).nonzero()[:, 0]
-        if len(rows):
-            new_cache[m] = 0.8 * cache[m] + 0.2 * (torch.exp(scores[rows, m] - col_max[m])[:, None] * x_hat[rows]).sum(0)
-    new_cache = new_cache / new_cache.norm(dim=-1, keepdim=True)
+    new_cache = spec_cache_update(cache, aligned)  # SPEC 4 rule, on all B*T aligned tokens
 
     running = {}
     for prefix, mean, var, rows in (("image_proj", proj_mean, proj_var, b),

@@ -335,6 +335,34 @@ def test_zero_shot_uses_coop_templates(clip):
 
 # ------------------------------------------------------- float64 reference of SPEC section 4
 
+def spec_semantic_tokens(aligned, cls_attn, topk=5):
+    """SPEC 4 local rows from the equations: per image the CLS token, the top-k patches by
+    CLS attention and the mean over all tokens (B, k+2, D); asserts the top-k is well defined."""
+    ranked = cls_attn.argsort(dim=1, descending=True)
+    gaps = cls_attn.gather(1, ranked[:, topk - 1:topk]) - cls_attn.gather(1, ranked[:, topk:topk + 1])
+    assert gaps.min() > 1e-5 * cls_attn.max(), "top-5 is ill-conditioned for this seed"
+    return torch.stack([torch.stack([aligned[i, 0]] + [aligned[i, j + 1] for j in ranked[i, :topk]]
+                                    + [aligned[i].mean(0)]) for i in range(aligned.shape[0])])
+
+
+def spec_cache_update(cache, aligned):
+    """SPEC 4 cache update from the equations, slot by slot, on all B*T aligned tokens;
+    asserts that no token's assignment is a near tie."""
+    x_hat = aligned.detach().reshape(-1, aligned.shape[-1])
+    x_hat = x_hat / x_hat.norm(dim=-1, keepdim=True)
+    scores = x_hat @ cache.t()  # (N, M)
+    top2 = scores.topk(2, dim=1).values
+    assert (top2[:, 0] - top2[:, 1]).min() > 1e-5, "cache assignment is ill-conditioned for this seed"
+    assign, col_max = scores.argmax(1), scores.max(0).values
+    new_cache = cache.clone()
+    for m in range(cache.shape[0]):
+        rows = (assign == m).nonzero()[:, 0]
+        if len(rows):
+            weights = torch.exp(scores[rows, m] - col_max[m])
+            new_cache[m] = 0.8 * cache[m] + 0.2 * (weights[:, None] * x_hat[rows]).sum(0)
+    return new_cache / new_cache.norm(dim=-1, keepdim=True)
+
+
 def reference_step(clip64, model, classnames, x, y, x_eval):
     """SPEC 4 from the equations, in float64, on copies of the model's raw weights: returns
     the loss terms, logits, gradients of every trainable tensor, the updated cache, BN
@@ -377,11 +405,7 @@ def reference_step(clip64, model, classnames, x, y, x_eval):
     z = torch.relu((h - mean) / torch.sqrt(var + eps) * p["align.bn.weight"] + p["align.bn.bias"])
     aligned = (z @ p["align.fc2.weight"].t() + p["align.fc2.bias"]).reshape(b, n_tok, d)
 
-    ranked = cls_attn.argsort(dim=1, descending=True)
-    gaps = cls_attn.gather(1, ranked[:, 4:5]) - cls_attn.gather(1, ranked[:, 5:6])
-    assert gaps.min() > 1e-5 * cls_attn.max(), "top-5 is ill-conditioned for this seed"
-    local = torch.stack([torch.stack([aligned[i, 0]] + [aligned[i, j + 1] for j in ranked[i, :5]]
-                                     + [aligned[i].mean(0)]) for i in range(b)])  # (B, 7, D)
+    local = spec_semantic_tokens(aligned, cls_attn)  # (B, 7, D)
     local_logits = scale * local.reshape(b * 7, d) @ t.t()
     loss_global = cross_entropy(logits, y)
     loss_local = sum(cross_entropy(local_logits[i * 7:(i + 1) * 7], y[i].repeat(7)) for i in range(b)) / b
@@ -389,19 +413,7 @@ def reference_step(clip64, model, classnames, x, y, x_eval):
     loss = loss_global + loss_local / 50 + 20 * loss_reg
     grads = dict(zip(names, torch.autograd.grad(loss, list(params.values()))))
 
-    x_hat = aligned.detach().reshape(b * n_tok, d)
-    x_hat = x_hat / x_hat.norm(dim=-1, keepdim=True)
-    scores = x_hat @ cache.t()  # (N, M)
-    top2 = scores.topk(2, dim=1).values
-    assert (top2[:, 0] - top2[:, 1]).min() > 1e-5, "cache assignment is ill-conditioned for this seed"
-    assign, col_max = scores.argmax(1), scores.max(0).values
-    new_cache = cache.clone()
-    for m in range(cache.shape[0]):
-        rows = (assign == m).nonzero()[:, 0]
-        if len(rows):
-            weights = torch.exp(scores[rows, m] - col_max[m])
-            new_cache[m] = 0.8 * cache[m] + 0.2 * (weights[:, None] * x_hat[rows]).sum(0)
-    new_cache = new_cache / new_cache.norm(dim=-1, keepdim=True)
+    new_cache = spec_cache_update(cache, aligned)
     count = b * n_tok
     running_mean = 0.9 * raw["refiner.align.bn.running_mean"] + 0.1 * mean.detach()
     running_var = 0.9 * raw["refiner.align.bn.running_var"] + 0.1 * var.detach() * count / (count - 1)
