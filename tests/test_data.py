@@ -362,7 +362,7 @@ def test_bad_split_files_are_named_at_load(tmp_path, change, message):
 
 
 def test_missing_listed_image_is_found_at_load(tmp_path):
-    folder = synthetic(tmp_path, "caltech101", num_classes=3)
+    synthetic(tmp_path, "caltech101", num_classes=3)
     test = load_splits("caltech101", str(tmp_path), num_shots=2)["test"]
     os.remove(test[-1].impath)
     with pytest.raises(data.MissingData, match=r"1 image\(s\) listed in the test split are missing.*" +
