@@ -503,7 +503,8 @@ class _GlobalBatchSampler:
             raise ValueError(f"global batch size {global_batch_size} is not divisible by the "
                              f"world size {world_size}")
         if num_items < world_size:
-            raise ValueError(f"{num_items} training images cannot feed {world_size} ranks")
+            raise DataError(f"{num_items} training images cannot feed {world_size} ranks: "
+                            f"run on at most {num_items} ranks")
         self.n, self.batch, self.seed = num_items, global_batch_size, seed
         self.rank, self.world_size, self.epoch = rank, world_size, 0
 

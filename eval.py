@@ -694,7 +694,7 @@ def report(root):
 
 def check_args(p, args):
     """Flag errors argparse cannot see; p.error exits with status 2 and the usage line."""
-    train.check_ranges(p, args, dict(dist_timeout=train.POSITIVE))
+    train.check_ranges(p, args, dict(dist_timeout=train.DIST_TIMEOUT))
     if args.benchmark:
         train.check_ranges(p, args, train.BENCHMARK_RULES)
         if args.teacher_clip is not None and args.teacher_clip not in clip_model.CONFIGS:

@@ -173,6 +173,8 @@ def check_ranges(p, args, rules):
 POSITIVE = (lambda v: v > 0, "positive")
 NON_NEGATIVE = (lambda v: v >= 0 and math.isfinite(v), ">= 0")
 UNIT = (lambda v: 0 <= v <= 1, "in [0, 1]")
+# timedelta overflows past ~2.7e12 s; a week is longer than any collective should wait
+DIST_TIMEOUT = (lambda v: 0 < v <= 7 * 24 * 3600, "in (0, 604800] (at most a week)")
 BENCHMARK_RULES = dict(batch_size=POSITIVE, benchmark_steps=POSITIVE, num_classes=POSITIVE,
                        benchmark_warmup=NON_NEGATIVE)
 
@@ -202,7 +204,7 @@ def check_args(p, args):
     apply_recipe(p, args)
     if args.no_val:
         args.selection = "last"
-    check_ranges(p, args, dict(dist_timeout=POSITIVE))
+    check_ranges(p, args, dict(dist_timeout=DIST_TIMEOUT))
     if args.benchmark or args.benchmark_run:
         check_ranges(p, args, BENCHMARK_RULES)
         if args.benchmark_run and METHODS[args.method].teacher:

@@ -421,3 +421,10 @@ def test_synthetic_natural_images_are_photo_sized(tmp_path):
         with Image.open(it.impath) as image:
             assert image.size == (500, 375) and image.format == "JPEG"
         assert 20_000 < os.path.getsize(it.impath) < 200_000  # a photo-sized JPEG (flat colour: ~3 KB)
+
+
+def test_fewer_training_images_than_ranks_is_a_data_error(tmp_path):
+    synthetic(tmp_path, "caltech101", num_classes=3)
+    items = load_splits("caltech101", str(tmp_path), num_shots=2)["train"][:1]
+    with pytest.raises(data.DataError, match="1 training images cannot feed 2 ranks: run on at most 1 ranks"):
+        data.build_train_loader(items, 2, 32, seed=1, rank=0, world_size=2, workers=0)

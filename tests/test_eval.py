@@ -450,7 +450,7 @@ def test_authors_folder_with_other_clip_weights_is_refused(run, tmp_path, capsys
 @pytest.mark.parametrize("argv, message", [
     (["--zeroshot", "--dataset", "dtd", "--seed", "-1"], "--seed must be >= 0"),
     (["--zeroshot", "--dataset", "dtd", "--batch-size", "0"], "--batch-size must be positive"),
-    (["--zeroshot", "--dataset", "dtd", "--dist-timeout", "-5"], "--dist-timeout must be positive"),
+    (["--zeroshot", "--dataset", "dtd", "--dist-timeout", "-5"], "--dist-timeout must be in (0, 604800]"),
     (["--benchmark", "--benchmark-steps", "0"], "--benchmark-steps must be positive"),
     (["--benchmark", "--num-classes", "0"], "--num-classes must be positive"),
     (["--benchmark", "--batch-size", "-2"], "--batch-size must be positive"),

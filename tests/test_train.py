@@ -447,7 +447,8 @@ def test_full_output_disk_stops_training_with_a_message_and_resume_continues(run
     (["--momentum", "5"], "--momentum must be in [0, 1), got 5.0"),
     (["--seed", "-1"], "--seed must be >= 0"),
     (["--batch-size", "0"], "--batch-size must be positive"),
-    (["--dist-timeout", "0"], "--dist-timeout must be positive"),
+    (["--dist-timeout", "0"], "--dist-timeout must be in (0, 604800]"),
+    (["--dist-timeout", "inf"], "--dist-timeout must be in (0, 604800]"),
     (["--clip", "/no/clip.pt"], "--clip '/no/clip.pt': no such file; expected an official name (ViT-B/32"),
 ])
 def test_nonsense_flags_are_refused(flags, message, tmp_path, capsys):
