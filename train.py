@@ -238,15 +238,13 @@ def check_args(p, args):
 
 def check_run_ranges(p, args):
     """The ranges of the flags train() reads (recipe filled in)."""
-    for flag in ("epochs", "batch_size", "eval_batch_size", "n_ctx", "cache_size", "topk", "log_interval", "depth"):
-        if getattr(args, flag, None) is not None and getattr(args, flag) <= 0:
-            p.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    check_ranges(p, args, {flag: POSITIVE for flag in ("epochs", "batch_size", "eval_batch_size", "n_ctx",
+                                                       "cache_size", "topk", "log_interval", "depth")})
     if not 0 <= args.warmup_epochs < args.epochs:
         p.error(f"--warmup-epochs must be in [0, --epochs), got {args.warmup_epochs}")
-    if not (math.isfinite(args.lr) and args.lr > 0):
-        p.error(f"--lr must be a positive number, got {args.lr}")
     # SPEC 4/5: alpha and the cache momentum weigh a convex mix; SGD momentum below 1 converges.
     check_ranges(p, args, dict(
+        lr=(lambda v: v > 0 and math.isfinite(v), "a positive number"),
         warmup_lr=NON_NEGATIVE, weight_decay=NON_NEGATIVE, semantic_weight=NON_NEGATIVE, reg_weight=NON_NEGATIVE,
         alpha=UNIT, cache_momentum=UNIT, momentum=(lambda v: 0 <= v < 1, "in [0, 1)"), seed=NON_NEGATIVE,
         workers=NON_NEGATIVE, kd_weight=NON_NEGATIVE, temperature=(lambda v: v > 0 and math.isfinite(v), "positive")))
