@@ -1,5 +1,5 @@
 """CLIP (ViT image tower + causal text tower) in plain PyTorch, OpenAI weight loading and
-OpenAI's byte-level BPE tokenizer, as TextRefiner needs them (SPEC sections 1, 2, 8, 9).
+OpenAI's byte-level BPE tokenizer, as TextRefiner needs them.
 
 Parameter names are exactly OpenAI's, so a released checkpoint loads with strict=True and
 every hyper-parameter is inferred from the state dict's names and shapes. One image
@@ -18,12 +18,10 @@ F.scaled_dot_product_attention and only the last one computes anything extra.
     # glob (2, 512), tokens (2, 197, 512) with tokens[:, 0] == glob, cls_attn (2, 196)
     text_features = clip.encode_text(tokenize(["a photo of a dog.", "a photo of a cat."]))
 
-Tiny random weights for tests and `make demo`:
+Tiny random weights for tests, benchmarks and `make demo`:
 
-    from clip_model import CONFIGS, build_model, random_state_dict, save_torchscript_archive
-    state_dict = random_state_dict(CONFIGS["tiny"], seed=0)
-    save_torchscript_archive(state_dict, "tiny.pt")   # fp16, like OpenAI's released files
-    clip = load_clip("tiny.pt")
+    from clip_model import CONFIGS, build_model, random_state_dict
+    clip = build_model(random_state_dict(CONFIGS["tiny"], seed=0))
 """
 import functools
 import gzip
@@ -31,11 +29,9 @@ import hashlib
 import html
 import math
 import os
-import pickle
 import re
 import sys
 import tempfile
-import types
 import unicodedata
 import urllib.request
 import warnings
@@ -90,7 +86,7 @@ JIT_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
 
 
 class LayerNorm(nn.LayerNorm):
-    """LayerNorm computed in float32 whatever the activation dtype (SPEC 8)."""
+    """LayerNorm computed in float32 whatever the activation dtype (bf16/fp16 autocast)."""
 
     def forward(self, x):
         y = F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps)
@@ -241,7 +237,7 @@ class CLIP(nn.Module):
     def encode_image(self, images, return_tokens=False, prompts=None):
         """images (B, 3, R, R) -> (B, D); or (global (B, D), tokens (B, T, D), cls_attn (B, G*G)).
 
-        prompts (depth, n, vision width): deep visual prompts (IVLP / VPT-deep, SPEC 11.1):
+        prompts (depth, n, vision width): deep visual prompts (IVLP / VPT-deep / PromptKD's student):
         prompts[0] is appended after the T image tokens without positional embedding and
         prompts[i] replaces the last n tokens before block i (1 <= i < depth). The outputs
         keep their shapes: the prompt tokens are dropped, and cls_attn is the CLS query's
@@ -252,12 +248,13 @@ class CLIP(nn.Module):
     def encode_prompts(self, prompt_embeddings, token_ids, length=None, deep_prompts=None):
         """prompt_embeddings (C, 77, W) without positional embedding, token_ids (C, 77) -> (C, D).
 
-        deep_prompts (depth - 1, n, W): deep text prompts (IVLP, SPEC 11.1) replacing
+        deep_prompts (depth - 1, n, W): deep text prompts (IVLP / PromptSRC) replacing
         positions 1..n (the context the prompt embeddings carry at the input) before blocks
         1..depth-1.
 
         The row at each prompt's EOT (argmax id) only sees positions up to it (causal mask),
-        so the class set runs truncated to its first `length` positions (SPEC 9.3), by
+        so the class set runs truncated to its first `length` positions (same output, several
+        times less work than all 77), by
         default text_length(token_ids). Callers that encode the same ids at every step pass
         that length, computed once: on CUDA ids computing it is a device-to-host sync. A
         given length is checked against CPU ids only, for the same reason.
@@ -365,34 +362,11 @@ def random_state_dict(config: CLIPConfig, seed: int = 0) -> dict:
     return state_dict
 
 
-def save_torchscript_archive(state_dict, path):
-    """Write an OpenAI-like TorchScript archive: fp16 weights under OpenAI's names plus the
-    input_resolution / context_length / vocab_size entries of the released JIT files."""
-    config = config_from_state_dict(state_dict)
-    root = nn.Module()
-    for key, value in state_dict.items():
-        *parents, leaf = key.split(".")
-        module = root
-        for name in parents:
-            if name not in module._modules:
-                module.add_module(name, nn.Module())
-            module = module._modules[name]
-        value = value.detach().half() if value.is_floating_point() else value.detach()
-        module.register_parameter(leaf, nn.Parameter(value, requires_grad=False))
-    extras = dict(
-        input_resolution=config.image_resolution, context_length=config.context_length, vocab_size=config.vocab_size
-    )
-    for key, value in extras.items():
-        root.register_buffer(key, torch.tensor(value))
-    with warnings.catch_warnings():  # OpenAI ships TorchScript, so we write it despite the deprecation
-        warnings.simplefilter("ignore", FutureWarning)
-        torch.jit.save(torch.jit.script(root), path)
-
-
 # ----------------------------------------------------------------------------- loading
 
 
-def _sha256(path):
+def sha256(path):
+    """The file's SHA-256, hex."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
@@ -410,7 +384,7 @@ def download(url, download_root=None) -> str:
     root = os.path.expanduser(download_root or os.path.join("~", ".cache", "clip"))
     path = os.path.join(root, filename)
     if os.path.exists(path):
-        found = _sha256(path)
+        found = sha256(path)
         if found != sha:
             raise RuntimeError(
                 f"{path} exists but its SHA-256 is {found}, expected {sha} (from {url}); "
@@ -464,70 +438,6 @@ def read_state_dict(path) -> dict:
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise ValueError(f"{path}: holds a {type(state_dict).__name__}, expected a dict of tensors ({expected})")
     return state_dict
-
-
-# Dassl checkpoints (the authors' TextRefiner runs, PromptKD's teacher files) pickle whole
-# objects; they are read tensors-only, with a restricted unpickler (eval.py and textrefiner.py).
-
-class _NotLoaded:
-    """Stands in for a pickled object of any class other than tensors and plain containers.
-    Dassl's checkpoints pickle a scheduler object (its warm-up scheduler's state holds the
-    CosineAnnealingLR successor, which holds the SGD optimiser); reading such a file must not
-    import or run code from it, so what the pickle describes is only recorded here."""
-    origin = "?"
-
-    def __new__(cls, *args, **kwargs):
-        self = object.__new__(cls)
-        self.args, self.state, self.items = args, None, {}
-        return self
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __setstate__(self, state):
-        self.state = state
-
-    def __setitem__(self, key, value):  # dict subclasses (defaultdict) unpickle item by item
-        self.items[key] = value
-
-    def append(self, value):  # list subclasses
-        self.items[len(self.items)] = value
-
-    def extend(self, values):
-        for v in values:
-            self.append(v)
-
-    def __repr__(self):
-        return f"<not loaded: {self.origin}>"
-
-
-# Globals an authors' file may resolve for real: the tensor and parameter rebuilders (torch.load
-# resolves storages itself), OrderedDict and dtypes. Anything else becomes a _NotLoaded.
-_TENSOR_GLOBALS = {("collections", "OrderedDict"), ("torch", "Size"),
-                   ("torch._utils", "_rebuild_tensor"), ("torch._utils", "_rebuild_tensor_v2"),
-                   ("torch._utils", "_rebuild_parameter"), ("torch._utils", "_rebuild_parameter_with_state")}
-
-
-class _TensorsOnlyUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        if (module, name) in _TENSOR_GLOBALS:
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        return type(name, (_NotLoaded,), {"origin": f"{module}.{name}"})
-
-
-_tensors_only_pickle = types.ModuleType("tensors_only_pickle")
-_tensors_only_pickle.Unpickler = _TensorsOnlyUnpickler
-_tensors_only_pickle.load = lambda f, **kwargs: _TensorsOnlyUnpickler(f, **kwargs).load()
-
-
-def read_dassl_file(path, allow_pickle=False):
-    """A Dassl checkpoint file on the CPU. By default only tensors and containers are built
-    (other objects become _NotLoaded; no code from the file runs); allow_pickle unpickles fully."""
-    if allow_pickle:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_tensors_only_pickle)
 
 
 def load_clip(name_or_path, download_root=None) -> CLIP:

@@ -1,6 +1,6 @@
-"""
-The 15 CoOp benchmarks: CoOp's on-disk layouts, Dassl-identical few-shot splits,
-base/new classes, CLIP transforms and (distributed) loaders. See SPEC sections 5, 6.
+"""Datasets in, results out: the 15 CoOp benchmarks (CoOp's on-disk layouts, Dassl-identical few-shot
+splits, base/new classes, CLIP transforms, distributed loaders) and the files a run writes (atomic
+writes, checkpoints, the output-folder lock).
 
     from data import load_splits, build_train_loader, build_eval_loader, normalize
     splits = load_splits("caltech101", "~/data", num_shots=16, seed=1, subsample="base")
@@ -10,24 +10,23 @@ base/new classes, CLIP transforms and (distributed) loaders. See SPEC sections 5
         for images, labels in loader:              # uint8 (B, 3, 224, 224), (B,)
             x = normalize(images.to(device))       # float32 CLIP input, normalised on the device
 
-Loader throughput (decoded + augmented images per second), real or synthetic data:
-
-    python data.py --benchmark --dataset imagenet --root ~/data --workers 8 --batch-size 256
-    python data.py --synthetic /tmp/syn --dataset caltech101    # write a small fake dataset
+Loader throughput: `python bench.py loader` (bench.py's docstring).
 
 Lay real data out as CoOp's DATASETS.md says; the split files are CoOp's, never invented.
 """
-import argparse
 import colorsys
+import fcntl
 import functools
 import json
 import math
 import os
 import pickle
 import random
+import socket
 import sys
 import tempfile
 import time
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,29 +69,41 @@ class DatasetInfo:
     image_dir: str      # under the folder; "" = the folder itself
     layout: str         # split_json | fgvc_aircraft | imagenet | imagenetv2 | wnid_folders
     split_file: str = ""  # split_json only: CoOp's split_zhou_*.json in the folder
+    template: str = "a photo of a {}."  # CoOp's hand-crafted zero-shot prompt
+    paper_name: str = ""  # the name in the papers' base-to-new tables (the 11 datasets only)
 
     @property
     def test_only(self):
         return self.layout in ("imagenetv2", "wnid_folders")
 
 
+# In the papers' table order: the 11 base-to-new datasets, then the 4 ImageNet variants (test only).
 DATASETS = {
-    "caltech101": DatasetInfo("caltech-101", "101_ObjectCategories", "split_json", "split_zhou_Caltech101.json"),
-    "oxford_pets": DatasetInfo("oxford_pets", "images", "split_json", "split_zhou_OxfordPets.json"),
-    "stanford_cars": DatasetInfo("stanford_cars", "", "split_json", "split_zhou_StanfordCars.json"),
-    "oxford_flowers": DatasetInfo("oxford_flowers", "jpg", "split_json", "split_zhou_OxfordFlowers.json"),
-    "food101": DatasetInfo("food-101", "images", "split_json", "split_zhou_Food101.json"),
-    "fgvc_aircraft": DatasetInfo("fgvc_aircraft", "images", "fgvc_aircraft"),
-    "sun397": DatasetInfo("sun397", "SUN397", "split_json", "split_zhou_SUN397.json"),
-    "dtd": DatasetInfo("dtd", "images", "split_json", "split_zhou_DescribableTextures.json"),
-    "eurosat": DatasetInfo("eurosat", "2750", "split_json", "split_zhou_EuroSAT.json"),
-    "ucf101": DatasetInfo("ucf101", "UCF-101-midframes", "split_json", "split_zhou_UCF101.json"),
-    "imagenet": DatasetInfo("imagenet", "images", "imagenet"),
+    "imagenet": DatasetInfo("imagenet", "images", "imagenet", paper_name="ImageNet"),
+    "caltech101": DatasetInfo("caltech-101", "101_ObjectCategories", "split_json", "split_zhou_Caltech101.json",
+                              paper_name="Caltech101"),
+    "oxford_pets": DatasetInfo("oxford_pets", "images", "split_json", "split_zhou_OxfordPets.json",
+                               "a photo of a {}, a type of pet.", "OxfordPets"),
+    "stanford_cars": DatasetInfo("stanford_cars", "", "split_json", "split_zhou_StanfordCars.json",
+                                 paper_name="StanfordCars"),
+    "oxford_flowers": DatasetInfo("oxford_flowers", "jpg", "split_json", "split_zhou_OxfordFlowers.json",
+                                  "a photo of a {}, a type of flower.", "Flowers102"),
+    "food101": DatasetInfo("food-101", "images", "split_json", "split_zhou_Food101.json",
+                           "a photo of {}, a type of food.", "Food101"),
+    "fgvc_aircraft": DatasetInfo("fgvc_aircraft", "images", "fgvc_aircraft",
+                                 template="a photo of a {}, a type of aircraft.", paper_name="FGVCAircraft"),
+    "sun397": DatasetInfo("sun397", "SUN397", "split_json", "split_zhou_SUN397.json", paper_name="SUN397"),
+    "dtd": DatasetInfo("dtd", "images", "split_json", "split_zhou_DescribableTextures.json", "{} texture.", "DTD"),
+    "eurosat": DatasetInfo("eurosat", "2750", "split_json", "split_zhou_EuroSAT.json",
+                           "a centered satellite photo of {}.", "EuroSAT"),
+    "ucf101": DatasetInfo("ucf101", "UCF-101-midframes", "split_json", "split_zhou_UCF101.json",
+                          "a photo of a person doing {}.", "UCF101"),
     "imagenetv2": DatasetInfo("imagenetv2", "imagenetv2-matched-frequency-format-val", "imagenetv2"),
     "imagenet_sketch": DatasetInfo("imagenet-sketch", "images", "wnid_folders"),
     "imagenet_a": DatasetInfo("imagenet-adversarial", "imagenet-a", "wnid_folders"),
     "imagenet_r": DatasetInfo("imagenet-rendition", "imagenet-r", "wnid_folders"),
 }
+PAPER_DATASETS = [name for name, info in DATASETS.items() if info.paper_name]  # the 11 of the tables
 
 
 def dataset_info(name):
@@ -411,6 +422,37 @@ def load_splits(dataset, root, num_shots=16, seed=1, subsample="all"):
         _check_images_exist(splits, dataset)
     return splits
 
+@dataclass
+class RunData:
+    """What a run trains and evaluates on. Labels of `train` index `classnames`, the classes the
+    model is built with; labels of `val` and `test` index `eval_classnames`, the classifier rows
+    `columns` (None: every row, and eval_classnames == classnames). select_split: the split
+    per-epoch model selection evaluates. all_classnames: every class of the dataset (base and new)."""
+    train: list
+    classnames: list
+    val: list
+    test: list
+    eval_classnames: list
+    all_classnames: list
+    columns: list = None
+    select_split: str = "val"
+
+
+def run_splits(dataset, root, num_shots=16, seed=1, subsample="all", transductive=False):
+    """-> RunData. Labelled (CoOp and most methods): the few-shot picks of the subsample's classes,
+    selection on their val split. Transductive (PromptKD, as released): training on the unlabelled
+    few-shot picks of ALL classes (the whole train split with num_shots <= 0; a test-only
+    dataset's test images), the classifier over all n classes, the subsample's rows evaluated
+    (base: the first ceil(n/2), new: the rest), selection on their test split."""
+    every = load_splits(dataset, root, num_shots=num_shots, seed=seed, subsample="all")
+    evaluated = subsample_classes(every, subsample)
+    if not transductive:
+        return RunData(evaluated["train"], evaluated["classnames"], evaluated["val"], evaluated["test"],
+                       evaluated["classnames"], every["classnames"])
+    columns = None if subsample == "all" else subsample_labels(every["train"] or every["test"], subsample)
+    return RunData(every["train"] or every["test"], every["classnames"], evaluated["val"], evaluated["test"],
+                   evaluated["classnames"], every["classnames"], columns, select_split="test")
+
 # ----------------------------------------------------------------------------- images, loaders
 
 
@@ -643,50 +685,157 @@ def write_synthetic_dataset(root, dataset, num_classes=10, images_per_class=8, i
                 f.write("not a class folder\n")
     return folder
 
-# ----------------------------------------------------------------------------- benchmark
+# ----------------------------------------------------------------------------- the files a run writes
 
 
-def benchmark(dataset, root, workers=4, batch_size=64, resolution=224, steps=50, num_shots=-1):
-    splits = load_splits(dataset, root, num_shots=num_shots, seed=1)
-    items = splits["train"] or splits["test"]
-    loader = build_train_loader(items, min(batch_size, len(items)), resolution, seed=1, workers=workers)
-    images, start, epoch = 0, None, 0
-    while steps > 0:
-        loader.set_epoch(epoch)
-        for batch, _ in loader:
-            if start is None:  # the first batch pays for worker start-up
-                start = time.perf_counter()
-            else:
-                images, steps = images + len(batch), steps - 1
-            if steps == 0:
-                break
-        epoch += 1
-    rate = images / (time.perf_counter() - start)
-    print(f"{dataset}: {rate:.1f} images/s decoded+augmented ({images} images, {len(items)} in split, "
-          f"workers={workers}, batch={batch_size}, resolution={resolution})")
-    return rate
+def replace_atomically(path, write):
+    """write(f) into path + ".tmp", flush it to the disk, rename it over path: a crash at any point
+    leaves the previous file or the complete new one. A write that fails (a full disk: an OSError,
+    or torch.save's RuntimeError) is a UserError; the temporary file is removed, path left as it was."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+    except (OSError, RuntimeError) as e:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        kept = f"the previous {os.path.basename(path)} is intact" if os.path.exists(path) else "nothing was written"
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0][:200]
+        raise UserError(f"cannot write {path}: {reason}; {kept}; free space on that disk, then run the same "
+                        f"command again") from None
+    os.replace(tmp, path)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--benchmark", action="store_true", help="measure loader throughput")
-    p.add_argument("--synthetic", metavar="ROOT", help="write a synthetic --dataset under ROOT")
-    p.add_argument("--dataset", required=True, choices=list(DATASETS))
-    p.add_argument("--root", default="data")
-    p.add_argument("--workers", type=int, default=4)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--resolution", type=int, default=224)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--shots", type=int, default=-1, help="few-shot train set to read (-1: whole split)")
-    args = p.parse_args(argv)
-    if args.synthetic:
-        print(write_synthetic_dataset(args.synthetic, args.dataset))
-    if args.benchmark:
-        benchmark(args.dataset, args.root, workers=args.workers, batch_size=args.batch_size,
-                  resolution=args.resolution, steps=args.steps, num_shots=args.shots)
-    if not (args.benchmark or args.synthetic):
-        p.error("nothing to do: give --benchmark and/or --synthetic ROOT")
+def save_atomic(obj, path):
+    replace_atomically(path, lambda f: torch.save(obj, f))
 
 
-if __name__ == "__main__":
-    main()
+def write_json(obj, path):
+    replace_atomically(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
+
+
+CHECKPOINT_KINDS = "train.py's best.pt or last.pt, or an authors' run folder (holding prompt_learner/ and Memory/)"
+
+
+def load_checkpoint(path):
+    """A checkpoint dict written by train.py; anything else is a UserError saying what it is."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path!r} not found")
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"{path}: not a complete checkpoint ({os.path.getsize(path)} bytes, no zip directory: "
+                        f"cut short by a crash, a full disk or a copy?); expected {CHECKPOINT_KINDS}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"{path}: holds pickled objects, which train.py's checkpoints never do (an authors' "
+                        f".pth.tar file?); expected {CHECKPOINT_KINDS}") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise UserError(f"{path}: unreadable checkpoint ({str(e).splitlines()[0][:200]}); "
+                        f"expected {CHECKPOINT_KINDS}") from None
+    if not (isinstance(ckpt, dict) and {"model", "args", "epoch"} <= ckpt.keys()):
+        raise UserError(f"{path}: not a checkpoint of train.py (no 'model', 'args' and 'epoch' entries; "
+                        f"a bare state dict?); expected {CHECKPOINT_KINDS}")
+    return ckpt
+
+
+def _lock_holder(path):
+    """The lock file's content, {} when unreadable, None when absent."""
+    try:
+        with open(path) as f:
+            holder = json.load(f)
+        return holder if isinstance(holder, dict) else {}
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}
+
+
+def _is_stale(holder):
+    """A lock of this host (and pid namespace) whose process is gone, or whose pid now runs another
+    process (its start time differs). Another host's process cannot be checked from here."""
+    if holder.get("host") != socket.gethostname() or holder.get("pidns") != _pid_namespace():
+        return False
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, KeyError, TypeError, OverflowError):
+        return False  # alive (another user's), or not a pid at all
+    return holder.get("start") not in (None, _process_start(holder["pid"]))
+
+
+def _process_start(pid):
+    """Start time of process pid (clock ticks after boot), None where unknown: with the pid it
+    names one process, also after the pid has been reused."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _pid_namespace():
+    try:
+        return os.readlink("/proc/self/ns/pid")  # containers sharing a host name may not share pids
+    except OSError:
+        return None
+
+
+def acquire_output_lock(folder):
+    """Hold `folder` for a training run: create folder/.lock (host, pid, its start time and pid
+    namespace) atomically, as a hard link of a complete file (atomic on NFS too). A lock of this
+    host whose process is gone is stale and taken over (--resume after kill -9), by exactly one of
+    the processes trying: each takes an flock of the stale file, then judges it again. A live lock,
+    or another host's (whose processes cannot be checked from here), is refused. -> the lock path."""
+    path = os.path.join(folder, ".lock")
+    me = dict(host=socket.gethostname(), pid=os.getpid(), start=_process_start(os.getpid()),
+              pidns=_pid_namespace(), since=time.strftime("%Y-%m-%d %H:%M:%S"))
+    mine = f"{path}-{me['host']}-{me['pid']}"  # not *.tmp: the start-up clean-up must leave it alone
+    with open(mine, "w") as f:
+        json.dump(me, f)
+    try:
+        for _ in range(10):
+            try:
+                os.link(mine, path)
+                return _clean(folder, path)
+            except FileExistsError:
+                pass
+            try:
+                held = open(path)
+            except FileNotFoundError:
+                continue  # released meanwhile: link again
+            with held:
+                fcntl.flock(held, fcntl.LOCK_EX)  # one judge at a time; released with the file
+                holder = _lock_holder(path)  # by path: a winner before us has replaced the file
+                if holder is None:
+                    continue
+                if not (holder and _is_stale(holder)):
+                    who = (f"pid {holder.get('pid')} on host {holder.get('host')} since {holder.get('since')}"
+                           if holder else "an unreadable lock")
+                    raise UserError(f"--output-dir {folder} is in use by another training run ({who}): wait for "
+                                    f"it, or choose another --output-dir; if that run is dead (e.g. on another "
+                                    f"node), delete {path}")
+                print(f"removing the stale lock {path} of pid {holder['pid']} (no longer running)")
+                os.replace(mine, path)
+                return _clean(folder, path)
+        raise UserError(f"--output-dir {folder}: could not take {path} (it kept changing); try again")
+    finally:
+        if os.path.exists(mine):
+            os.remove(mine)
+
+
+def _clean(folder, lock):
+    """Once the lock is ours, a *.tmp in the folder is a write interrupted in an earlier run."""
+    for name in os.listdir(folder):
+        if name.endswith(".tmp"):
+            os.remove(os.path.join(folder, name))
+    return lock
+
+
+def release_output_lock(path):
+    """Remove the lock if it is still this process's."""
+    holder = _lock_holder(path) or {}
+    if (holder.get("host"), holder.get("pid")) == (socket.gethostname(), os.getpid()):
+        os.remove(path)

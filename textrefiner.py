@@ -1,57 +1,50 @@
-"""TextRefiner (AAAI 2025) on top of CoOp: a frozen CLIP, learned prompt context, and a
-refiner that injects a cache of local visual concepts into the class text features.
-The maths is SPEC.md section 4; the API is section 10.
+"""TextRefiner (AAAI 2025, "TextRefiner: Internal Visual Feature as Efficient Refiner for
+Vision-Language Models Prompt Tuning", arXiv 2412.08176): a refiner any CLIP prompt learner plugs in.
+
+The method. t = the L2-normalised class text features (C, D) of a prompt learner; a cache of M = 25
+unit vectors (M, D); from ONE pass of the frozen image tower, the last block's tokens (B, T, D) (CLS
+and patches, after ln_post @ proj) and the CLS query's head-averaged attention over the patches.
+
+    refined = t + alpha * extractor([t, softmax(t cache^T) cache])   alpha 0.2, extractor Linear(2D, D, no bias)
+    logits  = exp(logit_scale) * normalise(image feature) refined^T   (refined is not re-normalised)
+    X       = align(tokens): Linear -> BatchNorm (statistics of all B*T tokens) -> ReLU -> Linear, token-wise
+    local   = X at the CLS token, at the 5 patches of highest CLS attention, and the mean of X   (B, 7, D)
+    loss    = CE(logits, y) + CE(exp(logit_scale) local t^T, y) / 50 + 20 * mean |normalise(refined) - t|
+    cache   : after the step's forward, no gradient, fp32: each normalised aligned token x_n goes to its
+              most similar slot a_n with weight exp(S[n, a_n] - max_n' S[n', a_n]), S = X^ cache^T; a slot
+              that received tokens becomes 0.8 slot + 0.2 (weighted sum of its tokens); all rows renormalised.
+
+At test time nothing is aligned or updated: `refined` depends on no image, so it is computed once per
+evaluation. Trainable: align and extractor (1,050,624 values at D = 512); the cache is saved state.
+
+Reading order: FeatureAlign and TextRefiner (the method, with `train_terms`, the refiner's share of a
+training step); Recipe and PromptCLIP (what train.py, eval.py and bench.py need from any prompt
+learner); then the hosts: CoOp + TextRefiner (TextRefinerCLIP), zero-shot CLIP, PromptKD +
+TextRefiner (PromptKDCLIP with its PromptSRC teacher); METHODS maps --method names to them.
 
     import clip_model, textrefiner
-    clip = clip_model.load_clip("ViT-B/16")
-    model = textrefiner.TextRefinerCLIP(clip, classnames)      # paper defaults
+    model = textrefiner.TextRefinerCLIP(clip_model.load_clip("ViT-B/16"), classnames)   # paper defaults
     model.train(); out = model(images, labels); out["loss"].backward()   # also updates the cache
-    model.eval();  logits = model(images)                       # class features computed once
-    model.set_classnames(new_classnames)                        # base -> new
-    torch.save(model.trainable_state_dict(), "ckpt.pt")         # no CLIP weights
+    model.eval();  logits = model(images)                                # class features once
+    model.set_classnames(new_classnames)                                 # base -> new
+    torch.save(model.trainable_state_dict(), "ckpt.pt")                  # no CLIP weights
 
-TextRefiner plugs into any prompt learner that yields class text features; it needs the
-image tower's last-block tokens and CLS attention row (clip.encode_image(x, return_tokens=True)):
+In your own prompt learner (t may also be per image, (B, C, D)):
 
     refiner = textrefiner.TextRefiner(embed_dim)
-    t = F.normalize(my_prompt_learner_text_features, dim=-1)  # (C, D)
-    refined = refiner.refine(t)                                # (C, D), not re-normalised
-    logits = scale * F.normalize(img, dim=-1) @ refined.t()    # (B, C)
-    if training:
-        aligned = refiner.align_tokens(tokens)                 # (B, T, D)
-        local = refiner.semantic_tokens(aligned, cls_attn)     # (B, k+2, D)
-        local_logits = scale * local.flatten(0, 1) @ t.t()     # (B*(k+2), C)
-        loss = (F.cross_entropy(logits, y)
-                + F.cross_entropy(local_logits, y.repeat_interleave(local.shape[1])) / 50
-                + 20 * F.l1_loss(F.normalize(refined, dim=-1), t))
-        refiner.update_cache(aligned.detach())                 # after the forward that read it
-
-PromptKD + TextRefiner (SPEC 11): a frozen PromptSRC teacher (ViT-L/14 with deep prompts, read
-from PromptKD's released teacher files) distils into a ViT-B/16 student with deep visual
-prompts, whose classifier is the teacher's class text refined by TextRefiner:
-
-    teacher = textrefiner.PromptSRCTeacher.from_checkpoint(
-        clip_model.load_clip("ViT-L/14"), "teachers/DescribableTextures/VLPromptLearner/model-best.pth.tar",
-        classnames)                                              # class features computed once
-    model = textrefiner.PromptKDCLIP(clip_model.load_clip("ViT-B/16"), teacher, classnames,
-                                     kd_weight=200.0)            # refiner=False: plain PromptKD
-    model.train(); out = model(images); out["loss"].backward()   # no labels; updates the cache
-    model.eval();  logits = model(images)
-    # a tiny teacher file in the released layout (tests, demo):
-    textrefiner.write_teacher_checkpoint("teacher.pth.tar", clip_model.random_state_dict(
-        clip_model.CONFIGS["tiny-teacher"]), base_classnames, depth=3)
-
-PromptKDCLIP offers TextRefinerCLIP's training-loop interface: forward(images, labels) -> dict
-with "loss" and the other entries of loss_keys (labels ignored), eval forward -> logits,
-set_classnames, set_process_group, trainable_state_dict / load_trainable_state_dict; its eval
-forward is logits(image_features(images)), and frozen_image_features = False says that its
-image features change with training (trainable visual prompts), so they are never reused.
+    glob, tokens, cls_attn = clip.encode_image(x, return_tokens=True)
+    refined, local_logits, loss_reg = refiner.train_terms(t, tokens, cls_attn, scale)  # + cache update
+    logits = scale * F.normalize(glob, dim=-1) @ refined.t()                 # at test: refiner.refine(t)
+    loss = (F.cross_entropy(logits, y) + F.cross_entropy(local_logits.flatten(0, 1),
+            y.repeat_interleave(local_logits.shape[1])) / 50 + 20 * loss_reg)
 
 The refiner maths, the losses and the cache are fp32 even under autocast.
 """
+import dataclasses
 import math
-import os
-import re
+import types
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
@@ -59,106 +52,330 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import clip_model
+import data
+import released
 from clip_model import text_length, tokenize
+from data import UserError
 from kernels import cache_update, feature_align
 
-CLASS_TOKEN_POSITIONS = ("end", "middle", "front")
 
-# CoOp's hand-crafted zero-shot prompt per dataset (names of SPEC section 6).
-ZERO_SHOT_TEMPLATES = {
-    "caltech101": "a photo of a {}.",
-    "oxford_pets": "a photo of a {}, a type of pet.",
-    "stanford_cars": "a photo of a {}.",
-    "oxford_flowers": "a photo of a {}, a type of flower.",
-    "food101": "a photo of {}, a type of food.",
-    "fgvc_aircraft": "a photo of a {}, a type of aircraft.",
-    "sun397": "a photo of a {}.",
-    "dtd": "{} texture.",
-    "eurosat": "a centered satellite photo of {}.",
-    "ucf101": "a photo of a person doing {}.",
-    "imagenet": "a photo of a {}.",
-    "imagenetv2": "a photo of a {}.",
-    "imagenet_sketch": "a photo of a {}.",
-    "imagenet_a": "a photo of a {}.",
-    "imagenet_r": "a photo of a {}.",
-}
-DEFAULT_TEMPLATE = "a photo of a {}."
-
-
-def _fp32(tensor):
+def fp32(tensor):
     """Context in which autocast is off on the tensor's device (refiner maths stays fp32)."""
     return torch.autocast(tensor.device.type, enabled=False)
 
 
-def _tensor_key(tensor):
-    # _version counts in-place writes (optimizer steps, copy_); id/data_ptr catch replacement
-    return (id(tensor), tensor._version, tensor.data_ptr(), tensor.device, tensor.dtype)
-
-
-def _autocast_key(device):
-    return (torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
-
-
-def _scaled_cosine_logits(logit_scale, image_features, class_features):
-    """logit_scale.exp() * normalise(image_features) @ class_features^T: (B, D), (C, D) ->
-    (B, C) fp32. class_features are used as given (normalised, or refined)."""
-    with _fp32(image_features):
+def scaled_cosine_logits(logit_scale, image_features, class_features):
+    """logit_scale.exp() * normalise(image_features) @ class_features^T: (B, D), (C, D) -> (B, C)
+    fp32. class_features are used as given (normalised, or refined)."""
+    with fp32(image_features):
         img = F.normalize(image_features.float(), dim=-1)
         return logit_scale.exp().float() * img @ class_features.t()
 
-
-class _Memo:
-    """One value computed from module state, recomputed whenever the state's key changes."""
-
-    def __init__(self):
-        self.clear()
-
-    def clear(self):
-        self.key, self.value = None, None
-
-    def get(self, key, compute):
-        if self.value is None or self.key != key:
-            self.value = compute()
-            self.key = key
-        return self.value
+# ----------------------------------------------------------------------------- the method
 
 
-# The key only one method's checkpoints hold -> the method, for a clear error on a mix-up.
-METHOD_MARKERS = {"prompt_learner.ctx": "CoOp / CoOp + TextRefiner (TextRefinerCLIP)",
-                  "visual_prompts": "PromptKD / PromptKD + TextRefiner (PromptKDCLIP)"}
+class FeatureAlign(nn.Module):
+    """Linear(dim, out_dim) -> BatchNorm1d(out_dim) -> ReLU -> Linear(out_dim, out_dim), row-wise
+    (out_dim defaults to dim; PromptKD's align and image_proj widen 512 -> 768).
+
+    Training uses batch statistics through kernels.feature_align (summed over the process group
+    when one is set: SyncBatchNorm) and updates bn's running statistics as nn.BatchNorm1d does."""
+
+    def __init__(self, dim, out_dim=None):
+        super().__init__()
+        out_dim = dim if out_dim is None else out_dim
+        self.fc1 = nn.Linear(dim, out_dim)
+        self.bn = nn.BatchNorm1d(out_dim)
+        self.fc2 = nn.Linear(out_dim, out_dim)
+        self.process_group = None
+
+    def forward(self, x):  # (N, dim) -> (N, out_dim) fp32
+        with fp32(x):
+            x = x.float()
+            if not self.training:
+                return self.fc2(F.relu(self.bn(self.fc1(x))))  # bn in eval: running statistics
+            y, mean, var = feature_align(x, self.fc1.weight, self.fc1.bias, self.bn.weight, self.bn.bias,
+                                         self.fc2.weight, self.fc2.bias, eps=self.bn.eps,
+                                         process_group=self.process_group)
+            self._update_running_stats(mean.detach(), var.detach(), x.shape[0])
+        return y
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean, var, rows):
+        """As nn.BatchNorm1d, except that a batch whose statistics are not finite (an fp16 overflow,
+        a step the gradient scaler skips) leaves them as they were instead of poisoning them for
+        good. mean/var are the group's, so every rank decides alike, on the device (no sync)."""
+        if self.process_group is None:
+            if rows < 2:
+                raise ValueError(f"FeatureAlign: batch statistics need at least 2 tokens, got {rows}")
+            n = float(rows)
+        else:  # the global token count, summed on the device
+            n = torch.full((), float(rows), device=mean.device)
+            dist.all_reduce(n, op=dist.ReduceOp.SUM, group=self.process_group)
+        finite = torch.isfinite(mean).all() & torch.isfinite(var).all()  # () bool
+        momentum = self.bn.momentum
+        running_mean, running_var = self.bn.running_mean, self.bn.running_var
+        running_mean.copy_(torch.where(finite, (1 - momentum) * running_mean + momentum * mean, running_mean))
+        unbiased = var * n / (n - 1)  # as BatchNorm1d
+        running_var.copy_(torch.where(finite, (1 - momentum) * running_var + momentum * unbiased, running_var))
+        self.bn.num_batches_tracked.add_(finite.long())
 
 
-def _load_trainable(model, state_dict):
-    """Copy state_dict into model.trainable_state_dict()'s tensors (they share storage with
-    the model) after checking that keys and shapes match exactly."""
-    where = f"{type(model).__name__}.load_trainable_state_dict"
-    own = model.trainable_state_dict()
-    for marker, method in METHOD_MARKERS.items():
-        if marker in state_dict and marker not in own:
-            mine = next(m for k, m in METHOD_MARKERS.items() if k in own)
-            raise ValueError(f"{where}: this is a checkpoint of {method} (it holds {marker!r}); "
-                             f"the model is {mine}: evaluate it with that method")
-    missing = sorted(own.keys() - state_dict.keys())
-    unexpected = sorted(state_dict.keys() - own.keys())
-    mismatched = [f"{k}: checkpoint {tuple(state_dict[k].shape)}, model {tuple(own[k].shape)}"
-                  for k in sorted(own.keys() & state_dict.keys())
-                  if state_dict[k].shape != own[k].shape]
-    if missing or unexpected or mismatched:
-        raise ValueError(f"{where}: state dict does not match the model; missing keys {missing}, "
-                         f"unexpected keys {unexpected}, shape mismatches {mismatched}")
-    with torch.no_grad():
-        for name, tensor in own.items():
-            tensor.copy_(state_dict[name])
+class TextRefiner(nn.Module):
+    """Feature alignment, local cache and aggregation, for any prompt learner.
+
+    embed_dim: the width of the text features refined (and of the cache); token_dim: the width of
+    the image tokens aligned to it (default embed_dim; PromptKD: 512-d tokens, 768-d teacher text)."""
+
+    def __init__(self, embed_dim, cache_size=25, alpha=0.2, momentum=0.8, topk=5, token_dim=None):
+        super().__init__()
+        if cache_size < 1 or topk < 1:
+            raise ValueError(f"TextRefiner: cache_size and topk must be >= 1, got {cache_size}, {topk}")
+        self.align = FeatureAlign(embed_dim if token_dim is None else token_dim, embed_dim)
+        self.extractor = nn.Linear(2 * embed_dim, embed_dim, bias=False)
+        # Not a parameter (no gradient), but persistent: every checkpoint carries it.
+        self.register_buffer("cache", F.normalize(torch.rand(cache_size, embed_dim), dim=-1))  # (M, D)
+        self.alpha, self.momentum, self.topk = alpha, momentum, topk
+        self.process_group = None
+
+    def set_process_group(self, group):
+        """DDP: the alignment's BatchNorm statistics over `group` and the cache updates combined
+        over it, so every rank computes what one process would on the global batch."""
+        self.process_group = self.align.process_group = group
+
+    def refine(self, text_features):
+        """(..., D) class text features -> alpha * extractor([t, softmax(t cache^T) cache]) + t,
+        t = normalise(text_features), row by row. Not re-normalised."""
+        with fp32(text_features):
+            t = F.normalize(text_features.float(), dim=-1)  # (..., D)
+            # snapshot: the in-place cache update later in this step must not touch what autograd saved
+            cache = self.cache.clone()  # (M, D)
+            read = torch.softmax(t @ cache.t(), dim=-1) @ cache  # (..., D)
+            return self.alpha * self.extractor(torch.cat([t, read], dim=-1)) + t
+
+    def align_tokens(self, tokens):
+        """(B, T, token_dim) last-block image tokens -> aligned tokens (B, T, D) fp32."""
+        b, n, d = tokens.shape
+        return self.align(tokens.reshape(b * n, d)).reshape(b, n, -1)
+
+    def semantic_tokens(self, aligned, cls_attn):
+        """CLS + the top-k patches by CLS attention + the mean of all tokens: (B, k+2, D)."""
+        b, n, d = aligned.shape
+        if cls_attn.shape != (b, n - 1):
+            raise ValueError(f"TextRefiner.semantic_tokens: cls_attn must be ({b}, {n - 1}) for "
+                             f"tokens {tuple(aligned.shape)}, got {tuple(cls_attn.shape)}")
+        if self.topk > n - 1:
+            raise ValueError(f"TextRefiner: topk={self.topk} exceeds the {n - 1} patch tokens")
+        patches = cls_attn.float().topk(self.topk, dim=-1).indices + 1  # (B, k); +1 skips the CLS slot
+        index = torch.cat([patches.new_zeros(b, 1), patches], dim=1)  # (B, k+1)
+        picked = aligned.gather(1, index[:, :, None].expand(-1, -1, d))  # (B, k+1, D)
+        return torch.cat([picked, aligned.mean(dim=1, keepdim=True)], dim=1)  # (B, k+2, D)
+
+    @torch.no_grad()
+    def update_cache(self, aligned_tokens):
+        """Momentum update of the cache from this step's aligned tokens (B, T, D), combined over the
+        process group when one is set (every rank holds the same cache). A batch with a non-finite
+        token anywhere in the group leaves the cache unchanged."""
+        tokens = aligned_tokens.detach().reshape(-1, aligned_tokens.shape[-1])  # (N, D)
+        self.cache.copy_(cache_update(tokens, self.cache, momentum=self.momentum, process_group=self.process_group))
+
+    def train_terms(self, t, tokens, cls_attn, scale):
+        """The refiner's share of a training step, for any prompt learner.
+
+        t: normalised class text features (C, D), or per image (B, C, D); tokens (B, T, token_dim)
+        and cls_attn (B, T - 1) from clip.encode_image(x, return_tokens=True) (prompt tokens left
+        out); scale = exp(logit_scale). -> (refined classifier like t, local logits (B, k+2, C) of the
+        local tokens against the UNREFINED t, the L1 regulariser). Reads the cache, then updates it
+        from this batch's aligned tokens."""
+        with fp32(t):
+            refined = self.refine(t)  # reads the cache before this step's update
+            aligned = self.align_tokens(tokens)  # (B, T, D)
+            local = self.semantic_tokens(aligned, cls_attn)  # (B, k+2, D)
+            local_logits = scale * local @ t.float().transpose(-1, -2)  # (B, k+2, C)
+            loss_reg = F.l1_loss(F.normalize(refined, dim=-1), t.float())
+        self.update_cache(aligned)
+        return refined, local_logits, loss_reg
+
+# ----------------------------------------------------------------------------- the prompt-learner interface
+
+
+@dataclass
+class Recipe:
+    """A method's hyper-parameters. train.py turns every field of every registered recipe into a
+    flag --field-name; a flag left unset takes the --method's default; a resumed run must repeat
+    them. A method's recipe subclasses this one, overrides defaults and adds its own fields."""
+    epochs: int = 10
+    batch_size: int = 32  # global, split across the ranks
+    lr: float = 0.002
+    momentum: float = 0.9
+    weight_decay: float = 5e-4  # on every trainable tensor
+    warmup_epochs: int = 1  # at warmup_lr, then cosine from lr, stepped once per epoch
+    warmup_lr: float = 1e-5
+    selection: str = "best"  # best: the epoch of best accuracy on the selection split is tested; last
+    # Fields that name weights the model is built from besides --clip: recorded with their SHA-256
+    # when they are files, and eval.py takes them as flags (default: the run's).
+    inputs: ClassVar[tuple] = ()
+    xd: ClassVar[dict] = {}  # the cross-dataset protocol's values (train.py --xd), where they differ
+
+    def for_dataset(self, dataset):
+        """Defaults that depend on the dataset (fields still None); this recipe otherwise."""
+        return self
+
+
+def _state_key(module):
+    """A key that changes whenever a tensor the module holds outside its frozen CLIPs changes (an
+    in-place write bumps _version; set_classnames and .to() make new tensors), or a refiner's alpha."""
+    key, skipped = [], ()
+    for name, sub in module.named_modules():  # parents before their children
+        if isinstance(sub, clip_model.CLIP):
+            skipped += (name + ".",)
+        if isinstance(sub, clip_model.CLIP) or name.startswith(skipped):
+            continue
+        for t in [*sub.parameters(recurse=False), *sub.buffers(recurse=False)]:
+            key.append((id(t), t._version, t.data_ptr(), t.device, t.dtype))
+        if isinstance(sub, TextRefiner):
+            key.append(sub.alpha)
+    return tuple(key)
+
+
+def _autocast_key(device):
+    return torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type)
+
+
+class PromptCLIP(nn.Module):
+    """What train.py, eval.py and bench.py need from a prompt learner on a frozen CLIP.
+
+    A subclass sets `recipe` (its Recipe dataclass) and writes build, train_forward and
+    class_features; image_features and logits have defaults for a frozen image tower. Evaluation
+    computes class_features() once and reuses it until a tensor of the model (outside its frozen
+    CLIPs) or the autocast setting changes."""
+    recipe = Recipe
+    loss_keys = ("loss",)  # train_forward's entries that train.py logs, "loss" first
+    frozen_image_features = True  # image_features() reads no trained tensor: eval may reuse them
+    transductive = False  # trains on the unlabelled images of every class; selection on the test split
+    frozen = ("clip",)  # submodules kept frozen and in eval mode, outside trainable_state_dict
+    title = None  # the report's name of the method (None: the class name)
+    # The report's published numbers: note, base2new {row: (base, new, HM)}, and optionally
+    # base2new_datasets (column tag, {dataset: (base, new, HM)}), xd (tag, {dataset: accuracy}), xd_note.
+    published = {}
+
+    def __init__(self, clip):
+        super().__init__()
+        self.clip = clip.requires_grad_(False).eval()
+        self._classifier = None  # (key, class features) of the last evaluation
+
+    @classmethod
+    def build(cls, clip, classnames, args):
+        """The model for the run's flags (recipe fields included) on `clip`."""
+        raise NotImplementedError
+
+    @classmethod
+    def prepare(cls, args, classnames):
+        """Checks and resolves the run's flags before any weights load, given every class name the
+        run will meet (base and new): UserError for what cannot work. Default: nothing."""
+
+    @classmethod
+    def benchmark_models(cls, clip, classnames, args):
+        """{name: model} that bench.py times on random weights, interleaved: the method with
+        TextRefiner, then without (the targets compare these two); any further model is compared
+        with the first. Default: build() with and without the refiner."""
+        title = cls.title or cls.__name__
+        return {f"{title}+TextRefiner": cls.build(clip, classnames, types.SimpleNamespace(**{**vars(args), "no_refiner": False})),
+                title: cls.build(clip, classnames, types.SimpleNamespace(**{**vars(args), "no_refiner": True}))}
+
+    def train_forward(self, images, labels):
+        """-> dict with "loss", the other loss_keys and "logits" (B, C)."""
+        raise NotImplementedError
+
+    def image_features(self, images):
+        """(B, 3, R, R) -> (B, D), not normalised: by default the frozen tower's global feature."""
+        return self.clip.encode_image(images)
+
+    def class_features(self):
+        """(C, D) what the eval logits compare against (normalised or refined)."""
+        raise NotImplementedError
+
+    def logits(self, image_features):
+        """Eval logits (B, C): exp(logit_scale) * normalise(image_features) @ class_features()^T, the
+        class features computed once per evaluation (recomputed when the model's state changes)."""
+        key = (_state_key(self), _autocast_key(image_features.device))
+        if self._classifier is None or self._classifier[0] != key:
+            with torch.no_grad():
+                self._classifier = (key, self.class_features())
+        return scaled_cosine_logits(self.clip.logit_scale, image_features, self._classifier[1])
+
+    def forward(self, images, labels=None):
+        if self.training:
+            return self.train_forward(images, labels)
+        return self.logits(self.image_features(images))
+
+    def set_classnames(self, classnames):
+        """Subclasses rebuild their class prompts for `classnames`, then call this."""
+        self._classifier = None
+
+    def set_process_group(self, group):
+        """DDP: every BatchNorm statistic and cache update of the model over `group`."""
+        for module in self.modules():
+            if isinstance(module, (FeatureAlign, TextRefiner)):
+                module.process_group = group
+
+    def train(self, mode=True):
+        super().train(mode)
+        for name in self.frozen:
+            getattr(self, name).eval()
+        return self
+
+    def trainable_state_dict(self):
+        """Every state-dict entry outside the frozen submodules: the checkpoint's model."""
+        return {k: v for k, v in self.state_dict().items() if k.split(".")[0] not in self.frozen}
+
+    def load_trainable_state_dict(self, state_dict):
+        """Strict: the names and shapes of trainable_state_dict()."""
+        own, name = self.trainable_state_dict(), type(self).__name__
+        missing, unexpected = sorted(own.keys() - state_dict.keys()), sorted(state_dict.keys() - own.keys())
+        hosts = [{k.split(".")[0] for k in keys} - {"refiner"} for keys in (own, state_dict)]
+        if all(hosts) and hosts[0].isdisjoint(hosts[1]):  # not even the prompt learner's names
+            raise ValueError(f"{name}.load_trainable_state_dict: not a {name} checkpoint: its {', '.join(unexpected[:3])}, "
+                             f"... are not the model's ({', '.join(sorted(own)[:3])}, ...): another method's?")
+        mismatched = [f"{k}: checkpoint {tuple(state_dict[k].shape)}, model {tuple(own[k].shape)}"
+                      for k in sorted(own.keys() & state_dict.keys()) if state_dict[k].shape != own[k].shape]
+        if missing or unexpected or mismatched:
+            raise ValueError(f"{name}.load_trainable_state_dict: state dict does not match the "
+                             f"model; missing keys {missing}, unexpected keys {unexpected}, shape mismatches "
+                             f"{mismatched}")
+        with torch.no_grad():
+            for name, tensor in own.items():
+                tensor.copy_(state_dict[name])
+
+# ----------------------------------------------------------------------------- CoOp + TextRefiner
+
+
+@dataclass
+class RefinerRecipe(Recipe):
+    """TextRefiner's hyper-parameters, shared by its hosts."""
+    cache_size: int = 25
+    alpha: float = 0.2
+    cache_momentum: float = 0.8
+    topk: int = 5
+
+
+def refiner_from(args, embed_dim, token_dim=None):
+    """The run's TextRefiner, or None with --no-refiner."""
+    if args.no_refiner:
+        return None
+    return TextRefiner(embed_dim, args.cache_size, args.alpha, args.cache_momentum, args.topk, token_dim=token_dim)
+
+
+CLASS_TOKEN_POSITIONS = ("end", "middle", "front")
 
 
 class PromptLearner(nn.Module):
-    """CoOp context vectors shared by all classes (SPEC 3).
+    """CoOp's context vectors shared by all classes: "[SOT] ctx_1..ctx_n {class name}. [EOT]".
 
-    ctx_init: a phrase whose token embeddings initialise the context; its token count must
-    equal n_ctx. "" -> N(0, 0.02^2) vectors with the text prefix "X X ... X".
-    text_length: the positions the text encoder must run for the current prompts
-    (clip_model.text_length), computed once per class set from the CPU ids.
-    """
+    ctx_init: a phrase whose token embeddings initialise the context (its token count must equal
+    n_ctx); "" -> N(0, 0.02^2) vectors with the text prefix "X X ... X". class_token_position:
+    where the class name goes (CoOp's end, middle or front). text_length: the positions the text
+    encoder must run for these prompts, computed once per class set from the CPU ids."""
 
     def __init__(self, clip, classnames, n_ctx=4, ctx_init="a photo of a", class_token_position="end"):
         super().__init__()
@@ -186,7 +403,6 @@ class PromptLearner(nn.Module):
         self.n_ctx = n_ctx
         self.class_token_position = class_token_position
         self.ctx = nn.Parameter(ctx.detach().clone().float())  # (n_ctx, W)
-        self.generation = 0  # bumped by set_classnames; part of the eval-feature key
         self.set_classnames(classnames)
 
     def set_classnames(self, classnames):
@@ -194,8 +410,7 @@ class PromptLearner(nn.Module):
             raise ValueError("PromptLearner.set_classnames: need at least one class name")
         names = [name.replace("_", " ") for name in classnames]
         ids = tokenize([f"{self.prompt_prefix} {name}." for name in names], self.context_length)  # (C, 77)
-        # the EOT positions are the same in every class_token_position layout
-        self.text_length = text_length(ids)
+        self.text_length = text_length(ids)  # the EOT positions are the same in every layout
         with torch.no_grad():
             embedded = self.token_embedding(ids.to(self.token_embedding.weight.device))  # (C, 77, W)
         embedded = embedded.to(self.ctx.device)
@@ -204,7 +419,6 @@ class PromptLearner(nn.Module):
         self.register_buffer("token_prefix", embedded[:, :1].clone(), persistent=False)  # SOT
         self.register_buffer("token_suffix", embedded[:, 1 + self.n_ctx:].clone(), persistent=False)
         self.register_buffer("order", self._order(tokenize(names, self.context_length)), persistent=False)
-        self.generation += 1
 
     def _order(self, name_ids):
         """(C, 77) gather index from the "end" layout (SOT, ctx, name, rest) to the chosen one."""
@@ -232,365 +446,147 @@ class PromptLearner(nn.Module):
         return prompts, self.token_ids
 
 
-class FeatureAlign(nn.Module):
-    """Linear(dim, out_dim) -> BatchNorm1d(out_dim) -> ReLU -> Linear(out_dim, out_dim), row-wise
-    (SPEC 4 `align`; out_dim defaults to dim. PromptKD's `align` and `image_proj` widen 512 -> 768).
-
-    Training uses batch statistics through kernels.feature_align (summed over the process
-    group when one is set) and updates bn's running statistics as nn.BatchNorm1d would.
-    """
-
-    def __init__(self, dim, out_dim=None):
-        super().__init__()
-        out_dim = dim if out_dim is None else out_dim
-        self.fc1 = nn.Linear(dim, out_dim)
-        self.bn = nn.BatchNorm1d(out_dim)
-        self.fc2 = nn.Linear(out_dim, out_dim)
-        self.process_group = None
-
-    def forward(self, x):  # (N, dim) -> (N, out_dim) fp32
-        with _fp32(x):
-            x = x.float()
-            if not self.training:
-                return self.fc2(F.relu(self.bn(self.fc1(x))))  # bn in eval: running statistics
-            y, mean, var = feature_align(x, self.fc1.weight, self.fc1.bias, self.bn.weight, self.bn.bias,
-                                         self.fc2.weight, self.fc2.bias, eps=self.bn.eps,
-                                         process_group=self.process_group)
-            self._update_running_stats(mean.detach(), var.detach(), x.shape[0])
-        return y
-
-    @torch.no_grad()
-    def _update_running_stats(self, mean, var, rows):
-        """As nn.BatchNorm1d, except that a batch whose statistics are not finite (a NaN or inf
-        token, e.g. an fp16 overflow: a step the gradient scaler skips) leaves the running
-        statistics untouched instead of poisoning them for good. mean/var are the group's,
-        so every rank decides alike; on the device, without a host sync."""
-        if self.process_group is None:
-            if rows < 2:
-                raise ValueError(f"FeatureAlign: batch statistics need at least 2 tokens, got {rows}")
-            n = float(rows)
-        else:  # the global token count, filled on the device: no blocking host copy, no sync
-            n = torch.full((), float(rows), device=mean.device)
-            dist.all_reduce(n, op=dist.ReduceOp.SUM, group=self.process_group)
-        finite = torch.isfinite(mean).all() & torch.isfinite(var).all()  # () bool
-        momentum = self.bn.momentum
-        running_mean, running_var = self.bn.running_mean, self.bn.running_var
-        running_mean.copy_(torch.where(finite, (1 - momentum) * running_mean + momentum * mean, running_mean))
-        unbiased = var * n / (n - 1)  # as BatchNorm1d
-        running_var.copy_(torch.where(finite, (1 - momentum) * running_var + momentum * unbiased, running_var))
-        self.bn.num_batches_tracked.add_(finite.long())
+def check_prompts(classnames, n_ctx, ctx_init, context_length=77):
+    """UserError naming the flag when a class prompt "<context> <class name>." cannot be built:
+    --ctx-init of another token count than --n-ctx, or a prompt over CLIP's 77 tokens."""
+    tokens = clip_model.token_count
+    prefix = ctx_init.replace("_", " ") if ctx_init else " ".join(["X"] * n_ctx)
+    if ctx_init and tokens(prefix) != n_ctx:
+        raise UserError(f"--ctx-init {ctx_init!r} is {tokens(prefix)} tokens but --n-ctx is {n_ctx}: "
+                        f"make them agree, or pass --ctx-init \"\" for random context")
+    longest = max(classnames, key=lambda name: tokens(f"{prefix} {name.replace('_', ' ')}."))
+    length = tokens(f"{prefix} {longest.replace('_', ' ')}.") + 2
+    if length > context_length:
+        raise UserError(f"--n-ctx {n_ctx}: the prompt of class {longest!r} is {length} tokens, over CLIP's "
+                        f"{context_length}; lower --n-ctx")
 
 
-class TextRefiner(nn.Module):
-    """Feature alignment, local cache and aggregation of SPEC 4, for any prompt learner.
-
-    embed_dim: the width of the text features refined (and of the cache); token_dim: the
-    width of the image tokens aligned to it (default embed_dim; PromptKD: 512 tokens, 768 text).
-    """
-
-    def __init__(self, embed_dim, cache_size=25, alpha=0.2, momentum=0.8, topk=5, token_dim=None):
-        super().__init__()
-        if cache_size < 1 or topk < 1:
-            raise ValueError(f"TextRefiner: cache_size and topk must be >= 1, got {cache_size}, {topk}")
-        self.align = FeatureAlign(embed_dim if token_dim is None else token_dim, embed_dim)
-        self.extractor = nn.Linear(2 * embed_dim, embed_dim, bias=False)
-        # Not a parameter (no gradient), but persistent: every checkpoint carries it.
-        self.register_buffer("cache", F.normalize(torch.rand(cache_size, embed_dim), dim=-1))  # (M, D)
-        self.alpha, self.momentum, self.topk = alpha, momentum, topk
-        self.process_group = None
-
-    def set_process_group(self, group):
-        """DDP: the alignment's BatchNorm statistics over `group` and the cache updates
-        combined over it, so every rank computes what one process would on the global batch."""
-        self.process_group = self.align.process_group = group
-
-    def refine(self, text_features):
-        """(C, D) class text features -> alpha * extractor([t, softmax(t cache^T) cache]) + t,
-        t = normalise(text_features). Not re-normalised."""
-        with _fp32(text_features):
-            t = F.normalize(text_features.float(), dim=-1)  # (C, D)
-            # snapshot: the in-place cache update later in this step must not touch what autograd saved
-            cache = self.cache.clone()  # (M, D)
-            read = torch.softmax(t @ cache.t(), dim=-1) @ cache  # (C, D)
-            return self.alpha * self.extractor(torch.cat([t, read], dim=-1)) + t
-
-    def align_tokens(self, tokens):
-        """(B, T, token_dim) last-block image tokens -> aligned tokens (B, T, D) fp32."""
-        b, n, d = tokens.shape
-        return self.align(tokens.reshape(b * n, d)).reshape(b, n, -1)
-
-    def semantic_tokens(self, aligned, cls_attn):
-        """CLS + the top-k patches by CLS attention + the mean of all tokens: (B, k+2, D)."""
-        b, n, d = aligned.shape
-        if cls_attn.shape != (b, n - 1):
-            raise ValueError(f"TextRefiner.semantic_tokens: cls_attn must be ({b}, {n - 1}) for "
-                             f"tokens {tuple(aligned.shape)}, got {tuple(cls_attn.shape)}")
-        if self.topk > n - 1:
-            raise ValueError(f"TextRefiner: topk={self.topk} exceeds the {n - 1} patch tokens")
-        patches = cls_attn.float().topk(self.topk, dim=-1).indices + 1  # (B, k); +1 skips the CLS slot
-        index = torch.cat([patches.new_zeros(b, 1), patches], dim=1)  # (B, k+1)
-        picked = aligned.gather(1, index[:, :, None].expand(-1, -1, d))  # (B, k+1, D)
-        return torch.cat([picked, aligned.mean(dim=1, keepdim=True)], dim=1)  # (B, k+2, D)
-
-    def state_key(self):
-        """A key that changes whenever refine() may give another result for the same input:
-        a cache update, an optimiser step on the extractor, a load or move, another alpha.
-        For memos of refined class features."""
-        return _tensor_key(self.cache), _tensor_key(self.extractor.weight), self.alpha
-
-    @torch.no_grad()
-    def update_cache(self, aligned_tokens):
-        """Momentum update of the cache from this step's aligned tokens (B, T, D) (SPEC 4),
-        combined over the process group when one is set, so every rank holds the same cache.
-        A batch with a non-finite token anywhere in the group leaves the cache unchanged."""
-        tokens = aligned_tokens.detach().reshape(-1, aligned_tokens.shape[-1])  # (N, D)
-        self.cache.copy_(cache_update(tokens, self.cache, momentum=self.momentum, process_group=self.process_group))
+@dataclass
+class CoOpRecipe(RefinerRecipe):
+    """CoOp + TextRefiner, the paper's scripts: ViT-B/16, 16 shots, best-val model."""
+    n_ctx: int = 4
+    ctx_init: str = "a photo of a"  # "" for random context vectors
+    class_token_position: str = "end"
+    semantic_weight: float = 0.02  # the local CE, 1/50
+    reg_weight: float = 20.0  # the L1 regulariser
+    xd: ClassVar[dict] = dict(selection="last")  # trained on ImageNet, the targets tested with the last epoch
 
 
-class TextRefinerCLIP(nn.Module):
+class TextRefinerCLIP(PromptCLIP):
     """Frozen CLIP + CoOp prompt learner + TextRefiner; refiner=False is plain CoOp.
 
     Evaluation uses only the image tower's global feature, and nothing trained reaches it
-    (frozen_image_features), so an evaluation loop may compute image_features once per image
-    and reuse them with logits() at every later evaluation (train.FeatureCache does that)."""
+    (frozen_image_features), so an evaluation loop may compute image_features once per image."""
+    recipe = CoOpRecipe
+    loss_keys = ("loss", "loss_global", "loss_local", "loss_reg")
+    title = "CoOp"
+    published = dict(note="Published 11-dataset averages (ViT-B/16, 16 shots, seeds 1-3):",
+                     base2new={"CoOp": (82.69, 63.22, 71.66), "CoOp+TextRefiner": (79.74, 74.32, 76.94)})
 
-    # eval logits = logits(image_features(images)), image_features independent of any
-    # trained tensor; a prompt learner with trainable visual prompts must say False
-    frozen_image_features = True
-
-    loss_keys = ("loss", "loss_global", "loss_local", "loss_reg")  # the forward's loss entries (train.py logs)
-
-    def __init__(self, clip, classnames, n_ctx=4, ctx_init="a photo of a", cache_size=25,
-                 alpha=0.2, momentum=0.8, topk=5, semantic_weight=1 / 50, reg_weight=20.0,
-                 refiner=True, class_token_position="end"):
-        super().__init__()
-        self.clip = clip.requires_grad_(False).eval()
+    def __init__(self, clip, classnames, n_ctx=4, ctx_init="a photo of a", cache_size=25, alpha=0.2, momentum=0.8,
+                 topk=5, semantic_weight=1 / 50, reg_weight=20.0, refiner=True, class_token_position="end"):
+        super().__init__(clip)
         self.prompt_learner = PromptLearner(clip, classnames, n_ctx, ctx_init, class_token_position)
-        self.refiner = (TextRefiner(clip.config.embed_dim, cache_size, alpha, momentum, topk)
-                        if refiner else None)
+        self.refiner = TextRefiner(clip.config.embed_dim, cache_size, alpha, momentum, topk) if refiner else None
         self.semantic_weight, self.reg_weight = semantic_weight, reg_weight
-        self._class_features = _Memo()
 
-    def train(self, mode=True):
-        super().train(mode)
-        self.clip.eval()  # frozen: no dropout-like behaviour, whatever the wrapper's mode
-        self._class_features.clear()
-        return self
+    @classmethod
+    def build(cls, clip, classnames, args):
+        return cls(clip, classnames, n_ctx=args.n_ctx, ctx_init=args.ctx_init, cache_size=args.cache_size,
+                   alpha=args.alpha, momentum=args.cache_momentum, topk=args.topk,
+                   semantic_weight=args.semantic_weight, reg_weight=args.reg_weight, refiner=not args.no_refiner,
+                   class_token_position=args.class_token_position)
+
+    @classmethod
+    def prepare(cls, args, classnames):
+        check_prompts(classnames, args.n_ctx, args.ctx_init)
+
+    @classmethod
+    def benchmark_models(cls, clip, classnames, args):
+        """CoOp with and without TextRefiner, and zero-shot CLIP (the same evaluation cost as CoOp)."""
+        return {**super().benchmark_models(clip, classnames, args), "zero-shot CLIP": ZeroShotCLIP(clip, classnames)}
 
     def set_classnames(self, classnames):
         self.prompt_learner.set_classnames(classnames)
-        self._class_features.clear()
-
-    def set_process_group(self, group):
-        """DDP: reduce alignment BatchNorm statistics and combine cache updates over `group`."""
-        if self.refiner is not None:
-            self.refiner.set_process_group(group)
+        super().set_classnames(classnames)
 
     def text_features(self):
         """Normalised class text features (C, D) fp32, with the graph to ctx when grad is on."""
         prompts, ids = self.prompt_learner()
-        # (C, D); a length known in advance: finding it on the device ids would sync every step
-        text = self.clip.encode_prompts(prompts, ids, length=self.prompt_learner.text_length)
-        with _fp32(text):
+        # a length known in advance: finding it on the device ids would sync every step
+        text = self.clip.encode_prompts(prompts, ids, length=self.prompt_learner.text_length)  # (C, D)
+        with fp32(text):
             return F.normalize(text.float(), dim=-1)
 
-    def forward(self, images, labels=None):
-        if not self.training:
-            return self._eval_logits(images)
+    def class_features(self):
+        t = self.text_features()
+        return t if self.refiner is None else self.refiner.refine(t)
+
+    def train_forward(self, images, labels):
         if labels is None:
             raise ValueError("TextRefinerCLIP.forward: labels are required in training mode")
         with torch.no_grad():  # nothing in the image tower is trained
             if self.refiner is None:
-                img = self.clip.encode_image(images)  # (B, D)
+                image = self.clip.encode_image(images)  # (B, D)
             else:
-                img, tokens, cls_attn = self.clip.encode_image(images, return_tokens=True)
+                image, tokens, cls_attn = self.clip.encode_image(images, return_tokens=True)
         t = self.text_features()  # (C, D)
-        with _fp32(t):
-            img = F.normalize(img.float(), dim=-1)  # (B, D)
+        with fp32(t):
+            image = F.normalize(image.float(), dim=-1)  # (B, D)
             scale = self.clip.logit_scale.exp().float()
             if self.refiner is None:
-                logits = scale * img @ t.t()  # (B, C)
+                logits = scale * image @ t.t()  # (B, C)
                 loss = F.cross_entropy(logits, labels)
                 zero = loss.new_zeros(())
                 return dict(loss=loss, loss_global=loss, loss_local=zero, loss_reg=zero, logits=logits)
-            refined = self.refiner.refine(t)  # (C, D), reads the cache before this step's update
-            logits = scale * img @ refined.t()  # (B, C)
-            aligned = self.refiner.align_tokens(tokens)  # (B, T, D)
-            local = self.refiner.semantic_tokens(aligned, cls_attn)  # (B, k+2, D)
-            local_logits = scale * local.flatten(0, 1) @ t.t()  # (B*(k+2), C)
+            refined, local_logits, loss_reg = self.refiner.train_terms(t, tokens, cls_attn, scale)
+            logits = scale * image @ refined.t()  # (B, C)
             loss_global = F.cross_entropy(logits, labels)
-            loss_local = F.cross_entropy(local_logits, labels.repeat_interleave(local.shape[1]))
-            loss_reg = F.l1_loss(F.normalize(refined, dim=-1), t)
+            loss_local = F.cross_entropy(local_logits.flatten(0, 1), labels.repeat_interleave(local_logits.shape[1]))
             loss = loss_global + self.semantic_weight * loss_local + self.reg_weight * loss_reg
-        self.refiner.update_cache(aligned)
-        return dict(loss=loss, loss_global=loss_global, loss_local=loss_local, loss_reg=loss_reg,
-                    logits=logits)
-
-    def _eval_logits(self, images):
-        return self.logits(self.image_features(images))
-
-    def image_features(self, images):
-        """(B, 3, R, R) -> the frozen image tower's global features (B, D), not normalised."""
-        return self.clip.encode_image(images)
-
-    def logits(self, image_features):
-        """Eval logits (B, C) from image_features(images) (B, D); class features computed once."""
-        ctx = self.prompt_learner.ctx
-        key = (self.prompt_learner.generation, _tensor_key(ctx), _autocast_key(ctx.device),
-               None if self.refiner is None else self.refiner.state_key())
-        features = self._class_features.get(key, self._compute_class_features)  # (C, D)
-        return _scaled_cosine_logits(self.clip.logit_scale, image_features, features)
-
-    @torch.no_grad()
-    def _compute_class_features(self):
-        t = self.text_features()
-        return t if self.refiner is None else self.refiner.refine(t)
-
-    def trainable_state_dict(self):
-        """The trained tensors and state under the SPEC 10 names (no CLIP weights)."""
-        state = self.prompt_learner.state_dict(prefix="prompt_learner.")
-        if self.refiner is not None:
-            state.update(self.refiner.state_dict(prefix="refiner."))
-        return state
-
-    def load_trainable_state_dict(self, state_dict):
-        _load_trainable(self, state_dict)
-        self._class_features.clear()
+        return dict(loss=loss, loss_global=loss_global, loss_local=loss_local, loss_reg=loss_reg, logits=logits)
 
 
-class ZeroShotCLIP(nn.Module):
+class ZeroShotCLIP(PromptCLIP):
     """CLIP zero-shot classifier with CoOp's hand-crafted prompt for `dataset`."""
 
-    frozen_image_features = True  # as TextRefinerCLIP: forward = logits(image_features(images))
-
     def __init__(self, clip, classnames, dataset=None):
-        super().__init__()
-        if dataset is not None and dataset not in ZERO_SHOT_TEMPLATES:
+        super().__init__(clip)
+        if dataset is not None and dataset not in data.DATASETS:
             raise ValueError(f"ZeroShotCLIP: unknown dataset {dataset!r}; expected one of "
-                             f"{sorted(ZERO_SHOT_TEMPLATES)} or None")
-        self.template = ZERO_SHOT_TEMPLATES.get(dataset, DEFAULT_TEMPLATE)
-        self.clip = clip.requires_grad_(False).eval()
-        self._class_features = _Memo()
+                             f"{sorted(data.DATASETS)} or None")
+        self.template = data.DATASETS[dataset].template if dataset else "a photo of a {}."
         self.set_classnames(classnames)
 
-    def train(self, mode=True):
-        super().train(mode)
-        self.clip.eval()
-        return self
+    def forward(self, images, labels=None):
+        return self.logits(self.image_features(images))  # nothing to train: logits in either mode
 
     def set_classnames(self, classnames):
         if len(classnames) == 0:
             raise ValueError("ZeroShotCLIP.set_classnames: need at least one class name")
         prompts = [self.template.format(name.replace("_", " ")) for name in classnames]
-        device = self.clip.logit_scale.device
         ids = tokenize(prompts, self.clip.config.context_length)  # (C, 77)
         self.text_length = text_length(ids)  # from the CPU ids: no device sync
-        self.register_buffer("token_ids", ids.to(device), persistent=False)
-        self._class_features.clear()
+        self.register_buffer("token_ids", ids.to(self.clip.logit_scale.device), persistent=False)
+        super().set_classnames(classnames)
 
-    def forward(self, images):
-        return self.logits(self.image_features(images))
-
-    def image_features(self, images):
-        """(B, 3, R, R) -> global image features (B, D), not normalised."""
-        return self.clip.encode_image(images)
-
-    def logits(self, image_features):
-        """(B, D) -> (B, C); class features computed once per class set and autocast setting."""
-        key = (_tensor_key(self.token_ids), _autocast_key(image_features.device))
-        features = self._class_features.get(key, self._compute_class_features)  # (C, D)
-        return _scaled_cosine_logits(self.clip.logit_scale, image_features, features)
-
-    @torch.no_grad()
-    def _compute_class_features(self):
+    def class_features(self):
         text = self.clip.encode_text(self.token_ids, length=self.text_length)  # (C, D)
-        with _fp32(text):
+        with fp32(text):
             return F.normalize(text.float(), dim=-1)
 
-
-# ------------------------------------------------------------- PromptKD + TextRefiner (SPEC 11)
-
-# Tensors OpenAI's convert_weights stores in fp16 (matrices and their biases, conv1, the
-# projections); LayerNorms, embeddings and logit_scale stay fp32. Used to write teacher files
-# with the released dtypes.
-_FP16_SUFFIXES = ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias", "c_fc.weight",
-                  "c_fc.bias", "c_proj.weight", "c_proj.bias", "conv1.weight", "proj", "text_projection")
-_VPT_SHALLOW = re.compile(r"transformer\.resblocks\.(\d+)\.VPT_shallow")
-
-
-def _released_dtype(key, tensor):
-    return tensor.half() if key.endswith(_FP16_SUFFIXES) else tensor.float()
-
-
-def write_teacher_checkpoint(path, clip_state_dict, classnames, depth=9, n_ctx=4, seed=0, prompt_std=0.02,
-                             zero_shot_state_dict=None):
-    """Write a PromptSRC teacher file laid out as PromptKD's released ones (SPEC 11.1,
-    promptkd_released.md B4), for tests and the PromptKD demo: Dassl's
-    {'state_dict', 'epoch', 'optimizer', 'scheduler', 'val_result'}, where 'scheduler' pickles
-    a scheduler object holding an SGD optimiser, as Dassl does (read_dassl_file must not run it).
-
-    clip_state_dict: OpenAI-named weights of the teacher's CLIP (the file stores them as
-    image_encoder.* / text_encoder.* / logit_scale in OpenAI's fp16/fp32 dtypes, without
-    token_embedding, as PromptSRC does). classnames: the classes it was trained on (the
-    prompt_learner.token_prefix / token_suffix rows, built with clip_state_dict's
-    token_embedding). depth, n_ctx: deep prompts in both towers, N(0, prompt_std^2), seeded:
-    prompt_learner.ctx (n_ctx, text width) fp16, text_encoder / image_encoder
-    transformer.resblocks.{1..depth-1}.VPT_shallow and image_encoder.VPT fp32.
-    zero_shot_state_dict: the CLIP PromptSRC keeps frozen as prompt_learner.ZS_image_encoder
-    (default clip_state_dict). Returns the written 'state_dict'.
-    """
-    config = clip_model.config_from_state_dict(clip_state_dict)
-    if not 1 <= depth <= min(config.vision_layers, config.transformer_layers) or n_ctx < 1:
-        raise ValueError(f"write_teacher_checkpoint: depth must be in 1..{min(config.vision_layers, config.transformer_layers)} "
-                         f"and n_ctx >= 1, got depth={depth}, n_ctx={n_ctx}")
-    g = torch.Generator().manual_seed(seed)
-
-    def prompt(width):
-        return torch.randn(n_ctx, width, generator=g) * prompt_std
-
-    sd = {k: v.detach().cpu() for k, v in clip_state_dict.items() if k not in clip_model.JIT_EXTRA_KEYS}
-    zero_shot = sd if zero_shot_state_dict is None else zero_shot_state_dict
-    names = [name.replace("_", " ") for name in classnames]
-    ids = tokenize([" ".join(["X"] * n_ctx) + f" {name}." for name in names], config.context_length)
-    embedded = sd["token_embedding.weight"][ids]  # (m, 77, W)
-    state = {"logit_scale": sd["logit_scale"].float(),
-             "prompt_learner.ctx": prompt(config.transformer_width).half(),
-             "prompt_learner.token_prefix": embedded[:, :1].half(),
-             "prompt_learner.token_suffix": embedded[:, 1 + n_ctx:].half()}
-    for key, value in zero_shot.items():
-        if key.startswith("visual."):
-            state["prompt_learner.ZS_image_encoder." + key[7:]] = _released_dtype(key, value.detach().cpu())
-    state["image_encoder.VPT"] = prompt(config.vision_width)
-    for i in range(1, depth):
-        state[f"image_encoder.transformer.resblocks.{i}.VPT_shallow"] = prompt(config.vision_width)
-        state[f"text_encoder.transformer.resblocks.{i}.VPT_shallow"] = prompt(config.transformer_width)
-    for key, value in sd.items():
-        if key.startswith("visual."):
-            state["image_encoder." + key[7:]] = _released_dtype(key, value)
-        elif key not in ("logit_scale", "token_embedding.weight"):
-            state["text_encoder." + key] = _released_dtype(key, value)
-    trained = [state[k] for k in state if "VPT" in k or k == "prompt_learner.ctx"]
-    optimizer = torch.optim.SGD([nn.Parameter(t.float().clone()) for t in trained], lr=0.005, momentum=0.9)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=20)
-    checkpoint = dict(state_dict=state, epoch=20, optimizer=optimizer.state_dict(),
-                      scheduler=dict(successor=scheduler, last_epoch=20), val_result=None)
-    tmp = f"{path}.tmp"
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)
-    return state
+# ----------------------------------------------------------------------------- PromptKD + TextRefiner
 
 
 class PromptSRCTeacher(nn.Module):
-    """PromptKD's frozen teacher (SPEC 11.1): a CLIP (ViT-L/14) with PromptSRC / IVLP deep
-    prompts in both towers. logits(images) -> exp(logit_scale) * normalise(v_T) t_T^T (B, n);
-    the class features t_T are computed once per class set (and autocast setting), not per
-    batch. Nothing in it trains; it stays in eval mode. Build it with from_checkpoint.
-    """
+    """PromptKD's frozen teacher: a CLIP (ViT-L/14) with PromptSRC / IVLP deep prompts in both
+    towers. forward(images) -> exp(logit_scale) * normalise(v_T) t_T^T (B, n); the class features
+    t_T are computed once per class set, not per batch. Build it with from_checkpoint."""
 
-    def __init__(self, clip, ctx, text_prompts, visual_prompts, classnames, path=None):
-        """clip: the teacher CLIP with the file's weights; ctx (n, W_text) the text context
-        at the input; text_prompts (depth_text - 1, n, W_text) for text blocks 1..;
-        visual_prompts (depth_vision, n_vision, W_vision) as CLIP.encode_image takes them."""
+    def __init__(self, clip, ctx, text_prompts, visual_prompts, classnames):
+        """clip: the teacher CLIP with the file's weights; ctx (n, W_text) the text context at the
+        input; text_prompts (depth_text - 1, n, W_text) for text blocks 1..; visual_prompts
+        (depth_vision, n_vision, W_vision) as CLIP.encode_image takes them."""
         super().__init__()
         self.clip = clip.requires_grad_(False).eval()
         n_ctx = ctx.shape[0]
@@ -599,241 +595,119 @@ class PromptSRCTeacher(nn.Module):
         self.prompt_learner.ctx.requires_grad_(False).copy_(ctx)
         self.register_buffer("text_prompts", text_prompts.float().clone())
         self.register_buffer("visual_prompts", visual_prompts.float().clone())
-        self.path = path
-        self._class_features = _Memo()
+        self._class_features = None  # (key, features)
 
     @classmethod
     def from_checkpoint(cls, clip, path, classnames, num_trained_classes=None, *, trained_classnames=None):
-        """The teacher of one of PromptKD's released files (or write_teacher_checkpoint's).
-
-        clip: the CLIP the teacher was trained from (OpenAI ViT-L/14): it supplies the
-        architecture and token_embedding, which the file does not hold; every CLIP weight the
-        file holds replaces clip's (PromptSRC's weight averaging may have changed them), in a
-        new model: clip itself is left as it is. The file is read tensors-only
-        (clip_model.read_dassl_file: no code from it runs). Keys (SPEC 11.1):
-        prompt_learner.ctx, text_encoder.* and image_encoder.* (CLIP weights, and the deep
-        prompts image_encoder.VPT and {text,image}_encoder.transformer.resblocks.{i}.VPT_shallow,
-        whose count and shape give each tower's depth and token count), logit_scale;
-        prompt_learner.token_prefix / token_suffix are rebuilt from classnames, and
-        prompt_learner.ZS_image_encoder.* (PromptSRC's frozen zero-shot copy) is ignored.
-
-        The file's own prefix / suffix rows say which classes the teacher was trained on: one
-        row per class (token_prefix's row count, checked against the count expected), and
-        token_suffix holds token_embedding of "a photo of a {name}." after the 4 context
-        tokens, i.e. of "{name}.", EOT and padding (promptkd_released.md B2). When the names
-        of the trained classes are known, those rows are checked against the prompts of these
-        names with clip's token_embedding, so a teacher of another dataset (or another class
-        order) with the same class count is refused too. A file without token_suffix is
-        checked by its class count only.
-
-        Which classes the teacher must have been trained on, in its label order:
-        trained_classnames, if given (base2new: the dataset's first ceil(n/2) classes);
-        else num_trained_classes, a count whose names are unknown here (cross-dataset:
-        1000 for ImageNet-xd), so the rows are not compared; else (default) the first
-        ceil(n/2) of the n classnames (base2new) or all n. Pass at most one of the two.
-        """
-        path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"teacher file {path}: no such file")
-        try:
-            content = clip_model.read_dassl_file(path)
-        except Exception as e:  # not a torch file, cut short, ...
-            raise ValueError(f"teacher file {path}: unreadable ({str(e).splitlines()[0][:200]})") from None
-        if not isinstance(content, dict) or not isinstance(content.get("state_dict"), dict):
-            raise ValueError(f"teacher file {path}: not a Dassl checkpoint (no 'state_dict' entry)")
-        weights, ctx, text, visual, unknown = {}, None, {}, {}, []
-        for key, value in content["state_dict"].items():
-            if not isinstance(value, torch.Tensor):
-                raise ValueError(f"teacher file {path}: {key} is a {type(value).__name__}, expected a tensor")
-            tower, _, rest = key.partition(".")
-            deep = _VPT_SHALLOW.fullmatch(rest)
-            if key == "logit_scale":
-                weights[key] = value
-            elif key == "prompt_learner.ctx":
-                ctx = value
-            elif tower == "prompt_learner":
-                pass  # token_prefix/suffix: rebuilt; ZS_image_encoder: not part of the teacher
-            elif tower == "image_encoder" and rest == "VPT":
-                visual[0] = value
-            elif tower in ("image_encoder", "text_encoder") and deep:
-                (visual if tower == "image_encoder" else text)[int(deep.group(1))] = value
-            elif tower == "image_encoder":
-                weights["visual." + rest] = value
-            elif tower == "text_encoder":
-                weights[rest] = value
-            else:
-                unknown.append(key)
-        if unknown:
-            raise ValueError(f"teacher file {path}: unexpected keys {unknown[:5]}; a PromptSRC teacher holds "
-                             f"logit_scale, prompt_learner.*, image_encoder.* and text_encoder.* only")
-        trained_names = cls._check_class_count(path, content["state_dict"], classnames, num_trained_classes,
-                                               trained_classnames)
-
-        own = clip.state_dict()
-        for key, value in weights.items():
-            if key not in own or own[key].shape != value.shape:
-                found = "no such CLIP weight" if key not in own else f"CLIP has {tuple(own[key].shape)}"
-                raise ValueError(f"teacher file {path}: {key} {tuple(value.shape)} does not fit the CLIP given "
-                                 f"({found}); pass the CLIP the teacher was trained from (ViT-L/14)")
-        config = clip.config
-        ctx, text_prompts = cls._stack_prompts(path, ctx, text, "text_encoder", "prompt_learner.ctx",
-                                               config.transformer_width, config.transformer_layers)
-        vpt, visual_deep = cls._stack_prompts(path, visual.pop(0, None), visual, "image_encoder",
-                                              "image_encoder.VPT", config.vision_width, config.vision_layers)
-        visual_prompts = torch.cat([vpt[None], visual_deep])  # (depth, n, W): row 0 at the input
-        suffix = content["state_dict"].get("prompt_learner.token_suffix")
-        if suffix is not None and trained_names is not None:
-            cls._check_trained_classes(path, suffix, clip, ctx.shape[0], trained_names)
-        device = clip.logit_scale.device
-        teacher_clip = clip_model.build_model({**own, **{k: v.to(device) for k, v in weights.items()}})
-        return cls(teacher_clip, ctx.to(device), text_prompts.to(device), visual_prompts.to(device),
-                   classnames, path=path)
-
-    @staticmethod
-    def _check_class_count(path, state_dict, classnames, num_trained_classes, trained_classnames):
-        """The file's class count (token_prefix rows) against the one expected (from_checkpoint)
-        -> the names of the classes the teacher was trained on, in its row order, or None where
-        only their count is known (num_trained_classes)."""
-        if num_trained_classes is not None and trained_classnames is not None:
-            raise ValueError("PromptSRCTeacher.from_checkpoint: pass num_trained_classes or trained_classnames, "
-                             "not both")
-        prefix = state_dict.get("prompt_learner.token_prefix")
-        if prefix is None:
-            raise ValueError(f"teacher file {path}: no prompt_learner.token_prefix, so the classes it was "
-                             f"trained on are unknown; not a PromptSRC teacher file?")
-        trained, n = prefix.shape[0], len(classnames)
-        if trained_classnames is not None:
-            expected = {len(trained_classnames)}
-        elif num_trained_classes is not None:
-            expected = {num_trained_classes}
-        else:
-            expected = {math.ceil(n / 2), n}
-        if trained not in expected:
-            wanted = " or ".join(str(c) for c in sorted(expected))
-            raise ValueError(f"teacher file {path}: trained on {trained} classes (prompt_learner.token_prefix "
-                             f"rows), expected {wanted} for these {n} classes; another dataset's teacher?")
-        if trained_classnames is not None:
-            return list(trained_classnames)
-        return None if num_trained_classes is not None else list(classnames[:trained])
-
-    @staticmethod
-    def _check_trained_classes(path, suffix, clip, n_ctx, names):
-        """The file's prompt_learner.token_suffix (m, L - 1 - n_ctx, W) against the same rows
-        built, as PromptSRC built them, from `names` (the m classes the teacher must have been
-        trained on) with clip's token_embedding, which the file does not hold."""
-        # The prompt learner the teacher itself uses: its context words only fill positions 1..n_ctx.
-        learner = PromptLearner(clip, names, n_ctx=n_ctx, ctx_init=" ".join(["X"] * n_ctx))
-        expected = learner.token_suffix.float()  # (m, L - 1 - n_ctx, W)
-        if tuple(suffix.shape) != tuple(expected.shape):
-            raise ValueError(f"teacher file {path}: prompt_learner.token_suffix has shape {tuple(suffix.shape)}, "
-                             f"expected {tuple(expected.shape)} (a row per trained class, the prompt positions "
-                             f"after SOT and the {n_ctx} context tokens, the CLIP's text width)")
-        # Relative L2 error of each token vector, 1e-2 at most. The buffer x is fp16 (ViT-L-14.pt's
-        # token_embedding is), but PromptSRC's Gaussian weight averaging saves the whole state dict
-        # as the fp16 sum over its 20 epochs of round16(w_i x), sum w_i = 1, w_i > 0: the products
-        # round by <= 2^-11 w_i |x| (together 2^-11 |x|) and each of the 19 additions by <= 2^-11 |x|
-        # (every partial sum is <= |x|), so <= 20 * 2^-11 = 0.98e-2 relative per element in the
-        # worst case (fp16 subnormals: 2^-25 absolute, nothing against a vector's norm), and
-        # per vector; ~1e-3 typically, as the roundings cancel. Another class name puts other
-        # token ids at some position, i.e. another row of token_embedding, off by O(1) there.
-        error = (suffix.to(expected.device).float() - expected).norm(dim=-1)  # (m, L - 1 - n_ctx)
-        wrong = (error > 1e-2 * expected.norm(dim=-1)).any(dim=1)  # (m,)
-        if wrong.any():
-            first = int(wrong.nonzero()[0])
-            raise ValueError(f"teacher file {path}: trained on other classes: {int(wrong.sum())} of its "
-                             f"{len(names)} class prompts (prompt_learner.token_suffix rows) differ from ours, "
-                             f"the first at row {first} (our {names[first]!r}); another dataset's teacher, or "
-                             f"another class order? Pass the dataset's own teacher")
-
-    @staticmethod
-    def _stack_prompts(path, first, deep, tower, first_key, width, layers):
-        """-> (first (n, width), deep prompts (k, n, width) of blocks 1..k), checked: blocks
-        1..k all present, k < layers, every tensor (n, width)."""
-        if first is None:
-            raise ValueError(f"teacher file {path}: no {first_key}: not a PromptSRC / IVLP teacher file")
-        k = max(deep, default=0)
-        absent = [i for i in range(1, k + 1) if i not in deep]
-        if absent:
-            raise ValueError(f"teacher file {path}: {tower}.transformer.resblocks.{absent[0]}.VPT_shallow is "
-                             f"missing, yet block {k} has one: the deep prompts must cover blocks 1..{k}")
-        if k >= layers:
-            raise ValueError(f"teacher file {path}: {tower} has VPT_shallow up to block {k}, but the CLIP "
-                             f"given has {layers} blocks")
-        for key, value in [(first_key, first)] + [(f"{tower}.transformer.resblocks.{i}.VPT_shallow", deep[i])
-                                                   for i in range(1, k + 1)]:
-            if value.dim() != 2 or tuple(value.shape) != (first.shape[0], width):
-                raise ValueError(f"teacher file {path}: {key} has shape {tuple(value.shape)}, expected "
-                                 f"({first.shape[0]}, {width}) like {first_key} and the CLIP's width")
-        stacked = torch.stack([deep[i].float() for i in range(1, k + 1)]) if k else first.new_zeros(0, *first.shape)
-        return first.float(), stacked.float()
-
-    @property
-    def depth(self):
-        """(text depth, vision depth): 1 + the blocks with deep prompts."""
-        return 1 + self.text_prompts.shape[0], self.visual_prompts.shape[0]
+        """The teacher of one of PromptKD's released files (read tensors-only; released.read_teacher
+        says which keys and which checks). clip: the CLIP the teacher was trained from (ViT-L/14),
+        left as it is. The classes it was trained on: trained_classnames, else num_trained_classes
+        (a count), else the first ceil(n/2) of classnames or all n."""
+        ctx, text_prompts, visual_prompts, teacher_clip = released.read_teacher(
+            clip, path, classnames, num_trained_classes, trained_classnames)
+        return cls(teacher_clip, ctx, text_prompts, visual_prompts, classnames)
 
     def train(self, mode=True):
         return super().train(False)  # frozen: always in eval mode
 
     def set_classnames(self, classnames):
         self.prompt_learner.set_classnames(classnames)
-        self._class_features.clear()
-
-    def class_features_key(self):
-        """What class_features() depends on: the class set, the autocast setting, and the
-        prompts' tensor (so a move to another device or dtype is not served stale features)."""
-        return (self.prompt_learner.generation, _tensor_key(self.text_prompts),
-                _autocast_key(self.text_prompts.device))
-
-    def class_features(self):
-        """Normalised teacher text features t_T (n, D_T) fp32, once per class set."""
-        return self._class_features.get(self.class_features_key(), self._compute_class_features)
+        self._class_features = None
 
     @torch.no_grad()
-    def _compute_class_features(self):
-        prompts, ids = self.prompt_learner()
-        text = self.clip.encode_prompts(prompts, ids, length=self.prompt_learner.text_length,
-                                        deep_prompts=self.text_prompts if len(self.text_prompts) else None)
-        with _fp32(text):
-            return F.normalize(text.float(), dim=-1)
+    def class_features(self):
+        """Normalised teacher text features t_T (n, D_T) fp32, once per class set."""
+        key = (_state_key(self), _autocast_key(self.text_prompts.device))
+        if self._class_features is None or self._class_features[0] != key:
+            prompts, ids = self.prompt_learner()
+            text = self.clip.encode_prompts(prompts, ids, length=self.prompt_learner.text_length,
+                                            deep_prompts=self.text_prompts if len(self.text_prompts) else None)
+            with fp32(text):
+                self._class_features = (key, F.normalize(text.float(), dim=-1))
+        return self._class_features[1]
 
     @torch.no_grad()
     def forward(self, images):
         """(B, 3, R, R) -> teacher logits z_T (B, n) fp32."""
         image_features = self.clip.encode_image(images, prompts=self.visual_prompts)  # (B, D_T)
-        return _scaled_cosine_logits(self.clip.logit_scale, image_features, self.class_features())
+        return scaled_cosine_logits(self.clip.logit_scale, image_features, self.class_features())
 
 
-def _kl_per_element(student_logits, teacher_probs, temperature):
-    """PromptKD's distillation loss: T^2 * KL(p_T || softmax(z_S / T)) summed over every
-    element and divided by their count (not batchmean). fp32."""
+def kl_per_element(student_logits, teacher_probs, temperature):
+    """PromptKD's distillation loss: T^2 * KL(p_T || softmax(z_S / T)) summed over every element
+    and divided by their count (not batchmean). fp32."""
     log_student = F.log_softmax(student_logits / temperature, dim=-1)
     kl = F.kl_div(log_student, teacher_probs, reduction="sum")  # xlogy: p_T = 0 terms are 0
     return temperature**2 * kl / student_logits.numel()
 
 
-class PromptKDCLIP(nn.Module):
-    """PromptKD (CVPR 2024) student with TextRefiner (SPEC 11): a frozen CLIP image tower
-    (ViT-B/16) with trainable deep visual prompts, image_proj (D_S -> D_T) and a TextRefiner
-    whose classifier is the frozen teacher's class text, refined; distilled from the teacher's
-    logits without labels. refiner=False is plain PromptKD. The student's text tower is unused.
-    """
+# PromptKD's per-dataset distillation weight (a comment in its scripts); 1000 for the others.
+KD_WEIGHTS = {"fgvc_aircraft": 200.0, "oxford_flowers": 200.0, "dtd": 200.0}
 
-    # Trainable visual prompts and image_proj: image features change with every step, so an
-    # evaluation loop must not reuse them across evaluations (TextRefinerCLIP says True).
-    frozen_image_features = False
+
+@dataclass
+class PromptKDRecipe(RefinerRecipe):
+    """PromptKD + TextRefiner: ViT-B/16 student, PromptSRC ViT-L/14 teacher, unlabelled images."""
+    epochs: int = 20
+    batch_size: int = 8
+    lr: float = 0.005
+    n_ctx: int = 4  # visual prompt tokens per block
+    depth: int = 9  # blocks with visual prompts; PromptKD's cross-dataset student uses 3
+    kd_weight: float = None  # lambda, per dataset: KD_WEIGHTS
+    temperature: float = 1.0
+    teacher: str = dataclasses.field(default=None, metadata=dict(
+        required="a PromptKD teacher file, or the folder of PromptKD's released teachers"))
+    teacher_clip: str = "ViT-L/14"  # the CLIP the teacher was trained from (its token embedding)
+    inputs: ClassVar[tuple] = ("teacher", "teacher_clip")
+    xd: ClassVar[dict] = dict(depth=3)  # a student per target, on its unlabelled train split
+
+    def for_dataset(self, dataset):
+        if self.kd_weight is not None:
+            return self
+        return dataclasses.replace(self, kd_weight=KD_WEIGHTS.get(dataset, 1000.0))
+
+
+class PromptKDCLIP(PromptCLIP):
+    """PromptKD (CVPR 2024) student with TextRefiner: a frozen CLIP image tower (ViT-B/16) with
+    trainable deep visual prompts, image_proj (D_S -> D_T) and a TextRefiner whose classifier is the
+    frozen teacher's class text, refined; distilled from the teacher's logits without labels:
+
+        z_S = exp(logit_scale) normalise(image_proj(prompted global feature)) refined^T
+        loss = lambda (KL(p_T || p_S) + KL over the local rows / 100 + L1 regulariser / 50)
+
+    (KL summed and divided by its element count). refiner=False is plain PromptKD (lambda KL).
+    The student's text tower is unused; trained on the unlabelled images of every class."""
+    recipe = PromptKDRecipe
     loss_keys = ("loss", "loss_kd", "loss_local", "loss_reg")
+    frozen_image_features = False  # trainable visual prompts and image_proj
+    transductive = True
+    frozen = ("clip", "teacher")
+    title = "PromptKD"
+    published = dict(
+        note="Published 11-dataset averages (ViT-B/16 student, seeds 1-3; PromptKD+TextRefiner: the TextRefiner "
+             "paper, 16 unlabelled shots; PromptKD and the PK columns: PromptKD's README, the full unlabelled train "
+             "set):",
+        base2new={"PromptKD+TextRefiner": (85.22, 79.64, 82.33), "PromptKD": (86.96, 80.73, 83.73)},
+        base2new_datasets=("PK", {  # PromptKD's README: base, new, HM
+            "imagenet": (80.83, 74.66, 77.62), "caltech101": (98.91, 96.65, 97.77), "oxford_pets": (96.30, 98.01, 97.15),
+            "stanford_cars": (82.80, 83.37, 83.13), "oxford_flowers": (99.42, 82.62, 90.24),
+            "food101": (92.43, 93.68, 93.05), "fgvc_aircraft": (49.12, 41.81, 45.17), "sun397": (83.69, 81.54, 82.60),
+            "dtd": (85.84, 71.37, 77.94), "eurosat": (97.54, 82.08, 89.14), "ucf101": (89.71, 82.27, 86.10)}),
+        xd=("PromptKD", {"caltech101": 93.61, "oxford_pets": 91.59, "stanford_cars": 73.93, "oxford_flowers": 75.33,
+                         "food101": 88.84, "fgvc_aircraft": 26.24, "sun397": 68.57, "dtd": 55.08, "eurosat": 63.74,
+                         "ucf101": 76.39}),
+        xd_note="PromptKD: its published transductive cross-dataset accuracy (PromptKD README; full unlabelled target "
+                "train sets)")
 
     def __init__(self, clip, teacher, classnames, depth=9, n_ctx=4, kd_weight=1000.0, temperature=1.0,
                  cache_size=25, alpha=0.2, momentum=0.8, topk=5, refiner=True):
-        super().__init__()
+        super().__init__(clip)
         config = clip.config
         if not 1 <= depth <= config.vision_layers or n_ctx < 1:
             raise ValueError(f"PromptKDCLIP: depth must be in 1..{config.vision_layers} and n_ctx >= 1, "
                              f"got depth={depth}, n_ctx={n_ctx}")
         if temperature <= 0:
             raise ValueError(f"PromptKDCLIP: temperature must be > 0, got {temperature}")
-        self.clip = clip.requires_grad_(False).eval()
         self.teacher = teacher.requires_grad_(False).eval()
         self.teacher.set_classnames(classnames)
         teacher_dim = teacher.clip.config.embed_dim
@@ -842,89 +716,104 @@ class PromptKDCLIP(nn.Module):
         self.refiner = (TextRefiner(teacher_dim, cache_size, alpha, momentum, topk, token_dim=config.embed_dim)
                         if refiner else None)
         self.kd_weight, self.temperature = kd_weight, temperature
-        self._class_features = _Memo()
 
-    def train(self, mode=True):
-        super().train(mode)
-        self.clip.eval()
-        self.teacher.eval()
-        self._class_features.clear()
-        return self
+    @classmethod
+    def prepare(cls, args, classnames):
+        args.teacher = released.teacher_file(args.teacher, args.dataset, args.subsample)
+
+    @classmethod
+    def build(cls, clip, classnames, args):
+        """The student on --clip and the frozen teacher read from --teacher (a file: prepare ran) on
+        --teacher-clip. base/new runs distil from the dataset's base-class teacher (its class prompts
+        are checked against these names); all-class runs are PromptKD's cross-dataset protocol,
+        whose teacher learnt ImageNet's 1000 classes (names not at hand: their count is checked)."""
+        try:
+            teacher_clip = clip_model.load_clip(args.teacher_clip)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise UserError(f"--teacher-clip {args.teacher_clip}: {e}") from None
+        if args.subsample == "all":
+            trained_on = dict(num_trained_classes=released.IMAGENET_CLASSES)
+        else:
+            trained_on = dict(trained_classnames=classnames[:math.ceil(len(classnames) / 2)])
+        try:
+            teacher = PromptSRCTeacher.from_checkpoint(teacher_clip, args.teacher, classnames, **trained_on)
+        except (ValueError, KeyError, OSError) as e:
+            raise UserError(f"--teacher {args.teacher}: {e}") from None
+        return cls(clip, teacher, classnames, depth=args.depth, n_ctx=args.n_ctx, kd_weight=args.kd_weight,
+                   temperature=args.temperature, cache_size=args.cache_size, alpha=args.alpha,
+                   momentum=args.cache_momentum, topk=args.topk, refiner=not args.no_refiner)
+
+    @classmethod
+    def benchmark_models(cls, clip, classnames, args):
+        """Students of a random teacher CLIP of the --teacher-clip size with the released prompts (4
+        tokens, depth 9): with and without TextRefiner, and one paying the released trainer's cost,
+        the teacher's class text recomputed for every batch."""
+        config = clip_model.CONFIGS[args.teacher_clip]
+        teacher_clip = clip_model.build_model(clip_model.random_state_dict(config, seed=1))
+        depth, g = min(9, config.vision_layers, config.transformer_layers), torch.Generator().manual_seed(0)
+        prompts = [torch.randn(shape, generator=g) * 0.02 for shape in
+                   ((4, config.transformer_width), (depth - 1, 4, config.transformer_width), (depth, 4, config.vision_width))]
+
+        def student(refiner):  # a teacher each: the per-batch variant must not clear the others' memo
+            teacher = PromptSRCTeacher(teacher_clip, *prompts, classnames)
+            return cls(clip, teacher, classnames, depth=min(args.depth, clip.config.vision_layers), n_ctx=args.n_ctx,
+                       kd_weight=args.kd_weight, refiner=refiner)
+        return {"PromptKD+TextRefiner": student(True), "PromptKD": student(False),
+                "PromptKD+TR (released)": TeacherTextPerBatch(student(True))}
 
     def set_classnames(self, classnames):
         """The teacher's class features for these classes (base -> new, another dataset)."""
         self.teacher.set_classnames(classnames)
-        self._class_features.clear()
+        super().set_classnames(classnames)
 
-    def set_process_group(self, group):
-        """DDP: both BatchNorms' statistics over `group` (SyncBatchNorm semantics), the cache
-        updates combined over it."""
-        self.image_proj.process_group = group
-        if self.refiner is not None:
-            self.refiner.set_process_group(group)
-
-    def forward(self, images, labels=None):
-        """Training: dict of loss, loss_kd, loss_local, loss_reg (unweighted terms; 0 for the
-        last two without refiner), logits z_S (B, n); updates the cache. labels are ignored
-        (PromptKD distils unlabelled images). Eval: logits (B, n)."""
-        if not self.training:
-            return self.logits(self.image_features(images))
+    def train_forward(self, images, labels=None):
+        """-> loss, loss_kd, loss_local, loss_reg (unweighted terms; 0 for the last two without
+        refiner), logits z_S (B, n); updates the cache. labels are ignored (unlabelled images)."""
         teacher_logits = self.teacher(images)  # (B, n) no grad
         t = self.teacher.class_features()  # (n, D_T), normalised
         if self.refiner is None:
             glob = self.clip.encode_image(images, prompts=self.visual_prompts)  # (B, D_S)
         else:
             glob, tokens, cls_attn = self.clip.encode_image(images, return_tokens=True, prompts=self.visual_prompts)
-        with _fp32(t):
+        with fp32(t):
             g = F.normalize(self.image_proj(glob.float()), dim=-1)  # (B, D_T)
             scale = self.clip.logit_scale.exp().float()
             teacher_probs = F.softmax(teacher_logits.float() / self.temperature, dim=-1)  # (B, n)
             if self.refiner is None:
                 logits = scale * g @ t.t()  # (B, n)
-                loss_kd = _kl_per_element(logits, teacher_probs, self.temperature)
+                loss_kd = kl_per_element(logits, teacher_probs, self.temperature)
                 zero = loss_kd.new_zeros(())
                 return dict(loss=self.kd_weight * loss_kd, loss_kd=loss_kd, loss_local=zero, loss_reg=zero,
                             logits=logits)
-            refined = self.refiner.refine(t)  # (n, D_T), reads the cache before this step's update
+            refined, local_logits, loss_reg = self.refiner.train_terms(t, tokens, cls_attn, scale)
             logits = scale * g @ refined.t()  # (B, n)
-            aligned = self.refiner.align_tokens(tokens)  # (B, T, D_T)
-            local = self.refiner.semantic_tokens(aligned, cls_attn)  # (B, k+2, D_T)
-            local_logits = scale * local.flatten(0, 1) @ t.t()  # (B*(k+2), n)
-            loss_kd = _kl_per_element(logits, teacher_probs, self.temperature)
-            loss_local = _kl_per_element(local_logits, teacher_probs.repeat_interleave(local.shape[1], dim=0),
-                                         self.temperature)
-            loss_reg = F.l1_loss(F.normalize(refined, dim=-1), t)
+            loss_kd = kl_per_element(logits, teacher_probs, self.temperature)
+            loss_local = kl_per_element(local_logits.flatten(0, 1),
+                                        teacher_probs.repeat_interleave(local_logits.shape[1], dim=0), self.temperature)
             loss = self.kd_weight * (loss_kd + loss_local / 100 + loss_reg / 50)
-        self.refiner.update_cache(aligned)
         return dict(loss=loss, loss_kd=loss_kd, loss_local=loss_local, loss_reg=loss_reg, logits=logits)
 
     def image_features(self, images):
-        """(B, 3, R, R) -> image_proj(prompted global feature) (B, D_T), not normalised; BN
-        with running statistics in eval mode."""
+        """image_proj(prompted global feature) (B, D_T), not normalised; BN running statistics in eval."""
         glob = self.clip.encode_image(images, prompts=self.visual_prompts)  # (B, D_S)
         return self.image_proj(glob.float())
 
-    def logits(self, image_features):
-        """Eval logits (B, n) from image_features(images): the refined teacher classifier,
-        computed once per class set and trained state."""
-        key = (self.teacher.class_features_key(), None if self.refiner is None else self.refiner.state_key())
-        features = self._class_features.get(key, self._compute_class_features)  # (n, D_T)
-        return _scaled_cosine_logits(self.clip.logit_scale, image_features, features)
-
-    @torch.no_grad()
-    def _compute_class_features(self):
+    def class_features(self):
         t = self.teacher.class_features()
         return t if self.refiner is None else self.refiner.refine(t)
 
-    def trainable_state_dict(self):
-        """SPEC 11.5 names: visual_prompts, image_proj.{fc1,bn,fc2}.*, refiner.* (no CLIP or
-        teacher weights)."""
-        state = {"visual_prompts": self.visual_prompts.detach()}
-        state.update(self.image_proj.state_dict(prefix="image_proj."))
-        if self.refiner is not None:
-            state.update(self.refiner.state_dict(prefix="refiner."))
-        return state
 
-    def load_trainable_state_dict(self, state_dict):
-        _load_trainable(self, state_dict)
-        self._class_features.clear()
+class TeacherTextPerBatch(nn.Module):
+    """Benchmarks only: a PromptKDCLIP paying the released trainer's cost, the teacher's class text
+    features recomputed for every batch where the model computes them once per class set."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.loss_keys, self.frozen_image_features = model, model.loss_keys, False
+
+    def forward(self, *inputs):
+        self.model.teacher._class_features = self.model._classifier = None  # the memos, forgotten
+        return self.model(*inputs)
+
+
+METHODS = {"coop": TextRefinerCLIP, "promptkd": PromptKDCLIP}

@@ -6,6 +6,7 @@ variable must be set before any kernel module is imported, hence here.
 import os
 import sys
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -21,7 +22,7 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    import pytest
+
 
     if torch.cuda.is_available():
         return
@@ -29,3 +30,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def run(tmp_path_factory):
+    """(data root, tiny CLIP weights, run folder) of one uninterrupted CoOp + TextRefiner base2new training."""
+    import helpers
+    return helpers.trained_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def pk_run(tmp_path_factory):
+    """(base folder, run folder) of one uninterrupted PromptKD + TextRefiner base2new training."""
+    import helpers
+    import train
+    base = str(tmp_path_factory.getbasetemp())
+    out = os.path.join(base, "pk-run")
+    if not os.path.exists(os.path.join(out, "results.json")):
+        train.main(helpers.pk_argv(base, out))
+    return base, out

@@ -1,7 +1,17 @@
-"""kernels/bench.py's timing on the CPU, with fake steps and a fake timer: every implementation
-warmed up, the implementations interleaved in a rotating order, medians and ratios per
-implementation over the interleaved rounds. (The benchmark itself needs CUDA.)"""
+"""kernels/bench.py's timing on the CPU, with fake steps and a fake timer: every implementation warmed
+up, the implementations interleaved in a rotating order, medians and ratios per implementation over
+the interleaved rounds (the kernel benchmark itself needs CUDA); and bench.py's benchmarks on the
+tiny CLIP: they run the functions training and evaluation run, and check their flags first."""
+import collections
+
+import pytest
+
+import bench as benchmarks  # bench.py (kernels.bench is `bench` here)
+import data
+import train
+from helpers import EPOCHS, assert_usage_error, counting, train_argv
 from kernels import bench
+from textrefiner import TextRefinerCLIP, ZeroShotCLIP
 
 NAMES = ("triton", "torch", "loop")
 
@@ -58,3 +68,88 @@ def test_a_machine_slowing_down_during_the_run_slows_every_implementation_alike(
     steps = {name: (lambda name=name: calls.append(name)) for name in cost}
     ms = bench.time_interleaved(steps, timer=timer, warmup=1, rounds=6)
     assert ms["torch"] / ms["triton"] == 3
+
+
+def test_loader_benchmark_runs(tmp_path, capsys):
+    data.write_synthetic_dataset(str(tmp_path), "imagenet_sketch", num_classes=4, images_per_class=8, image_size=16)
+    benchmarks.main(["loader", "--dataset", "imagenet_sketch", "--root", str(tmp_path), "--workers", "0",
+                     "--batch-size", "4", "--steps", "3", "--resolution", "8"])
+    assert "images/s" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- bench.py: step and run
+
+STEP = ["step", "--clip", "tiny", "--device", "cpu", "--batch-size", "2", "--num-classes", "3"]
+
+
+def test_step_benchmark_smoke(capsys):
+    rates = benchmarks.main([*STEP, "--steps", "1"])
+    assert set(rates) == {"CoOp+TextRefiner", "CoOp"} and all(r > 0 for r in rates.values())  # zero-shot trains nothing
+    assert "images/s" in capsys.readouterr().out
+    rates = benchmarks.main([*STEP, "--steps", "1", "--eval"])
+    assert set(rates) == {"CoOp+TextRefiner", "CoOp", "zero-shot CLIP"}
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--steps", "0"], "--steps must be positive"),
+    (["--num-classes", "-3"], "--num-classes must be positive"),
+    (["--batch-size", "0"], "--batch-size must be positive"),
+])
+def test_nonsense_step_flags_are_refused(flags, message, capsys):
+    assert_usage_error(benchmarks.main, ["step", "--clip", "tiny", "--device", "cpu", *flags], message, capsys)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--log-interval", "0"], "--log-interval must be positive"),
+    (["--epochs", "0"], "--epochs must be positive"),
+    (["--warmup-epochs", "10"], "--warmup-epochs must be in [0, --epochs)"),
+    (["--lr", "nan"], "--lr must be a positive number"),
+    (["--eval-batch-size", "0"], "--eval-batch-size must be positive"),
+    (["--images", "2"], "--images must be at least 3"),
+])
+def test_nonsense_run_flags_are_refused_before_the_dataset_is_written(flags, message, monkeypatch, capsys):
+    """bench.py run runs the real train(): its flags are checked as a training run's are, before the
+    synthetic dataset is written (not a traceback minutes later)."""
+    monkeypatch.setattr(data, "write_synthetic_dataset", lambda *a, **k: pytest.fail("dataset written"))
+    assert_usage_error(benchmarks.main, ["run", "--clip", "tiny", "--device", "cpu", *flags], message, capsys)
+
+
+def test_benchmarks_time_the_steps_training_and_evaluation_run(run, tmp_path, monkeypatch, capsys):
+    """The benchmarks time train()'s and evaluate()'s own step functions, and evaluate as evaluate()
+    does: the class features computed once per model, not once per step (a model.eval() per step
+    would recompute them every time and time a text-tower pass)."""
+    calls = collections.Counter()
+    monkeypatch.setattr(train, "train_step", counting(calls, "train_step", train.train_step))
+    monkeypatch.setattr(train, "eval_step", counting(calls, "eval_step", train.eval_step))
+    for cls in (TextRefinerCLIP, ZeroShotCLIP):
+        monkeypatch.setattr(cls, "class_features", counting(calls, cls.__name__, cls.class_features))
+    rounds = 3 + 2  # warm-up + timed
+    benchmarks.main([*STEP, "--steps", "2"])
+    assert calls == {"train_step": 2 * rounds}
+    assert "CoOp+TextRefiner step time / CoOp step time" in capsys.readouterr().out
+    calls.clear()
+    benchmarks.main([*STEP, "--steps", "2", "--eval"])
+    assert calls == {"eval_step": 3 * rounds, "TextRefinerCLIP": 2, "ZeroShotCLIP": 1}
+    assert "CoOp+TextRefiner images/s / zero-shot CLIP images/s" in capsys.readouterr().out
+    calls.clear()
+    root, weights, _ = run
+    train.main(train_argv(root, weights, str(tmp_path)))
+    assert calls["train_step"] == EPOCHS * 4  # 12 train images, batch 4: every step is a train_step
+    assert calls["TextRefinerCLIP"] == EPOCHS + 1  # once per val pass and once for the test
+
+
+def test_run_benchmark_times_every_phase_of_a_real_run(monkeypatch, capsys):
+    """bench.py run runs train() itself (counted) on photo-sized JPEGs and accounts for its whole wall
+    time by phase."""
+    calls = collections.Counter()
+    monkeypatch.setattr(train, "train", counting(calls, "train", train.train))
+    monkeypatch.setattr(train, "train_step", counting(calls, "train_step", train.train_step))
+    seconds = benchmarks.main(["run", "--clip", "tiny", "--device", "cpu", "--workers", "0", "--num-classes", "4",
+                               "--images", "8", "--epochs", "2", "--batch-size", "4"])
+    assert calls == {"train": 1, "train_step": 2 * 2}  # 2 base classes x 4 train images, batch 4
+    phases = ("start-up", "data loading", "compute", "val", "checkpointing", "test")
+    assert all(seconds[p] > 0 for p in phases)
+    assert sum(seconds[p] for p in phases) <= seconds["wall"]
+    assert seconds["other (logging, between phases)"] < 0.5 * seconds["wall"]
+    out = capsys.readouterr().out
+    assert "500x375 JPEGs" in out and "loader alone" in out and "bounds training" in out

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import clip_model as cm
+from helpers import ref_encode_image, ref_encode_text, save_torchscript_archive
 
 HERE = Path(__file__).parent
 CASES = json.loads((HERE / "tokenizer_cases.json").read_text(encoding="utf-8"))
@@ -60,74 +61,6 @@ def test_curly_quotes_are_uncurled_like_ftfy():
 
 
 # ----------------------------------------------------------------------------- reference forward
-
-
-def ref_layer_norm(x, sd, prefix):
-    mean = x.mean(-1, keepdim=True)
-    var = ((x - mean) ** 2).mean(-1, keepdim=True)
-    return (x - mean) / torch.sqrt(var + 1e-5) * sd[prefix + ".weight"] + sd[prefix + ".bias"]
-
-
-def ref_block(x, sd, prefix, mask):
-    """Pre-LN block with explicit softmax attention; returns the new x and the probabilities."""
-    B, L, W = x.shape
-    H, hd = W // 64, 64
-    h = ref_layer_norm(x, sd, prefix + ".ln_1")
-    qkv = h @ sd[prefix + ".attn.in_proj_weight"].T + sd[prefix + ".attn.in_proj_bias"]
-    q, k, v = (t.reshape(B, L, H, hd) for t in qkv.split(W, dim=-1))
-    scores = torch.einsum("blhd,bmhd->bhlm", q, k) / math.sqrt(hd) + mask
-    probs = torch.exp(scores - scores.amax(-1, keepdim=True))
-    probs = probs / probs.sum(-1, keepdim=True)  # (B, H, L, L)
-    attn = torch.einsum("bhlm,bmhd->blhd", probs, v).reshape(B, L, W)
-    x = x + attn @ sd[prefix + ".attn.out_proj.weight"].T + sd[prefix + ".attn.out_proj.bias"]
-    h = ref_layer_norm(x, sd, prefix + ".ln_2") @ sd[prefix + ".mlp.c_fc.weight"].T + sd[prefix + ".mlp.c_fc.bias"]
-    h = h * torch.sigmoid(1.702 * h)
-    return x + h @ sd[prefix + ".mlp.c_proj.weight"].T + sd[prefix + ".mlp.c_proj.bias"], probs
-
-
-def ref_encode_image(sd, imgs, prompts=None):
-    """prompts (depth, n, W): appended after the T tokens at the input (no positional
-    embedding), prompts[i] overwriting the last n tokens before block i; the outputs are
-    the T image tokens and the CLS row at the patch columns of the softmax over all keys."""
-    sd = {k: v.double() for k, v in sd.items()}
-    W, _, P, _ = sd["visual.conv1.weight"].shape
-    B, _, R, _ = imgs.shape
-    G = R // P
-    T = G * G + 1
-    # Patch embedding as a matmul over flattened (channel, row, col) patches, row-major grid.
-    patches = imgs.double().reshape(B, 3, G, P, G, P).permute(0, 2, 4, 1, 3, 5).reshape(B, G * G, 3 * P * P)
-    x = patches @ sd["visual.conv1.weight"].reshape(W, -1).T
-    x = torch.cat([sd["visual.class_embedding"].expand(B, 1, W), x], 1) + sd["visual.positional_embedding"]
-    if prompts is not None:
-        prompts = prompts.double()
-        x = torch.cat([x, prompts[0].expand(B, -1, -1)], 1)
-    x = ref_layer_norm(x, sd, "visual.ln_pre")
-    layers = len({k for k in sd if k.startswith("visual.transformer.resblocks.") and k.endswith("in_proj_weight")})
-    for i in range(layers):
-        if prompts is not None and 1 <= i < len(prompts):
-            x = x.clone()
-            x[:, T:] = prompts[i]
-        x, probs = ref_block(x, sd, f"visual.transformer.resblocks.{i}", mask=0.0)
-    tokens = ref_layer_norm(x[:, :T], sd, "visual.ln_post") @ sd["visual.proj"]
-    return tokens[:, 0], tokens, probs[:, :, 0, 1:T].mean(1)
-
-
-def ref_encode_text(sd, ids, embeddings=None, deep_prompts=None):
-    """The full 77-token computation with an explicit causal mask. embeddings (C, 77, W)
-    replace the token embeddings of ids; deep_prompts (K, n, W) overwrite positions 1..n
-    before blocks 1..K."""
-    sd = {k: v.double() for k, v in sd.items()}
-    x = (sd["token_embedding.weight"][ids] if embeddings is None else embeddings.double()) + sd["positional_embedding"]
-    L = ids.shape[1]
-    mask = torch.full((L, L), float("-inf"), dtype=torch.float64).triu(1)
-    layers = len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")})
-    for i in range(layers):
-        if deep_prompts is not None and 1 <= i <= len(deep_prompts):
-            x = x.clone()
-            x[:, 1:1 + deep_prompts.shape[1]] = deep_prompts[i - 1].double()
-        x, _ = ref_block(x, sd, f"transformer.resblocks.{i}", mask)
-    x = ref_layer_norm(x, sd, "ln_final")
-    return x[torch.arange(len(ids)), ids.argmax(-1)] @ sd["text_projection"]
 
 
 def assert_rel_close(actual, expected, rtol=1e-5):
@@ -317,7 +250,7 @@ def test_plain_state_dict_loads_exactly(state_dict, tmp_path):
 
 def test_torchscript_archive_matches_fp16_rounded_weights(state_dict, model, tmp_path):
     path = tmp_path / "tiny_jit.pt"
-    cm.save_torchscript_archive(state_dict, path)
+    save_torchscript_archive(state_dict, path)
     with warnings.catch_warnings():  # TorchScript is deprecated, yet it is OpenAI's format
         warnings.simplefilter("ignore", FutureWarning)
         raw = torch.jit.load(str(path), map_location="cpu").state_dict()
@@ -410,7 +343,7 @@ def test_random_state_dict_has_openai_layout():
 def make_remote(tmp_path, state_dict, sha=None):
     """A file:// 'server' holding <sha>/tiny.pt; sha defaults to the true checksum."""
     payload = tmp_path / "payload.pt"
-    cm.save_torchscript_archive(state_dict, payload)
+    save_torchscript_archive(state_dict, payload)
     data = payload.read_bytes()
     sha = sha or hashlib.sha256(data).hexdigest()
     (tmp_path / "remote" / sha).mkdir(parents=True)

@@ -315,13 +315,6 @@ def test_error_messages(tmp_path):
             next(iter(loader))
 
 
-def test_benchmark_runs(tmp_path, capsys):
-    synthetic(tmp_path, "imagenet_sketch", image_size=16)
-    data.main(["--benchmark", "--dataset", "imagenet_sketch", "--root", str(tmp_path),
-               "--workers", "0", "--batch-size", "4", "--steps", "3", "--resolution", "8"])
-    assert "images/s" in capsys.readouterr().out
-
-
 def test_synthetic_classes_are_distinguishable(tmp_path):
     synthetic(tmp_path, "oxford_flowers", num_classes=6)
     means = {}

@@ -5,7 +5,6 @@ import os
 import shutil
 import subprocess
 import sys
-from collections import OrderedDict
 from types import SimpleNamespace
 
 import pytest
@@ -13,18 +12,9 @@ import torch
 
 import clip_model
 import eval as evaluate_cli  # "eval" would shadow the builtin
+import released
 import train
-from test_train import REPO, assert_same_tensors, assert_usage_error, synthetic, torchrun_two_ranks, trained_run
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    return trained_run(tmp_path_factory)
-
-
-def read_results(folder):
-    with open(os.path.join(folder, "results.json")) as f:
-        return json.load(f)
+from helpers import REPO, RunsCode, assert_same_tensors, assert_usage_error, read_results, rounded, synthetic, torchrun_two_ranks, write_authors_folder, write_result
 
 
 def test_eval_reproduces_training_test_numbers(run, tmp_path):
@@ -78,97 +68,6 @@ def test_per_class_accuracy_keeps_classes_with_the_same_name():
 
 
 # The released trainer's CustomCLIP keeps the frozen CLIP under these names.
-AUTHORS_TEXT_TOWER = ("transformer.", "positional_embedding", "ln_final.", "text_projection", "token_embedding.")
-
-
-class RunsCode:
-    """A pickled object whose unpickling would create a directory: loading must not run it."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return os.makedirs, (self.path,)
-
-
-def authors_clip_state(weights):
-    """OpenAI-named CLIP weights under the released CustomCLIP's names."""
-    out = {}
-    for k, v in torch.load(weights, weights_only=True).items():
-        if k.startswith("visual."):
-            out["image_encoder." + k[len("visual."):]] = v
-        elif k.startswith(AUTHORS_TEXT_TOWER):
-            out["text_encoder." + k] = v
-        else:
-            out[k] = v  # logit_scale
-    return out
-
-
-def write_authors_folder(folder, state, weights, epoch, dtype=torch.float16, best_epoch=None, extra=None):
-    """An output folder of the released code as its Dassl trainer writes it: prompt_learner/ and
-    Memory/, each with model.pth.tar-<epoch> (and model-best.pth.tar when best_epoch is given)
-    and Dassl's 'checkpoint' pointer; every file {'state_dict', 'epoch', 'optimizer', 'scheduler',
-    'val_result'}. prompt_learner's state_dict is the whole CustomCLIP (ctx, the fixed prompt
-    buffers, the frozen CLIP as image_encoder.* / text_encoder.* / logit_scale, the alignment as
-    mid_image_trans.conv1.{0,1,3}: 1x1 Conv2d + BatchNorm2d); Memory's is {'extractor.weight'},
-    with the cache as the file's 'memory_item'. With the default fp16 precision, ctx, convs,
-    extractor and cache are fp16 and BatchNorm fp32; the scheduler entry holds pickled objects
-    (Dassl's warm-up scheduler state keeps its CosineAnnealingLR successor and so the optimiser)."""
-    n_ctx, width = state["prompt_learner.ctx"].shape
-    n_cls = 3
-    learner = OrderedDict()
-    learner["prompt_learner.ctx"] = state["prompt_learner.ctx"].to(dtype)
-    learner["prompt_learner.token_prefix"] = torch.zeros(n_cls, 1, width, dtype=dtype)
-    learner["prompt_learner.token_suffix"] = torch.zeros(n_cls, 77 - 1 - n_ctx, width, dtype=dtype)
-    learner["prompt_learner.tokenized_prompts"] = torch.zeros(n_cls, 77, dtype=torch.long)
-    learner.update(authors_clip_state(weights))
-    for theirs, ours in evaluate_cli.AUTHORS_ALIGN.items():
-        t = state["refiner.align." + ours]
-        if theirs in evaluate_cli.AUTHORS_CONV_WEIGHTS:
-            t = t[:, :, None, None]  # Linear (out, in) -> Conv2d 1x1 (out, in, 1, 1)
-        if theirs.startswith(("0.", "3.")):
-            t = t.to(dtype)  # CLIP's convert_weights makes the convolutions fp16, not BatchNorm
-        learner["mid_image_trans.conv1." + theirs] = t
-    memory = OrderedDict([("extractor.weight", state["refiner.extractor.weight"].to(dtype))])
-    params = [torch.nn.Parameter(t.clone()) for t in (learner["prompt_learner.ctx"], memory["extractor.weight"])]
-    optim = torch.optim.SGD(params, lr=0.002, momentum=0.9, weight_decay=5e-4)
-    for p in params:
-        p.grad = torch.ones_like(p)
-    optim.step()
-    successor = torch.optim.lr_scheduler.CosineAnnealingLR(optim, 10.0)
-    sched = {"successor": successor, "warmup_epoch": 1, "cons_lr": 1e-5, "base_lrs": [0.002],
-             "last_epoch": 1, "_step_count": epoch + 1}
-    cache = state["refiner.cache"].to(dtype).requires_grad_() * 1  # the write leaves it in a graph
-    write_dassl_run(folder, {"prompt_learner": learner, "Memory": memory}, cache, optim, sched, epoch,
-                    best_epoch, extra)
-
-
-def write_dassl_run(folder, parts, memory_item, optim, sched, epoch, best_epoch=None, extra=None):
-    """The released trainer's save_model: per registered model (parts: {folder name: state
-    dict}) model.pth.tar-{epoch}, model-best.pth.tar when best_epoch is given, and Dassl's
-    'checkpoint' pointer; Memory's files also carry the cache as 'memory_item'."""
-    saves = [(f"model.pth.tar-{epoch}", epoch, None)]
-    if best_epoch is not None:
-        saves.append(("model-best.pth.tar", best_epoch, 61.25))
-    for part, state_dict in parts.items():
-        os.makedirs(os.path.join(folder, part))
-        for name, at, val_result in saves:
-            content = {"state_dict": state_dict, "epoch": at, "optimizer": optim.state_dict(), "scheduler": sched,
-                       "val_result": val_result}
-            if part == "Memory":
-                content = {"memory_item": memory_item, **content}
-            torch.save(dict(content, **(extra or {})), os.path.join(folder, part, name))
-        with open(os.path.join(folder, part, "checkpoint"), "w") as f:
-            f.write(f"model.pth.tar-{epoch}\n")
-
-
-def rounded(state, dtype):
-    """What storing our fp32 trainables in the released dtypes does to them."""
-    out = {}
-    for k, v in state.items():
-        keep = k.endswith("num_batches_tracked") or k.startswith("refiner.align.bn.")
-        out[k] = v if keep else v.to(dtype).float()
-    return out
 
 
 @pytest.mark.parametrize("dtype, precision", [(torch.float16, "fp16"), (torch.float32, "fp32")])
@@ -178,16 +77,16 @@ def test_authors_checkpoint_maps_to_our_names(run, tmp_path, dtype, precision):
     marker = tmp_path / "code-ran"
     write_authors_folder(tmp_path / "theirs", state, weights, epoch=3, dtype=dtype, best_epoch=2,
                          extra={"unexpected": RunsCode(str(marker))})
-    mapped, info = evaluate_cli.load_authors_checkpoint(str(tmp_path / "theirs"), epoch=3)
+    mapped, info = released.load_authors_run(str(tmp_path / "theirs"), epoch=3)
     assert not marker.exists()  # objects other than tensors are not built, so no code from the file ran
     assert all(v.dtype == state[k].dtype for k, v in mapped.items())
     assert_same_tensors(mapped, rounded(state, dtype))
     stored_clip = info.pop("clip_weights")
     assert info == {"method": "coop", "epoch": 3, "val_result": None, "precision": precision, "clip": None,
-                    "hp": {"n_ctx": 4, "ctx_init": "a photo of a", "cache_size": 25}}  # tiny CLIP: no name
+                    "flags": {"n_ctx": 4, "ctx_init": "a photo of a", "cache_size": 25}}  # tiny CLIP: no name
     clip_weights = {k: v for k, v in torch.load(weights, weights_only=True).items() if k != "logit_scale"}
     assert_same_tensors(stored_clip, clip_weights)  # image_encoder.*, text_encoder.* renamed back
-    _, best = evaluate_cli.load_authors_checkpoint(str(tmp_path / "theirs"))  # model-best.pth.tar
+    _, best = released.load_authors_run(str(tmp_path / "theirs"))  # model-best.pth.tar
     assert (best["epoch"], best["val_result"]) == (2, 61.25)
     # The same numbers as our own checkpoint holding the same (rounded) tensors.
     ours_path = tmp_path / "ours.pt"
@@ -206,36 +105,36 @@ def test_authors_checkpoint_format_errors(run, tmp_path):
     state = torch.load(os.path.join(out, "last.pt"), weights_only=True)["model"]
     write_authors_folder(tmp_path / "theirs", state, weights, epoch=10)
     with pytest.raises(FileNotFoundError, match="model-best.pth.tar"):
-        evaluate_cli.load_authors_checkpoint(str(tmp_path / "theirs"))
-    full, _ = evaluate_cli.load_authors_checkpoint(str(tmp_path / "theirs"), 10, allow_pickle=True)
+        released.load_authors_run(str(tmp_path / "theirs"))
+    full, _ = released.load_authors_run(str(tmp_path / "theirs"), 10, allow_pickle=True)
     assert_same_tensors(full, rounded(state, torch.float16))
     path = tmp_path / "theirs" / "prompt_learner" / "model.pth.tar-10"
     content = torch.load(path, weights_only=False)
     content["state_dict"]["mid_image_trans.conv1.0.weight"] = state["refiner.align.fc1.weight"]  # (D, D)
     torch.save(content, path)
     with pytest.raises(ValueError, match=r"1x1 convolution weight \(out, in, 1, 1\)"):
-        evaluate_cli.load_authors_checkpoint(str(tmp_path / "theirs"), 10)
+        released.load_authors_run(str(tmp_path / "theirs"), 10)
     del content["state_dict"]["mid_image_trans.conv1.3.bias"]
     torch.save(content, path)
     with pytest.raises(ValueError, match="mid_image_trans.conv1.3.bias"):
-        evaluate_cli.load_authors_checkpoint(str(tmp_path / "theirs"), 10)
+        released.load_authors_run(str(tmp_path / "theirs"), 10)
     write_authors_folder(tmp_path / "other", state, weights, epoch=10)
     memory = tmp_path / "other" / "Memory" / "model.pth.tar-10"
     content = torch.load(memory, weights_only=False)
     del content["memory_item"]
     torch.save(content, memory)
     with pytest.raises(ValueError, match="no 'memory_item'"):
-        evaluate_cli.load_authors_checkpoint(str(tmp_path / "other"), 10)
+        released.load_authors_run(str(tmp_path / "other"), 10)
 
 
 def test_authors_backbone_from_the_saved_image_tower():
     def tower(width, patch, grid):
         return {"image_encoder.conv1.weight": torch.zeros(width, 3, patch, patch),
                 "image_encoder.positional_embedding": torch.zeros(grid * grid + 1, width)}
-    assert evaluate_cli.authors_clip_name(tower(768, 16, 14)) == "ViT-B/16"
-    assert evaluate_cli.authors_clip_name(tower(768, 32, 7)) == "ViT-B/32"
-    assert evaluate_cli.authors_clip_name(tower(1024, 14, 24)) == "ViT-L/14@336px"
-    assert evaluate_cli.authors_clip_name({}) is None
+    assert released.authors_clip_name(tower(768, 16, 14)) == "ViT-B/16"
+    assert released.authors_clip_name(tower(768, 32, 7)) == "ViT-B/32"
+    assert released.authors_clip_name(tower(1024, 14, 24)) == "ViT-L/14@336px"
+    assert released.authors_clip_name({}) is None
 
 
 def test_torchrun_sharded_eval_counts_every_image_once(run, tmp_path):
@@ -257,39 +156,30 @@ def test_make_base2new_flow_and_skip(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    run_dir = out / "base2new" / "caltech101" / "seed2"
+    run_dir = out / "coop" / "base2new" / "caltech101" / "seed2"
     base, new = read_results(run_dir / "base"), read_results(run_dir / "new")
     assert (base["subsample"], new["subsample"]) == ("base", "new")
     assert base["args"]["seed"] == 2 and base["num_classes"] == new["num_classes"] == 3
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stdout.count("skip:") == 2, again.stdout
-    summary = evaluate_cli.report(str(out / "base2new"))
+    summary = evaluate_cli.report(str(out / "coop" / "base2new"))
     row = summary["datasets"]["caltech101"]
     assert row["base"] == base["accuracy"] and row["new"] == new["accuracy"] and row["seeds"] == [2]
 
 
 def test_make_xd_commands():
-    """Dry run: ImageNet trained without val, every target evaluated with the last epoch."""
-    proc = subprocess.run(["make", "--no-print-directory", "-n", "-C", REPO, "xd", "SEED=3", "XD_TARGETS=all",
-                           "GPUS=2"], capture_output=True, text=True, timeout=60)
+    """Dry run: ImageNet trained with the xd recipe (CoOp's: the last epoch), every target evaluated with
+    that last.pt; a transductive method trains per target instead (the branch on its attribute)."""
+    proc = subprocess.run(["make", "--no-print-directory", "-n", "-C", REPO, "xd", "SEED=3", "GPUS=2"],
+                          capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     text = proc.stdout
-    assert "torch.distributed.run --standalone --nproc_per_node=2 train.py --dataset imagenet" in text
-    assert "--no-val" in text and "output/xd/imagenet/seed3/last.pt" in text
+    assert "torch.distributed.run --standalone --nproc_per_node=2 train.py --method coop --xd --dataset imagenet" in text
+    assert "output/coop/xd/imagenet/seed3/last.pt" in text and "METHODS['coop'].transductive" in text
     targets = "imagenetv2 imagenet_sketch imagenet_a imagenet_r caltech101 oxford_pets stanford_cars " \
               "oxford_flowers food101 fgvc_aircraft sun397 dtd eurosat ucf101"
     assert f"for t in {targets}; do" in text
-
-
-def write_result(folder, accuracy, **fields):
-    """A results.json as train.py/eval.py write it for its place: <dataset>/seed<S>/{base,new}
-    (base2new) or <dataset>/seed<S> (xd, all classes); fields override."""
-    os.makedirs(folder)
-    parts = os.path.normpath(folder).split(os.sep)
-    what = dict(dataset=parts[-3], subsample=parts[-1]) if parts[-1] in ("base", "new") else \
-        dict(dataset=parts[-2], subsample="all")
-    with open(os.path.join(folder, "results.json"), "w") as f:
-        json.dump(dict(accuracy=accuracy, split="test", **dict(what, **fields)), f)
+    assert train.METHODS["coop"].recipe.xd == {"selection": "last"}
 
 
 def test_report_arithmetic(tmp_path, capsys):
@@ -313,7 +203,7 @@ def test_report_arithmetic(tmp_path, capsys):
     assert "82.69" in text and "76.94" in text  # published averages
     assert json.load(open(tmp_path / "report.json"))["average"]["base"] == 86
     # published rows are self-consistent: HM = 2bn/(b+n)
-    for b, n, h in [row for rows in evaluate_cli.PUBLISHED_AVERAGES.values() for row in rows.values()]:
+    for b, n, h in [row for M in train.METHODS.values() for row in M.published["base2new"].values()]:
         assert evaluate_cli.harmonic_mean(b, n) == pytest.approx(h, abs=0.006)
     assert_columns_line_up(text.splitlines(), ["Base", "New", "HM"])
 
@@ -351,26 +241,18 @@ def test_bad_flags_are_clear_errors(argv, message, capsys):
     assert_usage_error(evaluate_cli.main, argv, message, capsys)
 
 
-def test_zeroshot_and_missing_data_errors(run, tmp_path):
+def test_zeroshot_and_missing_data_errors(run, tmp_path, capsys):
     root, weights, _ = run
-    with pytest.raises(SystemExit, match="--report"):
-        evaluate_cli.main(["--report", str(tmp_path / "nothing")])
-    with pytest.raises(SystemExit, match="--root"):
-        evaluate_cli.main(["--zeroshot", "--dataset", "dtd", "--root", str(tmp_path / "nothing")])
-    with pytest.raises(SystemExit, match="^--dataset is required: zero-shot CLIP has no run to take it from$"):
-        evaluate_cli.main(["--zeroshot", "--root", root])  # not "--dataset None: expected one of ..."
-    with pytest.raises(SystemExit, match="^--root is required: zero-shot CLIP has no run to take it from$"):
-        evaluate_cli.main(["--zeroshot", "--dataset", "dtd"])
+    assert_usage_error(evaluate_cli.main, ["--report", str(tmp_path / "nothing")], "--report", capsys)
+    assert_usage_error(evaluate_cli.main, ["--zeroshot", "--dataset", "dtd", "--root", str(tmp_path / "nothing")],
+                       "--root", capsys)
+    stderr = assert_usage_error(evaluate_cli.main, ["--zeroshot", "--root", root], "--dataset is required", capsys)
+    assert stderr == "error: --dataset is required: zero-shot CLIP has no run to take it from\n"  # not "None: ..."
+    stderr = assert_usage_error(evaluate_cli.main, ["--zeroshot", "--dataset", "dtd"], "--root is required", capsys)
+    assert stderr == "error: --root is required: zero-shot CLIP has no run to take it from\n"
     zs = evaluate_cli.main(["--zeroshot", "--clip", weights, "--dataset", "caltech101", "--root", root,
                             "--workers", "0", "--device", "cpu"])
     assert zs["num_classes"] == 6 and zs["num_images"] == 18 and zs["checkpoint"] == "zero-shot CLIP"
-
-
-def test_benchmark_smoke(capsys):
-    rates = evaluate_cli.main(["--benchmark", "--benchmark-clip", "tiny", "--device", "cpu", "--batch-size", "2",
-                               "--num-classes", "3", "--benchmark-steps", "1"])
-    assert set(rates) == {"TextRefiner", "CoOp", "zero-shot CLIP"}
-    assert "(eval)" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------- reliability
@@ -451,9 +333,6 @@ def test_authors_folder_with_other_clip_weights_is_refused(run, tmp_path, capsys
     (["--zeroshot", "--dataset", "dtd", "--seed", "-1"], "--seed must be >= 0"),
     (["--zeroshot", "--dataset", "dtd", "--batch-size", "0"], "--batch-size must be positive"),
     (["--zeroshot", "--dataset", "dtd", "--dist-timeout", "-5"], "--dist-timeout must be in (0, 604800]"),
-    (["--benchmark", "--benchmark-steps", "0"], "--benchmark-steps must be positive"),
-    (["--benchmark", "--num-classes", "0"], "--num-classes must be positive"),
-    (["--benchmark", "--batch-size", "-2"], "--batch-size must be positive"),
 ])
 def test_nonsense_eval_flags_are_refused(argv, message, capsys):
     assert_usage_error(evaluate_cli.main, argv, message, capsys)
@@ -495,7 +374,7 @@ def test_make_report_fails_without_output_or_on_a_bad_result(tmp_path):
                               capture_output=True, text=True, timeout=120)
     proc = make_report(tmp_path / "none")
     assert proc.returncode != 0 and "nothing to report" in proc.stderr, proc.stdout + proc.stderr
-    write_result(tmp_path / "output" / "base2new" / "dtd" / "seed1" / "base", 80)
-    write_result(tmp_path / "output" / "base2new" / "dtd" / "seed1" / "new", None)
+    write_result(tmp_path / "output" / "coop" / "base2new" / "dtd" / "seed1" / "base", 80)
+    write_result(tmp_path / "output" / "coop" / "base2new" / "dtd" / "seed1" / "new", None)
     proc = make_report(tmp_path / "output")
     assert proc.returncode != 0 and "accuracy is None" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from test_train import REPO
+from helpers import REPO
 
 FAKE_PYTHON = """#!/usr/bin/env bash
 # records its environment's TRITON_INTERPRET and arguments (one line per call); fails when
@@ -52,18 +52,18 @@ def test_gpu_check_runs_every_step_and_passes_when_all_do(tmp_path):
         "import sys, torch, triton",
         "TRITON_INTERPRET=unset -m pytest -q -rfEs -p no:cacheprovider tests",
         "-m kernels.bench",
-        "train.py --benchmark --num-classes 100",
-        "eval.py --benchmark --num-classes 1000",
-        "train.py --method promptkd --benchmark --batch-size 8",
-        "eval.py --method promptkd --benchmark --batch-size 8",
-        "train.py --benchmark-run --precision bf16",
+        "bench.py step --num-classes 100",
+        "bench.py step --eval --num-classes 1000",
+        "bench.py step --method promptkd --batch-size 8",
+        "bench.py step --eval --method promptkd --batch-size 8",
+        "bench.py run --num-classes 10 --precision bf16",
         "clip_model.random_state_dict(clip_model.CONFIGS['ViT-B/16'])",
         "--precision fp16",
     ]
     assert len(calls) == 1 + len(expected)
     for call, fragment in zip(calls[1:], expected):
         assert fragment in call, (fragment, call)
-    assert calls[-1].split()[1] == "train.py" and "--benchmark" not in calls[-1] and "--output-dir" in calls[-1]
+    assert calls[-1].split()[1] == "train.py" and "--output-dir" in calls[-1]
     for name in STEPS:
         assert (out / f"{name}.txt").exists(), name
     assert (out / "train-fp16.results.json").exists()

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 import clip_model as cm
+import released
 import textrefiner as tr
 from clip_model import CONFIGS, build_model, random_state_dict, tokenize
-from test_clip import ref_encode_image, ref_encode_text
-from test_textrefiner import save_half_batch_step, spec_cache_update, spec_semantic_tokens
 from textrefiner import PromptKDCLIP, PromptSRCTeacher, TextRefinerCLIP
+from helpers import ref_encode_image, ref_encode_text, save_half_batch_step, spec_cache_update, spec_semantic_tokens
 
 CLASSNAMES = ["cat", "golden_retriever", "sports car", "tabby_cat", "airliner"]
 BASE = CLASSNAMES[:3]  # a base2new teacher is trained on the first ceil(n/2) classes
@@ -50,7 +50,7 @@ def teacher_base_sd():
 @pytest.fixture(scope="module")
 def teacher_file(tmp_path_factory, teacher_base_sd):
     path = tmp_path_factory.mktemp("teacher") / "model-best.pth.tar"
-    tr.write_teacher_checkpoint(path, perturbed(teacher_base_sd, seed=2), BASE, depth=TEACHER_DEPTH,
+    released.write_teacher_checkpoint(path, perturbed(teacher_base_sd, seed=2), BASE, depth=TEACHER_DEPTH,
                                 n_ctx=TEACHER_CTX, seed=3, prompt_std=0.3)
     return str(path)
 
@@ -73,6 +73,11 @@ def make_model(student, teacher, seed=0, **kwargs):
 
 def images(batch, seed=1):
     return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def depth(teacher):
+    """(text depth, vision depth) of a teacher: 1 + the blocks with deep prompts."""
+    return 1 + teacher.text_prompts.shape[0], teacher.visual_prompts.shape[0]
 
 
 def rel_err(actual, expected):
@@ -131,20 +136,20 @@ def test_teacher_file_has_the_released_layout(teacher_file, teacher_base_sd):
     assert state["prompt_learner.token_suffix"].shape == (3, 77 - 1 - TEACHER_CTX, TEACHER.transformer_width)
     # promptkd_released.md B2: token_embedding of PromptSRC's "a photo of a {name}." ("_" -> " "),
     # position 0 (SOT) and positions 5.. ("{name}.", EOT, padding), fp16
-    released = teacher_base_sd["token_embedding.weight"][tokenize([f"a photo of a {name.replace('_', ' ')}."
-                                                                   for name in BASE])]  # (3, 77, W)
-    assert torch.equal(state["prompt_learner.token_prefix"], released[:, :1].half())
-    assert torch.equal(state["prompt_learner.token_suffix"], released[:, 5:].half())
+    rows = teacher_base_sd["token_embedding.weight"][tokenize([f"a photo of a {name.replace('_', ' ')}."
+                                                               for name in BASE])]  # (3, 77, W)
+    assert torch.equal(state["prompt_learner.token_prefix"], rows[:, :1].half())
+    assert torch.equal(state["prompt_learner.token_suffix"], rows[:, 5:].half())
     assert not any("token_embedding" in k for k in state)
-    content = cm.read_dassl_file(teacher_file)  # tensors only: the pickled scheduler is not built
-    assert isinstance(content["scheduler"]["successor"], cm._NotLoaded)
+    content = released.read_dassl_file(teacher_file)  # tensors only: the pickled scheduler is not built
+    assert isinstance(content["scheduler"]["successor"], released._NotLoaded)
     assert content["scheduler"]["successor"].origin == "torch.optim.lr_scheduler.CosineAnnealingLR"
     assert torch.equal(content["state_dict"]["image_encoder.VPT"], state["image_encoder.VPT"])
 
 
 def test_teacher_uses_the_files_weights_and_prompts(teacher, teacher_file, teacher_base_sd):
     """t_T and z_T equal SPEC 11.1 in float64 on the FILE's CLIP weights (not the base CLIP's)."""
-    assert teacher.depth == (TEACHER_DEPTH, TEACHER_DEPTH) and teacher.path == teacher_file
+    assert depth(teacher) == (TEACHER_DEPTH, TEACHER_DEPTH)
     assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.train().training
     x = images(3)
     sd, ctx, text, visual = teacher_weights(teacher_file, teacher_base_sd)
@@ -194,7 +199,7 @@ def test_teacher_and_student_class_features_follow_a_move(teacher, student, monk
 
 def test_zero_shot_copy_in_the_file_is_ignored(tmp_path, teacher_base_sd, teacher_file, teacher):
     path = tmp_path / "zs.pth.tar"
-    tr.write_teacher_checkpoint(path, perturbed(teacher_base_sd, seed=2), BASE, depth=TEACHER_DEPTH,
+    released.write_teacher_checkpoint(path, perturbed(teacher_base_sd, seed=2), BASE, depth=TEACHER_DEPTH,
                                 n_ctx=TEACHER_CTX, seed=3, prompt_std=0.3,
                                 zero_shot_state_dict=random_state_dict(TEACHER, seed=9))
     other = PromptSRCTeacher.from_checkpoint(build_model(teacher_base_sd), path, CLASSNAMES)
@@ -219,7 +224,7 @@ def test_teacher_file_errors(tmp_path, teacher_base_sd, teacher_file):
         load(teacher_file, CLASSNAMES + ["a", "b"])
     with pytest.raises(ValueError, match=r"trained on 3 classes .*expected 1000"):
         load(teacher_file, num_trained_classes=1000)
-    assert load(teacher_file, BASE).depth == (TEACHER_DEPTH, TEACHER_DEPTH)  # n itself is fine too
+    assert depth(load(teacher_file, BASE)) == (TEACHER_DEPTH, TEACHER_DEPTH)  # n itself is fine too
 
     def drop(key):
         return lambda sd: sd.pop(key)
@@ -276,7 +281,7 @@ def test_teacher_of_other_classes_with_the_same_count_is_refused(tmp_path, teach
             load(names=names)
     with pytest.raises(ValueError, match=r"3 of its 3 class prompts .* row 0 \(our 'banded'\)"):
         load(trained_classnames=textures[:3])  # the trained classes named explicitly
-    assert load(trained_classnames=BASE).depth == (TEACHER_DEPTH, TEACHER_DEPTH)
+    assert depth(load(trained_classnames=BASE)) == (TEACHER_DEPTH, TEACHER_DEPTH)
     load(names=["cat", "golden retriever", "sports_car", "x", "y"])  # "_" and " " are one name
     load(names=textures, num_trained_classes=3)  # a count alone (cross-dataset): names unknown
     with pytest.raises(ValueError, match="pass num_trained_classes or trained_classnames, not both"):
@@ -530,11 +535,11 @@ def test_state_dict_round_trip_and_method_mixups(student, teacher):
     torch.testing.assert_close(other(x), model(x))
 
     coop = TextRefinerCLIP(student, CLASSNAMES)
-    with pytest.raises(ValueError, match=r"PromptKDCLIP.load_trainable_state_dict: this is a checkpoint of "
-                                         r"CoOp / CoOp \+ TextRefiner \(TextRefinerCLIP\).*the model is PromptKD"):
+    with pytest.raises(ValueError, match=r"PromptKDCLIP.load_trainable_state_dict: not a PromptKDCLIP checkpoint: "
+                                         r"its prompt_learner.ctx, .* are not the model's \(image_proj.*another method"):
         other.load_trainable_state_dict(coop.trainable_state_dict())
-    with pytest.raises(ValueError, match=r"TextRefinerCLIP.load_trainable_state_dict: this is a checkpoint of "
-                                         r"PromptKD / PromptKD \+ TextRefiner \(PromptKDCLIP\).*the model is CoOp"):
+    with pytest.raises(ValueError, match=r"TextRefinerCLIP.load_trainable_state_dict: not a TextRefinerCLIP checkpoint: "
+                                         r"its image_proj.*another method"):
         coop.load_trainable_state_dict(state)
     with pytest.raises(ValueError, match=r"missing keys \['refiner.cache'\]"):
         other.load_trainable_state_dict({k: v for k, v in state.items() if k != "refiner.cache"})

@@ -1,7 +1,6 @@
 """PromptKD + TextRefiner through train.py / eval.py / make (SPEC 11.3-11.5), on the synthetic
 caltech101 of test_train.py, a tiny student CLIP and a tiny-teacher CLIP of another width, with
 teacher files written in PromptKD's released format and folder layout (CPU)."""
-import json
 import os
 import subprocess
 import sys
@@ -10,59 +9,14 @@ from collections import OrderedDict
 import pytest
 import torch
 
+import bench as benchmarks
 import clip_model
 import data
 import eval as evaluate_cli
+import released
 import textrefiner
 import train
-from test_eval import RunsCode, write_dassl_run, write_result
-from test_train import (REPO, Interrupted, assert_same_tensors, assert_usage_error, interrupt_at_epoch, read_log,
-                        synthetic, torchrun_two_ranks)
-
-EPOCHS, DEPTH = 3, 2
-TEACHER_FILE = os.path.join("Caltech101", "VLPromptLearner", "model-best.pth.tar")
-
-
-def teacher_setup(base):
-    """(teacher CLIP weights file, folder of released-layout teachers) under base: the
-    caltech101 base-class teacher (3 of the 6 synthetic classes, depth 2) whose CLIP weights are
-    not the base file's (PromptSRC's weight averaging), and one trained on 4 classes."""
-    root, _ = synthetic(base)
-    clip_path, teachers = os.path.join(base, "teacher-clip.pt"), os.path.join(base, "teachers")
-    if not os.path.exists(os.path.join(teachers, TEACHER_FILE)):
-        weights = clip_model.random_state_dict(clip_model.CONFIGS["tiny-teacher"], seed=1)
-        torch.save(weights, clip_path)
-        averaged = {k: v + 0.01 if k.startswith("visual.transformer") else v for k, v in weights.items()}
-        base_names = data.load_splits("caltech101", root, subsample="base")["classnames"]
-        os.makedirs(os.path.dirname(os.path.join(teachers, TEACHER_FILE)))
-        textrefiner.write_teacher_checkpoint(os.path.join(base, "four-classes.pth.tar"), weights,
-                                             base_names + ["class_003"], depth=DEPTH)
-        textrefiner.write_teacher_checkpoint(os.path.join(teachers, TEACHER_FILE), averaged, base_names, depth=DEPTH)
-    return clip_path, teachers
-
-
-def pk_argv(base, out, *extra):
-    root, student = synthetic(base)
-    teacher_clip, teachers = teacher_setup(base)
-    return ["--method", "promptkd", "--dataset", "caltech101", "--root", root, "--clip", student,
-            "--teacher", teachers, "--teacher-clip", teacher_clip, "--subsample", "base", "--device", "cpu",
-            "--epochs", str(EPOCHS), "--batch-size", "4", "--depth", str(DEPTH), "--workers", "0",
-            "--log-interval", "3", "--output-dir", str(out), *extra]
-
-
-@pytest.fixture(scope="module")
-def pk_run(tmp_path_factory):
-    """One uninterrupted PromptKD + TextRefiner base2new training run: (base folder, run folder)."""
-    base = str(tmp_path_factory.getbasetemp())
-    out = os.path.join(base, "pk-run")
-    if not os.path.exists(os.path.join(out, "results.json")):
-        train.main(pk_argv(base, out))
-    return base, out
-
-
-def read_results(folder):
-    with open(os.path.join(folder, "results.json")) as f:
-        return json.load(f)
+from helpers import EPOCHS, Interrupted, PK_DEPTH, REPO, RunsCode, TEACHER_FILE, assert_same_tensors, assert_usage_error, interrupt_at_epoch, pk_argv, read_log, read_results, synthetic, teacher_setup, torchrun_two_ranks, trained_run_dir, write_dassl_run, write_result
 
 
 def test_recipe_rows_fill_flags_left_at_none_and_explicit_flags_win():
@@ -70,7 +24,7 @@ def test_recipe_rows_fill_flags_left_at_none_and_explicit_flags_win():
 
     def resolved(*argv):
         args = p.parse_args(list(argv))
-        train.apply_recipe(p, args)
+        train.fill_recipe(p, args, require=False)
         return args
 
     pk = resolved("--method", "promptkd", "--dataset", "caltech101")
@@ -114,17 +68,17 @@ def test_teacher_folder_layout_and_alternative_spellings(tmp_path):
     os.makedirs(tmp_path / "ImageNet-xd" / "VLPromptLearner_large")
     (tmp_path / "ImageNet-xd" / "VLPromptLearner_large" / "model.pth.tar-20").write_bytes(b"")
     t = str(tmp_path)
-    assert train.teacher_file(t, "stanford_cars", "base") == f"{t}/StandfordCars/VLPromptLearner/model-best.pth.tar"
-    assert train.teacher_file(t, "fgvc_aircraft", "new") == f"{t}/FGVCAircraft/VLPromptLearner/model-best.pth.tar"
-    assert train.teacher_file(t, "dtd", "all") == f"{t}/ImageNet-xd/VLPromptLearner_large/model.pth.tar-20"
+    assert released.teacher_file(t, "stanford_cars", "base") == f"{t}/StandfordCars/VLPromptLearner/model-best.pth.tar"
+    assert released.teacher_file(t, "fgvc_aircraft", "new") == f"{t}/FGVCAircraft/VLPromptLearner/model-best.pth.tar"
+    assert released.teacher_file(t, "dtd", "all") == f"{t}/ImageNet-xd/VLPromptLearner_large/model.pth.tar-20"
     file = f"{t}/DescribableTextures/VLPromptLearner/model-best.pth.tar"
-    assert train.teacher_file(file, "eurosat", "base") == file  # a file is used as given
+    assert released.teacher_file(file, "eurosat", "base") == file  # a file is used as given
     with pytest.raises(data.MissingData, match=f"expected {t}/EuroSAT/VLPromptLearner/model-best.pth.tar"):
-        train.teacher_file(t, "eurosat", "base")
+        released.teacher_file(t, "eurosat", "base")
     with pytest.raises(data.MissingData, match=f"{t}/OxfordPets/VLPromptLearner/model-best.pth.tar"):
-        train.teacher_file(t, "oxford_pets", "base")
-    with pytest.raises(train.UserError, match="no base-class teacher for imagenet_a"):
-        train.teacher_file(t, "imagenet_a", "base")
+        released.teacher_file(t, "oxford_pets", "base")
+    with pytest.raises(data.UserError, match="no base-class teacher for imagenet_a"):
+        released.teacher_file(t, "imagenet_a", "base")
 
 
 def test_promptkd_base2new_run(pk_run):
@@ -145,10 +99,10 @@ def test_promptkd_base2new_run(pk_run):
     best_epoch = max(range(EPOCHS), key=lambda e: (log[e]["val_acc"], -e))
     assert results["epoch"] == best_epoch and results["accuracy"] == log[best_epoch]["val_acc"]
     teacher = os.path.join(base, "teachers", TEACHER_FILE)
-    assert results["teacher"] == teacher and results["teacher_sha256"] == clip_model._sha256(teacher)
+    assert results["teacher"] == teacher and results["teacher_sha256"] == clip_model.sha256(teacher)
     last = torch.load(os.path.join(out, "last.pt"), weights_only=True)
     assert last["args"]["teacher_sha256"] == results["teacher_sha256"] and last["args"]["kd_weight"] == 1000.0
-    assert last["model"]["visual_prompts"].shape == (DEPTH, 4, 128)
+    assert last["model"]["visual_prompts"].shape == (PK_DEPTH, 4, 128)
     assert {k.split(".")[0] for k in last["model"]} == {"visual_prompts", "image_proj", "refiner"}
 
 
@@ -167,7 +121,7 @@ def test_new_classes_are_the_same_checkpoints_rows(pk_run, tmp_path):
     teacher = textrefiner.PromptSRCTeacher.from_checkpoint(clip_model.load_clip(teacher_clip),
                                                            os.path.join(teachers, TEACHER_FILE),
                                                            splits["classnames"], trained_classnames=base_names)
-    model = textrefiner.PromptKDCLIP(clip_model.load_clip(student), teacher, splits["classnames"], depth=DEPTH)
+    model = textrefiner.PromptKDCLIP(clip_model.load_clip(student), teacher, splits["classnames"], depth=PK_DEPTH)
     model.load_trainable_state_dict(torch.load(os.path.join(out, "best.pt"), weights_only=True)["model"])
     loader = data.build_eval_loader(splits["test"], 4, 32, workers=0)
     alone = train.evaluate(model, loader, splits["classnames"], torch.device("cpu"), "fp32")
@@ -220,13 +174,13 @@ def test_eval_refuses_another_teacher_and_the_other_method(pk_run, tmp_path, cap
     other = os.path.join(base, "other-teacher.pth.tar")
     if not os.path.exists(other):
         names = ["class_000", "class_001", "class_002"]
-        textrefiner.write_teacher_checkpoint(other, torch.load(teacher_setup(base)[0], weights_only=True), names,
-                                             depth=DEPTH, seed=5)
+        released.write_teacher_checkpoint(other, torch.load(teacher_setup(base)[0], weights_only=True), names,
+                                             depth=PK_DEPTH, seed=5)
     common = ["--checkpoint", best, "--workers", "0", "--device", "cpu", "--subsample", "new"]
     assert_usage_error(evaluate_cli.main, [*common, "--teacher", other],
-                       f"--teacher {other}: not the teacher {best} was distilled from", capsys)
+                       f"--teacher {other}: not the teacher {best} was trained with", capsys)
     allowed = evaluate_cli.main([*common, "--teacher", other, "--allow-other-teacher"])
-    assert allowed["teacher_sha256"] == clip_model._sha256(other)
+    assert allowed["teacher_sha256"] == clip_model.sha256(other)
     assert_usage_error(evaluate_cli.main, [*common, "--method", "coop"],
                        f"--method coop: {best} is a --method promptkd checkpoint", capsys)
     # a CoOp checkpoint on the PromptKD path
@@ -235,16 +189,6 @@ def test_eval_refuses_another_teacher_and_the_other_method(pk_run, tmp_path, cap
                        f"--teacher: {coop} is a --method coop checkpoint, which has no teacher", capsys)
     assert_usage_error(evaluate_cli.main, ["--checkpoint", coop, "--workers", "0", "--method", "promptkd"],
                        f"--method promptkd: {coop} is a --method coop checkpoint", capsys)
-
-
-def trained_run_dir(base):
-    """test_train.py's CoOp run (trained here when this file runs alone)."""
-    out = os.path.join(base, "run")
-    if not os.path.exists(os.path.join(out, "results.json")):
-        root, weights = synthetic(base)
-        from test_train import train_argv
-        train.main(train_argv(root, weights, out))
-    return out
 
 
 def test_resume_with_the_other_method_is_refused(pk_run, tmp_path, capsys):
@@ -269,8 +213,8 @@ def test_teacher_of_another_dataset_with_as_many_classes_is_one_line(pk_run, tmp
     training, and by eval.py even with --allow-other-teacher, naming the file and the first row."""
     base, out = pk_run
     other = str(tmp_path / "dtd-teacher.pth.tar")
-    textrefiner.write_teacher_checkpoint(other, torch.load(teacher_setup(base)[0], weights_only=True),
-                                         ["banded", "blotchy", "braided"], depth=DEPTH)
+    released.write_teacher_checkpoint(other, torch.load(teacher_setup(base)[0], weights_only=True),
+                                         ["banded", "blotchy", "braided"], depth=PK_DEPTH)
     argv = pk_argv(base, tmp_path / "out")
     argv[argv.index("--teacher") + 1] = other
     message = (f"--teacher {other}: teacher file {other}: trained on other classes: 3 of its 3 class prompts "
@@ -306,11 +250,11 @@ def write_promptkd_authors_folder(folder, state, student_weights, epoch, best_ep
             i = int(block[3])
             if 1 <= i < prompts.shape[0]:
                 learner[f"image_encoder.transformer.resblocks.{i}.VPT_shallow"] = prompts[i].clone()
-        learner["image_encoder." + key[len("visual."):]] = textrefiner._released_dtype(key, value)
+        learner["image_encoder." + key[len("visual."):]] = released.released_dtype(key, value)
     for theirs, ours in (("VPT_image_trans", "image_proj"), ("mid_image_trans", "refiner.align")):
-        for their_key, our_key in evaluate_cli.AUTHORS_ALIGN.items():
+        for their_key, our_key in released.AUTHORS_ALIGN.items():
             t = state[f"{ours}.{our_key}"]
-            if their_key in evaluate_cli.AUTHORS_CONV_WEIGHTS:
+            if their_key in released.AUTHORS_CONV_WEIGHTS:
                 t = t[:, :, None, None]
             learner[f"{theirs}.conv1.{their_key}"] = t.half() if their_key[0] in "03" else t
     memory = OrderedDict([("extractor.weight", state["refiner.extractor.weight"].half())])
@@ -338,11 +282,11 @@ def test_authors_promptkd_folder_maps_and_evaluates_as_ours(pk_run, tmp_path):
     marker = tmp_path / "code-ran"
     write_promptkd_authors_folder(tmp_path / "theirs", state, student, epoch=3, best_epoch=2,
                                   extra={"unexpected": RunsCode(str(marker))})
-    mapped, info = evaluate_cli.load_authors_checkpoint(str(tmp_path / "theirs"))
+    mapped, info = released.load_authors_run(str(tmp_path / "theirs"))
     assert not marker.exists()  # read tensors-only: no code from the file ran
     assert_same_tensors(mapped, released_rounding(state))
     assert (info["method"], info["epoch"], info["val_result"], info["precision"]) == ("promptkd", 2, 61.25, "fp16")
-    assert info["hp"] == {"depth": DEPTH, "n_ctx": 4, "cache_size": 25}
+    assert info["flags"] == {"depth": PK_DEPTH, "n_ctx": 4, "cache_size": 25}
     assert not any("VPT" in k for k in info["clip_weights"])
     torch.save(dict(ckpt, model=released_rounding(state)), tmp_path / "ours.pt")
     common = ["--workers", "0", "--device", "cpu", "--subsample", "new"]
@@ -366,11 +310,11 @@ def test_authors_promptkd_folder_errors(pk_run, tmp_path, capsys):
     content["state_dict"]["image_encoder.transformer.resblocks.0.VPT_shallow"] = state["visual_prompts"][1]
     torch.save(content, path)
     with pytest.raises(ValueError, match=r"deep visual prompts in blocks \[0\]; expected blocks 1..1"):
-        evaluate_cli.load_authors_checkpoint(str(tmp_path / "theirs"), 3)
+        released.load_authors_run(str(tmp_path / "theirs"), 3)
     del content["state_dict"]["VPT_image_trans.conv1.1.running_var"]
     torch.save(content, path)
     with pytest.raises(ValueError, match=r"VPT_image_trans.conv1.1.running_var.*PromptKD \+ TextRefiner run"):
-        evaluate_cli.load_authors_checkpoint(str(tmp_path / "theirs"), 3)
+        released.load_authors_run(str(tmp_path / "theirs"), 3)
 
 
 # ----------------------------------------------------------------------------- make and the report
@@ -384,11 +328,14 @@ def test_make_base2new_promptkd_commands():
     assert "--subsample base --output-dir output/promptkd/base2new/dtd/seed2/base --resume" in text
     assert "ckpt=output/promptkd/base2new/dtd/seed2/base/best.pt" in text and "--subsample new" in text
     xd = subprocess.run(["make", "--no-print-directory", "-n", "-C", REPO, "xd", "METHOD=promptkd", "TEACHERS=/t",
-                         "PROMPTKD_XD=dtd eurosat"], capture_output=True, text=True, timeout=60)
+                         "XD_TARGETS=dtd eurosat"], capture_output=True, text=True, timeout=60)
     assert xd.returncode == 0 and "for t in dtd eurosat; do" in xd.stdout, xd.stderr
-    assert "--subsample all \\\n      --shots 0 --depth 3 --output-dir output/promptkd/xd/$t/seed1" in xd.stdout
-    bad = subprocess.run(["make", "-n", "-C", REPO, "base2new", "METHOD=maple"], capture_output=True, text=True)
-    assert bad.returncode != 0 and "METHOD=maple: expected coop or promptkd" in bad.stderr
+    assert "train.py --method promptkd --teacher /t --xd --dataset $t" in xd.stdout
+    assert "--subsample all --shots 0 --output-dir output/promptkd/xd/$t/seed1" in xd.stdout
+    assert train.METHODS["promptkd"].recipe.xd == {"depth": 3}  # PromptKD's cross-dataset student
+    bad = subprocess.run(["make", "-C", REPO, "base2new", "METHOD=maple", "DATASET=dtd", f"PYTHON={sys.executable}"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "--method: invalid choice: 'maple'" in bad.stderr, bad.stderr
 
 
 @pytest.mark.slow
@@ -420,8 +367,8 @@ def test_report_promptkd_tables(tmp_path, capsys):
     assert "PromptKD+TextRefiner            85.22           79.64           82.33" in text
     assert "PromptKD                        86.96           80.73           83.73" in text
     # the published per-dataset table averages to the published 11-dataset row
-    b, n, h = evaluate_cli.published_average(evaluate_cli.PUBLISHED_PER_DATASET["promptkd"],
-                                             list(evaluate_cli.PAPER_DATASETS))
+    b, n, h = evaluate_cli.published_average(textrefiner.PromptKDCLIP.published["base2new_datasets"][1],
+                                             data.PAPER_DATASETS)
     assert (round(b, 2), round(n, 2), round(h, 2)) == (86.96, 80.73, 83.73)
     write_result(tmp_path / "xd" / "dtd" / "seed1", 50.5, method="promptkd", selection="best-test")
     evaluate_cli.report(str(tmp_path / "xd"))
@@ -449,9 +396,9 @@ def test_cross_dataset_student_trains_on_a_test_only_targets_test_images(pk_run,
     data.write_synthetic_dataset(root, "imagenet_r", num_classes=4, images_per_class=4, image_size=32)
     teachers = tmp_path / "teachers" / "ImageNet-xd" / "VLPromptLearner_large"
     os.makedirs(teachers)
-    textrefiner.write_teacher_checkpoint(str(teachers / "model.pth.tar-20"),
+    released.write_teacher_checkpoint(str(teachers / "model.pth.tar-20"),
                                          torch.load(teacher_clip, weights_only=True),
-                                         [f"imagenet class {i}" for i in range(1000)], depth=DEPTH)
+                                         [f"imagenet class {i}" for i in range(1000)], depth=PK_DEPTH)
     argv = ["--method", "promptkd", "--dataset", "imagenet_r", "--root", root, "--clip", student, "--teacher",
             str(tmp_path / "teachers"), "--teacher-clip", teacher_clip, "--subsample", "all", "--shots", "0",
             "--depth", "1", "--device", "cpu", "--epochs", "2", "--batch-size", "4", "--workers", "0",
@@ -477,23 +424,29 @@ def test_plain_promptkd_trains_and_evaluates(pk_run, tmp_path):
 
 
 def test_promptkd_benchmark_times_the_released_per_batch_teacher_text(monkeypatch, capsys):
-    """--method promptkd --benchmark: PromptKD + TextRefiner against plain PromptKD and against the
+    """bench.py step --method promptkd: PromptKD + TextRefiner against plain PromptKD and against the
     released per-batch teacher text: that variant computes the teacher's class features in every
     step, the two others once (train_step / eval_step, as the real loops)."""
     calls = []
-    real = textrefiner.PromptSRCTeacher._compute_class_features
-    monkeypatch.setattr(textrefiner.PromptSRCTeacher, "_compute_class_features",
-                        lambda self: calls.append(id(self)) or real(self))
-    bench = ["--method", "promptkd", "--benchmark", "--benchmark-clip", "tiny", "--teacher-clip", "tiny-teacher",
-             "--device", "cpu", "--batch-size", "2", "--num-classes", "3", "--benchmark-steps", "2",
-             "--benchmark-warmup", "1"]
-    rates = train.main(bench)
+    real = textrefiner.PromptSRCTeacher.class_features
+
+    def counted(self):  # a recomputation replaces the memo
+        before = self._class_features
+        out = real(self)
+        if self._class_features is not before:
+            calls.append(id(self))
+        return out
+
+    monkeypatch.setattr(textrefiner.PromptSRCTeacher, "class_features", counted)
+    bench = ["step", "--method", "promptkd", "--clip", "tiny", "--teacher-clip", "tiny-teacher", "--device", "cpu",
+             "--batch-size", "2", "--num-classes", "3", "--steps", "2", "--warmup", "1"]
+    rates = benchmarks.main(bench)
     assert set(rates) == {"PromptKD+TextRefiner", "PromptKD", "PromptKD+TR (released)"}
     assert sorted(calls.count(c) for c in set(calls)) == [1, 1, 3]  # 3 rounds: once, once, every step
     out = capsys.readouterr().out
     assert "PromptKD+TextRefiner step time / PromptKD step time" in out and "target <= 1.10" in out
-    assert "PromptKD+TR (released) step time / PromptKD+TextRefiner step time" in out
+    assert "PromptKD+TextRefiner step time / PromptKD+TR (released) step time" in out
     calls.clear()
-    rates = evaluate_cli.main(bench)
+    benchmarks.main([*bench, "--eval"])
     assert sorted(calls.count(c) for c in set(calls)) == [1, 1, 3]
     assert "PromptKD+TextRefiner images/s / PromptKD images/s" in capsys.readouterr().out

@@ -3,7 +3,6 @@ training step plus evaluation on a tiny random CLIP against an independent float
 implementation of the SPEC 4 equations."""
 import copy
 import math
-from unittest import mock
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ import torch.nn.functional as F
 
 from clip_model import CONFIGS, build_model, random_state_dict, tokenize
 from textrefiner import PromptLearner, TextRefiner, TextRefinerCLIP, ZeroShotCLIP
+from helpers import save_half_batch_step, spec_cache_update, spec_semantic_tokens
 
 CLASSNAMES = ["cat", "golden_retriever", "sports car", "tabby_cat", "airliner"]
 SPEC_KEYS = {
@@ -335,33 +335,6 @@ def test_zero_shot_uses_coop_templates(clip):
 
 # ------------------------------------------------------- float64 reference of SPEC section 4
 
-def spec_semantic_tokens(aligned, cls_attn, topk=5):
-    """SPEC 4 local rows from the equations: per image the CLS token, the top-k patches by
-    CLS attention and the mean over all tokens (B, k+2, D); asserts the top-k is well defined."""
-    ranked = cls_attn.argsort(dim=1, descending=True)
-    gaps = cls_attn.gather(1, ranked[:, topk - 1:topk]) - cls_attn.gather(1, ranked[:, topk:topk + 1])
-    assert gaps.min() > 1e-5 * cls_attn.max(), "top-5 is ill-conditioned for this seed"
-    return torch.stack([torch.stack([aligned[i, 0]] + [aligned[i, j + 1] for j in ranked[i, :topk]]
-                                    + [aligned[i].mean(0)]) for i in range(aligned.shape[0])])
-
-
-def spec_cache_update(cache, aligned):
-    """SPEC 4 cache update from the equations, slot by slot, on all B*T aligned tokens;
-    asserts that no token's assignment is a near tie."""
-    x_hat = aligned.detach().reshape(-1, aligned.shape[-1])
-    x_hat = x_hat / x_hat.norm(dim=-1, keepdim=True)
-    scores = x_hat @ cache.t()  # (N, M)
-    top2 = scores.topk(2, dim=1).values
-    assert (top2[:, 0] - top2[:, 1]).min() > 1e-5, "cache assignment is ill-conditioned for this seed"
-    assign, col_max = scores.argmax(1), scores.max(0).values
-    new_cache = cache.clone()
-    for m in range(cache.shape[0]):
-        rows = (assign == m).nonzero()[:, 0]
-        if len(rows):
-            weights = torch.exp(scores[rows, m] - col_max[m])
-            new_cache[m] = 0.8 * cache[m] + 0.2 * (weights[:, None] * x_hat[rows]).sum(0)
-    return new_cache / new_cache.norm(dim=-1, keepdim=True)
-
 
 def reference_step(clip64, model, classnames, x, y, x_eval):
     """SPEC 4 from the equations, in float64, on copies of the model's raw weights: returns
@@ -465,25 +438,6 @@ def _two_rank_step(rank, init_file, out_dir):
     model.set_process_group(dist.group.WORLD)
     save_half_batch_step(model, rank, out_dir, images(4, seed=11), torch.tensor([2, 0, 4, 2]))
     dist.destroy_process_group()
-
-
-def save_half_batch_step(model, rank, out_dir, *batch):
-    """One training step of this rank (of 2) on its half of the batch tensors, gradients
-    averaged over the ranks as DDP does; loss, gradients and trainable state saved to
-    out_dir/rank{rank}.pt for the comparison with one process on the whole batch."""
-    import torch.distributed as dist
-
-    # no tensor built from a host value per step: on CUDA that is a blocking copy
-    with mock.patch.object(torch, "tensor", side_effect=AssertionError("torch.tensor in a step")):
-        out = model(*(t[2 * rank:2 * rank + 2] for t in batch))
-        out["loss"].backward()
-    grads = {}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            dist.all_reduce(p.grad)
-            grads[name] = p.grad / 2
-    torch.save(dict(loss=out["loss"].detach(), grads=grads, state=model.trainable_state_dict()),
-               f"{out_dir}/rank{rank}.pt")
 
 
 def test_two_ranks_match_one_process_on_the_global_batch(clip, tmp_path):

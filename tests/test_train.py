@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,96 +21,21 @@ import torch
 
 import clip_model
 import data
-import eval as evaluate_cli  # "eval" would shadow the builtin
 import train
-from textrefiner import TextRefinerCLIP, ZeroShotCLIP
+from textrefiner import TextRefinerCLIP
+from helpers import EPOCHS, Interrupted, LR, REPO, assert_same_tensors, assert_usage_error, counting, dead_pid, interrupt_at_epoch, read_log, synthetic, torchrun_two_ranks, train_argv, write_lock
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 6 classes -> 3 base classes; per class 6 train, 3 val, 3 test images of 32 px: 4 steps/epoch.
-EPOCHS, LR = 3, 0.01
-
-
-def synthetic(base):
-    """Data root and tiny CLIP weights under `base` (written once per session)."""
-    root, weights = os.path.join(base, "data"), os.path.join(base, "tiny-clip.pt")
-    if not os.path.exists(weights):
-        data.write_synthetic_dataset(root, "caltech101", num_classes=6, images_per_class=12, image_size=32)
-        torch.save(clip_model.random_state_dict(clip_model.CONFIGS["tiny"]), weights + ".tmp")
-        os.replace(weights + ".tmp", weights)
-    return root, weights
-
-
-def train_argv(root, weights, out, *extra):
-    # --device cpu: on a GPU host the default is CUDA, and under torchrun rank 1 would ask for
-    # cuda:1 on a 1-GPU machine; the 1- and 2-process runs must also run the same way
-    return ["--dataset", "caltech101", "--root", root, "--clip", weights, "--subsample", "base", "--device", "cpu",
-            "--epochs", str(EPOCHS), "--batch-size", "4", "--lr", str(LR), "--workers", "0",
-            "--log-interval", "2", "--output-dir", out, *extra]
-
-
-def trained_run(tmp_path_factory):
-    """One uninterrupted training run shared by the tests of both files."""
-    base = str(tmp_path_factory.getbasetemp())
-    root, weights = synthetic(base)
-    out = os.path.join(base, "run")
-    if not os.path.exists(os.path.join(out, "results.json")):
-        train.main(train_argv(root, weights, out))
-    return root, weights, out
-
-
-def read_log(out):
-    with open(os.path.join(out, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def assert_same_tensors(a, b, exact=True):
-    assert a.keys() == b.keys()
-    for k in a:
-        if exact:
-            assert torch.equal(a[k], b[k]), k
-        else:
-            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
-
-
-def torchrun_two_ranks(script, argv):
-    """`script argv` under torchrun as 2 processes (gloo on the CPU); must exit cleanly."""
-    # without it a GPU host's default device is CUDA, and rank 1 asks a 1-GPU machine for cuda:1
-    assert argv[argv.index("--device") + 1] == "cpu", "torchrun_two_ranks: argv needs --device cpu"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(REPO, script), *argv]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-20000:]
-
-
-def assert_usage_error(main, argv, message, capsys):
-    """main(argv) exits as argparse does on a bad flag: status 2, message on stderr, no
-    traceback; a user error that is not a flag (bad data, files) is one line."""
-    with pytest.raises(SystemExit) as err:
-        main(argv)
-    stderr = capsys.readouterr().err
-    assert err.value.code == 2 and message in stderr, stderr
-    assert "Traceback" not in stderr and (stderr.startswith("usage:") or stderr.count("\n") == 1), stderr
-    return stderr
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    return trained_run(tmp_path_factory)
 
 
 def test_lr_schedule_is_warmup_then_cosine():
-    """SPEC 5 with the paper's values: epoch 0 at 1e-5, epoch e >= 1 at
-    0.002 * (1 + cos(pi * (e - 1) / 10)) / 2, values computed by hand."""
-    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.002)
-    sched = train.WarmupCosineLR(opt, 0.002, epochs=10, warmup_epochs=1, warmup_lr=1e-5)
+    """Dassl's schedule with the paper's values: epoch 0 at 1e-5, epoch e >= 1 at
+    0.002 * (1 + cos(pi * (e - 1) / 10)) / 2, values computed by hand. The lr is a function of the
+    epoch and the recorded flags, so a resumed run needs no scheduler state."""
+    flags = SimpleNamespace(lr=0.002, epochs=10, warmup_epochs=1, warmup_lr=1e-5)
     expected = {0: 1e-5, 1: 0.002, 2: 0.0019510565, 5: 0.0013090170, 9: 0.00019098301}
     for epoch, lr in expected.items():
-        assert sched.set_epoch(epoch) == pytest.approx(lr, rel=1e-7)
-        assert opt.param_groups[0]["lr"] == pytest.approx(lr, rel=1e-7)
-    restored = train.WarmupCosineLR(opt, 1.0, 1, 0, 0.0)
-    restored.load_state_dict(sched.state_dict())
-    assert restored.lr_at(2) == sched.lr_at(2) and restored.epoch == 9
+        assert train.lr_at(epoch, flags) == pytest.approx(lr, rel=1e-7)
 
 
 def test_training_run_logs_and_results(run):
@@ -139,51 +65,17 @@ def test_training_run_logs_and_results(run):
     assert not any(name.endswith(".tmp") for name in os.listdir(out))
 
 
-def write_lock(folder, **holder):
-    with open(os.path.join(folder, ".lock"), "w") as f:
-        json.dump(dict(dict(start=None, pidns=train._pid_namespace(), since="then"), **holder), f)
-
-
-def dead_pid():
-    proc = subprocess.Popen([sys.executable, "-c", ""])
-    proc.wait()
-    return proc.pid
-
-
-class Interrupted(Exception):
-    """A training run stopped by interrupt_at_epoch, as if killed."""
-
-
-def interrupt_at_epoch(monkeypatch, epoch):
-    """Training raises Interrupted when its train loader is set to `epoch`: the checkpoints and
-    log lines of the epochs before are written by then (monkeypatch.undo() ends it)."""
-    real_loader = data.build_train_loader
-
-    def loader_killed_at_epoch(*args, **kwargs):
-        loader = real_loader(*args, **kwargs)
-        set_epoch = loader.set_epoch
-
-        def checked(e):
-            if e == epoch:
-                raise Interrupted
-            set_epoch(e)
-        loader.set_epoch = checked
-        return loader
-
-    monkeypatch.setattr(data, "build_train_loader", loader_killed_at_epoch)
-
-
-def test_resume_after_interruption_ends_bitwise_equal(run, tmp_path, monkeypatch):
+def test_resume_after_interruption_ends_bitwise_equal(run, tmp_path, monkeypatch, capsys):
     root, weights, out = run
     interrupt_at_epoch(monkeypatch, 1)
     with pytest.raises(Interrupted):
         train.main(train_argv(root, weights, str(tmp_path)))
     monkeypatch.undo()
     assert [r["epoch"] for r in read_log(tmp_path)] == [0]
-    with pytest.raises(SystemExit, match="--resume"):  # never overwrite a run by accident
-        train.main(train_argv(root, weights, str(tmp_path)))
-    with pytest.raises(SystemExit, match="lr"):  # resumed flags must match the run's recipe
-        train.main(train_argv(root, weights, str(tmp_path), "--resume", "--lr", "0.5"))
+    # never overwrite a run by accident; resumed flags must match the run's recipe
+    assert_usage_error(train.main, train_argv(root, weights, str(tmp_path)), "last.pt exists: pass --resume", capsys)
+    assert_usage_error(train.main, train_argv(root, weights, str(tmp_path), "--resume", "--lr", "0.5"),
+                       "--resume: flags differ from the run in", capsys)
     with open(tmp_path / "log.jsonl", "a") as f:
         f.write('{"epoch": 1, "lr": 0.0')  # a line cut short by the crash
     # kill -9 leaves its lock and a half-written file: neither may block or survive --resume
@@ -213,7 +105,7 @@ def test_resume_after_a_crash_between_or_after_the_checkpoint_writes(run, tmp_pa
     neither what the run tests nor what it saves."""
     root, weights, out = run
     assert [r["val_acc"] for r in read_log(out)] == sorted({r["val_acc"] for r in read_log(out)})
-    real_save = train.save_atomic
+    real_save = data.save_atomic
 
     class Crash(Exception):
         pass
@@ -223,7 +115,7 @@ def test_resume_after_a_crash_between_or_after_the_checkpoint_writes(run, tmp_pa
         if os.path.basename(path) == crash_after and obj["epoch"] == epoch:
             raise Crash
 
-    monkeypatch.setattr(train, "save_atomic", save_then_crash)
+    monkeypatch.setattr(data, "save_atomic", save_then_crash)
     with pytest.raises(Crash):
         train.main(train_argv(root, weights, str(tmp_path)))
     monkeypatch.undo()
@@ -273,8 +165,8 @@ def test_atomic_writes_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
-    train.save_atomic({"x": torch.arange(1000)}, str(tmp_path / "a.pt"))
-    train.write_json({"accuracy": 50.0}, str(tmp_path / "a.json"))
+    data.save_atomic({"x": torch.arange(1000)}, str(tmp_path / "a.pt"))
+    data.write_json({"accuracy": 50.0}, str(tmp_path / "a.json"))
     size_pt, size_json = os.path.getsize(tmp_path / "a.pt"), os.path.getsize(tmp_path / "a.json")
     assert events == [("fsync", size_pt), ("replace", size_pt), ("fsync", size_json), ("replace", size_json)]
     assert torch.equal(torch.load(tmp_path / "a.pt", weights_only=True)["x"], torch.arange(1000))
@@ -320,7 +212,7 @@ def test_one_process_on_another_gpu_makes_it_current(monkeypatch, tmp_path):
     calls = []
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.setattr(torch.cuda, "set_device", calls.append)
-    args = train.get_parser().parse_args(["--benchmark", "--device", "cuda:1"])
+    args = train.get_parser().parse_args(["--device", "cuda:1"])
     assert train.setup_runtime(args) == (0, 1, torch.device("cuda", 1), None)
     assert calls == [torch.device("cuda", 1)]
 
@@ -358,36 +250,29 @@ def test_missing_split_file_names_the_expected_path(run, tmp_path, capsys):
                        capsys)
 
 
-def test_benchmark_smoke(capsys):
-    rates = train.main(["--benchmark", "--benchmark-clip", "tiny", "--device", "cpu", "--batch-size", "2",
-                        "--num-classes", "3", "--benchmark-steps", "1"])
-    assert set(rates) == {"TextRefiner", "CoOp", "zero-shot CLIP"} and all(r > 0 for r in rates.values())
-    assert "images/s" in capsys.readouterr().out
-
-
 # ----------------------------------------------------------------------------- reliability
 
 def test_output_dir_lock_refuses_a_second_writer_and_takes_over_stale_locks(tmp_path):
     folder = str(tmp_path)
-    lock = train.acquire_output_lock(folder)
-    with pytest.raises(train.UserError, match=r"in use by another training run \(pid \d+ on host"):
-        train.acquire_output_lock(folder)  # a live process of this host holds it
-    train.release_output_lock(lock)
+    lock = data.acquire_output_lock(folder)
+    with pytest.raises(data.UserError, match=r"in use by another training run \(pid \d+ on host"):
+        data.acquire_output_lock(folder)  # a live process of this host holds it
+    data.release_output_lock(lock)
     assert not os.path.exists(lock)
     write_lock(folder, host="node-7", pid=dead_pid())  # another host's pid cannot be checked from here
-    with pytest.raises(train.UserError, match=r"host node-7 .*if that run is dead .*delete .*\.lock"):
-        train.acquire_output_lock(folder)
+    with pytest.raises(data.UserError, match=r"host node-7 .*if that run is dead .*delete .*\.lock"):
+        data.acquire_output_lock(folder)
     write_lock(folder, host=socket.gethostname(), pid=dead_pid())  # kill -9 on this host: stale
-    assert train.acquire_output_lock(folder) == lock
-    train.release_output_lock(lock)
+    assert data.acquire_output_lock(folder) == lock
+    data.release_output_lock(lock)
     write_lock(folder, host=socket.gethostname(), pid=dead_pid(), pidns="pid:[1]")  # another container's
-    with pytest.raises(train.UserError, match="in use by another training run"):
-        train.acquire_output_lock(folder)
+    with pytest.raises(data.UserError, match="in use by another training run"):
+        data.acquire_output_lock(folder)
     # the pid reused by another process (its start time differs): stale too
     write_lock(folder, host=socket.gethostname(), pid=os.getpid(), start=-1)
-    assert train.acquire_output_lock(folder) == lock
+    assert data.acquire_output_lock(folder) == lock
     assert json.load(open(lock))["pid"] == os.getpid()
-    train.release_output_lock(lock)
+    data.release_output_lock(lock)
     assert sorted(os.listdir(folder)) == []  # no helper file left
 
 
@@ -408,25 +293,25 @@ def test_second_training_into_a_held_output_dir_is_refused_at_start(run, tmp_pat
 
 def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path):
     path = str(tmp_path / "last.pt")
-    train.save_atomic({"epoch": 0}, path)
+    data.save_atomic({"epoch": 0}, path)
     os.symlink("/dev/full", path + ".tmp")  # every write there fails with ENOSPC
-    with pytest.raises(train.UserError, match=r"cannot write .*last\.pt: No space left on device; the previous "
+    with pytest.raises(data.UserError, match=r"cannot write .*last\.pt: No space left on device; the previous "
                                               r"last\.pt is intact"):
-        train.save_atomic({"epoch": 1}, path)
+        data.save_atomic({"epoch": 1}, path)
     assert torch.load(path, weights_only=True) == {"epoch": 0}
     assert os.listdir(tmp_path) == ["last.pt"]
 
 
 def test_full_output_disk_stops_training_with_a_message_and_resume_continues(run, tmp_path, monkeypatch, capsys):
     root, weights, out = run
-    real_save = train.save_atomic
+    real_save = data.save_atomic
 
     def disk_full_at_epoch_1(obj, path):
         if obj["epoch"] == 1:
             os.symlink("/dev/full", path + ".tmp")  # the disk fills up while epoch 1 is saved
         real_save(obj, path)
 
-    monkeypatch.setattr(train, "save_atomic", disk_full_at_epoch_1)
+    monkeypatch.setattr(data, "save_atomic", disk_full_at_epoch_1)
     assert_usage_error(train.main, train_argv(root, weights, str(tmp_path)), "No space left on device; the previous "
                        "best.pt is intact", capsys)
     monkeypatch.undo()
@@ -454,33 +339,6 @@ def test_full_output_disk_stops_training_with_a_message_and_resume_continues(run
 def test_nonsense_flags_are_refused(flags, message, tmp_path, capsys):
     argv = ["--dataset", "caltech101", "--root", str(tmp_path), "--output-dir", str(tmp_path / "out"), *flags]
     assert_usage_error(train.main, argv, message, capsys)
-
-
-@pytest.mark.parametrize("flags, message", [
-    (["--benchmark-steps", "0"], "--benchmark-steps must be positive"),
-    (["--num-classes", "-3"], "--num-classes must be positive"),
-    (["--batch-size", "0"], "--batch-size must be positive"),
-])
-def test_nonsense_benchmark_flags_are_refused(flags, message, capsys):
-    assert_usage_error(train.main, ["--benchmark", "--benchmark-clip", "tiny", "--device", "cpu", *flags], message,
-                       capsys)
-
-
-@pytest.mark.parametrize("flags, message", [
-    (["--log-interval", "0"], "--log-interval must be positive"),
-    (["--epochs", "0"], "--epochs must be positive"),
-    (["--warmup-epochs", "10"], "--warmup-epochs must be in [0, --epochs)"),
-    (["--lr", "nan"], "--lr must be a positive number"),
-    (["--eval-batch-size", "0"], "--eval-batch-size must be positive"),
-    (["--benchmark-images", "2"], "--benchmark-images must be at least 3"),
-])
-def test_nonsense_benchmark_run_flags_are_refused_before_the_dataset_is_written(flags, message, monkeypatch,
-                                                                                capsys):
-    """--benchmark-run runs the real train(): its flags are checked as a training run's are,
-    before the synthetic dataset is written (not a traceback minutes later)."""
-    monkeypatch.setattr(data, "write_synthetic_dataset", lambda *a, **k: pytest.fail("dataset written"))
-    assert_usage_error(train.main, ["--benchmark-run", "--benchmark-clip", "tiny", "--device", "cpu", *flags],
-                       message, capsys)
 
 
 def test_output_dir_that_is_a_file_fails_at_start(tmp_path, capsys):
@@ -592,41 +450,6 @@ def test_stalled_rank_times_out_with_a_message_naming_rank_and_collective(run, t
         proc.stderr[-5000:]
 
 
-def counting(calls, name, fn):
-    """fn, counting its calls in calls[name]."""
-    def counted(*args, **kwargs):
-        calls[name] += 1
-        return fn(*args, **kwargs)
-    return counted
-
-
-def test_benchmarks_time_the_steps_training_and_evaluation_run(run, tmp_path, monkeypatch, capsys):
-    """The benchmarks must time train()'s and evaluate()'s own step functions, and evaluate
-    as evaluate() does: the class features computed once per model, not once per step (a
-    model.eval() per step would recompute them every time and time a text-tower pass)."""
-    calls = collections.Counter()
-    monkeypatch.setattr(train, "train_step", counting(calls, "train_step", train.train_step))
-    monkeypatch.setattr(train, "eval_step", counting(calls, "eval_step", train.eval_step))
-    for cls in (TextRefinerCLIP, ZeroShotCLIP):
-        monkeypatch.setattr(cls, "_compute_class_features",
-                            counting(calls, cls.__name__, cls._compute_class_features))
-    bench = ["--benchmark-clip", "tiny", "--device", "cpu", "--batch-size", "2", "--num-classes", "3",
-             "--benchmark-steps", "2"]
-    rounds = 3 + 2  # warm-up + timed
-    train.main(["--benchmark", *bench])
-    assert calls == {"train_step": 2 * rounds, "eval_step": rounds, "ZeroShotCLIP": 1}
-    assert "TextRefiner step time / CoOp step time" in capsys.readouterr().out
-    calls.clear()
-    evaluate_cli.main(["--benchmark", *bench])
-    assert calls == {"eval_step": 3 * rounds, "TextRefinerCLIP": 2, "ZeroShotCLIP": 1}
-    assert "TextRefiner images/s / zero-shot CLIP images/s" in capsys.readouterr().out
-    calls.clear()
-    root, weights, _ = run
-    train.main(train_argv(root, weights, str(tmp_path)))
-    assert calls["train_step"] == EPOCHS * 4  # 12 train images, batch 4: every step is a train_step
-    assert calls["TextRefinerCLIP"] == EPOCHS + 1  # once per val pass and once for the test
-
-
 def test_feature_cache_one_tower_pass_per_val_test_image_and_identical_results(tmp_path, monkeypatch):
     """base2new with val on an ImageNet-layout dataset (its val split is its test split):
     with the feature cache every val/test image goes through the image tower for evaluation
@@ -687,18 +510,3 @@ def test_feature_cache_is_not_used_for_a_model_whose_image_features_train(run, m
     assert forwards["forward"] == 2 * len(loader) and len(cache.batches) == 1  # logits() from features
 
 
-def test_benchmark_run_times_every_phase_of_a_real_run(monkeypatch, capsys):
-    """--benchmark-run runs train() itself (counted) on photo-sized JPEGs and accounts for its
-    whole wall time by phase."""
-    calls = collections.Counter()
-    monkeypatch.setattr(train, "train", counting(calls, "train", train.train))
-    monkeypatch.setattr(train, "train_step", counting(calls, "train_step", train.train_step))
-    seconds = train.main(["--benchmark-run", "--benchmark-clip", "tiny", "--device", "cpu", "--workers", "0",
-                          "--num-classes", "4", "--benchmark-images", "8", "--epochs", "2", "--batch-size", "4"])
-    assert calls == {"train": 1, "train_step": 2 * 2}  # 2 base classes x 4 train images, batch 4
-    phases = ("start-up", "data loading", "compute", "val", "checkpointing", "test")
-    assert all(seconds[p] > 0 for p in phases)
-    assert sum(seconds[p] for p in phases) <= seconds["wall"]
-    assert seconds["other (logging, between phases)"] < 0.5 * seconds["wall"]
-    out = capsys.readouterr().out
-    assert "500x375 JPEGs" in out and "loader alone" in out and "bounds training" in out

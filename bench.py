@@ -1,0 +1,285 @@
+"""Benchmarks that time the code users run: a method's training step and evaluation with and without
+TextRefiner, a whole train.py run split by phase, and the image loader. No data or weights needed.
+
+    python bench.py step                                 # coop: CoOp+TextRefiner vs CoOp (train), vs zero-shot
+    python bench.py step --eval --num-classes 1000       # inference images/s
+    python bench.py step --method promptkd               # + a random ViT-L/14 teacher
+    python bench.py step --clip tiny --device cpu        # smoke test
+    python bench.py run                                  # train.py's train() on synthetic 500x375 JPEGs
+    python bench.py run --clip tiny --device cpu --workers 2
+    python bench.py loader --dataset imagenet --root ~/data --workers 8
+    python bench.py synthetic work/demo --dataset caltech101 --classes 10 --images 32   # data + tiny CLIP
+
+Targets: a training step with TextRefiner at most 1.10x the host's; evaluation images/s with
+TextRefiner at least 0.95x the host's. The models alternate within every round, the order rotating
+(kernels.bench.time_interleaved), so a busy machine slows all of them alike; each result is a median.
+"""
+import argparse
+import collections
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+
+import torch
+
+import clip_model
+import data
+import released
+import train
+from kernels.bench import time_interleaved
+
+TRAIN_STEP_TARGET, EVAL_RATE_TARGET = 1.10, 0.95
+
+
+def synced_seconds(fn):
+    """Wall seconds of one fn(), the device synchronised before and after."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def step(args):
+    """Median step time of the method's benchmark models (Method.benchmark_models: with and without
+    TextRefiner, and any the method adds) on random weights and a synthetic uint8 batch, through
+    train.train_step (training) or train.eval_step (--eval; each model put in eval mode once, as
+    evaluate() does, so class features are computed once). -> {name: steps/s}."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    precision = train.default_precision(args, device)
+    train.seed_everything(0)
+    config = clip_model.CONFIGS[args.clip]
+    clip = clip_model.build_model(clip_model.random_state_dict(config)).to(device)
+    classnames = [f"class {i}" for i in range(args.num_classes)]
+    B, R = args.batch_size, config.image_resolution
+    images = torch.randint(256, (B, 3, R, R), dtype=torch.uint8)  # as the loaders deliver them
+    labels = torch.randint(args.num_classes, (B,))
+    if device.type == "cuda":
+        images, labels = images.pin_memory(), labels.pin_memory()
+    models = {name: model.to(device) for name, model in
+              train.METHODS[args.method].benchmark_models(clip, classnames, args).items()}
+    steps = {}
+    for name, model in models.items():
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not args.eval and params:
+            model.train()
+            optimizer = torch.optim.SGD(params, lr=1e-5, momentum=0.9)
+            scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+            steps[name] = lambda m=model, o=optimizer, s=scaler: train.train_step(m, images, labels, o, s, device,
+                                                                                  precision)
+        elif args.eval:
+            model.eval()
+            steps[name] = lambda m=model: train.eval_step(m, images, device, precision)
+    kind = "inference" if args.eval else "training"
+    print(f"bench step: --method {args.method}, {args.clip} random weights, batch {B}, {args.num_classes} classes, "
+          f"{device}, {precision}, {kind} steps; {args.steps} rounds after {args.warmup} warm-up, models alternating")
+    medians = time_interleaved(steps, timer=synced_seconds, warmup=args.warmup, rounds=args.steps)
+    for name, seconds in medians.items():
+        print(f"{name:>24s}: {1e3 * seconds:9.2f} ms/step median {B / seconds:9.1f} images/s")
+    names = list(steps)
+    first, host = names[0], names[1] if len(names) > 1 else None
+    for name, reference, target in [(first, host, EVAL_RATE_TARGET if args.eval else TRAIN_STEP_TARGET)] + \
+                                   [(first, other, None) for other in names[2:]]:
+        if reference is None:
+            continue
+        if args.eval:  # images/s ratio, at least the target
+            what, sign, ratio = "images/s", ">=", medians[reference] / medians[name]
+        else:  # step-time ratio, at most the target
+            what, sign, ratio = "step time", "<=", medians[name] / medians[reference]
+        meets = target is not None and (ratio >= target if args.eval else ratio <= target)
+        verdict = "" if target is None else f" ({'meets' if meets else 'MISSES'} the target {sign} {target:.2f})"
+        print(f"{name} {what} / {reference} {what}: {ratio:.3f}{verdict}")
+    return {name: 1 / seconds for name, seconds in medians.items()}
+
+
+class PhaseTimer:
+    """Wall seconds per phase of a run: timer(phase) is a context manager; a phase ends with a CUDA
+    sync, so asynchronous GPU work is charged to the phase that queued it."""
+
+    def __init__(self):
+        self.seconds = collections.defaultdict(float)
+
+    @contextmanager
+    def __call__(self, phase):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if torch.cuda.is_initialized():
+                torch.cuda.synchronize()
+            self.seconds[phase] += time.perf_counter() - t0
+
+
+RUN_PHASES = ("start-up", "data loading", "compute", "val", "checkpointing", "test")
+
+
+def run(args):
+    """train.train() itself (base classes, per-epoch val, best-val test, checkpoints) on a synthetic
+    dataset of photo-like 500x375 JPEGs and random --clip weights, its wall time by phase, then the
+    train loader alone: loader images/s against model images/s says which bounds a run on this
+    machine. One process. -> {phase: seconds, ...}."""
+    if "RANK" in os.environ:
+        raise SystemExit("bench.py run times one process; run it with python, not torchrun")
+    with tempfile.TemporaryDirectory(prefix="textrefiner-run-") as tmp:
+        t0 = time.perf_counter()
+        root, weights = os.path.join(tmp, "data"), os.path.join(tmp, "clip.pt")
+        data.write_synthetic_dataset(root, args.layout, num_classes=args.num_classes, images_per_class=args.images,
+                                     image_size=(500, 375), natural=True)
+        config = clip_model.CONFIGS[args.clip]
+        torch.save(clip_model.random_state_dict(config), weights)
+        written = time.perf_counter() - t0
+        # Imports are part of a user's start-up; this process has them already, so time them apart.
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import train"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                       check=True)
+        imports = time.perf_counter() - t0
+        p = train.get_parser()
+        run_args = p.parse_args(["--dataset", args.layout, "--root", root, "--clip", weights, "--subsample", "base",
+                                 "--output-dir", os.path.join(tmp, "run"), *args.train_flags])
+        train.resolve_args(p, run_args)
+        timer = PhaseTimer()
+        t0 = time.perf_counter()
+        results = train.run_main(lambda _: train.train(run_args, timer), None)
+        wall = time.perf_counter() - t0
+        splits = data.load_splits(args.layout, root, num_shots=run_args.shots, seed=run_args.seed, subsample="base")
+        steps_per_epoch = max(1, len(splits["train"]) // run_args.batch_size)
+        train_images = run_args.epochs * steps_per_epoch * min(run_args.batch_size, len(splits["train"]))
+        loader_rate = loader(args.layout, root, workers=run_args.workers, batch_size=run_args.batch_size,
+                             resolution=config.image_resolution, steps=2 * steps_per_epoch, num_shots=run_args.shots)
+    seconds = dict(timer.seconds)
+    seconds["other (logging, between phases)"] = wall - sum(seconds.values())
+    model_rate = train_images / seconds["compute"]
+    print(f"\nwhole run: {args.layout} layout, base classes of {args.num_classes}, {len(splits['train'])} train / "
+          f"{len(splits['val'])} val / {len(splits['test'])} test images (500x375 JPEGs), {args.clip} random weights, "
+          f"{run_args.epochs} epochs, batch {run_args.batch_size}, {run_args.precision}, {run_args.workers} workers, "
+          f"feature cache {'off' if run_args.no_feature_cache else 'on'}; dataset written in {written:.1f} s "
+          f"(not counted)")
+    print(f"{'phase':<34s}{'seconds':>9s}{'share':>8s}")
+    for phase in (*RUN_PHASES, "other (logging, between phases)"):
+        print(f"{phase:<34s}{seconds.get(phase, 0.0):9.2f}{seconds.get(phase, 0.0) / wall:8.1%}")
+    print(f"{'whole run (train())':<34s}{wall:9.2f}{1:8.1%}")
+    print(f"{'python imports (timed apart)':<34s}{imports:9.2f}")
+    print(f"training images: {train_images}; loader alone {loader_rate:.1f} images/s (decode + augment, "
+          f"{run_args.workers} workers) vs model {model_rate:.1f} images/s (training steps): the "
+          f"{'loader' if loader_rate < model_rate else 'model'} bounds training on this machine")
+    print(f"test accuracy {results['accuracy']:.2f} (random weights: only the pipeline is checked)")
+    return dict(seconds, wall=wall, imports=imports, loader_images_per_s=loader_rate, model_images_per_s=model_rate)
+
+
+def loader(dataset, root, workers=4, batch_size=64, resolution=224, steps=50, num_shots=-1):
+    """Decoded + augmented images/s of the train loader (the test split of a test-only dataset)."""
+    splits = data.load_splits(dataset, root, num_shots=num_shots, seed=1)
+    items = splits["train"] or splits["test"]
+    batches = data.build_train_loader(items, min(batch_size, len(items)), resolution, seed=1, workers=workers)
+    images, start, epoch = 0, None, 0
+    while steps > 0:
+        batches.set_epoch(epoch)
+        for batch, _ in batches:
+            if start is None:  # the first batch pays for worker start-up
+                start = time.perf_counter()
+            else:
+                images, steps = images + len(batch), steps - 1
+            if steps == 0:
+                break
+        epoch += 1
+    rate = images / (time.perf_counter() - start)
+    print(f"{dataset}: {rate:.1f} images/s decoded+augmented ({images} images, {len(items)} in split, "
+          f"workers={workers}, batch={batch_size}, resolution={resolution})")
+    return rate
+
+
+def synthetic(args):
+    """A synthetic CoOp-layout dataset and random CLIP weights under args.out (the demos, tests); with
+    --teacher, a PromptKD teacher file of the base classes in the released folder layout, on a wider
+    random CLIP (teacher-clip.pt)."""
+    root = os.path.join(args.out, "data")
+    for dataset in args.dataset:
+        data.write_synthetic_dataset(root, dataset, num_classes=args.classes, images_per_class=args.images,
+                                     image_size=args.size)
+    torch.save(clip_model.random_state_dict(clip_model.CONFIGS[args.clip]), os.path.join(args.out, "clip.pt"))
+    if args.teacher:
+        teacher = clip_model.random_state_dict(clip_model.CONFIGS["tiny-teacher"], seed=1)
+        torch.save(teacher, os.path.join(args.out, "teacher-clip.pt"))
+        for dataset in args.dataset:
+            base = data.load_splits(dataset, root, subsample="base")["classnames"]
+            path = os.path.join(args.out, "teachers", released.TEACHER_FOLDERS[dataset][0], released.BASE2NEW_TEACHER)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            released.write_teacher_checkpoint(path, teacher, base, depth=args.teacher_depth)
+    print(f"wrote {', '.join(args.dataset)} under {root} and random {args.clip} weights {args.out}/clip.pt")
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("step", help="training (or --eval) steps of a method with and without TextRefiner")
+    s.add_argument("--method", default="coop", choices=tuple(train.METHODS))
+    s.add_argument("--clip", default="ViT-B/16", choices=tuple(clip_model.CONFIGS), help="random weights of this size")
+    s.add_argument("--eval", action="store_true", help="inference instead of training steps")
+    s.add_argument("--num-classes", type=int, default=100)
+    s.add_argument("--steps", type=int, default=20, help="timed rounds")
+    s.add_argument("--warmup", type=int, default=3, help="untimed rounds before those")
+    s.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
+    s.add_argument("--precision", choices=("bf16", "fp16", "fp32"))
+    train.add_recipe_flags(s)  # the method's recipe (--batch-size, --depth, --teacher-clip as a size name, ...)
+    r = sub.add_parser("run", help="a whole train.py run on synthetic JPEGs; unknown flags go to train.py")
+    r.add_argument("--clip", default="ViT-B/16", choices=tuple(clip_model.CONFIGS))
+    r.add_argument("--num-classes", type=int, default=20)
+    r.add_argument("--images", type=int, default=40, help="per class: a quarter test, a quarter val, the rest train")
+    r.add_argument("--layout", default="caltech101", choices=("caltech101", "imagenet"),
+                   help="imagenet's val split is its test split")
+    lo = sub.add_parser("loader", help="decoded + augmented images/s of a dataset's train loader")
+    lo.add_argument("--dataset", required=True, choices=tuple(data.DATASETS))
+    lo.add_argument("--root", default="data")
+    lo.add_argument("--workers", type=int, default=4)
+    lo.add_argument("--batch-size", type=int, default=64)
+    lo.add_argument("--resolution", type=int, default=224)
+    lo.add_argument("--steps", type=int, default=50)
+    lo.add_argument("--shots", type=int, default=-1, help="few-shot train set to read (-1: whole split)")
+    sy = sub.add_parser("synthetic", help="a synthetic dataset and random CLIP weights (and a teacher file)")
+    sy.add_argument("out")
+    sy.add_argument("--dataset", nargs="+", default=["caltech101"], choices=tuple(data.DATASETS))
+    sy.add_argument("--classes", type=int, default=10)
+    sy.add_argument("--images", type=int, default=32, help="per class")
+    sy.add_argument("--size", type=int, default=32, help="image side in pixels")
+    sy.add_argument("--clip", default="tiny", choices=tuple(clip_model.CONFIGS))
+    sy.add_argument("--teacher", action="store_true", help="also a PromptKD teacher per dataset (tiny-teacher CLIP)")
+    sy.add_argument("--teacher-depth", type=int, default=2)
+    return p
+
+
+def _main(argv):
+    p = get_parser()
+    args, rest = p.parse_known_args(argv)
+    if args.command == "run":
+        args.train_flags = rest
+        train.check_ranges(p, args, dict(num_classes=train.POSITIVE))
+        fewest = 2 if args.layout == "imagenet" else 3  # a test (and a val) image, one to train
+        train.check_ranges(p, args, dict(images=(lambda v: v >= fewest, f"at least {fewest}")))
+        p_train = train.get_parser()  # train.py's own checks, before the dataset is written
+        train.resolve_args(p_train, p_train.parse_args(["--dataset", args.layout, "--root", ".", "--output-dir",
+                                                        tempfile.gettempdir(), *rest]))
+        return run(args)
+    if rest:
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "step":
+        train.check_ranges(p, args, dict(num_classes=train.POSITIVE, steps=train.POSITIVE, warmup=train.NON_NEGATIVE))
+        args.dataset = None
+        train.fill_recipe(p, args, require=False)
+        return step(args)
+    if args.command == "loader":
+        return loader(args.dataset, args.root, workers=args.workers, batch_size=args.batch_size,
+                      resolution=args.resolution, steps=args.steps, num_shots=args.shots)
+    return synthetic(args)
+
+
+def main(argv=None):
+    return train.run_main(_main, argv)
+
+
+if __name__ == "__main__":
+    main()
