@@ -138,10 +138,8 @@ def run(args):
         subprocess.run([sys.executable, "-c", "import train"], cwd=os.path.dirname(os.path.abspath(__file__)),
                        check=True)
         imports = time.perf_counter() - t0
-        p = train.get_parser()
-        run_args = p.parse_args(["--dataset", args.layout, "--root", root, "--clip", weights, "--subsample", "base",
-                                 "--output-dir", os.path.join(tmp, "run"), *args.train_flags])
-        train.resolve_args(p, run_args)
+        run_args = train.parse_args(["--dataset", args.layout, "--root", root, "--clip", weights, "--subsample",
+                                     "base", "--output-dir", os.path.join(tmp, "run"), *args.train_flags])
         timer = PhaseTimer()
         t0 = time.perf_counter()
         results = train.run_main(lambda _: train.train(run_args, timer), None)
@@ -260,9 +258,8 @@ def _main(argv):
         train.check_ranges(p, args, dict(num_classes=train.POSITIVE))
         fewest = 2 if args.layout == "imagenet" else 3  # a test (and a val) image, one to train
         train.check_ranges(p, args, dict(images=(lambda v: v >= fewest, f"at least {fewest}")))
-        p_train = train.get_parser()  # train.py's own checks, before the dataset is written
-        train.resolve_args(p_train, p_train.parse_args(["--dataset", args.layout, "--root", ".", "--output-dir",
-                                                        tempfile.gettempdir(), *rest]))
+        # train.py's own checks, before the dataset is written
+        train.parse_args(["--dataset", args.layout, "--root", ".", "--output-dir", tempfile.gettempdir(), *rest])
         return run(args)
     if rest:
         p.error(f"unrecognized arguments: {' '.join(rest)}")

@@ -716,6 +716,20 @@ def write_json(obj, path):
     replace_atomically(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
 
 
+def rewind_log(path, record):
+    """log.jsonl of a resumed run: the lines of the epochs before the checkpoint's, then its own record
+    (whatever a crash appended after it, or cut short, is dropped)."""
+
+    def epoch(line):
+        try:
+            return json.loads(line)["epoch"]
+        except (ValueError, KeyError, TypeError):
+            return math.inf  # a line cut short by a crash while appending
+    lines = open(path).read().splitlines() if os.path.exists(path) else []
+    kept = [line for line in lines if epoch(line) < record["epoch"]] + [json.dumps(record)]
+    replace_atomically(path, lambda f: f.write("".join(line + "\n" for line in kept).encode()))
+
+
 CHECKPOINT_KINDS = "train.py's best.pt or last.pt, or an authors' run folder (holding prompt_learner/ and Memory/)"
 
 

@@ -68,7 +68,7 @@ def check_args(p, args):
         p.error("give exactly one of --checkpoint PATH and --zeroshot")
     if args.checkpoint and not os.path.exists(args.checkpoint):
         p.error(f"--checkpoint {args.checkpoint!r} does not exist")
-    train.check_ranges(p, args, dict(train.RULES, batch_size=train.POSITIVE, epoch=train.POSITIVE))
+    train.check_ranges(p, args, train.RULES)  # --batch-size, --epoch, --seed, ...
     if args.epoch is not None and not (args.checkpoint and os.path.isdir(args.checkpoint)):
         p.error("--epoch N picks model.pth.tar-N in an authors' run folder; a train.py checkpoint is one epoch "
                 "(best.pt: best val, last.pt: last epoch)")

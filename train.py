@@ -9,8 +9,7 @@ on a CoOp benchmark, with the method's recipe unless flags say otherwise.
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py ...
     python train.py ... --resume                                    # continue an interrupted run
 
-Flags: the run's own and one per field of every registered recipe (`--help` lists each method's
-defaults); a recipe flag left unset takes the --method's value.
+Flags: the run's own, and one per field of every registered recipe (unset: the --method's value).
 
 Writes into --output-dir:
     last.pt       after every epoch, atomically: trainable state, optimizer, gradient scaler, epoch,
@@ -62,8 +61,7 @@ def add_run_flags(p):
     p.add_argument("--workers", type=int, default=4, help="data loader workers per rank")
     p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
     p.add_argument("--dist-timeout", type=float, default=900.0, metavar="SECONDS",
-                   help="torchrun: a collective that waits longer for another rank ends the run, naming the rank "
-                        "and the collective (default 900)")
+                   help="torchrun: a collective waiting longer for another rank ends the run (default 900)")
     p.add_argument("--precision", choices=("bf16", "fp16", "fp32"),
                    help="autocast dtype of the frozen towers (default: bf16 on CUDA, fp32 on CPU)")
 
@@ -81,12 +79,11 @@ def add_recipe_flags(p):
     g = p.add_argument_group("recipe flags (unset: the --method's value)")
     for name, (field, defaults) in recipe_fields().items():
         kind = field.type if field.type in (int, float, bool) else str
-        shown = {m: field.metadata.get("required") and "required" or "per dataset" if v is None else v
+        shown = {m: ("required" if field.metadata.get("required") else "per dataset") if v is None else v
                  for m, v in defaults.items()}
-        listed = ", ".join(f"{m} {v}" for m, v in shown.items()) if len(set(shown.values())) > 1 or \
-            len(shown) < len(METHODS) else str(next(iter(shown.values())))
         g.add_argument("--" + name.replace("_", "-"), type=None if kind is bool else kind, default=None,
-                       action=argparse.BooleanOptionalAction if kind is bool else "store", help=listed)
+                       action=argparse.BooleanOptionalAction if kind is bool else "store",
+                       help=", ".join(f"{m} {v}" for m, v in shown.items()))
 
 
 def get_parser():
@@ -128,7 +125,7 @@ NON_NEGATIVE = (lambda v: v >= 0 and math.isfinite(v), ">= 0")
 # Ranges by flag name; a recipe's own fields may add theirs as Recipe.ranges. timedelta overflows
 # past ~2.7e12 s: a week is longer than any collective should wait.
 RULES = dict(dist_timeout=(lambda v: 0 < v <= 7 * 24 * 3600, "in (0, 604800] (at most a week)"), seed=NON_NEGATIVE,
-             workers=NON_NEGATIVE, epochs=POSITIVE, batch_size=POSITIVE, eval_batch_size=POSITIVE, n_ctx=POSITIVE,
+             workers=NON_NEGATIVE, epoch=POSITIVE, epochs=POSITIVE, batch_size=POSITIVE, eval_batch_size=POSITIVE, n_ctx=POSITIVE,
              cache_size=POSITIVE, topk=POSITIVE, log_interval=POSITIVE, depth=POSITIVE, temperature=POSITIVE,
              lr=(POSITIVE[0], "a positive number"), warmup_lr=NON_NEGATIVE, weight_decay=NON_NEGATIVE,
              semantic_weight=NON_NEGATIVE, reg_weight=NON_NEGATIVE, kd_weight=NON_NEGATIVE, alpha=UNIT,
@@ -282,9 +279,9 @@ def set_rng_state(state, device):
     if state["cuda"] is not None and device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda"], device)
 
+
 def hold_output_dir(args, rank, world_size):
-    """Rank 0 creates --output-dir and takes its lock; every rank gets its verdict, so all stop
-    together on a refusal. -> the lock path (rank 0) or None."""
+    """Rank 0 creates --output-dir and takes its lock; every rank gets its verdict. -> the lock or None."""
     lock, error = None, None
     if rank == 0:
         try:
@@ -305,9 +302,8 @@ def hold_output_dir(args, rank, world_size):
 
 
 def metrics(confusion, classnames):
-    """confusion[true, pred] counts -> accuracy, macro-F1, per-class accuracy. Macro-F1 averages over
-    the classes that occur as a true label (Dassl's f1_score(average="macro", labels=np.unique(y_true)));
-    per_class_accuracy is a list aligned with classnames, None for a class without images."""
+    """confusion[true, pred] counts -> accuracy, macro-F1 over the classes that occur as a true label
+    (as Dassl's), per_class_accuracy (aligned with classnames; None for a class without images)."""
     cm = confusion.double().cpu()  # (C, C)
     tp, support, predicted = cm.diag(), cm.sum(1), cm.sum(0)
     present = support > 0
@@ -322,9 +318,8 @@ def metrics(confusion, classnames):
 
 @torch.no_grad()
 def eval_step(model, images, device, precision, features=None):
-    """One uint8 loader batch through a model in eval mode -> (logits (B, C), image features or None).
-    A model with frozen image features returns them too; given a batch's stored features instead of
-    images, it skips the image tower. evaluate() and the benchmarks run this function."""
+    """A uint8 loader batch through a model in eval mode -> (logits (B, C), image features or None);
+    given stored features instead of images, the image tower is skipped. evaluate() and bench.py run it."""
     with autocast(device, precision):
         if not model.frozen_image_features:
             return model(data.normalize(images.to(device, non_blocking=True))), None
@@ -333,34 +328,22 @@ def eval_step(model, images, device, precision, features=None):
         return model.logits(features), features
 
 
-class FeatureCache:
-    """Frozen image-tower features of the eval splits, computed once per training run: for a model
-    with frozen_image_features under the deterministic eval transform an image's features are the
-    same at every evaluation, so later passes skip decoding and the tower (bitwise the same logits:
-    the stored batches are the tensors computed). Keyed by the rank's shard, batch size and
-    precision, so ImageNet's test pass reuses its val features. D x 2 bytes per image in bf16."""
-
-    def __init__(self):
-        self.batches = {}  # key -> [(features (B, D) on the device, labels (B,))]
-
-    @staticmethod
-    def key(loader, precision):
-        return tuple(item.impath for item in loader.dataset.items), loader.batch_size, precision
-
-
 @torch.no_grad()
 def evaluate(model, loader, classnames, device, precision, feature_cache=None, columns=None):
-    """Top-1 metrics over this rank's shard, counts summed over all ranks. feature_cache: shared by
-    one run's evaluations; columns: the classifier rows of `classnames` when the model classifies
-    more classes (a transductive run), else None."""
+    """Top-1 metrics over this rank's shard, counts summed over all ranks. columns: the classifier rows
+    of `classnames` when the model classifies more classes (a transductive run), else None.
+    feature_cache: a dict shared by one run's evaluations. A model with frozen image features gives
+    an image the same features at every evaluation (deterministic eval transform): the first pass over
+    a loader stores them batch by batch, later passes skip decoding and the tower, bitwise the same.
+    Keyed by the shard, batch size and precision: ImageNet's test pass reuses its val features."""
     model.eval()
     C = len(classnames)
     rows = None if columns is None else torch.as_tensor(columns, device=device)
     confusion = torch.zeros(C * C, dtype=torch.int64, device=device)
     cached = feature_cache is not None and model.frozen_image_features
-    key = FeatureCache.key(loader, precision) if cached else None
-    stored = feature_cache.batches.get(key) if cached else None
-    computed = []
+    key = (tuple(item.impath for item in loader.dataset.items), loader.batch_size, precision)
+    stored = feature_cache.get(key) if cached else None
+    computed = []  # [(features (B, D) on the device, labels (B,))]
     for inputs, labels in loader if stored is None else stored:
         if stored is None:
             logits, features = eval_step(model, inputs, device, precision)  # (B, C), (B, D)
@@ -373,7 +356,7 @@ def evaluate(model, loader, classnames, device, precision, feature_cache=None, c
         idx = labels.to(device, non_blocking=True) * C + logits.argmax(1)
         confusion.index_add_(0, idx, torch.ones_like(idx))
     if cached and stored is None:
-        feature_cache.batches[key] = computed
+        feature_cache[key] = computed
     if dist.is_initialized():
         with collective("the all-reduce of the evaluation counts"):
             dist.all_reduce(confusion)
@@ -405,16 +388,14 @@ def train_step(model, images, labels, optimizer, scaler, device, precision):
 
 
 def resume_state(path, args):
-    """last.pt's checkpoint, its flags compared with this run's: the method first, then RUN_KEYS and
-    the recipe (an input file by its SHA-256; a flag the checkpoint predates is not compared)."""
+    """last.pt's checkpoint, its flags compared with this run's: the method, RUN_KEYS and the recipe
+    (an input file by its SHA-256; a flag the checkpoint predates is not compared)."""
     ckpt = data.load_checkpoint(path)
-    recorded = ckpt["args"]
-    if recorded.get("method", "coop") != args.method:
+    if (recorded := ckpt["args"]).get("method", "coop") != args.method:
         raise UserError(f"--resume: {path} is a --method {recorded.get('method', 'coop')} run, this command trains "
                         f"--method {args.method}; choose another --output-dir")
-    Method = METHODS[args.method]
     keys = [k + "_sha256" if getattr(args, k + "_sha256", None) else k
-            for k in RUN_KEYS + tuple(f.name for f in dataclasses.fields(Method.recipe))]
+            for k in RUN_KEYS + tuple(f.name for f in dataclasses.fields(METHODS[args.method].recipe))]
     changed = {k: (recorded[k], getattr(args, k)) for k in keys if k in recorded and recorded[k] != getattr(args, k)}
     if changed:
         raise UserError(f"--resume: flags differ from the run in {path} (checkpoint value, new value): {changed}")
@@ -481,7 +462,7 @@ def _train(args, rank, world_size, device, group, phase):
 
         use_val = bool(getattr(run, run.select_split)) and args.selection == "best"
         val_loader = eval_loader(run.select_split) if use_val else None
-        feature_cache = None if args.no_feature_cache else FeatureCache()
+        feature_cache = None if args.no_feature_cache else {}
         start_epoch, best, best_state = 0, dict(val_acc=-1.0, epoch=-1), None
         if ckpt is not None:
             raw_model.load_trainable_state_dict(ckpt["model"])
@@ -491,10 +472,8 @@ def _train(args, rank, world_size, device, group, phase):
             # The best model comes from last.pt itself, never from best.pt: a crash between the two
             # writes leaves a best.pt of another epoch than ckpt["best"] names.
             start_epoch, best, best_state = ckpt["epoch"] + 1, ckpt["best"], ckpt["best_model"]
-            if master:  # log.jsonl ends with the checkpoint's epoch, whatever happened after it
-                lines = open(paths["log.jsonl"]).read().splitlines() if os.path.exists(paths["log.jsonl"]) else []
-                kept = [line for line in lines if logged_epoch(line) < ckpt["epoch"]] + [json.dumps(ckpt["log"])]
-                data.replace_atomically(paths["log.jsonl"], lambda f: f.write("".join(l + "\n" for l in kept).encode()))
+            if master:
+                data.rewind_log(paths["log.jsonl"], ckpt["log"])
             print0(f"resumed from {paths['last.pt']} after epoch {ckpt['epoch']}")
             del ckpt
         elif master and os.path.exists(paths["log.jsonl"]):
@@ -583,16 +562,9 @@ def _train(args, rank, world_size, device, group, phase):
     return results
 
 
-def logged_epoch(line):
-    try:
-        return json.loads(line)["epoch"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return math.inf  # a line cut short by a crash while appending
-
-
 def run_main(main, argv):
-    """main(argv) for the command lines: a UserError is one line on stderr and exit status 2 (as
-    argparse's own errors; a loader worker's carries its traceback: the last line is kept), and the
+    """main(argv) for the command lines: a UserError is one line on stderr and exit status 2, as
+    argparse's own errors (a loader worker's carries its traceback: its last line is kept); the
     process group setup_runtime opened is closed, also after an error."""
     try:
         return main(argv)
@@ -606,15 +578,15 @@ def run_main(main, argv):
             dist.destroy_process_group()
 
 
-def _main(argv):
+def parse_args(argv=None):
     p = get_parser()
     args = p.parse_args(argv)
     resolve_args(p, args)
-    return train(args)
+    return args
 
 
 def main(argv=None):
-    return run_main(_main, argv)
+    return run_main(lambda argv: train(parse_args(argv)), argv)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""TextRefiner's custom operations: the cache update and the feature alignment (SPEC 4, 9.5).
+"""TextRefiner's custom operations: the cache update and the feature alignment, fused
+Triton kernels on CUDA with this PyTorch reference on the CPU and as the tests' oracle.
 
     from kernels import cache_update, cache_partials, cache_apply, feature_align
 
@@ -111,7 +112,7 @@ def _check_cache_inputs(tokens, cache):
 
 
 def cache_partials(tokens, cache, backend="auto"):
-    """One shard's partial results of the SPEC 4 cache update, all fp32.
+    """One shard's partial results of the cache update, all fp32.
 
     tokens (N, D) fp32/fp16/bf16, not yet normalised; cache (M, D) fp32. With
     X = normalise(tokens), S = X @ cache^T and a_n = argmax_m S[n, m] (ties -> lowest m):
@@ -150,7 +151,7 @@ def cache_apply(cache, col_max, slot_sums, slot_counts, momentum=0.8):
 
 
 def cache_update(tokens, cache, momentum=0.8, backend="auto", process_group=None):
-    """The whole SPEC 4 cache update: returns the new (M, D) fp32 cache. With process_group,
+    """The whole cache update: returns the new (M, D) fp32 cache. With process_group,
     tokens are this rank's shard and the partials are combined over the group (module
     docstring), so every rank returns the cache of one process on the concatenated tokens.
 
@@ -218,7 +219,7 @@ def feature_align(x, w1, b1, gamma, beta, w2, b2, eps=1e-5, backend="auto", proc
     """Linear(D_in, D_hid) -> BatchNorm1d(D_hid) with batch statistics -> ReLU ->
     Linear(D_hid, D_out), token-wise over x (N, D_in); w1 (D_hid, D_in), b1/gamma/beta
     (D_hid,), w2 (D_out, D_hid), b2 (D_out,). TextRefiner on CoOp is square (D, D, D); on
-    PromptKD it is 512 -> 768 -> 768 (SPEC 11.1).
+    PromptKD it is 512 -> 768 -> 768 (student tokens to teacher text).
 
     Returns (y (N, D_out) fp32, mean (D_hid,) fp32, var (D_hid,) fp32 biased) where mean/var
     are the batch statistics of the first Linear's output (the caller updates running stats;

@@ -5,7 +5,7 @@ slot-by-slot loop as the released TextRefiner code does it) on a CUDA device.
     python -m kernels.bench --no-write --dtype bfloat16
 
 Shapes: N = 32*197 and 256*197 tokens (batch 32 / 256 of ViT-B/16), D = 512 and 768, M = 25;
-and PromptKD's alignment (SPEC 11.1), 512 -> 768 -> 768 at N = 8*197 (its batch of 8) and
+and PromptKD's alignment, 512 -> 768 -> 768 at N = 8*197 (its batch of 8) and
 32*197, with dx (the student's deep visual prompts train through it).
 GB/s is measured against the bytes the operation cannot avoid moving (its inputs and outputs
 once), so it is comparable across implementations, not the traffic each one really causes.
@@ -57,7 +57,7 @@ def time_interleaved(steps, timer=cuda_event_ms, warmup=WARMUP_ROUNDS, rounds=TI
 
 @torch.no_grad()
 def loop_cache_update(tokens, cache, momentum=0.8):
-    """SPEC 4 the way the released code computes it: a softmax over the rows of every
+    """The cache update the way the released code computes it: a softmax over the rows of every
     column, divided by the column's maximum, then one masked update per slot."""
     x_hat = F.normalize(tokens.float(), dim=-1)  # (N, D)
     scores = x_hat @ cache.t()  # (N, M)

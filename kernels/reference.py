@@ -1,4 +1,4 @@
-"""PyTorch reference for the two TextRefiner operations (SPEC 4).
+"""PyTorch reference for the two TextRefiner operations (textrefiner.py's docstring has their equations).
 
 This is the only PyTorch implementation of them: backend "torch" dispatches here, it is
 the CPU path, and the tests use it as the oracle for the Triton kernels. Everything is

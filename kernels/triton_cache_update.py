@@ -1,4 +1,4 @@
-"""Triton cache-update partials (SPEC 4): kernels.cache_partials(..., backend="triton").
+"""Triton cache-update partials: kernels.cache_partials(..., backend="triton").
 
 With X = L2-normalise(tokens) (N, D), S = X @ cache^T (N, M), a_n = argmax_m S[n, m]
 (ties -> lowest m, like torch.argmax) and c_m = max_n S[n, m]:

@@ -1,11 +1,11 @@
-"""Triton feature alignment (SPEC 4 `align`): kernels.feature_align(..., backend="triton").
+"""Triton feature alignment (TextRefiner's `align`): kernels.feature_align(..., backend="triton").
 
     h = x @ w1^T + b1                       (N, D_hid)  + per-row-block column (sum, M2) partials
     mean, var = batch statistics of h       (D_hid,)    fixed-order Chan combine (+ group sums)
     y = relu((h - mean) * rstd * gamma + beta) @ w2^T + b2,  rstd = 1 / sqrt(var + eps)   (N, D_out)
 
 x (N, D_in), w1 (D_hid, D_in), w2 (D_out, D_hid): square for TextRefiner on CoOp (D = 512 or
-768), 512 -> 768 -> 768 on PromptKD (SPEC 11.1). The matmul kernel takes any (M, K) @ (K, N),
+768), 512 -> 768 -> 768 on PromptKD (student tokens to teacher text). The matmul kernel takes any (M, K) @ (K, N),
 so the widths only decide the buffers' shapes and the tiles.
 
 All five matmuls of forward and backward are one Triton kernel, _matmul_kernel, whose

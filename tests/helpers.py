@@ -331,7 +331,7 @@ def ref_encode_text(sd, ids, embeddings=None, deep_prompts=None):
 
 
 def spec_semantic_tokens(aligned, cls_attn, topk=5):
-    """SPEC 4 local rows from the equations: per image the CLS token, the top-k patches by
+    """TextRefiner's local rows from the equations: per image the CLS token, the top-k patches by
     CLS attention and the mean over all tokens (B, k+2, D); asserts the top-k is well defined."""
     ranked = cls_attn.argsort(dim=1, descending=True)
     gaps = cls_attn.gather(1, ranked[:, topk - 1:topk]) - cls_attn.gather(1, ranked[:, topk:topk + 1])
@@ -341,7 +341,7 @@ def spec_semantic_tokens(aligned, cls_attn, topk=5):
 
 
 def spec_cache_update(cache, aligned):
-    """SPEC 4 cache update from the equations, slot by slot, on all B*T aligned tokens;
+    """TextRefiner's cache update from the equations, slot by slot, on all B*T aligned tokens;
     asserts that no token's assignment is a near tie."""
     x_hat = aligned.detach().reshape(-1, aligned.shape[-1])
     x_hat = x_hat / x_hat.norm(dim=-1, keepdim=True)

@@ -20,7 +20,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def unit_rows(m, d, seed):
-    """A cache as SPEC 4 initialises it: U[0, 1) rows, L2-normalised."""
+    """A cache as TextRefiner initialises it: U[0, 1) rows, L2-normalised."""
     g = torch.Generator().manual_seed(seed)
     return F.normalize(torch.rand(m, d, generator=g), dim=-1).to(DEVICE)
 
@@ -446,7 +446,7 @@ def test_every_launch_has_enough_programs_for_a_gpu(monkeypatch, d):
 
 @pytest.mark.parametrize("n", [8 * 197, 32 * 197])
 def test_promptkd_align_launches_fill_a_gpu(monkeypatch, n):
-    """PromptKD's align (512 -> 768 -> 768, SPEC 11.1) at its batch of 8 images and at 32:
+    """PromptKD's align (512 -> 768 -> 768) at its batch of 8 images and at 32:
     every launch of forward and backward (dx included: the student's visual prompts are
     trained through it) has at least 132 programs. At N = 1576, dx = dh @ w1 (1576 x 512)
     has only 25 x 4 tiles of 64 x 128, so it takes 64 x 64 ones. Recorded, not run."""

@@ -62,7 +62,7 @@ SMALL_CACHE = {90: [], 80: [(1, 64, 1, "float32"), (7, 96, 13, "float16")]}  # (
 # element), and no CLIP has such a width (512, 768, 1024: multiples of 16).
 SMALL_ALIGN = {90: [(7, 96, 96, 96, "float16"), (7, 48, 80, 64, "float16")],
                80: [(1, 64, 64, 64, "float32"), (37, 48, 80, 64, "float32")]}
-# PromptKD's align (SPEC 11.1), 512 -> 768 -> 768, at its batch of 8 images (N = 1576 is not
+# PromptKD's align, 512 -> 768 -> 768, at its batch of 8 images (N = 1576 is not
 # divisible by 16: its own specialisation, and 64 x 64 tiles for dx) and of 32
 PROMPTKD_ALIGN = [(8 * 197, 512, 768, 768), (32 * 197, 512, 768, 768)]  # (N, D_in, D_hid, D_out)
 

@@ -1,6 +1,6 @@
-"""PromptKD + TextRefiner (SPEC 11): the teacher file reader against the released layout
+"""PromptKD + TextRefiner: the teacher file reader against the released layout
 (write_teacher_checkpoint), its errors, and one training step plus evaluation of
-PromptKDCLIP against an independent float64 implementation of SPEC 11.1/11.2 written here
+PromptKDCLIP against an independent float64 implementation of its equations (textrefiner.PromptKDCLIP) written here
 from the equations, with student and teacher CLIPs of different widths and a teacher file
 whose CLIP weights differ from the base CLIP's."""
 import copy
@@ -19,7 +19,7 @@ CLASSNAMES = ["cat", "golden_retriever", "sports car", "tabby_cat", "airliner"]
 BASE = CLASSNAMES[:3]  # a base2new teacher is trained on the first ceil(n/2) classes
 STUDENT, TEACHER = CONFIGS["tiny"], CONFIGS["tiny-teacher"]  # embeddings 64 and 96
 TEACHER_DEPTH, TEACHER_CTX = 3, 4
-SPEC_KEYS = {"visual_prompts"} | {
+STATE_KEYS = {"visual_prompts"} | {
     f"{module}.{layer}.{name}"
     for module in ("image_proj", "refiner.align")
     for layer, names in (("fc1", ("weight", "bias")), ("fc2", ("weight", "bias")),
@@ -90,7 +90,7 @@ def file_state(path):
 
 
 def teacher_weights(path, base_sd):
-    """SPEC 11.1 read by hand, float64: the file's CLIP under OpenAI names, the base CLIP's
+    """The teacher file read by hand, float64: the file's CLIP under OpenAI names, the base CLIP's
     token_embedding (the file has none), and the prompts."""
     state = {k: v.double() for k, v in file_state(path).items()}
     sd = {"token_embedding.weight": base_sd["token_embedding.weight"].double(), "logit_scale": state["logit_scale"]}
@@ -108,7 +108,7 @@ def teacher_weights(path, base_sd):
 
 
 def ref_teacher(sd, ctx, text_prompts, visual_prompts, classnames, x):
-    """t_T (n, D_T) and z_T (B, n) of SPEC 11.1 in float64."""
+    """The teacher's t_T (n, D_T) and z_T (B, n) in float64."""
     ids = tokenize([f"a photo of a {name.replace('_', ' ')}." for name in classnames])
     emb = sd["token_embedding.weight"][ids].clone()
     emb[:, 1:1 + ctx.shape[0]] = ctx
@@ -134,7 +134,7 @@ def test_teacher_file_has_the_released_layout(teacher_file, teacher_base_sd):
     assert state["text_encoder.ln_final.weight"].dtype == torch.float32
     assert state["prompt_learner.token_prefix"].shape == (3, 1, TEACHER.transformer_width)
     assert state["prompt_learner.token_suffix"].shape == (3, 77 - 1 - TEACHER_CTX, TEACHER.transformer_width)
-    # promptkd_released.md B2: token_embedding of PromptSRC's "a photo of a {name}." ("_" -> " "),
+    # PromptSRC stores the token_embedding of its "a photo of a {name}." ("_" -> " "),
     # position 0 (SOT) and positions 5.. ("{name}.", EOT, padding), fp16
     rows = teacher_base_sd["token_embedding.weight"][tokenize([f"a photo of a {name.replace('_', ' ')}."
                                                                for name in BASE])]  # (3, 77, W)
@@ -148,7 +148,7 @@ def test_teacher_file_has_the_released_layout(teacher_file, teacher_base_sd):
 
 
 def test_teacher_uses_the_files_weights_and_prompts(teacher, teacher_file, teacher_base_sd):
-    """t_T and z_T equal SPEC 11.1 in float64 on the FILE's CLIP weights (not the base CLIP's)."""
+    """t_T and z_T equal the equations in float64 on the FILE's CLIP weights (not the base CLIP's)."""
     assert depth(teacher) == (TEACHER_DEPTH, TEACHER_DEPTH)
     assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.train().training
     x = images(3)
@@ -310,7 +310,7 @@ def test_teacher_of_other_classes_with_the_same_count_is_refused(tmp_path, teach
          names=textures)
 
 
-# ------------------------------------------------------ float64 reference of SPEC 11.1 / 11.2
+# ------------------------------------------------------ float64 reference of PromptKD + TextRefiner
 
 def ref_projection(x, p, prefix, running=None, eps=1e-5):
     """Linear -> BatchNorm1d -> ReLU -> Linear over rows; batch statistics (biased variance)
@@ -329,7 +329,7 @@ def kl_per_element(student_logits, teacher_probs, temperature):
 
 def reference_step(model, student_sd, teacher_sd, teacher_prompts, x, x_eval, kd_weight, temperature):
     """One PromptKD + TextRefiner training step and the following evaluation, float64, from
-    SPEC 11 and copies of the model's raw trainable tensors."""
+    the equations and copies of the model's raw trainable tensors."""
     raw = {k: v.detach().double().clone() for k, v in model.trainable_state_dict().items()}
     names = ["visual_prompts"] + [f"{m}.{l}.{w}" for m in ("image_proj", "refiner.align")
                                   for l in ("fc1", "bn", "fc2") for w in ("weight", "bias")] + \
@@ -363,7 +363,7 @@ def reference_step(model, student_sd, teacher_sd, teacher_prompts, x, x_eval, kd
     loss = kd_weight * loss_kd + kd_weight / 100 * loss_local + kd_weight / 50 * loss_reg
     grads = dict(zip(names, torch.autograd.grad(loss, list(p.values()))))
 
-    new_cache = spec_cache_update(cache, aligned)  # SPEC 4 rule, on all B*T aligned tokens
+    new_cache = spec_cache_update(cache, aligned)  # the cache rule, on all B*T aligned tokens
 
     running = {}
     for prefix, mean, var, rows in (("image_proj", proj_mean, proj_var, b),
@@ -436,7 +436,7 @@ def test_training_step_and_eval_match_float64_reference(student, student_sd, tea
 # ------------------------------------------------------------------------- model behaviour
 
 def test_gradient_routing_of_each_loss_term(student, teacher):
-    """SPEC 11.2: L_kd reaches P, image_proj and the extractor; L_local P and align; L_reg
+    """Gradient routing: L_kd reaches P, image_proj and the extractor; L_local P and align; L_reg
     the extractor only. Nothing else trains."""
     model = make_model(student, teacher).train()
     out = model(images(4))
@@ -459,7 +459,7 @@ def test_gradient_routing_of_each_loss_term(student, teacher):
 
 def test_refiner_false_is_plain_promptkd(student, teacher):
     model = make_model(student, teacher, refiner=False, kd_weight=1000.0).train()
-    assert model.trainable_state_dict().keys() == {k for k in SPEC_KEYS if not k.startswith("refiner.")}
+    assert model.trainable_state_dict().keys() == {k for k in STATE_KEYS if not k.startswith("refiner.")}
     x = images(4)
     out = model(x)
     with torch.no_grad():
@@ -523,7 +523,7 @@ def test_state_dict_round_trip_and_method_mixups(student, teacher):
     model = make_model(student, teacher).train()
     model(images(2))
     state = model.trainable_state_dict()
-    assert state.keys() == SPEC_KEYS
+    assert state.keys() == STATE_KEYS
     assert state["visual_prompts"].shape == (2, 3, STUDENT.vision_width)
     assert state["image_proj.fc1.weight"].shape == (96, 64) and state["refiner.align.fc1.weight"].shape == (96, 64)
     assert state["refiner.cache"].shape == (25, 96) and state["refiner.extractor.weight"].shape == (96, 192)

@@ -1,4 +1,4 @@
-"""PromptKD + TextRefiner through train.py / eval.py / make (SPEC 11.3-11.5), on the synthetic
+"""PromptKD + TextRefiner through train.py / eval.py / make, on the synthetic
 caltech101 of test_train.py, a tiny student CLIP and a tiny-teacher CLIP of another width, with
 teacher files written in PromptKD's released format and folder layout (CPU)."""
 import os
@@ -29,7 +29,7 @@ def test_recipe_rows_fill_flags_left_at_none_and_explicit_flags_win():
 
     pk = resolved("--method", "promptkd", "--dataset", "caltech101")
     assert (pk.epochs, pk.batch_size, pk.lr, pk.momentum, pk.weight_decay, pk.warmup_epochs, pk.warmup_lr) == \
-        (20, 8, 0.005, 0.9, 5e-4, 1, 1e-5)  # SPEC 11.3
+        (20, 8, 0.005, 0.9, 5e-4, 1, 1e-5)  # PromptKD's recipe
     assert (pk.depth, pk.n_ctx, pk.kd_weight, pk.temperature, pk.teacher_clip) == (9, 4, 1000.0, 1.0, "ViT-L/14")
     assert (pk.cache_size, pk.alpha, pk.cache_momentum, pk.topk) == (25, 0.2, 0.8, 5)
     assert pk.ctx_init is None and pk.semantic_weight is None  # CoOp's flags stay unset
@@ -38,7 +38,7 @@ def test_recipe_rows_fill_flags_left_at_none_and_explicit_flags_win():
     assert resolved("--method", "promptkd", "--dataset", "dtd", "--kd-weight", "7", "--epochs", "2").kd_weight == 7.0
     coop = resolved("--dataset", "dtd")
     assert (coop.method, coop.epochs, coop.batch_size, coop.lr, coop.ctx_init, coop.semantic_weight,
-            coop.reg_weight) == ("coop", 10, 32, 0.002, "a photo of a", 0.02, 20.0)  # SPEC 5
+            coop.reg_weight) == ("coop", 10, 32, 0.002, "a photo of a", 0.02, 20.0)  # the paper's CoOp recipe
     assert coop.kd_weight is None and coop.depth is None
     assert resolved("--ctx-init", "", "--lr", "0.1").ctx_init == "" and resolved("--lr", "0.1").lr == 0.1
 
@@ -108,7 +108,7 @@ def test_promptkd_base2new_run(pk_run):
 
 def test_new_classes_are_the_same_checkpoints_rows(pk_run, tmp_path):
     """eval.py --subsample new: the all-class classifier's new rows; equal to a student built for
-    the new class names alone (refinement is row-wise, SPEC 11.4)."""
+    the new class names alone (refinement is row-wise)."""
     base, out = pk_run
     new = evaluate_cli.main(["--checkpoint", os.path.join(out, "best.pt"), "--subsample", "new", "--workers", "0",
                              "--device", "cpu", "--output-dir", str(tmp_path)])
@@ -230,7 +230,7 @@ def test_teacher_of_another_dataset_with_as_many_classes_is_one_line(pk_run, tmp
 # ----------------------------------------------------------------------------- the authors' run folders
 
 def write_promptkd_authors_folder(folder, state, student_weights, epoch, best_epoch=None, extra=None):
-    """An output folder of the released PromptKD + TextRefiner trainer (promptkd_released.md G):
+    """An output folder of the released PromptKD + TextRefiner trainer (released.py's docstring):
     VLPromptLearner/ and Memory/, model.pth.tar-<epoch> (and model-best.pth.tar) plus Dassl's
     'checkpoint' pointer, each file {'state_dict', 'epoch', 'optimizer', 'scheduler', 'val_result'}.
     VLPromptLearner's state_dict in the released key order: logit_scale, image_encoder.VPT, the
@@ -386,7 +386,7 @@ def test_report_refuses_mixed_methods(tmp_path, capsys):
 
 
 def test_cross_dataset_student_trains_on_a_test_only_targets_test_images(pk_run, tmp_path):
-    """PromptKD's transductive cross-dataset protocol (SPEC 11.4) on a test-only ImageNet variant:
+    """PromptKD's transductive cross-dataset protocol on a test-only ImageNet variant:
     the student distils on the target's test images themselves (as released), all classes, and
     the teacher must be the ImageNet one (1000 classes)."""
     base, _ = pk_run

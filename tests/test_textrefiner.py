@@ -1,6 +1,6 @@
-"""textrefiner.py against SPEC sections 3, 4 and 10: hand-computed small cases, and one
-training step plus evaluation on a tiny random CLIP against an independent float64
-implementation of the SPEC 4 equations."""
+"""textrefiner.py's CoOp prompts and TextRefiner: hand-computed small cases, and one training
+step plus evaluation on a tiny random CLIP against an independent float64 implementation of the
+equations of textrefiner.py's docstring."""
 import copy
 import math
 
@@ -13,7 +13,7 @@ from textrefiner import PromptLearner, TextRefiner, TextRefinerCLIP, ZeroShotCLI
 from helpers import save_half_batch_step, spec_cache_update, spec_semantic_tokens
 
 CLASSNAMES = ["cat", "golden_retriever", "sports car", "tabby_cat", "airliner"]
-SPEC_KEYS = {
+STATE_KEYS = {
     "prompt_learner.ctx",
     "refiner.align.fc1.weight", "refiner.align.fc1.bias",
     "refiner.align.bn.weight", "refiner.align.bn.bias", "refiner.align.bn.running_mean",
@@ -284,7 +284,7 @@ def test_state_dict_round_trip_under_spec_names(clip):
     model = make_model(clip, seed=0).train()
     model(images(2), torch.tensor([0, 1]))  # move cache and running stats off their init
     state = model.trainable_state_dict()
-    assert state.keys() == SPEC_KEYS
+    assert state.keys() == STATE_KEYS
     other = make_model(clip, seed=7).eval()
     model.eval()
     assert not torch.allclose(other(images(2)), model(images(2)))
@@ -333,11 +333,11 @@ def test_zero_shot_uses_coop_templates(clip):
         ZeroShotCLIP(clip, ["ramen"], dataset="food-101")
 
 
-# ------------------------------------------------------- float64 reference of SPEC section 4
+# ------------------------------------------------------- float64 reference of the equations
 
 
 def reference_step(clip64, model, classnames, x, y, x_eval):
-    """SPEC 4 from the equations, in float64, on copies of the model's raw weights: returns
+    """TextRefiner on CoOp from the equations, in float64, on copies of the model's raw weights: returns
     the loss terms, logits, gradients of every trainable tensor, the updated cache, BN
     running statistics and the eval logits with the updated cache."""
     raw = {k: v.detach().double().clone() for k, v in model.trainable_state_dict().items()}
