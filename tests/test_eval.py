@@ -14,7 +14,9 @@ import clip_model
 import eval as evaluate_cli  # "eval" would shadow the builtin
 import released
 import train
-from helpers import REPO, RunsCode, assert_same_tensors, assert_usage_error, read_results, rounded, synthetic, torchrun_two_ranks, write_authors_folder, write_result
+from helpers import (
+    REPO, assert_same_tensors, assert_usage_error, read_results, rounded, RunsCode, synthetic,
+    torchrun_two_ranks, write_authors_folder, write_result)
 
 
 def test_eval_reproduces_training_test_numbers(run, tmp_path):

@@ -8,9 +8,7 @@ import copy
 import pytest
 import torch
 
-import clip_model as cm
 import released
-import textrefiner as tr
 from clip_model import CONFIGS, build_model, random_state_dict, tokenize
 from textrefiner import PromptKDCLIP, PromptSRCTeacher, TextRefinerCLIP
 from helpers import ref_encode_image, ref_encode_text, save_half_batch_step, spec_cache_update, spec_semantic_tokens

@@ -16,7 +16,10 @@ import eval as evaluate_cli
 import released
 import textrefiner
 import train
-from helpers import EPOCHS, Interrupted, PK_DEPTH, REPO, RunsCode, TEACHER_FILE, assert_same_tensors, assert_usage_error, interrupt_at_epoch, pk_argv, read_log, read_results, synthetic, teacher_setup, torchrun_two_ranks, trained_run_dir, write_dassl_run, write_result
+from helpers import (
+    EPOCHS, PK_DEPTH, REPO, TEACHER_FILE, assert_close_to_scale, assert_same_tensors, assert_usage_error,
+    interrupt_at_epoch, Interrupted, pk_argv, read_log, read_results, RunsCode, synthetic, teacher_setup,
+    torchrun_two_ranks, trained_run_dir, write_dassl_run, write_result)
 
 
 def test_recipe_rows_fill_flags_left_at_none_and_explicit_flags_win():
@@ -163,7 +166,9 @@ def test_torchrun_two_ranks_match_one(pk_run, tmp_path):
     torchrun_two_ranks("train.py", pk_argv(base, tmp_path / "two", *flags))
     one = torch.load(tmp_path / "one" / "last.pt", weights_only=True)["model"]
     two = torch.load(tmp_path / "two" / "last.pt", weights_only=True)["model"]
-    assert_same_tensors(two, one, exact=False)  # rtol 1e-4, atol 1e-5
+    # 18 steps at lambda 1000: the worst drift seen is 1.3e-4 of a tensor's scale; a real mismatch
+    # (statistics of half the batch, a rank's own cache) is O(1e-1)
+    assert_close_to_scale(two, one, rel=1e-3)
     for a, b in zip(read_log(tmp_path / "two"), read_log(tmp_path / "one")):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["val_acc"] == b["val_acc"]
 

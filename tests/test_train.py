@@ -23,7 +23,9 @@ import clip_model
 import data
 import train
 from textrefiner import TextRefinerCLIP
-from helpers import EPOCHS, Interrupted, LR, REPO, assert_same_tensors, assert_usage_error, counting, dead_pid, interrupt_at_epoch, read_log, synthetic, torchrun_two_ranks, train_argv, write_lock
+from helpers import (
+    EPOCHS, LR, REPO, assert_same_tensors, assert_usage_error, counting, dead_pid, interrupt_at_epoch,
+    Interrupted, read_log, synthetic, torchrun_two_ranks, train_argv, write_lock)
 
 # 6 classes -> 3 base classes; per class 6 train, 3 val, 3 test images of 32 px: 4 steps/epoch.
 
