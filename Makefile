@@ -28,12 +28,9 @@ else
 RUN := $(PYTHON) -m torch.distributed.run --standalone --nproc_per_node=$(GPUS)
 endif
 RUNS := $(OUTPUT)/$(METHOD)$(if $(filter 0,$(REFINER)),-plain)
-METHOD_ARGS := --method $(METHOD)$(if $(filter 0,$(REFINER)), --no-refiner)$(if $(TEACHERS), --teacher $(TEACHERS))
-B2N := $(RUNS)/base2new/$(DATASET)/seed$(SEED)
-XD := $(RUNS)/xd
 DEMO := work/demo
 
-.PHONY: install test demo demo-promptkd base2new xd report gpu-check
+.PHONY: install test demo demo-promptkd base2new xd table table-xd table-jobs report gpu-check
 install: $(VENV_STAMP)
 
 # Idempotent: re-runs only when requirements.txt changes or .venv is gone.
@@ -46,37 +43,39 @@ $(VENV_STAMP): requirements.txt
 test: $(VENV_STAMP)
 	$(PYTHON) -m pytest -q tests
 
+# The paper's protocols through eval.py's table runner (one job here; the whole table below): a
+# finished step is skipped (new/ only if it was evaluated from the model base/ tested), an interrupted
+# one resumes. GPUS > 1 runs each step under torchrun.
+TABLE = $(PYTHON) eval.py --method $(METHOD)$(if $(filter 0,$(REFINER)), --no-refiner)$(if $(TEACHERS), --teacher $(TEACHERS)) \
+	--root $(DATA) --clip $(CLIP) --runs $(RUNS) --train-args="$(TRAIN_ARGS)" --eval-args="$(EVAL_ARGS)"
+LAUNCH := $(if $(filter-out 1,$(GPUS)),--launcher "$(RUN)")
+
 # Train on the base classes (a transductive method: on the unlabelled shots of every class), test
 # them with the selected model, then test the new classes with the same checkpoint.
-# A finished step (its results.json exists) is skipped; an interrupted one resumes.
 base2new: install
 	@test -n "$(DATASET)" || { echo "usage: make base2new DATASET=<name> SEED=<n> [METHOD=... TEACHERS=... DATA=... CLIP=... GPUS=...]"; exit 2; }
-	@if [ -f $(B2N)/base/results.json ]; then echo "skip: $(B2N)/base is finished"; else \
-	  $(RUN) train.py $(METHOD_ARGS) --dataset $(DATASET) --root $(DATA) --clip $(CLIP) --seed $(SEED) \
-	    --subsample base --output-dir $(B2N)/base --resume $(TRAIN_ARGS); fi
-	@if [ -f $(B2N)/new/results.json ]; then echo "skip: $(B2N)/new is finished"; else \
-	  ckpt=$(B2N)/base/best.pt; test -f $$ckpt || ckpt=$(B2N)/base/last.pt; \
-	  $(RUN) eval.py --checkpoint $$ckpt --root $(DATA) --clip $(CLIP) \
-	    --subsample new --output-dir $(B2N)/new $(EVAL_ARGS); fi
+	@$(TABLE) --table base2new --datasets $(DATASET) --seeds $(SEED) $(LAUNCH)
 
-# Cross-dataset with the method's xd recipe (train.py --xd). A transductive method trains a model per
-# target on its unlabelled train split (a test-only target: its test images); the others train once
-# on all ImageNet classes and test every target with that model.
+# Cross-dataset with the method's xd recipe (train.py --xd): a transductive method trains a model per
+# target on its unlabelled images; the others train once on all ImageNet classes and test every target.
 xd: install
-	@if $(PYTHON) -c "import sys, textrefiner; sys.exit(not textrefiner.METHODS['$(METHOD)'].transductive)"; then \
-	  for t in $(XD_TARGETS); do \
-	    if [ -f $(XD)/$$t/seed$(SEED)/results.json ]; then echo "skip: $(XD)/$$t/seed$(SEED) is finished"; else \
-	      $(RUN) train.py $(METHOD_ARGS) --xd --dataset $$t --root $(DATA) --clip $(CLIP) --seed $(SEED) \
-	        --subsample all --shots 0 --output-dir $(XD)/$$t/seed$(SEED) --resume $(TRAIN_ARGS) || exit 1; fi; done; \
-	else \
-	  if [ -f $(XD)/imagenet/seed$(SEED)/results.json ]; then echo "skip: $(XD)/imagenet/seed$(SEED) is finished"; else \
-	    $(RUN) train.py $(METHOD_ARGS) --xd --dataset imagenet --root $(DATA) --clip $(CLIP) --seed $(SEED) \
-	      --output-dir $(XD)/imagenet/seed$(SEED) --resume $(TRAIN_ARGS) || exit 1; fi; \
-	  for t in $(XD_TARGETS); do \
-	    if [ -f $(XD)/$$t/seed$(SEED)/results.json ]; then echo "skip: $(XD)/$$t/seed$(SEED) is finished"; else \
-	      $(RUN) eval.py --checkpoint $(XD)/imagenet/seed$(SEED)/last.pt --dataset $$t --root $(DATA) \
-	        --clip $(CLIP) --output-dir $(XD)/$$t/seed$(SEED) $(EVAL_ARGS) || exit 1; fi; done; \
-	fi
+	@$(TABLE) --table xd --datasets $(XD_TARGETS) --seeds $(SEED) $(LAUNCH)
+
+# Whole tables: every dataset and seed, queued over the GPUs (GPUS=N of them, default every visible
+# one; JOBS_PER_GPU jobs at once on each), each worker loading CLIP once; then the report. A failed
+# job is listed at the end (exit status 1) and the others go on. table-jobs lists the jobs, one per
+# line: `python eval.py --table base2new ... --job $$SLURM_ARRAY_TASK_ID` runs one (README: SLURM).
+SEEDS ?= 1 2 3
+DATASETS ?=
+JOBS_PER_GPU ?= 1
+TABLE_JOBS = $(if $(DATASETS),--datasets $(DATASETS)) --seeds $(SEEDS) --jobs-per-gpu $(JOBS_PER_GPU) \
+	$(if $(filter command line,$(origin GPUS)),--gpus $(GPUS))
+table: install
+	@$(TABLE) --table base2new $(TABLE_JOBS)
+table-xd: install
+	@$(TABLE) --table xd $(TABLE_JOBS)
+table-jobs: install
+	@$(TABLE) --table $(or $(PROTOCOL),base2new) $(TABLE_JOBS) --list-jobs
 
 # Every table under OUTPUT; fails (status 2) when there is none, or when a results.json is not what its folder says.
 report: install

@@ -7,6 +7,7 @@ TextRefiner, a whole train.py run split by phase, and the image loader. No data 
     python bench.py step --clip tiny --device cpu        # smoke test
     python bench.py run                                  # train.py's train() on synthetic 500x375 JPEGs
     python bench.py run --clip tiny --device cpu --workers 2
+    python bench.py table --clip tiny --device cpu --size 32  # a small table: separate processes vs eval.py --table
     python bench.py loader --dataset imagenet --root ~/data --workers 8
     python bench.py synthetic work/demo --dataset caltech101 --classes 10 --images 32   # data + tiny CLIP
 
@@ -17,6 +18,7 @@ TextRefiner at least 0.95x the host's. The models alternate within every round, 
 import argparse
 import collections
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -169,6 +171,63 @@ def run(args):
     return dict(seconds, wall=wall, imports=imports, loader_images_per_s=loader_rate, model_images_per_s=model_rate)
 
 
+def table(args):
+    """A small base2new table (synthetic datasets x seeds, random --clip weights) run as users run it,
+    timed both ways and interleaved (the order alternating per round): as separate processes, one per
+    job (what `make base2new` runs), and as one `eval.py --table` (what `make table` runs: one process
+    whose jobs reuse the imports, the CLIP weights and the CUDA context). -> {way: median seconds}."""
+    datasets = ["caltech101", "dtd", "eurosat", "oxford_pets", "food101", "sun397"][:args.datasets]
+    seeds = [str(s) for s in range(1, args.seeds + 1)]
+    here = os.path.dirname(os.path.abspath(__file__))
+    with tempfile.TemporaryDirectory(prefix="textrefiner-table-") as tmp:
+        for dataset in datasets:
+            data.write_synthetic_dataset(os.path.join(tmp, "data"), dataset, num_classes=args.num_classes,
+                                         images_per_class=args.images, image_size=args.size)
+        weights = os.path.join(tmp, "clip.pt")
+        torch.save(clip_model.random_state_dict(clip_model.CONFIGS[args.clip]), weights)
+        common = ["--table", "base2new", "--root", os.path.join(tmp, "data"), "--clip", weights,
+                  f"--train-args={' '.join(args.train_flags)} --workers {args.workers}", f"--eval-args=--workers {args.workers}"]
+        if args.device:
+            common += ["--device", args.device]
+
+        def separate(runs):
+            for dataset in datasets:
+                for seed in seeds:
+                    subprocess.run([sys.executable, os.path.join(here, "eval.py"), *common, "--runs", runs,
+                                    "--datasets", dataset, "--seeds", seed], check=True, stdout=subprocess.DEVNULL)
+
+        def one_table(runs):
+            subprocess.run([sys.executable, os.path.join(here, "eval.py"), *common, "--runs", runs,
+                            "--datasets", *datasets, "--seeds", *seeds], check=True, stdout=subprocess.DEVNULL)
+
+        times = collections.defaultdict(list)
+        for r in range(args.rounds):
+            for name, fn in (("separate processes", separate), ("one table", one_table))[::1 if r % 2 == 0 else -1]:
+                t0 = time.perf_counter()
+                fn(os.path.join(tmp, f"runs-{name.replace(' ', '-')}-{r}"))
+                times[name].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import eval"], cwd=here, check=True)
+        imports = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        clip_model.load_clip(weights)
+        clip_load = time.perf_counter() - t0
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    jobs = len(datasets) * len(seeds)
+    start_up = imports + clip_load  # what every separate process pays again
+    work = max(medians["separate processes"] - jobs * start_up, 0.0)
+    print(f"\nbench table: {len(datasets)} datasets x {len(seeds)} seeds = {jobs} base2new jobs, {args.clip} random "
+          f"weights, {args.num_classes} classes x {args.images} images of {args.size} px; {args.rounds} round(s), the "
+          f"two ways alternating; medians")
+    for name, seconds in medians.items():
+        print(f"{name:>20s}: {seconds:8.2f} s ({seconds / jobs:.2f} s a job)")
+    print(f"one table / separate processes: {medians['one table'] / medians['separate processes']:.3f}")
+    print(f"a process's start-up: {imports:.2f} s imports + {clip_load:.2f} s CLIP weights; so the separate processes "
+          f"spent about {jobs * start_up:.1f} s starting and {work:.1f} s on the jobs' own work; the table spent "
+          f"{medians['one table'] - work:.1f} s besides that work (one start-up, the report, what it does not share)")
+    return medians
+
+
 def loader(dataset, root, workers=4, batch_size=64, resolution=224, steps=50, num_shots=-1):
     """Decoded + augmented images/s of the train loader (the test split of a test-only dataset)."""
     splits = data.load_splits(dataset, root, num_shots=num_shots, seed=1)
@@ -238,6 +297,17 @@ def get_parser():
     lo.add_argument("--resolution", type=int, default=224)
     lo.add_argument("--steps", type=int, default=50)
     lo.add_argument("--shots", type=int, default=-1, help="few-shot train set to read (-1: whole split)")
+    ta = sub.add_parser("table", help="a small base2new table as separate processes and as one eval.py --table; "
+                                      "unknown flags go to train.py")
+    ta.add_argument("--clip", default="ViT-B/16", choices=tuple(clip_model.CONFIGS))
+    ta.add_argument("--datasets", type=int, default=3, help="synthetic datasets (at most 6)")
+    ta.add_argument("--seeds", type=int, default=2)
+    ta.add_argument("--rounds", type=int, default=2, help="each way, alternating")
+    ta.add_argument("--num-classes", type=int, default=10)
+    ta.add_argument("--images", type=int, default=32, help="per class")
+    ta.add_argument("--size", type=int, default=224, help="image side in pixels")
+    ta.add_argument("--workers", type=int, default=4, help="loader workers")
+    ta.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     sy = sub.add_parser("synthetic", help="a synthetic dataset and random CLIP weights (and a teacher file)")
     sy.add_argument("out")
     sy.add_argument("--dataset", nargs="+", default=["caltech101"], choices=tuple(data.DATASETS))
@@ -261,6 +331,11 @@ def _main(argv):
         # train.py's own checks, before the dataset is written
         train.parse_args(["--dataset", args.layout, "--root", ".", "--output-dir", tempfile.gettempdir(), *rest])
         return run(args)
+    if args.command == "table":
+        args.train_flags = rest
+        train.check_ranges(p, args, dict(datasets=(lambda v: 1 <= v <= 6, "in 1..6"), seeds=train.POSITIVE,
+                                         rounds=train.POSITIVE, num_classes=train.POSITIVE, images=train.POSITIVE))
+        return table(args)
     if rest:
         p.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "step":

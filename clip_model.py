@@ -23,6 +23,7 @@ Tiny random weights for tests, benchmarks and `make demo`:
     from clip_model import CONFIGS, build_model, random_state_dict
     clip = build_model(random_state_dict(CONFIGS["tiny"], seed=0))
 """
+import contextlib
 import functools
 import gzip
 import hashlib
@@ -440,14 +441,36 @@ def read_state_dict(path) -> dict:
     return state_dict
 
 
+_kept = None  # {(path, size, mtime): CLIP} inside keep_loaded()
+
+
+@contextlib.contextmanager
+def keep_loaded():
+    """Inside the block load_clip returns the model it loaded before for the same unchanged file (on
+    whatever device it was moved to): eval.py's table workers read each CLIP once, not once per job.
+    Frozen models are shared this way; nothing may change their weights."""
+    global _kept
+    _kept = {}
+    try:
+        yield
+    finally:
+        _kept = None
+
+
 def load_clip(name_or_path, download_root=None) -> CLIP:
     """An official name (downloaded to download_root, default ~/.cache/clip) or a file path
-    -> CLIP with fp32 parameters, eval mode, on CPU."""
+    -> CLIP with fp32 parameters, eval mode, on CPU (or where keep_loaded's copy is)."""
     if name_or_path in MODELS:
         path = download(MODEL_URL_BASE + MODELS[name_or_path], download_root)
     else:
         path = os.fspath(name_or_path)
-    return build_model(read_state_dict(path))
+    if _kept is None:
+        return build_model(read_state_dict(path))
+    stat = os.stat(path)
+    key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _kept:
+        _kept[key] = build_model(read_state_dict(path))
+    return _kept[key]
 
 
 # ----------------------------------------------------------------------------- tokenizer

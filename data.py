@@ -688,11 +688,23 @@ def write_synthetic_dataset(root, dataset, num_classes=10, images_per_class=8, i
 # ----------------------------------------------------------------------------- the files a run writes
 
 
-def replace_atomically(path, write):
+def check_output_dir(path, flag="--output-dir"):
+    """Fail at start, not after the work, when path cannot become a writable directory."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{flag} {path!r} is a file, not a directory; choose another {flag}")
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(os.path.abspath(existing))
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path!r}: {existing} is not a writable directory")
+
+
+def replace_atomically(path, write, shared=False):
     """write(f) into path + ".tmp", flush it to the disk, rename it over path: a crash at any point
     leaves the previous file or the complete new one. A write that fails (a full disk: an OSError,
-    or torch.save's RuntimeError) is a UserError; the temporary file is removed, path left as it was."""
-    tmp = path + ".tmp"
+    or torch.save's RuntimeError) is a UserError; the temporary file is removed, path left as it was.
+    shared: a file no lock guards (a report several runs write): a temporary file of this process's own."""
+    tmp = f"{path}.{os.getpid()}.tmp" if shared else path + ".tmp"
     try:
         with open(tmp, "wb") as f:
             write(f)
@@ -712,8 +724,23 @@ def save_atomic(obj, path):
     replace_atomically(path, lambda f: torch.save(obj, f))
 
 
-def write_json(obj, path):
-    replace_atomically(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
+def write_json(obj, path, shared=False):
+    replace_atomically(path, lambda f: f.write(json.dumps(obj, indent=2).encode()), shared)
+
+
+def check_results_owner(path, checkpoints):
+    """A training run may replace its own results.json only: refuse one that tested another checkpoint
+    (an evaluation's, written into this folder) or that cannot be read."""
+    if not os.path.exists(path):
+        return
+    try:
+        with open(path) as f:
+            tested = json.load(f).get("checkpoint")
+    except (OSError, ValueError, AttributeError):
+        tested = None
+    if not isinstance(tested, str) or os.path.realpath(tested) not in map(os.path.realpath, checkpoints):
+        raise UserError(f"{path} holds the results of another run (of {tested!r}); choose another --output-dir, or "
+                        f"move it away")
 
 
 def rewind_log(path, record):
@@ -828,7 +855,7 @@ def acquire_output_lock(folder):
                 if not (holder and _is_stale(holder)):
                     who = (f"pid {holder.get('pid')} on host {holder.get('host')} since {holder.get('since')}"
                            if holder else "an unreadable lock")
-                    raise UserError(f"--output-dir {folder} is in use by another training run ({who}): wait for "
+                    raise UserError(f"--output-dir {folder} is in use by another run ({who}): wait for "
                                     f"it, or choose another --output-dir; if that run is dead (e.g. on another "
                                     f"node), delete {path}")
                 print(f"removing the stale lock {path} of pid {holder['pid']} (no longer running)")

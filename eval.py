@@ -18,12 +18,21 @@ num_classes, split, method, selection and the arguments as resolved; an existing
 another evaluation in --output-dir is never replaced.
 """
 import argparse
+import contextlib
+import io
 import json
-import math
+import multiprocessing
 import os
+import shlex
+import subprocess
 import sys
+import time
+import traceback
+from dataclasses import dataclass
+from queue import Empty
 
 import numpy as np
+import torch
 
 import clip_model
 import data
@@ -58,6 +67,21 @@ def get_parser():
     p.add_argument("--batch-size", type=int, default=100, help="per rank")
     p.add_argument("--output-dir", help="write results.json here")
     p.add_argument("--report", metavar="DIR", help="summarise <runs>/base2new or <runs>/xd and exit")
+    t = p.add_argument_group("tables: every job of a protocol, resumable, over the GPUs (also --method, --root, --clip, "
+                             "--device, the method's inputs)")
+    t.add_argument("--table", choices=("base2new", "xd"), help="run the table's jobs not yet finished, then report")
+    t.add_argument("--runs", default="output/coop", help="the method's runs: <runs>/<protocol>/<dataset>/seed<S>")
+    t.add_argument("--datasets", nargs="+", help="default: the 11 datasets (base2new) or the 14 xd targets")
+    t.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    t.add_argument("--no-refiner", action="store_true", help="the method without TextRefiner")
+    t.add_argument("--gpus", type=int, help="GPUs to use (default: every visible one; with --device cpu: CPU slots)")
+    t.add_argument("--jobs-per-gpu", type=int, default=1, help="jobs running at once on one GPU")
+    t.add_argument("--train-args", default="", help="more train.py flags, as one string")
+    t.add_argument("--eval-args", default="", help="more eval.py flags, as one string")
+    t.add_argument("--launcher", help="run every step as a command with this prefix instead of in this process "
+                                      "(make base2new GPUS=4: torchrun)")
+    t.add_argument("--list-jobs", action="store_true", help="print the jobs, one per line with its index, and exit")
+    t.add_argument("--job", type=int, help="run only the job of this index (a SLURM array task)")
     train.add_run_flags(p)
     return p
 
@@ -76,7 +100,7 @@ def check_args(p, args):
         train.check_clip_flag(p, args.clip)
     if args.output_dir:
         try:
-            train.check_output_dir(args.output_dir)
+            data.check_output_dir(args.output_dir)
         except UserError as e:
             p.error(str(e))
 
@@ -153,7 +177,7 @@ def eval_precision(args, run, device):
     is tested in fp32, not in the bf16 default); the CPU computes in fp32."""
     if args.precision is None and device.type == "cuda" and run["precision"]:
         return run["precision"]
-    return train.default_precision(args, device)
+    return args.precision or ("bf16" if device.type == "cuda" else "fp32")
 
 
 def check_results_target(path, expected):
@@ -168,7 +192,8 @@ def check_results_target(path, expected):
     except (OSError, ValueError, AttributeError):
         raise UserError(f"{path} exists and is not a readable results.json; move it away or choose another "
                         f"--output-dir") from None
-    found["checkpoint"] = os.path.realpath(found["checkpoint"]) if isinstance(found["checkpoint"], str) else None
+    if isinstance(found["checkpoint"], str) and found["checkpoint"] != "zero-shot CLIP":
+        found["checkpoint"] = os.path.realpath(found["checkpoint"])  # recorded absolute
     differ = {k: f"{found[k]} here, {v} now" for k, v in expected.items() if found[k] != v}
     if differ:
         raise UserError(f"{path} holds the results of another evaluation ({differ}); choose another "
@@ -176,7 +201,18 @@ def check_results_target(path, expected):
 
 
 def evaluate(args):
+    """The evaluation args describe; with --output-dir, under that folder's lock (a training or another
+    evaluation into it meanwhile is refused, so no result is lost between the check and the write)."""
     rank, world_size, device, _ = train.setup_runtime(args)
+    lock = train.hold_output_dir(args, rank, world_size) if args.output_dir else None
+    try:
+        return _evaluate(args, rank, world_size, device)
+    finally:
+        if lock:
+            data.release_output_lock(lock)
+
+
+def _evaluate(args, rank, world_size, device):
     if args.zeroshot:
         state, run, stored_clip = None, dict(recipe_defaults("coop"), method="coop", dataset=None, root=None,
                                              shots=16, seed=1, subsample="all", clip="ViT-B/16", precision=None,
@@ -200,10 +236,10 @@ def evaluate(args):
             and subsample == "new":
         raise UserError(f"--subsample new: {args.checkpoint} was trained on all classes of {dataset} (subsample: "
                         f"all), so its 'new' classes are training classes; use --subsample all")
-    checkpoint = "zero-shot CLIP" if args.zeroshot else args.checkpoint
+    checkpoint = "zero-shot CLIP" if args.zeroshot else os.path.realpath(args.checkpoint)
     if args.output_dir:
         check_results_target(os.path.join(args.output_dir, "results.json"), dict(
-            dataset=dataset, subsample=subsample, split=args.split, checkpoint=os.path.realpath(checkpoint)))
+            dataset=dataset, subsample=subsample, split=args.split, checkpoint=checkpoint))
     shots = run["shots"] if args.shots is None else args.shots
     seed = run["seed"] if args.seed is None else args.seed
     # The run's own classes (its teacher's): its subsample on its dataset; on another dataset, those evaluated.
@@ -237,14 +273,12 @@ def evaluate(args):
     resolved = dict(dataset=dataset, root=root, subsample=subsample, shots=shots, seed=seed, clip=clip_name,
                     precision=precision, method=run["method"], **inputs)
     results.update(split=args.split, dataset=dataset, subsample=subsample, checkpoint=checkpoint,
+                   checkpoint_sha256=clip_model.sha256(checkpoint) if os.path.isfile(checkpoint) else None,
                    method=None if args.zeroshot else run["method"],
                    refiner=None if args.zeroshot else not run.get("no_refiner", False),
                    selection=None if args.zeroshot else run["selection"], **inputs, args=dict(vars(args), **resolved))
     if rank == 0:
         if args.output_dir:
-            os.makedirs(args.output_dir, exist_ok=True)
-            if os.path.lexists(os.path.join(args.output_dir, "results.json.tmp")):
-                os.remove(os.path.join(args.output_dir, "results.json.tmp"))
             data.write_json(results, os.path.join(args.output_dir, "results.json"))
         print(f"{dataset} {subsample} {args.split}: accuracy {results['accuracy']:.2f} macro-F1 "
               f"{results['macro_f1']:.2f} on {results['num_images']} images, {len(classnames)} classes")
@@ -274,10 +308,9 @@ def seed_dirs(folder, problems):
     return sorted(found)
 
 
-def read_accuracy(path, dataset, subsample, problems, seen):
-    """The accuracy in a results.json, once the file is checked to be the test of `dataset` on
-    `subsample` classes, as its folder says; None (and a line in problems) otherwise. seen:
-    {(method, refiner, model selection): first path} of the files read."""
+def read_result(path, dataset, subsample, seed, problems):
+    """A results.json, once it is checked to be the test of `dataset` on `subsample` classes with the
+    seed its folder says and an accuracy in [0, 100]; None (and a line in problems) otherwise."""
     try:
         with open(path) as f:
             result = json.load(f)
@@ -287,32 +320,51 @@ def read_accuracy(path, dataset, subsample, problems, seen):
     if not isinstance(result, dict):
         problems.append(f"{path}: not a results.json (a JSON object); re-run that step or move its folder out")
         return None
-    accuracy = result.get("accuracy")
+    accuracy, recorded_seed = result.get("accuracy"), (result.get("args") or {}).get("seed", seed)
     expected = dict(dataset=dataset, subsample=subsample, split="test")
     wrong = {k: result.get(k) for k, v in expected.items() if result.get(k) != v}
     if wrong:
         problems.append(f"{path}: holds {wrong}, but its folder is for {expected}; move the file to its "
                         f"place or re-run that step")
-    elif type(accuracy) not in (int, float) or not math.isfinite(accuracy):
-        problems.append(f"{path}: accuracy is {accuracy!r}, expected a number; re-run that step")
+    elif type(accuracy) not in (int, float) or not 0 <= accuracy <= 100 or (
+            type(n := result.get("num_images")) is int and n > 0 and abs(accuracy * n / 100 - round(accuracy * n / 100)) > 1e-6):
+        of = f" of its {result['num_images']} images" if "num_images" in result else ""
+        problems.append(f"{path}: accuracy is {accuracy!r}, expected a number: a percentage in [0, 100]{of}; "
+                        f"re-run that step")
+    elif recorded_seed != seed:
+        problems.append(f"{path}: a run of seed {recorded_seed} in the folder of seed {seed}; move it to its place")
     else:
-        refiner = result.get("refiner", not (result.get("args") or {}).get("no_refiner", False))
-        seen.setdefault((result.get("method") or "coop", refiner, result.get("selection")), path)
-        return accuracy
+        result.setdefault("method", "coop")
+        result.setdefault("refiner", not (result.get("args") or {}).get("no_refiner", False))
+        return result
+    return None
+
+
+def same_model(base, new):
+    """What differs between the model base/ tested and the one new/ was evaluated from, or None."""
+    for key in ("method", "refiner", "checkpoint_sha256"):
+        if None not in (base.get(key), new.get(key)) and base[key] != new[key]:
+            return key
     return None
 
 
 def collect_base2new(root, problems, seen):
-    """{dataset: {seed: (base acc, new acc)}} from <root>/<dataset>/seed<S>/{base,new}/results.json."""
+    """{dataset: {seed: (base acc, new acc)}} from <root>/<dataset>/seed<S>/{base,new}/results.json,
+    each new/ checked to be evaluated from the model its base/ tested. seen: {(method, refiner,
+    selection): first path}."""
     runs = {}
     for dataset in dataset_dirs(root):
         for seed, d in seed_dirs(os.path.join(root, dataset), problems):
             paths = [os.path.join(d, part, "results.json") for part in ("base", "new")]
             if all(map(os.path.isfile, paths)):
-                accuracy = [read_accuracy(p, dataset, part, problems, seen if part == "base" else {})
-                            for p, part in zip(paths, ("base", "new"))]
-                if None not in accuracy:
-                    runs.setdefault(dataset, {})[seed] = tuple(accuracy)
+                base, new = (read_result(p, dataset, part, seed, problems) for p, part in zip(paths, ("base", "new")))
+                if base and new and same_model(base, new):
+                    problems.append(f"{paths[1]}: evaluated from another model than {paths[0]} tested (its "
+                                    f"{same_model(base, new)} differs); re-run make base2new (it re-evaluates "
+                                    f"new/) or move the folder out")
+                elif base and new:
+                    seen.setdefault((base["method"], base["refiner"], base.get("selection")), paths[0])
+                    runs.setdefault(dataset, {})[seed] = (base["accuracy"], new["accuracy"])
             elif os.path.isdir(os.path.join(d, "base")):
                 print(f"note: {d} is unfinished (no {' and no '.join(p for p in paths if not os.path.isfile(p))}); "
                       f"left out", file=sys.stderr)
@@ -325,10 +377,9 @@ def collect_xd(root, problems, seen):
     for target in dataset_dirs(root):
         for seed, d in seed_dirs(os.path.join(root, target), problems):
             path = os.path.join(d, "results.json")
-            if os.path.isfile(path):
-                accuracy = read_accuracy(path, target, "all", problems, seen)
-                if accuracy is not None:
-                    runs.setdefault(target, {})[seed] = accuracy
+            if os.path.isfile(path) and (result := read_result(path, target, "all", seed, problems)):
+                seen.setdefault((result["method"], result["refiner"], result.get("selection")), path)
+                runs.setdefault(target, {})[seed] = result["accuracy"]
     return runs
 
 
@@ -455,8 +506,264 @@ def report(root):
         text = "\n".join([f"{title}: accuracy in {root} (mean±std over seeds)\n{selection}", *format_table(table),
                           *note])
     print(text)
-    data.write_json(summary, os.path.join(root, "report.json"))
+    path = os.path.join(root, "report.json")
+    if not os.path.exists(path) or open(path).read() != json.dumps(summary, indent=2):  # a re-run changes no file
+        data.write_json(summary, path, shared=True)  # runs of one table may report at once
     return summary
+
+
+# ----------------------------------------------------------------------------- tables
+
+# Approximate (classes, test images) of CoOp's splits: to start the largest jobs first, and the ETA.
+SIZES = {"imagenet": (1000, 50000), "caltech101": (100, 2465), "oxford_pets": (37, 3669), "stanford_cars": (196, 8041),
+         "oxford_flowers": (102, 2463), "food101": (101, 30300), "fgvc_aircraft": (100, 3333), "sun397": (397, 19850),
+         "dtd": (47, 1692), "eurosat": (10, 8100), "ucf101": (101, 3783), "imagenetv2": (1000, 10000),
+         "imagenet_sketch": (1000, 50889), "imagenet_a": (200, 7500), "imagenet_r": (200, 30000)}
+XD_TARGETS = [d for d, info in data.DATASETS.items() if info.test_only] + data.PAPER_DATASETS[1:]
+
+
+@dataclass(frozen=True)
+class Job:
+    """A table's unit of work: base2new on `dataset` (train on base, test base, test new); or xd, a
+    transductive method's model for target `dataset`, or another method's ImageNet model tested on `targets`."""
+    protocol: str
+    dataset: str
+    seed: int
+    targets: tuple = ()
+
+    def __str__(self):
+        return f"{self.protocol} {self.dataset} seed {self.seed}"
+
+
+def table_jobs(args):
+    """Every job of the table, in a fixed order (--job indexes it)."""
+    if args.table == "base2new":
+        return [Job("base2new", d, s) for d in args.datasets or data.PAPER_DATASETS for s in args.seeds]
+    targets = tuple(args.datasets or XD_TARGETS)
+    if METHODS[args.method].transductive:
+        return [Job("xd", t, s) for t in targets for s in args.seeds]
+    return [Job("xd", "imagenet", s, targets) for s in args.seeds]
+
+
+def job_cost(job, args):
+    """The images a job reads, roughly: training images times epochs, and every test image."""
+    classes, test = SIZES.get(job.dataset, (100, 1000))
+    share = 0.5 if job.protocol == "base2new" and not METHODS[args.method].transductive else 1
+    return METHODS[args.method].recipe.epochs * 16 * classes * share + test + sum(SIZES[t][1] for t in job.targets)
+
+
+def run_job(job, args, execute):
+    """The job's steps that are not finished, in order, through execute(script, argv) (None: stop at
+    the first such step and return None). A step is finished when its results.json is of this method,
+    seed and classes; an evaluation also must come from the model its training step tested (re-run
+    otherwise). -> {base, new or the xd target: results} of every step."""
+    flags = ["--method", args.method] + (["--no-refiner"] if args.no_refiner else []) + [
+        item for name in METHODS[args.method].recipe.inputs if getattr(args, name)
+        for item in (f"--{name.replace('_', '-')}", getattr(args, name))]
+    common = ["--root", args.root, "--clip", args.clip, *(["--device", args.device] if args.device else [])]
+    done = {}
+
+    def step(script, folder, dataset, subsample, argv, trained=None):  # -> its results, None when it did not run
+        expected = dict(dataset=dataset, subsample=subsample, split="test", method=args.method,
+                        refiner=not args.no_refiner, checkpoint_sha256=trained and trained["checkpoint_sha256"])
+        path = os.path.join(folder, "results.json")
+        try:
+            with open(path) as f:
+                old = json.load(f)
+            if all(old.get(k) == v for k, v in expected.items() if v is not None) and \
+                    (old.get("args") or {}).get("seed") == job.seed:
+                if execute:
+                    print(f"skip: {folder} is finished")
+                done[label(folder)] = old
+                return old
+        except (OSError, ValueError, AttributeError):
+            pass  # absent or unreadable: the step runs (and refuses to replace what is not its own)
+        if execute is None:
+            return None
+        execute(script, [*argv, "--output-dir", folder])
+        with open(path) as f:
+            done[label(folder)] = json.load(f)
+        return done[label(folder)]
+
+    def label(folder):  # base, new, or the xd target
+        return os.path.basename(folder) if job.protocol == "base2new" else os.path.basename(os.path.dirname(folder))
+
+    seed, root = ["--seed", str(job.seed)], os.path.join(args.runs, job.protocol)
+    folder = os.path.join(root, job.dataset, f"seed{job.seed}")
+    if job.protocol == "base2new":
+        base = step("train.py", os.path.join(folder, "base"), job.dataset, "base",
+                    [*flags, "--dataset", job.dataset, *common, *seed, "--subsample", "base", "--resume", *args.train_args])
+        if base and not step("eval.py", os.path.join(folder, "new"), job.dataset, "new",
+                             ["--checkpoint", base["checkpoint"], *common, "--subsample", "new", *args.eval_args], base):
+            return None
+    elif job.targets:  # one model trained on ImageNet, tested on every target
+        source = step("train.py", folder, "imagenet", "all",
+                      [*flags, "--xd", "--dataset", "imagenet", *common, *seed, "--resume", *args.train_args])
+        for target in job.targets if source else ():
+            if not step("eval.py", os.path.join(root, target, f"seed{job.seed}"), target, "all",
+                        ["--checkpoint", source["checkpoint"], "--dataset", target, *common, *args.eval_args], source):
+                return None
+    else:  # transductive: a model per target, trained on its unlabelled images
+        step("train.py", folder, job.dataset, "all", [*flags, "--xd", "--dataset", job.dataset, *common, *seed,
+                                                      "--subsample", "all", "--shots", "0", "--resume", *args.train_args])
+    return done if len(done) == 2 + len(job.targets) - (job.protocol == "xd") else None
+
+
+def execute_in_process(script, argv):
+    """A step in this process, as its command line would run it (one-line errors: SystemExit(2))."""
+    return (train.main if script == "train.py" else main)(argv)
+
+
+def execute_with(launcher):
+    """Steps as commands: `launcher script argv` (torchrun for several GPUs per job)."""
+    def execute(script, argv):
+        here = os.path.dirname(os.path.abspath(__file__))
+        status = subprocess.run([*shlex.split(launcher), os.path.join(here, script), *argv]).returncode
+        if status:
+            raise SystemExit(status)
+    return execute
+
+
+def attempt(job, args):
+    """run_job, its failure caught (one job's error must not end the table) -> a report of the job."""
+    execute = execute_with(args.launcher) if args.launcher else execute_in_process
+    t0, start, lines = time.perf_counter(), time.time(), io.StringIO()
+
+    class Tee(io.TextIOBase):  # stderr as usual, and its last line for the failure message
+        def write(self, text):
+            lines.write(text)
+            return sys.__stderr__.write(text)
+
+    try:
+        with contextlib.redirect_stderr(Tee()):
+            done = run_job(job, args, execute)
+        images = sum(r["num_images"] + r.get("train_images", 0) * r["args"].get("epochs", 0) for r in done.values())
+        return dict(job=str(job), ok=True, results={k: r["accuracy"] for k, r in done.items()}, images=images,
+                    seconds=time.perf_counter() - t0, pid=os.getpid(), start=start, end=time.time())
+    except (Exception, SystemExit) as e:
+        last = ([line for line in lines.getvalue().splitlines() if line.strip()] or [f"{type(e).__name__}: {e}"])[-1]
+        if not isinstance(e, SystemExit):
+            traceback.print_exc()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # an out-of-memory job leaves room for the next
+        return dict(job=str(job), ok=False, error=last, images=0, seconds=time.perf_counter() - t0)
+
+
+def table_worker(args, tasks, reports):
+    """A slot: takes the next job until there is none; CLIP weights read once for all its jobs."""
+    with clip_model.keep_loaded():
+        while (task := tasks.get()) is not None:
+            index, job = task
+            reports.put(("start", index, os.getpid()))
+            reports.put(("end", index, attempt(job, args)))
+
+
+def run_table(args):
+    """Every job of --table not yet finished, over the slots (--gpus x --jobs-per-gpu, largest jobs
+    first), a line per finished job and the table's rate and ETA, then the report. -> the reports."""
+    jobs = table_jobs(args)
+    pending = [j for j in jobs if run_job(j, args, execute=None) is None]
+    if args.list_jobs:
+        for i, job in enumerate(jobs):
+            print(f"{i}\t{job}\t{'finished' if job not in pending else 'to run'}")
+        return jobs
+    if args.job is not None:
+        if not 0 <= args.job < len(jobs):
+            raise UserError(f"--job {args.job}: the table has jobs 0..{len(jobs) - 1} (--list-jobs lists them)")
+        pending = [jobs[args.job]] if jobs[args.job] in pending else []
+    pending.sort(key=lambda j: -job_cost(j, args))
+    cuda = args.device != "cpu" and torch.cuda.is_available()
+    devices = [f"cuda:{i}" if cuda else "cpu" for i in range(args.gpus or (torch.cuda.device_count() if cuda else 1))]
+    slots = [d for d in devices for _ in range(args.jobs_per_gpu)][:max(1, len(pending))]
+    print(f"{args.table} table of --method {args.method}: {len(jobs)} job(s), {len(jobs) - len(pending)} finished "
+          f"already, {len(pending)} to run on {len(slots)} slot(s) ({', '.join(slots)})")
+    total, started, reports, progress = sum(job_cost(j, args) for j in pending), time.perf_counter(), [], [0]
+
+    def finished(report, cost):
+        reports.append(report)
+        progress[0] += cost
+        accuracies = ", ".join(f"{k} {v:.2f}" for k, v in report.get("results", {}).items())
+        print(f"{report['job']}: {accuracies if report['ok'] else 'FAILED: ' + report['error']} "
+              f"({report['seconds'] / 60:.1f} min)")
+        spent = time.perf_counter() - started
+        print(f"[{len(reports)}/{len(pending)} jobs] {sum(r['images'] for r in reports) / spent:.0f} images/s, "
+              f"ETA {spent / progress[0] * (total - progress[0]) / 60:.1f} min")
+
+    if len(slots) == 1 or args.launcher:
+        args.device = args.device or (slots[0] if cuda and not args.launcher else None)
+        with clip_model.keep_loaded():
+            for job in pending:
+                finished(attempt(job, args), job_cost(job, args))
+    else:
+        context = multiprocessing.get_context("spawn")
+        tasks, queue, workers, running = context.Queue(), context.Queue(), {}, {}
+        for index, job in enumerate(pending):
+            tasks.put((index, job))
+
+        def start(device):
+            worker = context.Process(target=table_worker, args=(argparse.Namespace(**{**vars(args), "device": device}),
+                                                                 tasks, queue), daemon=True)
+            worker.start()
+            workers[worker.pid] = (worker, device)
+
+        for device in slots:
+            tasks.put(None)
+            start(device)
+        while len(reports) < len(pending):
+            try:
+                kind, index, value = queue.get(timeout=5)
+            except Empty:  # a worker that died with a job: that job failed, the slot restarts
+                for pid, (worker, device) in list(workers.items()):
+                    if not worker.is_alive():
+                        del workers[pid]
+                        lost = [i for i, p in running.items() if p == pid]
+                        for i in lost:
+                            del running[i]
+                            finished(dict(job=str(pending[i]), ok=False, images=0, seconds=0, error=f"its worker "
+                                          f"died (exit code {worker.exitcode})"), job_cost(pending[i], args))
+                        if lost:
+                            tasks.put(None)
+                            start(device)
+                continue
+            if kind == "start":
+                running[index] = value
+            else:
+                running.pop(index, None)
+                finished(value, job_cost(pending[index], args))
+        for worker, _ in workers.values():
+            worker.join()
+    failed = [r for r in reports if not r["ok"]]
+    if os.path.isdir(os.path.join(args.runs, args.table)):
+        try:
+            report(os.path.join(args.runs, args.table))
+        except UserError as e:
+            print(f"report: {e}", file=sys.stderr)
+    if failed:
+        print("\n".join([f"{len(failed)} job(s) failed:"] + [f"  {r['job']}: {r['error']}" for r in failed]),
+              file=sys.stderr)
+        raise SystemExit(1)
+    return reports
+
+
+def check_table_args(p, args):
+    args.method = args.method or "coop"
+    args.clip = args.clip or "ViT-B/16"
+    for flag in ("root", "runs"):
+        if getattr(args, flag) is None:
+            p.error(f"--{flag} is required with --table")
+    if not os.path.isdir(args.root):
+        p.error(f"--root {args.root!r} is not a directory")
+    unknown = [d for d in args.datasets or () if d not in data.DATASETS]
+    if unknown:
+        p.error(f"--datasets {unknown[0]!r}: expected some of {', '.join(data.DATASETS)}")
+    train.check_ranges(p, args, dict(train.RULES, gpus=(lambda v: v >= 0, ">= 0"), jobs_per_gpu=train.RULES["epochs"]))
+    if any(seed < 0 for seed in args.seeds):
+        p.error(f"--seeds must be >= 0, got {args.seeds}")
+    args.train_args, args.eval_args = shlex.split(args.train_args), shlex.split(args.eval_args)
+    try:
+        data.check_output_dir(args.runs, "--runs")
+    except UserError as e:
+        p.error(str(e))
 
 
 def _main(argv):
@@ -464,6 +771,9 @@ def _main(argv):
     args = p.parse_args(argv)
     if args.report:
         return report(args.report)
+    if args.table:
+        check_table_args(p, args)
+        return run_table(args)
     check_args(p, args)
     return evaluate(args)
 

@@ -140,17 +140,6 @@ def check_clip_flag(p, name, flag="--clip"):
                 f"a weights file")
 
 
-def check_output_dir(path, flag="--output-dir"):
-    """Fail at start, not after the work, when path cannot become a writable directory."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UserError(f"{flag} {path!r} is a file, not a directory; choose another {flag}")
-    existing = path
-    while not os.path.exists(existing):
-        existing = os.path.dirname(os.path.abspath(existing))
-    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {path!r}: {existing} is not a writable directory")
-
-
 def fill_recipe(p, args, require=True):
     """Every recipe flag left unset takes the --method's value (dataset defaults included); a flag of
     another method's recipe that was given is a flag error. Then every range is checked, and (require)
@@ -188,7 +177,7 @@ def resolve_args(p, args):
     fill_recipe(p, args)
     check_clip_flag(p, args.clip)
     try:
-        check_output_dir(args.output_dir)
+        data.check_output_dir(args.output_dir)
     except UserError as e:
         p.error(str(e))
 
@@ -285,6 +274,7 @@ def hold_output_dir(args, rank, world_size):
     lock, error = None, None
     if rank == 0:
         try:
+            data.check_output_dir(args.output_dir)
             os.makedirs(args.output_dir, exist_ok=True)
             lock = data.acquire_output_lock(args.output_dir)
         except (UserError, OSError) as e:
@@ -432,6 +422,7 @@ def _train(args, rank, world_size, device, group, phase):
             raise UserError(f"--dataset {args.dataset} ({args.subsample} classes): the test split is empty; the final "
                             f"test would have no image")
         prepare_inputs(Method, args, run.all_classnames)
+        data.check_results_owner(paths["results.json"], (paths["best.pt"], paths["last.pt"]))
         ckpt = None
         if os.path.exists(paths["last.pt"]):
             if not args.resume:
@@ -551,9 +542,10 @@ def _train(args, rank, world_size, device, group, phase):
         results = evaluate(raw_model, eval_loader("test"), run.eval_classnames, device, args.precision,
                            feature_cache, run.columns)
     inputs = {k: getattr(args, k) for name in Method.recipe.inputs for k in (name, name + "_sha256")}
+    tested = os.path.abspath(paths["best.pt" if best_state is not None else "last.pt"])  # eval.py: new classes
     results.update(split="test", dataset=args.dataset, subsample=args.subsample, method=args.method,
                    refiner=not args.no_refiner, train_classes=len(run.classnames), train_images=len(run.train),
-                   selection=selection, checkpoint=paths["best.pt" if best_state is not None else "last.pt"],
+                   selection=selection, checkpoint=tested, checkpoint_sha256=master and clip_model.sha256(tested),
                    epoch=best["epoch"] if best_state is not None else args.epochs - 1, **inputs, args=vars(args))
     if master:
         data.write_json(results, paths["results.json"])

@@ -153,3 +153,12 @@ def test_run_benchmark_times_every_phase_of_a_real_run(monkeypatch, capsys):
     assert seconds["other (logging, between phases)"] < 0.5 * seconds["wall"]
     out = capsys.readouterr().out
     assert "500x375 JPEGs" in out and "loader alone" in out and "bounds training" in out
+
+
+@pytest.mark.slow
+def test_table_benchmark_times_both_ways(capsys):
+    medians = benchmarks.main(["table", "--clip", "tiny", "--device", "cpu", "--size", "32", "--num-classes", "4",
+                               "--images", "8", "--workers", "0", "--datasets", "1", "--seeds", "1", "--rounds", "1",
+                               "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "4"])
+    assert set(medians) == {"separate processes", "one table"} and all(v > 0 for v in medians.values())
+    assert "one table / separate processes:" in capsys.readouterr().out

@@ -163,24 +163,24 @@ def test_make_base2new_flow_and_skip(tmp_path):
     assert (base["subsample"], new["subsample"]) == ("base", "new")
     assert base["args"]["seed"] == 2 and base["num_classes"] == new["num_classes"] == 3
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and again.stdout.count("skip:") == 2, again.stdout
+    assert again.returncode == 0 and "1 job(s), 1 finished already, 0 to run" in again.stdout, again.stdout
+    assert read_results(run_dir / "new") == new  # not evaluated again
     summary = evaluate_cli.report(str(out / "coop" / "base2new"))
     row = summary["datasets"]["caltech101"]
     assert row["base"] == base["accuracy"] and row["new"] == new["accuracy"] and row["seeds"] == [2]
 
 
 def test_make_xd_commands():
-    """Dry run: ImageNet trained with the xd recipe (CoOp's: the last epoch), every target evaluated with
-    that last.pt; a transductive method trains per target instead (the branch on its attribute)."""
+    """Dry run: the table runner's xd protocol for the method (its steps: tests/test_tables.py)."""
     proc = subprocess.run(["make", "--no-print-directory", "-n", "-C", REPO, "xd", "SEED=3", "GPUS=2"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     text = proc.stdout
-    assert "torch.distributed.run --standalone --nproc_per_node=2 train.py --method coop --xd --dataset imagenet" in text
-    assert "output/coop/xd/imagenet/seed3/last.pt" in text and "METHODS['coop'].transductive" in text
+    assert "eval.py --method coop --root data --clip ViT-B/16 --runs output/coop" in text and "--table xd" in text
     targets = "imagenetv2 imagenet_sketch imagenet_a imagenet_r caltech101 oxford_pets stanford_cars " \
               "oxford_flowers food101 fgvc_aircraft sun397 dtd eurosat ucf101"
-    assert f"for t in {targets}; do" in text
+    assert f"--datasets {targets} --seeds 3" in text
+    assert '--launcher ".venv/bin/python -m torch.distributed.run --standalone --nproc_per_node=2"' in text
     assert train.METHODS["coop"].recipe.xd == {"selection": "last"}
 
 

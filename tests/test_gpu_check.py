@@ -22,7 +22,7 @@ for arg in "$@"; do  # train.py's outputs, so the script can copy them
 done
 """
 STEPS = ["versions", "pytest", "kernels-bench", "train-benchmark", "eval-benchmark", "promptkd-train-benchmark",
-         "promptkd-eval-benchmark", "whole-run-bf16", "synthetic-data", "train-fp16"]
+         "promptkd-eval-benchmark", "whole-run-bf16", "table-benchmark", "synthetic-data", "train-fp16"]
 
 
 def gpu_check(tmp_path, fail=None, via_make=False, slow=None, budget=None):
@@ -57,6 +57,7 @@ def test_gpu_check_runs_every_step_and_passes_when_all_do(tmp_path):
         "bench.py step --method promptkd --batch-size 8",
         "bench.py step --eval --method promptkd --batch-size 8",
         "bench.py run --num-classes 10 --precision bf16",
+        "bench.py table --datasets 2 --seeds 1",
         "clip_model.random_state_dict(clip_model.CONFIGS['ViT-B/16'])",
         "--precision fp16",
     ]

@@ -257,7 +257,7 @@ def test_missing_split_file_names_the_expected_path(run, tmp_path, capsys):
 def test_output_dir_lock_refuses_a_second_writer_and_takes_over_stale_locks(tmp_path):
     folder = str(tmp_path)
     lock = data.acquire_output_lock(folder)
-    with pytest.raises(data.UserError, match=r"in use by another training run \(pid \d+ on host"):
+    with pytest.raises(data.UserError, match=r"in use by another run \(pid \d+ on host"):
         data.acquire_output_lock(folder)  # a live process of this host holds it
     data.release_output_lock(lock)
     assert not os.path.exists(lock)
@@ -268,7 +268,7 @@ def test_output_dir_lock_refuses_a_second_writer_and_takes_over_stale_locks(tmp_
     assert data.acquire_output_lock(folder) == lock
     data.release_output_lock(lock)
     write_lock(folder, host=socket.gethostname(), pid=dead_pid(), pidns="pid:[1]")  # another container's
-    with pytest.raises(data.UserError, match="in use by another training run"):
+    with pytest.raises(data.UserError, match="in use by another run"):
         data.acquire_output_lock(folder)
     # the pid reused by another process (its start time differs): stale too
     write_lock(folder, host=socket.gethostname(), pid=os.getpid(), start=-1)
@@ -285,7 +285,7 @@ def test_second_training_into_a_held_output_dir_is_refused_at_start(run, tmp_pat
         write_lock(tmp_path, host=socket.gethostname(), pid=holder.pid)
         (tmp_path / "log.jsonl").write_text('{"epoch": 0}\n')  # the other run's
         assert_usage_error(train.main, train_argv(root, weights, str(tmp_path), "--resume"),
-                           f"in use by another training run (pid {holder.pid}", capsys)
+                           f"in use by another run (pid {holder.pid}", capsys)
     finally:
         holder.kill()
         holder.wait()
