@@ -565,7 +565,7 @@ def run_job(job, args, execute):
 
     def step(script, folder, dataset, subsample, argv, trained=None):  # -> its results, None when it did not run
         expected = dict(dataset=dataset, subsample=subsample, split="test", method=args.method,
-                        refiner=not args.no_refiner, checkpoint_sha256=trained and trained["checkpoint_sha256"])
+                        refiner=not args.no_refiner, checkpoint_sha256=trained and trained.get("checkpoint_sha256"))
         path = os.path.join(folder, "results.json")
         try:
             with open(path) as f:
@@ -606,7 +606,8 @@ def run_job(job, args, execute):
     else:  # transductive: a model per target, trained on its unlabelled images
         step("train.py", folder, job.dataset, "all", [*flags, "--xd", "--dataset", job.dataset, *common, *seed,
                                                       "--subsample", "all", "--shots", "0", "--resume", *args.train_args])
-    return done if len(done) == 2 + len(job.targets) - (job.protocol == "xd") else None
+    steps = 2 if job.protocol == "base2new" else 1 + len(job.targets)
+    return done if len(done) == steps else None
 
 
 def execute_in_process(script, argv):
