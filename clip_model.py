@@ -431,13 +431,24 @@ def read_state_dict(path) -> dict:
         if is_torchscript:
             with warnings.catch_warnings():  # OpenAI's released files are TorchScript
                 warnings.simplefilter("ignore", FutureWarning)
-                return torch.jit.load(path, map_location="cpu").state_dict()
-        state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                state_dict = torch.jit.load(path, map_location="cpu").state_dict()
+        else:
+            state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
         raise ValueError(f"{path}: could not be read as {expected}: {e}") from e
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise ValueError(f"{path}: holds a {type(state_dict).__name__}, expected a dict of tensors ({expected})")
+    check_finite(state_dict, path)
     return state_dict
+
+
+def check_finite(tensors, source, error=ValueError):
+    """error naming `source` and the first floating tensor of {name: tensor} holding NaN or inf: such
+    weights turn every score into NaN, which argmax reads as class 0, and training fails an epoch later."""
+    for name, value in tensors.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise error(f"{source}: tensor {name} holds NaN or inf values (a damaged file, or the weights of a run "
+                        f"that diverged); use another file")
 
 
 def load_clip(name_or_path, download_root=None) -> CLIP:

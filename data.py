@@ -35,6 +35,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
+import clip_model
+
 DATASETS_MD = "https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -751,6 +753,8 @@ def load_checkpoint(path):
     if not (isinstance(ckpt, dict) and {"model", "args", "epoch"} <= ckpt.keys()):
         raise UserError(f"{path}: not a checkpoint of train.py (no 'model', 'args' and 'epoch' entries; "
                         f"a bare state dict?); expected {CHECKPOINT_KINDS}")
+    for state in (ckpt["model"], ckpt.get("best_model") or {}):  # the models, not the optimizer's moments
+        clip_model.check_finite(state, path, UserError)
     return ckpt
 
 

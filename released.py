@@ -243,6 +243,7 @@ def read_teacher(clip, path, classnames, num_trained_classes=None, trained_class
     if unknown:
         raise ValueError(f"teacher file {path}: unexpected keys {unknown[:5]}; a PromptSRC teacher holds "
                          f"logit_scale, prompt_learner.*, image_encoder.* and text_encoder.* only")
+    clip_model.check_finite(content["state_dict"], f"teacher file {path}")
     trained_names = _check_class_count(path, content["state_dict"], classnames, num_trained_classes,
                                        trained_classnames)
     own = clip.state_dict()
@@ -472,6 +473,9 @@ def load_authors_run(folder, epoch=None, allow_pickle=False):
                        ("memory_item", memory["memory_item"])):
         if not isinstance(value, torch.Tensor):
             raise DataError(f"{paths['Memory']}: {key} is a {type(value).__name__}, expected a tensor")
+    for part, path in paths.items():
+        clip_model.check_finite(files[part]["state_dict"], path, DataError)
+    clip_model.check_finite({"memory_item": memory["memory_item"]}, paths["Memory"], DataError)
     if memory["memory_item"].dim() != 2:
         raise DataError(f"{paths['Memory']}: memory_item has shape {tuple(memory['memory_item'].shape)}, "
                         f"expected (cache size, D)")

@@ -331,6 +331,26 @@ def test_authors_folder_with_other_clip_weights_is_refused(run, tmp_path, capsys
     assert evaluate_cli.main([*common, "--clip", weights])["num_classes"] == 3  # the right CLIP passes
 
 
+
+
+def test_nonfinite_checkpoint_or_authors_folder_is_refused_at_load(run, tmp_path, capsys):
+    """A NaN in a checkpoint's model evaluated at chance (every image class 0) with exit status 0."""
+    root, weights, out = run
+    ckpt = torch.load(os.path.join(out, "best.pt"), weights_only=True)
+    ckpt["model"]["prompt_learner.ctx"][1, 2] = float("nan")
+    torch.save(ckpt, tmp_path / "nan.pt")
+    assert_usage_error(evaluate_cli.main, ["--checkpoint", str(tmp_path / "nan.pt"), "--workers", "0", "--subsample",
+                                           "new"], f"{tmp_path}/nan.pt: tensor prompt_learner.ctx holds NaN or inf",
+                       capsys)
+    state = torch.load(os.path.join(out, "last.pt"), weights_only=True)["model"]
+    state["refiner.extractor.weight"][0, 0] = 1e5  # beyond fp16: inf in the released dtype
+    write_authors_folder(tmp_path / "theirs", state, weights, epoch=2)
+    memory = os.path.join(tmp_path, "theirs", "Memory", "model.pth.tar-2")
+    assert_usage_error(evaluate_cli.main, ["--checkpoint", str(tmp_path / "theirs"), "--epoch", "2", "--dataset",
+                                           "caltech101", "--root", root, "--clip", weights, "--workers", "0"],
+                       f"{memory}: tensor extractor.weight holds NaN or inf", capsys)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--zeroshot", "--dataset", "dtd", "--seed", "-1"], "--seed must be >= 0"),
     (["--zeroshot", "--dataset", "dtd", "--batch-size", "0"], "--batch-size must be positive"),

@@ -455,3 +455,23 @@ def test_promptkd_benchmark_times_the_released_per_batch_teacher_text(monkeypatc
     benchmarks.main([*bench, "--eval"])
     assert sorted(calls.count(c) for c in set(calls)) == [1, 1, 3]
     assert "PromptKD+TextRefiner images/s / PromptKD images/s" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("key, value", [("text_encoder.transformer.resblocks.1.VPT_shallow", float("nan")),
+                                        ("prompt_learner.ctx", 1e5)])  # ctx is fp16: 1e5 is inf there
+def test_nonfinite_teacher_is_refused_before_training_and_by_eval(pk_run, tmp_path, key, value, capsys):
+    """A NaN or fp16 inf in the teacher: train.py ran an epoch, then blamed --lr; eval.py gave every
+    image class 0 with exit status 0."""
+    base, out = pk_run
+    content = torch.load(os.path.join(teacher_setup(base)[1], TEACHER_FILE), weights_only=False)
+    content["state_dict"][key][0, 1] = value
+    bad = str(tmp_path / "bad.pth.tar")
+    torch.save(content, bad)
+    message = f"--teacher {bad}: teacher file {bad}: tensor {key} holds NaN or inf values"
+    argv = pk_argv(base, tmp_path / "out")
+    argv[argv.index("--teacher") + 1] = bad
+    assert_usage_error(train.main, argv, message, capsys)
+    assert not os.path.exists(tmp_path / "out" / "log.jsonl")
+    assert_usage_error(evaluate_cli.main, ["--checkpoint", os.path.join(out, "best.pt"), "--workers", "0", "--device",
+                                           "cpu", "--subsample", "new", "--teacher", bad, "--allow-other-teacher"],
+                       message, capsys)

@@ -512,3 +512,19 @@ def test_feature_cache_is_not_used_for_a_model_whose_image_features_train(run, m
     assert forwards["forward"] == 2 * len(loader) and len(cache) == 1  # logits() from features
 
 
+
+
+def test_nonfinite_clip_or_checkpoint_is_refused_at_load_naming_file_and_tensor(run, tmp_path, capsys):
+    root, weights, out = run
+    clip = torch.load(weights, weights_only=True)
+    clip["visual.proj"][0, 0] = float("nan")
+    torch.save(clip, tmp_path / "nan-clip.pt")
+    argv = train_argv(root, str(tmp_path / "nan-clip.pt"), str(tmp_path / "a"))
+    assert_usage_error(train.main, argv, "nan-clip.pt: tensor visual.proj holds NaN or inf values", capsys)
+    assert not os.path.exists(tmp_path / "a" / "log.jsonl")
+    ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=True)
+    ckpt["best_model"]["refiner.cache"][2, 1] = float("inf")
+    os.makedirs(tmp_path / "b")
+    torch.save(ckpt, tmp_path / "b" / "last.pt")
+    assert_usage_error(train.main, train_argv(root, weights, str(tmp_path / "b"), "--resume"),
+                       f"{tmp_path}/b/last.pt: tensor refiner.cache holds NaN or inf values", capsys)
