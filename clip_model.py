@@ -396,7 +396,8 @@ def download(url, download_root=None) -> str:
         response = urllib.request.urlopen(url)
     except OSError as e:  # URLError is an OSError: no network, DNS, proxy, HTTP error
         raise RuntimeError(f"cannot download {url} ({getattr(e, 'reason', e)}); without internet access "
-                           f"copy the file to {path}, or pass a local weights file (--clip PATH)") from None
+                           f"copy the file to {path}, or pass the path of a local weights file instead of the "
+                           f"name") from None
     fd, tmp = tempfile.mkstemp(dir=root, prefix=filename + ".", suffix=".part")
     try:
         h = hashlib.sha256()

@@ -136,12 +136,16 @@ def _need_file(path, what):
 
 def _read_classnames(folder):
     """classnames.txt lines '<wnid> <class name>' -> {wnid: name}, in file order."""
-    names = {}
-    with open(_need_file(os.path.join(folder, "classnames.txt"), "class-name file")) as f:
-        for line in f:
+    path, names = _need_file(os.path.join(folder, "classnames.txt"), "class-name file"), {}
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
             wnid, _, name = line.strip().partition(" ")
+            if wnid and not name.strip():
+                raise DataError(f"{path}:{n}: {wnid!r} has no class name; expected lines '<wnid> <class name>'")
             if wnid:
-                names[wnid] = name
+                names[wnid] = name.strip()
+    if not names:
+        raise DataError(f"{path}: no class names (an empty file?); expected lines '<wnid> <class name>'")
     return names
 
 

@@ -737,6 +737,8 @@ class PromptKDCLIP(PromptCLIP):
             trained_on = dict(trained_classnames=classnames[:math.ceil(len(classnames) / 2)])
         try:
             teacher = PromptSRCTeacher.from_checkpoint(teacher_clip, args.teacher, classnames, **trained_on)
+        except released.TeacherCLIPMismatch as e:
+            raise UserError(f"--teacher-clip {args.teacher_clip} {e}") from None
         except (ValueError, KeyError, OSError) as e:
             raise UserError(f"--teacher {args.teacher}: {e}") from None
         return cls(clip, teacher, classnames, depth=args.depth, n_ctx=args.n_ctx, kd_weight=args.kd_weight,

@@ -475,3 +475,31 @@ def test_nonfinite_teacher_is_refused_before_training_and_by_eval(pk_run, tmp_pa
     assert_usage_error(evaluate_cli.main, ["--checkpoint", os.path.join(out, "best.pt"), "--workers", "0", "--device",
                                            "cpu", "--subsample", "new", "--teacher", bad, "--allow-other-teacher"],
                        message, capsys)
+
+
+def test_a_wrong_teacher_clip_is_named_not_the_teacher(pk_run, tmp_path, monkeypatch, capsys):
+    """A --teacher-clip of the teacher's shapes but other weights looked like a teacher of other classes,
+    one of another width was blamed on --teacher, and offline the hint named --clip."""
+    import urllib.error
+    import urllib.request
+    base, _ = pk_run
+    _, student = synthetic(base)
+    teacher = os.path.join(teacher_setup(base)[1], TEACHER_FILE)
+    other = str(tmp_path / "other-teacher-clip.pt")
+    torch.save(clip_model.random_state_dict(clip_model.CONFIGS["tiny-teacher"], seed=7), other)
+    argv = pk_argv(base, tmp_path / "out")
+    for clip, detail in ((other, "its start-of-text token embedding differs from the file's"),
+                         (student, "the file's ")):  # the student's CLIP is narrower
+        argv[argv.index("--teacher-clip") + 1] = clip
+        assert_usage_error(train.main, argv, f"--teacher-clip {clip} is not the CLIP teacher file {teacher} was "
+                                             f"trained from: {detail}", capsys)
+    assert not os.path.exists(tmp_path / "out" / "log.jsonl")
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.cache/clip/ViT-L-14.pt
+
+    def offline(url, *args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    argv[argv.index("--teacher-clip") + 1] = "ViT-L/14"
+    stderr = assert_usage_error(train.main, argv, "--teacher-clip ViT-L/14: cannot download", capsys)
+    assert "--clip" not in stderr

@@ -423,7 +423,8 @@ def test_official_clip_name_offline_says_to_pass_a_file(run, tmp_path, monkeypat
     monkeypatch.setattr(urllib.request, "urlopen", offline)
     argv = train_argv(root, weights, str(tmp_path / "out"))
     argv[argv.index("--clip") + 1] = "ViT-B/16"
-    assert_usage_error(train.main, argv, "pass a local weights file (--clip PATH)", capsys)
+    stderr = assert_usage_error(train.main, argv, "--clip ViT-B/16: cannot download", capsys)
+    assert "or pass the path of a local weights file instead of the name" in stderr
 
 
 STALL_SCRIPT = """
