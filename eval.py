@@ -76,7 +76,7 @@ def check_args(p, args):
         train.check_clip_flag(p, args.clip)
     if args.output_dir:
         try:
-            train.check_output_dir(args.output_dir)
+            data.check_output_dir(args.output_dir)
         except UserError as e:
             p.error(str(e))
 
@@ -241,13 +241,17 @@ def evaluate(args):
                    refiner=None if args.zeroshot else not run.get("no_refiner", False),
                    selection=None if args.zeroshot else run["selection"], **inputs, args=dict(vars(args), **resolved))
     if rank == 0:
+        print(f"{dataset} {subsample} {args.split}: accuracy {results['accuracy']:.2f} macro-F1 "
+              f"{results['macro_f1']:.2f} on {results['num_images']} images, {len(classnames)} classes")
         if args.output_dir:
             os.makedirs(args.output_dir, exist_ok=True)
             if os.path.lexists(os.path.join(args.output_dir, "results.json.tmp")):
                 os.remove(os.path.join(args.output_dir, "results.json.tmp"))
-            data.write_json(results, os.path.join(args.output_dir, "results.json"))
-        print(f"{dataset} {subsample} {args.split}: accuracy {results['accuracy']:.2f} macro-F1 "
-              f"{results['macro_f1']:.2f} on {results['num_images']} images, {len(classnames)} classes")
+            try:
+                data.write_json(results, os.path.join(args.output_dir, "results.json"))
+            except UserError as e:  # a full disk: the evaluation is not lost with the file
+                print(json.dumps(results, indent=2))
+                raise UserError(f"{e}; the results are on stdout above") from None
     return results
 
 # ----------------------------------------------------------------------------- reports

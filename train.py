@@ -140,17 +140,6 @@ def check_clip_flag(p, name, flag="--clip"):
                 f"a weights file")
 
 
-def check_output_dir(path, flag="--output-dir"):
-    """Fail at start, not after the work, when path cannot become a writable directory."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UserError(f"{flag} {path!r} is a file, not a directory; choose another {flag}")
-    existing = path
-    while not os.path.exists(existing):
-        existing = os.path.dirname(os.path.abspath(existing))
-    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {path!r}: {existing} is not a writable directory")
-
-
 def fill_recipe(p, args, require=True):
     """Every recipe flag left unset takes the --method's value (dataset defaults included); a flag of
     another method's recipe that was given is a flag error. Then every range is checked, and (require)
@@ -188,7 +177,7 @@ def resolve_args(p, args):
     fill_recipe(p, args)
     check_clip_flag(p, args.clip)
     try:
-        check_output_dir(args.output_dir)
+        data.check_output_dir(args.output_dir)
     except UserError as e:
         p.error(str(e))
 
@@ -280,23 +269,23 @@ def set_rng_state(state, device):
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def hold_output_dir(args, rank, world_size):
-    """Rank 0 creates --output-dir and takes its lock; every rank gets its verdict. -> the lock or None."""
-    lock, error = None, None
+def on_rank0(check, rank, world_size, what):
+    """check() on rank 0 (the output folder's), its UserError or OSError raised on every rank: the message
+    is broadcast in the collective `what` names. -> check()'s result on rank 0, None elsewhere."""
+    result, error = None, None
     if rank == 0:
         try:
-            os.makedirs(args.output_dir, exist_ok=True)
-            lock = data.acquire_output_lock(args.output_dir)
+            result = check()
         except (UserError, OSError) as e:
             error = str(e)
     if world_size > 1:
         verdict = [error]
-        with collective("the broadcast of the output-folder lock"):
+        with collective(what):
             dist.broadcast_object_list(verdict, src=0)
         error = verdict[0]
     if error:
         raise UserError(error)
-    return lock
+    return result
 
 # ----------------------------------------------------------------------------- evaluation
 
@@ -410,7 +399,8 @@ def train(args, timer=None):
         rank, world_size, device, group = setup_runtime(args)
         if args.batch_size % world_size:
             raise UserError(f"--batch-size {args.batch_size} must be divisible by the {world_size} ranks")
-        lock = hold_output_dir(args, rank, world_size)
+        lock = on_rank0(lambda: data.acquire_output_lock(args.output_dir), rank, world_size,
+                        "the broadcast of the output-folder lock")
     try:
         return _train(args, rank, world_size, device, group, phase)
     finally:
@@ -461,6 +451,8 @@ def _train(args, rank, world_size, device, group, phase):
                                           world_size=world_size, workers=args.workers, pin_memory=pin)
 
         use_val = bool(getattr(run, run.select_split)) and args.selection == "best"
+        on_rank0(lambda: data.check_checkpoint_room(args.output_dir, raw_model.trainable_state_dict(), params, use_val),
+                 rank, world_size, "the broadcast of the free-space check of --output-dir")
         val_loader = eval_loader(run.select_split) if use_val else None
         feature_cache = None if args.no_feature_cache else {}
         start_epoch, best, best_state = 0, dict(val_acc=-1.0, epoch=-1), None

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import clip_model
+import data
 import eval as evaluate_cli  # "eval" would shadow the builtin
 import released
 import train
@@ -274,6 +275,30 @@ def test_eval_never_replaces_results_of_another_evaluation(run, tmp_path, capsys
     (folder / "results.json.tmp").write_text("{")
     evaluate_cli.main(argv)
     assert sorted(os.listdir(folder)) == ["results.json"]
+
+
+def test_a_full_disk_loses_no_evaluation(run, tmp_path, monkeypatch, capsys):
+    """The accuracy line and the results come out on stdout before results.json fails to be written;
+    the one-line error advises no --resume (eval.py has none)."""
+    root, weights, out = run
+    real = data.replace_atomically
+
+    def onto_a_full_disk(path, write):
+        os.symlink("/dev/full", path + ".tmp")  # every write there fails with ENOSPC
+        return real(path, write)
+
+    monkeypatch.setattr(data, "replace_atomically", onto_a_full_disk)
+    with pytest.raises(SystemExit) as err:
+        evaluate_cli.main(["--checkpoint", os.path.join(out, "best.pt"), "--workers", "0", "--subsample", "new",
+                           "--output-dir", str(tmp_path)])
+    captured = capsys.readouterr()
+    assert err.value.code == 2 and captured.err.count("\n") == 1 and "Traceback" not in captured.err
+    assert "results.json: No space left on device; nothing was written" in captured.err
+    assert "the results are on stdout above" in captured.err and "--resume" not in captured.err
+    assert captured.out.startswith("caltech101 new test: accuracy ")
+    printed = json.loads(captured.out[captured.out.index("{"):])
+    assert printed["subsample"] == "new" and printed["num_images"] == 9 and len(printed["per_class_accuracy"]) == 3
+    assert os.listdir(tmp_path) == []
 
 
 def test_subsample_new_of_an_all_classes_checkpoint_is_refused(run, tmp_path, capsys):

@@ -21,11 +21,12 @@ import torch
 
 import clip_model
 import data
+import eval as evaluate_cli
 import train
 from textrefiner import TextRefinerCLIP
 from helpers import (
     EPOCHS, LR, REPO, assert_same_tensors, assert_usage_error, counting, dead_pid, interrupt_at_epoch,
-    Interrupted, read_log, synthetic, torchrun_two_ranks, train_argv, write_lock)
+    Interrupted, pk_argv, read_log, synthetic, torchrun_two_ranks, train_argv, write_lock)
 
 # 6 classes -> 3 base classes; per class 6 train, 3 val, 3 test images of 32 px: 4 steps/epoch.
 
@@ -321,6 +322,64 @@ def test_full_output_disk_stops_training_with_a_message_and_resume_continues(run
     train.main(train_argv(root, weights, str(tmp_path), "--resume"))  # space freed
     assert torch.equal(torch.load(tmp_path / "last.pt", weights_only=True)["model"]["refiner.cache"],
                        torch.load(os.path.join(out, "last.pt"), weights_only=True)["model"]["refiner.cache"])
+
+
+def torch_save_fails_at_epoch(epoch):
+    """data.save_atomic as on a disk that fills while `epoch` is saved: torch.save's writer then raises
+    its RuntimeError, not an OSError."""
+    real_save = data.save_atomic
+
+    def save(obj, path):
+        if obj["epoch"] != epoch:
+            return real_save(obj, path)
+
+        def torch_save_on_a_full_disk(f):
+            f.write(b"PK\x03\x04")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4288 vs 4176")
+        data.replace_atomically(path, torch_save_on_a_full_disk)
+    return save
+
+
+@pytest.mark.parametrize("method", ["coop", "promptkd"])
+def test_torch_save_failing_on_a_full_disk_is_one_line_also_when_resumed(method, run, pk_run, tmp_path, monkeypatch,
+                                                                          capsys):
+    root, weights, out = run
+    base, pk_out = pk_run
+    argv = train_argv(root, weights, str(tmp_path)) if method == "coop" else pk_argv(base, tmp_path)
+    for epoch, extra in ((1, []), (2, ["--resume"])):
+        monkeypatch.undo()
+        monkeypatch.setattr(data, "save_atomic", torch_save_fails_at_epoch(epoch))
+        stderr = assert_usage_error(train.main, argv + extra, "unexpected pos 4288 vs 4176; the previous ", capsys)
+        assert "free space on that disk, then run the same command again" in stderr
+        assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == epoch - 1
+        assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
+    monkeypatch.undo()
+    train.main(argv + ["--resume"])  # space freed: ends where an uninterrupted run ends
+    assert_same_tensors(torch.load(tmp_path / "last.pt", weights_only=True)["model"],
+                        torch.load(os.path.join(out if method == "coop" else pk_out, "last.pt"),
+                                   weights_only=True)["model"])
+
+
+def disk_with(free):
+    """A stand-in for shutil.disk_usage: a disk with `free` bytes free."""
+    return lambda path: shutil._ntuple_diskusage(2**40, 2**40 - free, free)
+
+
+def test_a_disk_too_full_for_the_run_is_found_at_start(run, tmp_path, monkeypatch, capsys):
+    root, weights, _ = run
+    monkeypatch.setattr(shutil, "disk_usage", disk_with(0))
+    assert_usage_error(train.main, train_argv(root, weights, str(tmp_path)),
+                       f"--output-dir {tmp_path}: its disk has 0.0 MiB free, results.json and the log need 1.0 MiB",
+                       capsys)
+    # room for the results but not for the checkpoints: refused once the model's size is known
+    monkeypatch.setattr(shutil, "disk_usage", disk_with(data.MIN_FREE_BYTES + 1))
+    monkeypatch.setattr(train, "train_step", lambda *a, **k: pytest.fail("training started"))
+    assert_usage_error(train.main, train_argv(root, weights, str(tmp_path)),
+                       f"--output-dir {tmp_path}: its disk has 1.0 MiB free, the run's checkpoints (", capsys)
+    assert os.listdir(tmp_path) == []  # the lock released, nothing written
+    monkeypatch.setattr(shutil, "disk_usage", disk_with(0))
+    assert_usage_error(evaluate_cli.main, ["--zeroshot", "--dataset", "caltech101", "--root", root, "--output-dir",
+                                           str(tmp_path)], "its disk has 0.0 MiB free", capsys)
 
 
 @pytest.mark.parametrize("flags, message", [
