@@ -213,7 +213,9 @@ def evaluate(args):
     classnames, items = splits.eval_classnames, getattr(splits, args.split)
     if not items:
         raise UserError(f"{dataset}: the {args.split} split is empty")
-    if not args.zeroshot:
+    if args.zeroshot:
+        ZeroShotCLIP.prepare(argparse.Namespace(dataset=dataset), classnames)
+    else:
         run = resolve_inputs(args, run, Method, splits.all_classnames)
     clip_name = args.clip or run["clip"]
     clip = train.load_clip(clip_name)
@@ -222,7 +224,8 @@ def evaluate(args):
     if args.zeroshot:
         model = ZeroShotCLIP(clip, classnames, dataset)
     else:
-        model = Method.build(clip, splits.classnames, argparse.Namespace(**run))
+        flags = argparse.Namespace(**run)
+        model = Method.build(Method.check_clip(clip, flags), splits.classnames, flags)
         try:
             model.load_trainable_state_dict(state)
         except ValueError as e:

@@ -59,11 +59,23 @@ SELECTIONS = {"best-val": "the epoch of best val accuracy",
 def add_run_flags(p):
     """The flags train.py and eval.py share."""
     p.add_argument("--workers", type=int, default=4, help="data loader workers per rank")
-    p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
+    p.add_argument("--device", type=device_flag, help="cuda, cuda:N or cpu (default: cuda when available)")
     p.add_argument("--dist-timeout", type=float, default=900.0, metavar="SECONDS",
                    help="torchrun: a collective waiting longer for another rank ends the run (default 900)")
     p.add_argument("--precision", choices=("bf16", "fp16", "fp32"),
                    help="autocast dtype of the frozen towers (default: bf16 on CUDA, fp32 on CPU)")
+
+
+def device_flag(name):
+    """--device's type: cpu, or a CUDA device this machine has (argparse's usage error otherwise)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:  # not a device string: refused below as any type but cpu and cuda
+        device = torch.device("meta")
+    if device.type not in ("cpu", "cuda") or device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{name!r}: expected cpu, cuda or cuda:N, N below the {torch.cuda.device_count()} "
+                                         f"CUDA devices of this machine")
+    return name
 
 
 def recipe_fields():
@@ -123,13 +135,13 @@ def check_ranges(p, args, rules):
 POSITIVE, UNIT = (lambda v: v > 0 and math.isfinite(v), "positive"), (lambda v: 0 <= v <= 1, "in [0, 1]")
 NON_NEGATIVE = (lambda v: v >= 0 and math.isfinite(v), ">= 0")
 # Ranges by flag name; a recipe's own fields may add theirs as Recipe.ranges. timedelta overflows
-# past ~2.7e12 s: a week is longer than any collective should wait.
-RULES = dict(dist_timeout=(lambda v: 0 < v <= 7 * 24 * 3600, "in (0, 604800] (at most a week)"), seed=NON_NEGATIVE,
-             workers=NON_NEGATIVE, epoch=POSITIVE, epochs=POSITIVE, batch_size=POSITIVE, eval_batch_size=POSITIVE, n_ctx=POSITIVE,
-             cache_size=POSITIVE, topk=POSITIVE, log_interval=POSITIVE, depth=POSITIVE, temperature=POSITIVE,
-             lr=(POSITIVE[0], "a positive number"), warmup_lr=NON_NEGATIVE, weight_decay=NON_NEGATIVE,
-             semantic_weight=NON_NEGATIVE, reg_weight=NON_NEGATIVE, kd_weight=NON_NEGATIVE, alpha=UNIT,
-             cache_momentum=UNIT, momentum=(lambda v: 0 <= v < 1, "in [0, 1)"),
+# past ~2.7e12 s: a week is longer than any collective should wait; numpy takes seeds below 2**32.
+RULES = dict(dist_timeout=(lambda v: 0 < v <= 7 * 24 * 3600, "in (0, 604800] (at most a week)"),
+             seed=(lambda v: 0 <= v < 2**32, "in [0, 4294967295]"), workers=NON_NEGATIVE, epoch=POSITIVE, epochs=POSITIVE,
+             batch_size=POSITIVE, eval_batch_size=POSITIVE, n_ctx=POSITIVE, cache_size=POSITIVE, topk=POSITIVE,
+             log_interval=POSITIVE, depth=POSITIVE, temperature=POSITIVE, lr=(POSITIVE[0], "a positive number"),
+             warmup_lr=NON_NEGATIVE, weight_decay=NON_NEGATIVE, semantic_weight=NON_NEGATIVE, reg_weight=NON_NEGATIVE,
+             kd_weight=NON_NEGATIVE, alpha=UNIT, cache_momentum=UNIT, momentum=(lambda v: 0 <= v < 1, "in [0, 1)"),
              selection=(lambda v: v in ("best", "last"), "best or last"),
              class_token_position=(lambda v: v in ("end", "middle", "front"), "end, middle or front"))
 
@@ -429,7 +441,7 @@ def _train(args, rank, world_size, device, group, phase):
                                 f"--output-dir")
             ckpt = resume_state(paths["last.pt"], args)
         seed_everything(args.seed)  # the same on every rank: identical initialisation
-        raw_model = Method.build(load_clip(args.clip), run.classnames, args).to(device)
+        raw_model = Method.build(Method.check_clip(load_clip(args.clip), args), run.classnames, args).to(device)
         model = raw_model
         if world_size > 1:
             raw_model.set_process_group(group)

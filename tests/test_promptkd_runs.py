@@ -503,3 +503,11 @@ def test_a_wrong_teacher_clip_is_named_not_the_teacher(pk_run, tmp_path, monkeyp
     argv[argv.index("--teacher-clip") + 1] = "ViT-L/14"
     stderr = assert_usage_error(train.main, argv, "--teacher-clip ViT-L/14: cannot download", capsys)
     assert "--clip" not in stderr
+
+
+def test_depth_beyond_the_students_blocks_fails_once_the_clip_loads(pk_run, tmp_path, monkeypatch, capsys):
+    base, _ = pk_run
+    monkeypatch.setattr(data, "build_train_loader", lambda *a, **k: pytest.fail("training started"))
+    argv = pk_argv(base, tmp_path / "out")
+    argv[argv.index("--depth") + 1] = "3"  # the tiny student has 2 blocks
+    assert_usage_error(train.main, argv, "--depth 3: the image tower of --clip has 2 blocks; pass at most 2", capsys)

@@ -25,7 +25,7 @@ import eval as evaluate_cli
 import train
 from textrefiner import TextRefinerCLIP
 from helpers import (
-    EPOCHS, LR, REPO, assert_same_tensors, assert_usage_error, counting, dead_pid, interrupt_at_epoch,
+    EPOCHS, LR, REPO, assert_same_tensors, assert_usage_error, copy_dataset, counting, dead_pid, interrupt_at_epoch,
     Interrupted, pk_argv, read_log, synthetic, torchrun_two_ranks, train_argv, write_lock)
 
 # 6 classes -> 3 base classes; per class 6 train, 3 val, 3 test images of 32 px: 4 steps/epoch.
@@ -215,6 +215,7 @@ def test_one_process_on_another_gpu_makes_it_current(monkeypatch, tmp_path):
     calls = []
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.setattr(torch.cuda, "set_device", calls.append)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # --device cuda:1 names a device of this machine
     args = train.get_parser().parse_args(["--device", "cuda:1"])
     assert train.setup_runtime(args) == (0, 1, torch.device("cuda", 1), None)
     assert calls == [torch.device("cuda", 1)]
@@ -391,7 +392,11 @@ def test_a_disk_too_full_for_the_run_is_found_at_start(run, tmp_path, monkeypatc
     (["--reg-weight", "-20"], "--reg-weight must be >= 0"),
     (["--weight-decay", "nan"], "--weight-decay must be >= 0"),
     (["--momentum", "5"], "--momentum must be in [0, 1), got 5.0"),
-    (["--seed", "-1"], "--seed must be >= 0"),
+    (["--seed", "-1"], "--seed must be in [0, 4294967295], got -1"),
+    (["--seed", "99999999999999999999"], "--seed must be in [0, 4294967295], got 99999999999999999999"),
+    (["--device", "foo"], "argument --device: 'foo': expected cpu, cuda or cuda:N, N below the"),
+    (["--device", "mps"], "argument --device: 'mps': expected cpu, cuda or cuda:N"),
+    (["--device", f"cuda:{torch.cuda.device_count()}"], "CUDA devices of this machine"),
     (["--batch-size", "0"], "--batch-size must be positive"),
     (["--dist-timeout", "0"], "--dist-timeout must be in (0, 604800]"),
     (["--dist-timeout", "inf"], "--dist-timeout must be in (0, 604800]"),
@@ -400,6 +405,16 @@ def test_a_disk_too_full_for_the_run_is_found_at_start(run, tmp_path, monkeypatc
 def test_nonsense_flags_are_refused(flags, message, tmp_path, capsys):
     argv = ["--dataset", "caltech101", "--root", str(tmp_path), "--output-dir", str(tmp_path / "out"), *flags]
     assert_usage_error(train.main, argv, message, capsys)
+
+
+def test_topk_beyond_the_clips_patch_tokens_fails_once_it_loads(run, tmp_path, monkeypatch, capsys):
+    root, weights, _ = run
+    monkeypatch.setattr(data, "build_train_loader", lambda *a, **k: pytest.fail("training started"))
+    assert_usage_error(train.main, train_argv(root, weights, str(tmp_path), "--topk", "17"),
+                       "--topk 17: the image tower of --clip has 16 patch tokens; pass at most 16", capsys)
+    monkeypatch.undo()
+    train.main(train_argv(root, weights, str(tmp_path / "plain"), "--topk", "17", "--no-refiner", "--epochs", "1",
+                          "--warmup-epochs", "0"))  # no refiner: --topk is not used
 
 
 def test_output_dir_that_is_a_file_fails_at_start(tmp_path, capsys):
@@ -416,18 +431,6 @@ def test_prompt_flags_that_cannot_work_name_the_flag(run, tmp_path, flags, messa
     root, weights, _ = run
     assert_usage_error(train.main, train_argv(root, weights, str(tmp_path), *flags), message, capsys)
     assert not os.path.exists(tmp_path / "last.pt")
-
-
-def copy_dataset(root, tmp_path, change):
-    """A copy of the synthetic caltech101 split file (images shared) edited by change(split)."""
-    folder = tmp_path / "data" / "caltech-101"
-    folder.mkdir(parents=True)
-    os.symlink(os.path.join(root, "caltech-101", "101_ObjectCategories"), folder / "101_ObjectCategories")
-    with open(os.path.join(root, "caltech-101", "split_zhou_Caltech101.json")) as f:
-        split = json.load(f)
-    with open(folder / "split_zhou_Caltech101.json", "w") as f:
-        json.dump(change(split), f)
-    return str(tmp_path / "data")
 
 
 @pytest.mark.parametrize("change, message", [
