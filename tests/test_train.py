@@ -6,6 +6,7 @@ imported by test_eval.py.
 import collections
 import json
 import math
+import multiprocessing
 import os
 import random
 import shutil
@@ -278,6 +279,49 @@ def test_output_dir_lock_refuses_a_second_writer_and_takes_over_stale_locks(tmp_
     assert json.load(open(lock))["pid"] == os.getpid()
     data.release_output_lock(lock)
     assert sorted(os.listdir(folder)) == []  # no helper file left
+
+
+def take_over_stale_locks(folder, barrier, outcomes, rounds):
+    """A process that, in each round, tries to take the folder's lock at the moment the other does."""
+    for _ in range(rounds):
+        barrier.wait()  # a stale lock is in place
+        lock = None
+        try:
+            lock = data.acquire_output_lock(folder)
+            outcomes.put("won")
+        except data.UserError as e:
+            outcomes.put("refused" if "in use by another training run (pid" in str(e) else f"UserError: {e}")
+        except Exception as e:
+            outcomes.put(f"{type(e).__name__}: {e}")
+        barrier.wait()  # both outcomes are in while the winner holds the lock
+        if lock:
+            data.release_output_lock(lock)
+        barrier.wait()
+
+
+def test_two_processes_taking_over_one_stale_lock_exactly_one_wins(tmp_path):
+    """A killed run's lock, then two processes at the same moment (a scheduler's requeue and a person's
+    --resume; the table runner's workers): one takes it over, the other is refused as by a live run."""
+    rounds, context = 200, multiprocessing.get_context("fork")
+    barrier, outcomes, stale = context.Barrier(3), context.Queue(), dead_pid()
+    workers = [context.Process(target=take_over_stale_locks, args=(str(tmp_path), barrier, outcomes, rounds))
+               for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    try:
+        for n in range(rounds):
+            write_lock(tmp_path, host=socket.gethostname(), pid=stale)
+            barrier.wait(timeout=60)
+            pair = sorted(outcomes.get(timeout=60) for _ in range(2))
+            assert pair == ["refused", "won"], f"round {n}: {pair}"
+            barrier.wait(timeout=60)
+            barrier.wait(timeout=60)
+            assert os.listdir(tmp_path) == [], f"round {n}"  # released, no helper file left
+    finally:
+        barrier.abort()
+        for worker in workers:
+            worker.join(timeout=10)
+            worker.kill()
 
 
 def test_second_training_into_a_held_output_dir_is_refused_at_start(run, tmp_path, capsys):
