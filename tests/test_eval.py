@@ -17,7 +17,7 @@ import released
 import train
 from helpers import (
     REPO, assert_same_tensors, assert_usage_error, copy_dataset, read_results, rounded, RunsCode, synthetic,
-    torchrun_two_ranks, write_authors_folder, write_result)
+    torchrun_two_ranks, train_argv, write_authors_folder, write_result)
 
 
 def test_eval_reproduces_training_test_numbers(run, tmp_path):
@@ -367,6 +367,8 @@ def test_a_class_name_over_77_tokens_is_refused_before_clip_loads(run, tmp_path,
 
     root = copy_dataset(root, tmp_path, rename)
     monkeypatch.setattr(clip_model, "load_clip", lambda *a: pytest.fail("CLIP loaded"))
+    assert_usage_error(train.main, train_argv(root, weights, str(tmp_path / "out")),
+                       f"--n-ctx 4: the prompt of class '{long_name}' is 89 tokens, over CLIP's 77", capsys)
     assert_usage_error(evaluate_cli.main, ["--zeroshot", "--dataset", "caltech101", "--root", root, "--subsample",
                                            "new", "--workers", "0"],
                        f"--zeroshot: the prompt 'a photo of a {{}}.' of class '{long_name}' (--dataset caltech101) is "
