@@ -31,6 +31,7 @@ import clip_model
 import data
 import released
 import train
+from data import UserError
 from kernels.bench import time_interleaved
 
 TRAIN_STEP_TARGET, EVAL_RATE_TARGET = 1.10, 0.95
@@ -59,6 +60,7 @@ def step(args):
     clip = clip_model.build_model(clip_model.random_state_dict(config)).to(device)
     classnames = [f"class {i}" for i in range(args.num_classes)]
     B, R = args.batch_size, config.image_resolution
+    check_batch_fits(B, R, device)
     images = torch.randint(256, (B, 3, R, R), dtype=torch.uint8)  # as the loaders deliver them
     labels = torch.randint(args.num_classes, (B,))
     if device.type == "cuda":
@@ -80,7 +82,11 @@ def step(args):
     kind = "inference" if args.eval else "training"
     print(f"bench step: --method {args.method}, {args.clip} random weights, batch {B}, {args.num_classes} classes, "
           f"{device}, {precision}, {kind} steps; {args.steps} rounds after {args.warmup} warm-up, models alternating")
-    medians = time_interleaved(steps, timer=synced_seconds, warmup=args.warmup, rounds=args.steps)
+    try:
+        medians = time_interleaved(steps, timer=synced_seconds, warmup=args.warmup, rounds=args.steps)
+    except torch.OutOfMemoryError as e:
+        raise UserError(f"--batch-size {B}: out of memory on {device} ({str(e).splitlines()[0][:200]}); lower "
+                        f"--batch-size") from None
     for name, seconds in medians.items():
         print(f"{name:>24s}: {1e3 * seconds:9.2f} ms/step median {B / seconds:9.1f} images/s")
     names = list(steps)
@@ -97,6 +103,19 @@ def step(args):
         verdict = "" if target is None else f" ({'meets' if meets else 'MISSES'} the target {sign} {target:.2f})"
         print(f"{name} {what} / {reference} {what}: {ratio:.3f}{verdict}")
     return {name: 1 / seconds for name, seconds in medians.items()}
+
+
+def check_batch_fits(batch_size, resolution, device):
+    """UserError for a --batch-size whose float32 images alone exceed the device's memory (a step needs
+    far more): such a batch would end in an allocator's traceback, or in the kernel's OOM killer."""
+    if device.type == "cuda":
+        memory = torch.cuda.get_device_properties(device).total_memory
+    else:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    needed = batch_size * 3 * resolution**2 * 4
+    if needed > memory:
+        raise UserError(f"--batch-size {batch_size}: its {resolution} px images alone take {needed / 2**30:.1f} GiB "
+                        f"in float32, more than the {memory / 2**30:.1f} GiB of {device}; lower --batch-size")
 
 
 class PhaseTimer:
@@ -280,7 +299,7 @@ def get_parser():
     s.add_argument("--num-classes", type=int, default=100)
     s.add_argument("--steps", type=int, default=20, help="timed rounds")
     s.add_argument("--warmup", type=int, default=3, help="untimed rounds before those")
-    s.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
+    s.add_argument("--device", type=train.device_flag, help="cuda, cuda:N or cpu (default: cuda when available)")
     s.add_argument("--precision", choices=("bf16", "fp16", "fp32"))
     train.add_recipe_flags(s)  # the method's recipe (--batch-size, --depth, --teacher-clip as a size name, ...)
     r = sub.add_parser("run", help="a whole train.py run on synthetic JPEGs; unknown flags go to train.py")

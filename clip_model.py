@@ -397,7 +397,8 @@ def download(url, download_root=None) -> str:
         response = urllib.request.urlopen(url)
     except OSError as e:  # URLError is an OSError: no network, DNS, proxy, HTTP error
         raise RuntimeError(f"cannot download {url} ({getattr(e, 'reason', e)}); without internet access "
-                           f"copy the file to {path}, or pass a local weights file (--clip PATH)") from None
+                           f"copy the file to {path}, or pass the path of a local weights file instead of the "
+                           f"name") from None
     fd, tmp = tempfile.mkstemp(dir=root, prefix=filename + ".", suffix=".part")
     try:
         h = hashlib.sha256()
@@ -432,12 +433,14 @@ def read_state_dict(path) -> dict:
         if is_torchscript:
             with warnings.catch_warnings():  # OpenAI's released files are TorchScript
                 warnings.simplefilter("ignore", FutureWarning)
-                return torch.jit.load(path, map_location="cpu").state_dict()
-        state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                state_dict = torch.jit.load(path, map_location="cpu").state_dict()
+        else:
+            state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
         raise ValueError(f"{path}: could not be read as {expected}: {e}") from e
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise ValueError(f"{path}: holds a {type(state_dict).__name__}, expected a dict of tensors ({expected})")
+    check_finite(state_dict, path)
     return state_dict
 
 
@@ -455,6 +458,15 @@ def keep_loaded():
         yield
     finally:
         _kept = None
+
+
+def check_finite(tensors, source, error=ValueError):
+    """error naming `source` and the first floating tensor of {name: tensor} holding NaN or inf: such
+    weights turn every score into NaN, which argmax reads as class 0, and training fails an epoch later."""
+    for name, value in tensors.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise error(f"{source}: tensor {name} holds NaN or inf values (a damaged file, or the weights of a run "
+                        f"that diverged); use another file")
 
 
 def load_clip(name_or_path, download_root=None) -> CLIP:

@@ -22,6 +22,7 @@ import math
 import os
 import pickle
 import random
+import shutil
 import socket
 import sys
 import tempfile
@@ -34,6 +35,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
+
+import clip_model
 
 DATASETS_MD = "https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -134,12 +137,16 @@ def _need_file(path, what):
 
 def _read_classnames(folder):
     """classnames.txt lines '<wnid> <class name>' -> {wnid: name}, in file order."""
-    names = {}
-    with open(_need_file(os.path.join(folder, "classnames.txt"), "class-name file")) as f:
-        for line in f:
+    path, names = _need_file(os.path.join(folder, "classnames.txt"), "class-name file"), {}
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
             wnid, _, name = line.strip().partition(" ")
+            if wnid and not name.strip():
+                raise DataError(f"{path}:{n}: {wnid!r} has no class name; expected lines '<wnid> <class name>'")
             if wnid:
-                names[wnid] = name
+                names[wnid] = name.strip()
+    if not names:
+        raise DataError(f"{path}: no class names (an empty file?); expected lines '<wnid> <class name>'")
     return names
 
 
@@ -688,8 +695,13 @@ def write_synthetic_dataset(root, dataset, num_classes=10, images_per_class=8, i
 # ----------------------------------------------------------------------------- the files a run writes
 
 
+# Free space every output folder needs at start: a results.json (1000 classes: ~100 KiB) and log lines.
+MIN_FREE_BYTES = 2**20
+
+
 def check_output_dir(path, flag="--output-dir"):
-    """Fail at start, not after the work, when path cannot become a writable directory."""
+    """Fail at start, not after the work, when path cannot become a writable directory, or its disk has
+    less than MIN_FREE_BYTES free (a disk already full)."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"{flag} {path!r} is a file, not a directory; choose another {flag}")
     existing = path
@@ -697,6 +709,30 @@ def check_output_dir(path, flag="--output-dir"):
         existing = os.path.dirname(os.path.abspath(existing))
     if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"{flag} {path!r}: {existing} is not a writable directory")
+    _check_room(existing, MIN_FREE_BYTES, f"{flag} {path}", "results.json and the log need")
+
+
+def _mib(n):
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _check_room(folder, need, where, what):
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise UserError(f"{where}: its disk has {_mib(free)} free, {what} {_mib(need)}; free space on that disk, "
+                        f"or choose another folder on another disk")
+
+
+def check_checkpoint_room(folder, state, trained, best):
+    """A training run's disk at start. The rule: room for each checkpoint the run keeps (last.pt, and
+    best.pt when best is True) plus one more being written beside them, less what the folder's
+    checkpoints already take (a resumed run rewrites them), plus MIN_FREE_BYTES. A checkpoint is
+    estimated as the trainable `state` (twice with best: it also holds the best epoch's) and one
+    momentum buffer per `trained` tensor (SGD's)."""
+    size = sum(t.numel() * t.element_size() for t in [*state.values()] * (2 if best else 1) + list(trained))
+    kept = [os.path.join(folder, name) for name in ("last.pt", "best.pt")[:2 if best else 1]]
+    need = (len(kept) + 1) * size + MIN_FREE_BYTES - sum(os.path.getsize(p) for p in kept if os.path.isfile(p))
+    _check_room(folder, need, f"--output-dir {folder}", f"the run's checkpoints ({_mib(size)} each) need")
 
 
 def replace_atomically(path, write, shared=False):
@@ -778,6 +814,8 @@ def load_checkpoint(path):
     if not (isinstance(ckpt, dict) and {"model", "args", "epoch"} <= ckpt.keys()):
         raise UserError(f"{path}: not a checkpoint of train.py (no 'model', 'args' and 'epoch' entries; "
                         f"a bare state dict?); expected {CHECKPOINT_KINDS}")
+    for state in (ckpt["model"], ckpt.get("best_model") or {}):  # the models, not the optimizer's moments
+        clip_model.check_finite(state, path, UserError)
     return ckpt
 
 
@@ -825,11 +863,12 @@ def _pid_namespace():
 
 
 def acquire_output_lock(folder):
-    """Hold `folder` for a training run: create folder/.lock (host, pid, its start time and pid
-    namespace) atomically, as a hard link of a complete file (atomic on NFS too). A lock of this
-    host whose process is gone is stale and taken over (--resume after kill -9), by exactly one of
-    the processes trying: each takes an flock of the stale file, then judges it again. A live lock,
-    or another host's (whose processes cannot be checked from here), is refused. -> the lock path."""
+    """Hold `folder` (created if absent) for a training run: create folder/.lock (host, pid, its start
+    time and pid namespace) atomically, as a hard link of a complete file (atomic on NFS too). A lock
+    of this host whose process is gone is stale and taken over (--resume after kill -9), by exactly
+    one of the processes trying: each takes an flock of the stale file, then judges it again. A live
+    lock, or another host's (whose processes cannot be checked from here), is refused. -> the lock path."""
+    os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, ".lock")
     me = dict(host=socket.gethostname(), pid=os.getpid(), start=_process_start(os.getpid()),
               pidns=_pid_namespace(), since=time.strftime("%Y-%m-%d %H:%M:%S"))

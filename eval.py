@@ -204,7 +204,8 @@ def evaluate(args):
     """The evaluation args describe; with --output-dir, under that folder's lock (a training or another
     evaluation into it meanwhile is refused, so no result is lost between the check and the write)."""
     rank, world_size, device, _ = train.setup_runtime(args)
-    lock = train.hold_output_dir(args, rank, world_size) if args.output_dir else None
+    lock = train.on_rank0(lambda: data.acquire_output_lock(args.output_dir), rank, world_size,
+                          "the broadcast of the output-folder lock") if args.output_dir else None
     try:
         return _evaluate(args, rank, world_size, device)
     finally:
@@ -249,7 +250,9 @@ def _evaluate(args, rank, world_size, device):
     classnames, items = splits.eval_classnames, getattr(splits, args.split)
     if not items:
         raise UserError(f"{dataset}: the {args.split} split is empty")
-    if not args.zeroshot:
+    if args.zeroshot:
+        ZeroShotCLIP.prepare(argparse.Namespace(dataset=dataset), classnames)
+    else:
         run = resolve_inputs(args, run, Method, splits.all_classnames)
     clip_name = args.clip or run["clip"]
     clip = train.load_clip(clip_name)
@@ -258,7 +261,8 @@ def _evaluate(args, rank, world_size, device):
     if args.zeroshot:
         model = ZeroShotCLIP(clip, classnames, dataset)
     else:
-        model = Method.build(clip, splits.classnames, argparse.Namespace(**run))
+        flags = argparse.Namespace(**run)
+        model = Method.build(Method.check_clip(clip, flags), splits.classnames, flags)
         try:
             model.load_trainable_state_dict(state)
         except ValueError as e:
@@ -278,10 +282,14 @@ def _evaluate(args, rank, world_size, device):
                    refiner=None if args.zeroshot else not run.get("no_refiner", False),
                    selection=None if args.zeroshot else run["selection"], **inputs, args=dict(vars(args), **resolved))
     if rank == 0:
-        if args.output_dir:
-            data.write_json(results, os.path.join(args.output_dir, "results.json"))
         print(f"{dataset} {subsample} {args.split}: accuracy {results['accuracy']:.2f} macro-F1 "
               f"{results['macro_f1']:.2f} on {results['num_images']} images, {len(classnames)} classes")
+        if args.output_dir:
+            try:
+                data.write_json(results, os.path.join(args.output_dir, "results.json"))
+            except UserError as e:  # a full disk: the evaluation is not lost with the file
+                print(json.dumps(results, indent=2))
+                raise UserError(f"{e}; the results are on stdout above") from None
     return results
 
 # ----------------------------------------------------------------------------- reports

@@ -208,7 +208,8 @@ def read_teacher(clip, path, classnames, num_trained_classes=None, trained_class
     The classes the teacher was trained on, in its label order: trained_classnames if given (their
     prompt rows are compared with the file's token_suffix, so another dataset's teacher with as many
     classes is refused too), else num_trained_classes (a count whose names are unknown here:
-    ImageNet-xd's 1000), else the first ceil(n/2) of classnames or all n. ValueError on a bad file."""
+    ImageNet-xd's 1000), else the first ceil(n/2) of classnames or all n. ValueError on a bad file;
+    TeacherCLIPMismatch, a ValueError, when clip is not the CLIP the file was trained from."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"teacher file {path}: no such file")
@@ -243,14 +244,17 @@ def read_teacher(clip, path, classnames, num_trained_classes=None, trained_class
     if unknown:
         raise ValueError(f"teacher file {path}: unexpected keys {unknown[:5]}; a PromptSRC teacher holds "
                          f"logit_scale, prompt_learner.*, image_encoder.* and text_encoder.* only")
+    clip_model.check_finite(content["state_dict"], f"teacher file {path}")
     trained_names = _check_class_count(path, content["state_dict"], classnames, num_trained_classes,
                                        trained_classnames)
     own = clip.state_dict()
     for key, value in weights.items():
         if key not in own or own[key].shape != value.shape:
-            found = "no such CLIP weight" if key not in own else f"CLIP has {tuple(own[key].shape)}"
-            raise ValueError(f"teacher file {path}: {key} {tuple(value.shape)} does not fit the CLIP given "
-                             f"({found}); pass the CLIP the teacher was trained from (ViT-L/14)")
+            found = "it has no such weight" if key not in own else f"it has {tuple(own[key].shape)}"
+            raise TeacherCLIPMismatch(f"is not the CLIP teacher file {path} was trained from: the file's {key} is "
+                                      f"{tuple(value.shape)}, {found}; pass that CLIP (ViT-L/14 for PromptKD's "
+                                      f"released teachers)")
+    _check_token_embedding(path, content["state_dict"]["prompt_learner.token_prefix"], clip)
     config = clip.config
     ctx, text_prompts = _stack_prompts(path, ctx, text, "text_encoder", "prompt_learner.ctx",
                                        config.transformer_width, config.transformer_layers)
@@ -288,6 +292,27 @@ def _check_class_count(path, state_dict, classnames, num_trained_classes, traine
     if trained_classnames is not None:
         return list(trained_classnames)
     return None if num_trained_classes is not None else list(classnames[:trained])
+
+
+class TeacherCLIPMismatch(ValueError):
+    """The CLIP given to read_teacher is not the one the file was trained from; the message continues
+    a sentence that names it (the caller's flag and value)."""
+
+
+def _check_token_embedding(path, prefix, clip):
+    """The file's token_prefix rows are, for every class alike, the start-of-text token's embedding in
+    the teacher's CLIP, the one part of it the file does not store: another CLIP of the same shapes
+    gives another row (and would make every class prompt look like another dataset's)."""
+    sot = clip.token_embedding.weight[tokenize("")[0, 0]].detach().float()  # (W,)
+    rows = prefix.reshape(prefix.shape[0], -1).to(sot.device).float()  # (C, W)
+    if rows.shape[1] != sot.shape[0]:
+        raise ValueError(f"teacher file {path}: prompt_learner.token_prefix rows are {rows.shape[1]} wide, the CLIP's "
+                         f"text width is {sot.shape[0]}")
+    # the same fp16 tolerance as the class prompts' rows (_check_trained_classes)
+    if ((rows - sot).norm(dim=-1) > 1e-2 * sot.norm()).any():
+        raise TeacherCLIPMismatch(f"is not the CLIP teacher file {path} was trained from: its start-of-text token "
+                                  f"embedding differs from the file's (prompt_learner.token_prefix); pass that CLIP "
+                                  f"(ViT-L/14 for PromptKD's released teachers)")
 
 
 def _check_trained_classes(path, suffix, clip, n_ctx, names):
@@ -472,6 +497,9 @@ def load_authors_run(folder, epoch=None, allow_pickle=False):
                        ("memory_item", memory["memory_item"])):
         if not isinstance(value, torch.Tensor):
             raise DataError(f"{paths['Memory']}: {key} is a {type(value).__name__}, expected a tensor")
+    for part, path in paths.items():
+        clip_model.check_finite(files[part]["state_dict"], path, DataError)
+    clip_model.check_finite({"memory_item": memory["memory_item"]}, paths["Memory"], DataError)
     if memory["memory_item"].dim() != 2:
         raise DataError(f"{paths['Memory']}: memory_item has shape {tuple(memory['memory_item'].shape)}, "
                         f"expected (cache size, D)")

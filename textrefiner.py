@@ -275,6 +275,16 @@ class PromptCLIP(nn.Module):
         run will meet (base and new): UserError for what cannot work. Default: nothing."""
 
     @classmethod
+    def check_clip(cls, clip, args):
+        """The run's flags against --clip once it has loaded, before any training: UserError naming the
+        flag. Default: TextRefiner's --topk within the image tower's patch tokens. -> clip."""
+        patches = (clip.config.image_resolution // clip.config.vision_patch_size) ** 2
+        if not getattr(args, "no_refiner", True) and getattr(args, "topk", 0) > patches:
+            raise UserError(f"--topk {args.topk}: the image tower of --clip has {patches} patch tokens; pass at most "
+                            f"{patches}")
+        return clip
+
+    @classmethod
     def benchmark_models(cls, clip, classnames, args):
         """{name: model} that bench.py times on random weights, interleaved: the method with
         TextRefiner, then without (the targets compare these two); any further model is compared
@@ -446,6 +456,14 @@ class PromptLearner(nn.Module):
         return prompts, self.token_ids
 
 
+def longest_prompt(prompt, classnames):
+    """(class name, token count with SOT and EOT) of the longest prompt(name) over classnames, "_" read as " "."""
+    def length(name):
+        return clip_model.token_count(prompt(name.replace("_", " "))) + 2
+    longest = max(classnames, key=length)
+    return longest, length(longest)
+
+
 def check_prompts(classnames, n_ctx, ctx_init, context_length=77):
     """UserError naming the flag when a class prompt "<context> <class name>." cannot be built:
     --ctx-init of another token count than --n-ctx, or a prompt over CLIP's 77 tokens."""
@@ -454,8 +472,7 @@ def check_prompts(classnames, n_ctx, ctx_init, context_length=77):
     if ctx_init and tokens(prefix) != n_ctx:
         raise UserError(f"--ctx-init {ctx_init!r} is {tokens(prefix)} tokens but --n-ctx is {n_ctx}: "
                         f"make them agree, or pass --ctx-init \"\" for random context")
-    longest = max(classnames, key=lambda name: tokens(f"{prefix} {name.replace('_', ' ')}."))
-    length = tokens(f"{prefix} {longest.replace('_', ' ')}.") + 2
+    longest, length = longest_prompt(lambda name: f"{prefix} {name}.", classnames)
     if length > context_length:
         raise UserError(f"--n-ctx {n_ctx}: the prompt of class {longest!r} is {length} tokens, over CLIP's "
                         f"{context_length}; lower --n-ctx")
@@ -557,6 +574,15 @@ class ZeroShotCLIP(PromptCLIP):
                              f"{sorted(data.DATASETS)} or None")
         self.template = data.DATASETS[dataset].template if dataset else "a photo of a {}."
         self.set_classnames(classnames)
+
+    @classmethod
+    def prepare(cls, args, classnames):
+        """The prompts of `classnames` fit CLIP's 77 tokens (eval.py --zeroshot, before CLIP loads)."""
+        template = data.DATASETS[args.dataset].template
+        longest, length = longest_prompt(template.format, classnames)
+        if length > 77:
+            raise UserError(f"--zeroshot: the prompt {template!r} of class {longest!r} (--dataset {args.dataset}) is "
+                            f"{length} tokens, over CLIP's 77")
 
     def forward(self, images, labels=None):
         return self.logits(self.image_features(images))  # nothing to train: logits in either mode
@@ -722,6 +748,13 @@ class PromptKDCLIP(PromptCLIP):
         args.teacher = released.teacher_file(args.teacher, args.dataset, args.subsample)
 
     @classmethod
+    def check_clip(cls, clip, args):
+        layers = clip.config.vision_layers
+        if args.depth > layers:
+            raise UserError(f"--depth {args.depth}: the image tower of --clip has {layers} blocks; pass at most {layers}")
+        return super().check_clip(clip, args)
+
+    @classmethod
     def build(cls, clip, classnames, args):
         """The student on --clip and the frozen teacher read from --teacher (a file: prepare ran) on
         --teacher-clip. base/new runs distil from the dataset's base-class teacher (its class prompts
@@ -737,6 +770,8 @@ class PromptKDCLIP(PromptCLIP):
             trained_on = dict(trained_classnames=classnames[:math.ceil(len(classnames) / 2)])
         try:
             teacher = PromptSRCTeacher.from_checkpoint(teacher_clip, args.teacher, classnames, **trained_on)
+        except released.TeacherCLIPMismatch as e:
+            raise UserError(f"--teacher-clip {args.teacher_clip} {e}") from None
         except (ValueError, KeyError, OSError) as e:
             raise UserError(f"--teacher {args.teacher}: {e}") from None
         return cls(clip, teacher, classnames, depth=args.depth, n_ctx=args.n_ctx, kd_weight=args.kd_weight,

@@ -59,11 +59,23 @@ SELECTIONS = {"best-val": "the epoch of best val accuracy",
 def add_run_flags(p):
     """The flags train.py and eval.py share."""
     p.add_argument("--workers", type=int, default=4, help="data loader workers per rank")
-    p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
+    p.add_argument("--device", type=device_flag, help="cuda, cuda:N or cpu (default: cuda when available)")
     p.add_argument("--dist-timeout", type=float, default=900.0, metavar="SECONDS",
                    help="torchrun: a collective waiting longer for another rank ends the run (default 900)")
     p.add_argument("--precision", choices=("bf16", "fp16", "fp32"),
                    help="autocast dtype of the frozen towers (default: bf16 on CUDA, fp32 on CPU)")
+
+
+def device_flag(name):
+    """--device's type: cpu, or a CUDA device this machine has (argparse's usage error otherwise)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:  # not a device string: refused below as any type but cpu and cuda
+        device = torch.device("meta")
+    if device.type not in ("cpu", "cuda") or device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{name!r}: expected cpu, cuda or cuda:N, N below the {torch.cuda.device_count()} "
+                                         f"CUDA devices of this machine")
+    return name
 
 
 def recipe_fields():
@@ -123,13 +135,13 @@ def check_ranges(p, args, rules):
 POSITIVE, UNIT = (lambda v: v > 0 and math.isfinite(v), "positive"), (lambda v: 0 <= v <= 1, "in [0, 1]")
 NON_NEGATIVE = (lambda v: v >= 0 and math.isfinite(v), ">= 0")
 # Ranges by flag name; a recipe's own fields may add theirs as Recipe.ranges. timedelta overflows
-# past ~2.7e12 s: a week is longer than any collective should wait.
-RULES = dict(dist_timeout=(lambda v: 0 < v <= 7 * 24 * 3600, "in (0, 604800] (at most a week)"), seed=NON_NEGATIVE,
-             workers=NON_NEGATIVE, epoch=POSITIVE, epochs=POSITIVE, batch_size=POSITIVE, eval_batch_size=POSITIVE, n_ctx=POSITIVE,
-             cache_size=POSITIVE, topk=POSITIVE, log_interval=POSITIVE, depth=POSITIVE, temperature=POSITIVE,
-             lr=(POSITIVE[0], "a positive number"), warmup_lr=NON_NEGATIVE, weight_decay=NON_NEGATIVE,
-             semantic_weight=NON_NEGATIVE, reg_weight=NON_NEGATIVE, kd_weight=NON_NEGATIVE, alpha=UNIT,
-             cache_momentum=UNIT, momentum=(lambda v: 0 <= v < 1, "in [0, 1)"),
+# past ~2.7e12 s: a week is longer than any collective should wait; numpy takes seeds below 2**32.
+RULES = dict(dist_timeout=(lambda v: 0 < v <= 7 * 24 * 3600, "in (0, 604800] (at most a week)"),
+             seed=(lambda v: 0 <= v < 2**32, "in [0, 4294967295]"), workers=NON_NEGATIVE, epoch=POSITIVE, epochs=POSITIVE,
+             batch_size=POSITIVE, eval_batch_size=POSITIVE, n_ctx=POSITIVE, cache_size=POSITIVE, topk=POSITIVE,
+             log_interval=POSITIVE, depth=POSITIVE, temperature=POSITIVE, lr=(POSITIVE[0], "a positive number"),
+             warmup_lr=NON_NEGATIVE, weight_decay=NON_NEGATIVE, semantic_weight=NON_NEGATIVE, reg_weight=NON_NEGATIVE,
+             kd_weight=NON_NEGATIVE, alpha=UNIT, cache_momentum=UNIT, momentum=(lambda v: 0 <= v < 1, "in [0, 1)"),
              selection=(lambda v: v in ("best", "last"), "best or last"),
              class_token_position=(lambda v: v in ("end", "middle", "front"), "end, middle or front"))
 
@@ -269,24 +281,23 @@ def set_rng_state(state, device):
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def hold_output_dir(args, rank, world_size):
-    """Rank 0 creates --output-dir and takes its lock; every rank gets its verdict. -> the lock or None."""
-    lock, error = None, None
+def on_rank0(check, rank, world_size, what):
+    """check() on rank 0 (the output folder's), its UserError or OSError raised on every rank: the message
+    is broadcast in the collective `what` names. -> check()'s result on rank 0, None elsewhere."""
+    result, error = None, None
     if rank == 0:
         try:
-            data.check_output_dir(args.output_dir)
-            os.makedirs(args.output_dir, exist_ok=True)
-            lock = data.acquire_output_lock(args.output_dir)
+            result = check()
         except (UserError, OSError) as e:
             error = str(e)
     if world_size > 1:
         verdict = [error]
-        with collective("the broadcast of the output-folder lock"):
+        with collective(what):
             dist.broadcast_object_list(verdict, src=0)
         error = verdict[0]
     if error:
         raise UserError(error)
-    return lock
+    return result
 
 # ----------------------------------------------------------------------------- evaluation
 
@@ -400,7 +411,8 @@ def train(args, timer=None):
         rank, world_size, device, group = setup_runtime(args)
         if args.batch_size % world_size:
             raise UserError(f"--batch-size {args.batch_size} must be divisible by the {world_size} ranks")
-        lock = hold_output_dir(args, rank, world_size)
+        lock = on_rank0(lambda: data.acquire_output_lock(args.output_dir), rank, world_size,
+                        "the broadcast of the output-folder lock")
     try:
         return _train(args, rank, world_size, device, group, phase)
     finally:
@@ -430,7 +442,7 @@ def _train(args, rank, world_size, device, group, phase):
                                 f"--output-dir")
             ckpt = resume_state(paths["last.pt"], args)
         seed_everything(args.seed)  # the same on every rank: identical initialisation
-        raw_model = Method.build(load_clip(args.clip), run.classnames, args).to(device)
+        raw_model = Method.build(Method.check_clip(load_clip(args.clip), args), run.classnames, args).to(device)
         model = raw_model
         if world_size > 1:
             raw_model.set_process_group(group)
@@ -452,6 +464,8 @@ def _train(args, rank, world_size, device, group, phase):
                                           world_size=world_size, workers=args.workers, pin_memory=pin)
 
         use_val = bool(getattr(run, run.select_split)) and args.selection == "best"
+        on_rank0(lambda: data.check_checkpoint_room(args.output_dir, raw_model.trainable_state_dict(), params, use_val),
+                 rank, world_size, "the broadcast of the free-space check of --output-dir")
         val_loader = eval_loader(run.select_split) if use_val else None
         feature_cache = None if args.no_feature_cache else {}
         start_epoch, best, best_state = 0, dict(val_acc=-1.0, epoch=-1), None

@@ -78,6 +78,18 @@ def trained_run(tmp_path_factory):
     return root, weights, out
 
 
+def copy_dataset(root, tmp_path, change):
+    """A copy of the synthetic caltech101 split file (images shared) edited by change(split)."""
+    folder = tmp_path / "data" / "caltech-101"
+    folder.mkdir(parents=True)
+    os.symlink(os.path.join(root, "caltech-101", "101_ObjectCategories"), folder / "101_ObjectCategories")
+    with open(os.path.join(root, "caltech-101", "split_zhou_Caltech101.json")) as f:
+        split = json.load(f)
+    with open(folder / "split_zhou_Caltech101.json", "w") as f:
+        json.dump(change(split), f)
+    return str(tmp_path / "data")
+
+
 def read_log(out):
     with open(os.path.join(out, "log.jsonl")) as f:
         return [json.loads(line) for line in f]

@@ -5,6 +5,7 @@ tiny CLIP: they run the functions training and evaluation run, and check their f
 import collections
 
 import pytest
+import torch
 
 import bench as benchmarks  # bench.py (kernels.bench is `bench` here)
 import data
@@ -94,9 +95,21 @@ def test_step_benchmark_smoke(capsys):
     (["--steps", "0"], "--steps must be positive"),
     (["--num-classes", "-3"], "--num-classes must be positive"),
     (["--batch-size", "0"], "--batch-size must be positive"),
+    (["--batch-size", "10000000000"], "--batch-size 10000000000: its 32 px images alone take 114440.9 GiB in float32, "
+                                      "more than the"),
+    (["--device", "cuda:99"], "argument --device: 'cuda:99': expected cpu, cuda or cuda:N"),
 ])
 def test_nonsense_step_flags_are_refused(flags, message, capsys):
     assert_usage_error(benchmarks.main, ["step", "--clip", "tiny", "--device", "cpu", *flags], message, capsys)
+
+
+def test_step_out_of_device_memory_names_the_batch_size(monkeypatch, capsys):
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(benchmarks, "time_interleaved", out_of_memory)
+    assert_usage_error(benchmarks.main, STEP, "--batch-size 2: out of memory on cpu (CUDA out of memory. Tried to "
+                                              "allocate 20.00 GiB); lower --batch-size", capsys)
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -408,3 +408,15 @@ def test_bad_paths_name_the_file(tmp_path):
     torch.save([1, 2], tmp_path / "list.pt")
     with pytest.raises(ValueError, match="list.pt.*dict of tensors"):
         cm.load_clip(str(tmp_path / "list.pt"))
+
+
+def test_nonfinite_weights_are_refused_naming_the_file_and_tensor(state_dict, tmp_path):
+    # NaN weights give NaN scores, which argmax reads as class 0: a silent chance-level model
+    for key, value in (("visual.proj", float("nan")), ("ln_final.bias", float("inf"))):
+        broken = {k: v.clone() for k, v in state_dict.items()}
+        broken[key].view(-1)[3] = value
+        torch.save(broken, tmp_path / "plain.pt")
+        save_torchscript_archive(broken, tmp_path / "jit.pt")
+        for name in ("plain.pt", "jit.pt"):
+            with pytest.raises(ValueError, match=rf"{name}: tensor {key} holds NaN or inf values"):
+                cm.load_clip(str(tmp_path / name))

@@ -315,6 +315,19 @@ def test_error_messages(tmp_path):
             next(iter(loader))
 
 
+@pytest.mark.parametrize("content, message", [
+    ("", r"imagenetv2/classnames.txt: no class names \(an empty file\?\); expected lines '<wnid> <class name>'"),
+    ("n01440764 tench\nn01443537\n", r"classnames.txt:2: 'n01443537' has no class name"),
+])
+def test_class_name_file_without_names_is_named(tmp_path, content, message):
+    # an empty file listed no image folder: "the test split is empty", naming no file
+    folder = synthetic(tmp_path, "imagenetv2")
+    with open(os.path.join(folder, "classnames.txt"), "w") as f:
+        f.write(content)
+    with pytest.raises(data.DataError, match=message):
+        load_splits("imagenetv2", str(tmp_path))
+
+
 def test_synthetic_classes_are_distinguishable(tmp_path):
     synthetic(tmp_path, "oxford_flowers", num_classes=6)
     means = {}

@@ -11,12 +11,13 @@ import pytest
 import torch
 
 import clip_model
+import data
 import eval as evaluate_cli  # "eval" would shadow the builtin
 import released
 import train
 from helpers import (
-    REPO, assert_same_tensors, assert_usage_error, read_results, rounded, RunsCode, synthetic,
-    torchrun_two_ranks, write_authors_folder, write_result)
+    REPO, assert_same_tensors, assert_usage_error, copy_dataset, read_results, rounded, RunsCode, synthetic,
+    torchrun_two_ranks, train_argv, write_authors_folder, write_result)
 
 
 def test_eval_reproduces_training_test_numbers(run, tmp_path):
@@ -276,6 +277,30 @@ def test_eval_never_replaces_results_of_another_evaluation(run, tmp_path, capsys
     assert sorted(os.listdir(folder)) == ["results.json"]
 
 
+def test_a_full_disk_loses_no_evaluation(run, tmp_path, monkeypatch, capsys):
+    """The accuracy line and the results come out on stdout before results.json fails to be written;
+    the one-line error advises no --resume (eval.py has none)."""
+    root, weights, out = run
+    real = data.replace_atomically
+
+    def onto_a_full_disk(path, write, shared=False):
+        os.symlink("/dev/full", path + ".tmp")  # every write there fails with ENOSPC
+        return real(path, write, shared)
+
+    monkeypatch.setattr(data, "replace_atomically", onto_a_full_disk)
+    with pytest.raises(SystemExit) as err:
+        evaluate_cli.main(["--checkpoint", os.path.join(out, "best.pt"), "--workers", "0", "--subsample", "new",
+                           "--output-dir", str(tmp_path)])
+    captured = capsys.readouterr()
+    assert err.value.code == 2 and captured.err.count("\n") == 1 and "Traceback" not in captured.err
+    assert "results.json: No space left on device; nothing was written" in captured.err
+    assert "the results are on stdout above" in captured.err and "--resume" not in captured.err
+    assert captured.out.startswith("caltech101 new test: accuracy ")
+    printed = json.loads(captured.out[captured.out.index("{"):])
+    assert printed["subsample"] == "new" and printed["num_images"] == 9 and len(printed["per_class_accuracy"]) == 3
+    assert os.listdir(tmp_path) == []
+
+
 def test_subsample_new_of_an_all_classes_checkpoint_is_refused(run, tmp_path, capsys):
     root, weights, out = run
     ckpt = torch.load(os.path.join(out, "best.pt"), weights_only=True)
@@ -331,8 +356,70 @@ def test_authors_folder_with_other_clip_weights_is_refused(run, tmp_path, capsys
     assert evaluate_cli.main([*common, "--clip", weights])["num_classes"] == 3  # the right CLIP passes
 
 
+def test_a_class_name_over_77_tokens_is_refused_before_clip_loads(run, tmp_path, monkeypatch, capsys):
+    """A new class whose prompt is over CLIP's context: training refuses it at start; eval.py --zeroshot
+    and eval.py on the new classes ended in tokenize's traceback."""
+    root, weights, out = run
+    long_name = " ".join(["very"] * 80) + " long class"
+
+    def rename(split):
+        return {k: [[p, y, long_name if y == 5 else c] for p, y, c in v] for k, v in split.items()}
+
+    root = copy_dataset(root, tmp_path, rename)
+    monkeypatch.setattr(clip_model, "load_clip", lambda *a: pytest.fail("CLIP loaded"))
+    assert_usage_error(train.main, train_argv(root, weights, str(tmp_path / "out")),
+                       f"--n-ctx 4: the prompt of class '{long_name}' is 89 tokens, over CLIP's 77", capsys)
+    assert_usage_error(evaluate_cli.main, ["--zeroshot", "--dataset", "caltech101", "--root", root, "--subsample",
+                                           "new", "--workers", "0"],
+                       f"--zeroshot: the prompt 'a photo of a {{}}.' of class '{long_name}' (--dataset caltech101) is "
+                       f"89 tokens, over CLIP's 77", capsys)
+    assert_usage_error(evaluate_cli.main, ["--checkpoint", os.path.join(out, "best.pt"), "--root", root, "--subsample",
+                                           "new", "--workers", "0"],
+                       f"--n-ctx 4: the prompt of class '{long_name}' is 89 tokens, over CLIP's 77", capsys)
+
+
+def test_authors_file_in_the_legacy_tar_format_with_a_crafted_entry_is_one_line(run, tmp_path, capsys):
+    """torch's pre-1.6 tar format: a 'storages' entry that is not (key, location, type) raised a TypeError."""
+    import io
+    import pickle
+    import tarfile
+    root, weights, out = run
+    state = torch.load(os.path.join(out, "last.pt"), weights_only=True)["model"]
+    write_authors_folder(tmp_path / "theirs", state, weights, epoch=2)
+    crafted = tmp_path / "theirs" / "prompt_learner" / "model.pth.tar-2"
+    with tarfile.open(crafted, "w:", format=tarfile.PAX_FORMAT) as tar:
+        for name, payload in (("sys_info", pickle.dumps(dict(protocol_version=1001, little_endian=True,
+                                                             type_sizes=dict(short=2, int=4, long=8)))),
+                              ("storages", pickle.dumps(1) + pickle.dumps(None))):
+            entry = tarfile.TarInfo(name)
+            entry.size = len(payload)
+            tar.addfile(entry, io.BytesIO(payload))
+    assert_usage_error(evaluate_cli.main, ["--checkpoint", str(tmp_path / "theirs"), "--epoch", "2", "--dataset",
+                                           "caltech101", "--root", root, "--clip", weights, "--workers", "0"],
+                       f"{crafted}: unreadable (cannot unpack non-iterable NoneType object)", capsys)
+
+
+def test_nonfinite_checkpoint_or_authors_folder_is_refused_at_load(run, tmp_path, capsys):
+    """A NaN in a checkpoint's model evaluated at chance (every image class 0) with exit status 0."""
+    root, weights, out = run
+    ckpt = torch.load(os.path.join(out, "best.pt"), weights_only=True)
+    ckpt["model"]["prompt_learner.ctx"][1, 2] = float("nan")
+    torch.save(ckpt, tmp_path / "nan.pt")
+    assert_usage_error(evaluate_cli.main, ["--checkpoint", str(tmp_path / "nan.pt"), "--workers", "0", "--subsample",
+                                           "new"], f"{tmp_path}/nan.pt: tensor prompt_learner.ctx holds NaN or inf",
+                       capsys)
+    state = torch.load(os.path.join(out, "last.pt"), weights_only=True)["model"]
+    state["refiner.extractor.weight"][0, 0] = 1e5  # beyond fp16: inf in the released dtype
+    write_authors_folder(tmp_path / "theirs", state, weights, epoch=2)
+    memory = os.path.join(tmp_path, "theirs", "Memory", "model.pth.tar-2")
+    assert_usage_error(evaluate_cli.main, ["--checkpoint", str(tmp_path / "theirs"), "--epoch", "2", "--dataset",
+                                           "caltech101", "--root", root, "--clip", weights, "--workers", "0"],
+                       f"{memory}: tensor extractor.weight holds NaN or inf", capsys)
+
+
 @pytest.mark.parametrize("argv, message", [
-    (["--zeroshot", "--dataset", "dtd", "--seed", "-1"], "--seed must be >= 0"),
+    (["--zeroshot", "--dataset", "dtd", "--seed", "-1"], "--seed must be in [0, 4294967295], got -1"),
+    (["--zeroshot", "--dataset", "dtd", "--device", "foo"], "argument --device: 'foo': expected cpu, cuda or cuda:N"),
     (["--zeroshot", "--dataset", "dtd", "--batch-size", "0"], "--batch-size must be positive"),
     (["--zeroshot", "--dataset", "dtd", "--dist-timeout", "-5"], "--dist-timeout must be in (0, 604800]"),
 ])

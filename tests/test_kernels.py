@@ -4,6 +4,7 @@ cache combine, and SyncBatchNorm semantics over 2 gloo processes."""
 import contextlib
 import math
 import os
+import re
 import subprocess
 import sys
 from unittest import mock
@@ -730,3 +731,170 @@ def test_feature_align_triton_gpu_large(n, d, d_hid, dtype):
     params = with_gate_margin(x, params)
     assert_large_align_close(run_feature_align(x, params, gy, "triton"), run_feature_align(x, params, gy, "torch"),
                              dtype)
+
+
+# ---------------------------------------------------------------- the self-check of "auto"
+
+@pytest.fixture
+def auto_triton(monkeypatch):
+    """"auto" runs the Triton kernels here as on a GPU (the interpreter on a CPU), each checked afresh."""
+    monkeypatch.setattr(kernels, "TRITON_DEVICE_TYPES", ("cuda", "cpu"))
+    monkeypatch.setattr(kernels, "_verdicts", {})
+
+
+def counted(calls, name, fn):
+    def wrapper(*args, **kwargs):
+        calls.append(name)
+        return fn(*args, **kwargs)
+    return wrapper
+
+
+class DoubledGradient(torch.autograd.Function):
+    """The identity, with a wrong backward."""
+
+    @staticmethod
+    def forward(ctx, y):
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return 2 * grad
+
+
+def warning_line(kernel, device, problem):
+    """A regular expression of the check's one line; problem: one itself."""
+    return (re.escape(f"warning: the Triton {kernel} kernel disagrees with the PyTorch reference on "
+                      f"{kernels.device_name(device)}: ") + problem
+            + re.escape("; using the reference for the rest of this run\n"))
+
+
+def test_a_wrong_cache_kernel_is_reported_once_and_the_reference_used_after(auto_triton, monkeypatch, capsys):
+    from kernels import triton_cache_update
+    real, calls = triton_cache_update.cache_partials, []
+
+    def miscompiled(tokens, cache):  # every slot sum 1% off
+        col_max, sums, counts = counted(calls, "triton", real)(tokens, cache)
+        return col_max, sums * 1.01, counts
+
+    monkeypatch.setattr(triton_cache_update, "cache_partials", miscompiled)
+    tokens, cache = random_tokens(131, 64, torch.float32, seed=40), unit_rows(13, 64, seed=41)
+    want = kernels.cache_update(tokens, cache, backend="torch")
+    for _ in range(3):
+        assert torch.equal(kernels.cache_update(tokens, cache), want)
+    assert calls == ["triton"]  # the check's call, no other
+    err = capsys.readouterr().err
+    assert re.fullmatch(warning_line("cache update", tokens.device, r"slot_sums off by \S+ \(tolerance 0.0001 x \S+\)"),
+                        err), err
+    assert list(kernels.verdicts()) == [("cache update", tokens.device)]
+    assert not torch.equal(kernels.cache_update(tokens, cache, backend="triton"), want)  # "triton" is never replaced
+    assert calls == ["triton"] * 2
+
+
+@pytest.mark.parametrize("wrong, problem", [
+    (lambda y, mean, var: (y * 1.01, mean, var), r"y off by \S+ \(tolerance 0.0001 x \S+\)"),
+    (lambda y, mean, var: (DoubledGradient.apply(y), mean, var), r"dx off by \S+ \(tolerance 0.0001 x \S+\)"),
+])
+def test_a_wrong_feature_alignment_is_reported_once_and_the_reference_used_after(auto_triton, monkeypatch, capsys,
+                                                                                  wrong, problem):
+    from kernels import triton_feature_align
+    real, calls = triton_feature_align.feature_align, []
+    monkeypatch.setattr(triton_feature_align, "feature_align",
+                        lambda *args, **kwargs: wrong(*counted(calls, "triton", real)(*args, **kwargs)))
+    x, params = random_tokens(37, 48, torch.float32, seed=42), align_params(48, seed=43, d_hid=64, d_out=56)
+    gy = torch.randn(37, 56, generator=torch.Generator().manual_seed(44)).to(DEVICE)
+    want = run_feature_align(x, params, gy, "torch")
+    for _ in range(2):
+        got = run_feature_align(x, params, gy, "auto")
+        assert all(torch.equal(a, b) for a, b in zip(got[:3], want[:3]))
+        assert all(torch.equal(got[3][k], want[3][k]) for k in want[3])
+    assert calls == ["triton"]
+    err = capsys.readouterr().err
+    assert re.fullmatch(warning_line("feature alignment", x.device, problem), err), err
+
+
+def test_correct_kernels_pass_the_check_once_and_keep_running(auto_triton, monkeypatch, capsys):
+    from kernels import triton_cache_update, triton_feature_align
+    calls = []
+    monkeypatch.setattr(triton_cache_update, "cache_partials",
+                        counted(calls, "cache", triton_cache_update.cache_partials))
+    monkeypatch.setattr(triton_feature_align, "feature_align", counted(calls, "align", triton_feature_align.feature_align))
+    tokens, cache = random_tokens(131, 64, torch.float32, seed=45), unit_rows(25, 64, seed=46)
+    poisoned = tokens.clone()
+    poisoned[3, 5] = float("nan")  # an fp16 overflow: the check waits for a finite batch
+    assert torch.equal(kernels.cache_update(poisoned, cache), cache) and calls == [] and kernels.verdicts() == {}
+    for _ in range(2):
+        assert_close(kernels.cache_update(tokens, cache), kernels.cache_update(tokens, cache, backend="torch"), 1e-6,
+                     "cache")
+    x, params = random_tokens(37, 64, torch.float16, seed=47), align_params(64, seed=48)
+    gy = torch.randn(37, 64, generator=torch.Generator().manual_seed(49)).to(DEVICE)
+    for _ in range(2):
+        y = run_feature_align(x, params, gy, "auto")[0]
+        assert_close(y, run_feature_align(x, params, gy, "torch")[0], 1e-5, "y")
+    assert calls == ["cache"] * 3 + ["align"] * 3  # the check, then every call
+    assert kernels.verdicts() == {("cache update", tokens.device): None, ("feature alignment", x.device): None}
+    assert capsys.readouterr().err == ""
+
+
+def test_the_align_check_tells_gate_flips_from_kernel_errors_at_training_size():
+    """At CoOp's batch (32 x 197 tokens, D 512), two correct computations whose h differs by a relative
+    5e-6 open different ReLU gates (the elementwise comparison fails: test above). The check moves beta
+    off the gates of the batch: it passes them, and still catches a gradient off by 1% in 8 columns."""
+    x, params, _ = large_align_case(32 * 197, 512, torch.float32)
+    tensors = (x, *(params[k].to(DEVICE) for k in ("w1", "b1", "gamma", "beta", "w2", "b2")))
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(25)).to(DEVICE)
+
+    def moved(x, *rest, **kwargs):
+        return kernels.reference.feature_align(x * (1 + 5e-6 * noise), *rest, **kwargs)
+
+    assert kernels._align_mismatch(moved, tensors, 1e-5, None) is None
+
+    def off(*args, **kwargs):
+        y, mean, var = kernels.reference.feature_align(*args, **kwargs)
+        return y + 0.01 * (y - y.detach()) * (torch.arange(y.shape[1], device=y.device) < 8), mean, var
+
+    assert re.match(r"d(x|w1|b1|gamma|beta|w2|b2) off by ", kernels._align_mismatch(off, tensors, 1e-5, None))
+
+
+def _check_worker(rank, world, init_file, out_dir, x, params):
+    os.environ["TRITON_INTERPRET"] = "1"  # CPU tensors: before the first Triton import of this process
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        kernels.TRITON_DEVICE_TYPES = ("cuda", "cpu")
+        from kernels import triton_feature_align
+        real = triton_feature_align.feature_align
+        if rank == 1:  # miscompiled on this rank's GPU only: its rows of y 1% off, nothing else
+            triton_feature_align.feature_align = lambda *a, **k: (lambda y, m, v: (y + 0.01 * y.detach(), m, v))(
+                *real(*a, **k))
+        lo, hi = (0, 5, 13)[rank], (0, 5, 13)[rank + 1]
+        outs = [kernels.feature_align(x[lo:hi], **params, process_group=dist.group.WORLD)[0] for _ in range(2)]
+        torch.save(dict(y=outs, verdicts=kernels.verdicts()), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_kernel_wrong_on_one_rank_makes_every_rank_use_the_reference(tmp_path):
+    """The ranks' collectives pair up only if all run the same backend: the verdict is the group's."""
+    x, params = random_tokens(13, 24, torch.float32, seed=50).cpu(), align_params(24, seed=51)
+    mp.spawn(_check_worker, args=(2, str(tmp_path / "rdzv"), str(tmp_path), x, params), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    y_ref = kernels.feature_align(x, **params, backend="torch")[0]
+    for i in range(2):  # the reference's rows (the miscompiled kernel is 1% off)
+        assert_close(torch.cat([ranks[0]["y"][i], ranks[1]["y"][i]]), y_ref, 1e-5, f"call {i} y")
+    (key, problem0), = ranks[0]["verdicts"].items()
+    (_, problem1), = ranks[1]["verdicts"].items()
+    assert key[0] == "feature alignment" and problem0 == "it disagrees on another rank" and problem1.startswith("y off")
+
+
+def test_self_check_prints_each_kernels_verdict(auto_triton, monkeypatch, capsys):
+    """What `make gpu-check` runs (at training size there): both kernels through "auto", a line each."""
+    device = torch.empty(0, device=DEVICE).device
+    assert kernels.self_check(device, tokens=40, width=32)
+    assert capsys.readouterr().out == "".join(f"{kernel} on {kernels.device_name(device)}: the Triton kernel agrees "
+                                              f"with the PyTorch reference\n"
+                                              for kernel in ("cache update", "feature alignment"))
+    from kernels import triton_cache_update
+    real = triton_cache_update.cache_partials
+    monkeypatch.setattr(triton_cache_update, "cache_partials", lambda *a: (lambda m, s, c: (m + 1, s, c))(*real(*a)))
+    monkeypatch.setattr(kernels, "_verdicts", {})
+    assert not kernels.self_check(device, tokens=40, width=32)
+    assert "cache update on " + kernels.device_name(device) + ": col_max off by" in capsys.readouterr().out

@@ -245,9 +245,14 @@ def test_teacher_file_errors(tmp_path, teacher_base_sd, teacher_file):
     for name, (edit, message) in cases.items():
         with pytest.raises(ValueError, match=message):
             load(rewrite(teacher_file, tmp_path / f"{name}.pth.tar", edit))
-    with pytest.raises(ValueError, match=r"model-best.pth.tar: \S+ \(\d+, 192\) does not fit the CLIP given "
-                                         r"\(CLIP has \(\d+, 128\)\); pass the CLIP the teacher was trained from"):
+    with pytest.raises(released.TeacherCLIPMismatch, match=r"^is not the CLIP teacher file \S+model-best.pth.tar was "
+                                                           r"trained from: the file's \S+ is \(\d+, 192\), it has "
+                                                           r"\(\d+, 128\); pass that CLIP"):
         PromptSRCTeacher.from_checkpoint(build_model(random_state_dict(STUDENT)), teacher_file, CLASSNAMES)
+    other = build_model(random_state_dict(TEACHER, seed=11))  # the teacher's shapes, another token embedding
+    for trained_on in (dict(trained_classnames=BASE), dict(num_trained_classes=3)):
+        with pytest.raises(released.TeacherCLIPMismatch, match="its start-of-text token embedding differs"):
+            PromptSRCTeacher.from_checkpoint(other, teacher_file, CLASSNAMES, **trained_on)
     with pytest.raises(FileNotFoundError, match="nope.pth.tar"):
         load(tmp_path / "nope.pth.tar")
     (tmp_path / "text.pth.tar").write_text("hello")

@@ -452,3 +452,59 @@ def test_promptkd_benchmark_times_the_released_per_batch_teacher_text(monkeypatc
     benchmarks.main([*bench, "--eval"])
     assert sorted(calls.count(c) for c in set(calls)) == [1, 1, 3]
     assert "PromptKD+TextRefiner images/s / PromptKD images/s" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("key, value", [("text_encoder.transformer.resblocks.1.VPT_shallow", float("nan")),
+                                        ("prompt_learner.ctx", 1e5)])  # ctx is fp16: 1e5 is inf there
+def test_nonfinite_teacher_is_refused_before_training_and_by_eval(pk_run, tmp_path, key, value, capsys):
+    """A NaN or fp16 inf in the teacher: train.py ran an epoch, then blamed --lr; eval.py gave every
+    image class 0 with exit status 0."""
+    base, out = pk_run
+    content = torch.load(os.path.join(teacher_setup(base)[1], TEACHER_FILE), weights_only=False)
+    content["state_dict"][key][0, 1] = value
+    bad = str(tmp_path / "bad.pth.tar")
+    torch.save(content, bad)
+    message = f"--teacher {bad}: teacher file {bad}: tensor {key} holds NaN or inf values"
+    argv = pk_argv(base, tmp_path / "out")
+    argv[argv.index("--teacher") + 1] = bad
+    assert_usage_error(train.main, argv, message, capsys)
+    assert not os.path.exists(tmp_path / "out" / "log.jsonl")
+    assert_usage_error(evaluate_cli.main, ["--checkpoint", os.path.join(out, "best.pt"), "--workers", "0", "--device",
+                                           "cpu", "--subsample", "new", "--teacher", bad, "--allow-other-teacher"],
+                       message, capsys)
+
+
+def test_a_wrong_teacher_clip_is_named_not_the_teacher(pk_run, tmp_path, monkeypatch, capsys):
+    """A --teacher-clip of the teacher's shapes but other weights looked like a teacher of other classes,
+    one of another width was blamed on --teacher, and offline the hint named --clip."""
+    import urllib.error
+    import urllib.request
+    base, _ = pk_run
+    _, student = synthetic(base)
+    teacher = os.path.join(teacher_setup(base)[1], TEACHER_FILE)
+    other = str(tmp_path / "other-teacher-clip.pt")
+    torch.save(clip_model.random_state_dict(clip_model.CONFIGS["tiny-teacher"], seed=7), other)
+    argv = pk_argv(base, tmp_path / "out")
+    for clip, detail in ((other, "its start-of-text token embedding differs from the file's"),
+                         (student, "the file's ")):  # the student's CLIP is narrower
+        argv[argv.index("--teacher-clip") + 1] = clip
+        assert_usage_error(train.main, argv, f"--teacher-clip {clip} is not the CLIP teacher file {teacher} was "
+                                             f"trained from: {detail}", capsys)
+    assert not os.path.exists(tmp_path / "out" / "log.jsonl")
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.cache/clip/ViT-L-14.pt
+
+    def offline(url, *args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    argv[argv.index("--teacher-clip") + 1] = "ViT-L/14"
+    stderr = assert_usage_error(train.main, argv, "--teacher-clip ViT-L/14: cannot download", capsys)
+    assert "--clip" not in stderr
+
+
+def test_depth_beyond_the_students_blocks_fails_once_the_clip_loads(pk_run, tmp_path, monkeypatch, capsys):
+    base, _ = pk_run
+    monkeypatch.setattr(data, "build_train_loader", lambda *a, **k: pytest.fail("training started"))
+    argv = pk_argv(base, tmp_path / "out")
+    argv[argv.index("--depth") + 1] = "3"  # the tiny student has 2 blocks
+    assert_usage_error(train.main, argv, "--depth 3: the image tower of --clip has 2 blocks; pass at most 2", capsys)

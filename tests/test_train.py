@@ -6,6 +6,7 @@ imported by test_eval.py.
 import collections
 import json
 import math
+import multiprocessing
 import os
 import random
 import shutil
@@ -21,11 +22,12 @@ import torch
 
 import clip_model
 import data
+import eval as evaluate_cli
 import train
 from textrefiner import TextRefinerCLIP
 from helpers import (
-    EPOCHS, LR, REPO, assert_same_tensors, assert_usage_error, counting, dead_pid, interrupt_at_epoch,
-    Interrupted, read_log, synthetic, torchrun_two_ranks, train_argv, write_lock)
+    EPOCHS, LR, REPO, assert_same_tensors, assert_usage_error, copy_dataset, counting, dead_pid, interrupt_at_epoch,
+    Interrupted, pk_argv, read_log, synthetic, torchrun_two_ranks, train_argv, write_lock)
 
 # 6 classes -> 3 base classes; per class 6 train, 3 val, 3 test images of 32 px: 4 steps/epoch.
 
@@ -214,6 +216,7 @@ def test_one_process_on_another_gpu_makes_it_current(monkeypatch, tmp_path):
     calls = []
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.setattr(torch.cuda, "set_device", calls.append)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # --device cuda:1 names a device of this machine
     args = train.get_parser().parse_args(["--device", "cuda:1"])
     assert train.setup_runtime(args) == (0, 1, torch.device("cuda", 1), None)
     assert calls == [torch.device("cuda", 1)]
@@ -278,6 +281,49 @@ def test_output_dir_lock_refuses_a_second_writer_and_takes_over_stale_locks(tmp_
     assert sorted(os.listdir(folder)) == []  # no helper file left
 
 
+def take_over_stale_locks(folder, barrier, outcomes, rounds):
+    """A process that, in each round, tries to take the folder's lock at the moment the other does."""
+    for _ in range(rounds):
+        barrier.wait()  # a stale lock is in place
+        lock = None
+        try:
+            lock = data.acquire_output_lock(folder)
+            outcomes.put("won")
+        except data.UserError as e:
+            outcomes.put("refused" if "in use by another run (pid" in str(e) else f"UserError: {e}")
+        except Exception as e:
+            outcomes.put(f"{type(e).__name__}: {e}")
+        barrier.wait()  # both outcomes are in while the winner holds the lock
+        if lock:
+            data.release_output_lock(lock)
+        barrier.wait()
+
+
+def test_two_processes_taking_over_one_stale_lock_exactly_one_wins(tmp_path):
+    """A killed run's lock, then two processes at the same moment (a scheduler's requeue and a person's
+    --resume; the table runner's workers): one takes it over, the other is refused as by a live run."""
+    rounds, context = 200, multiprocessing.get_context("fork")
+    barrier, outcomes, stale = context.Barrier(3), context.Queue(), dead_pid()
+    workers = [context.Process(target=take_over_stale_locks, args=(str(tmp_path), barrier, outcomes, rounds))
+               for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    try:
+        for n in range(rounds):
+            write_lock(tmp_path, host=socket.gethostname(), pid=stale)
+            barrier.wait(timeout=60)
+            pair = sorted(outcomes.get(timeout=60) for _ in range(2))
+            assert pair == ["refused", "won"], f"round {n}: {pair}"
+            barrier.wait(timeout=60)
+            barrier.wait(timeout=60)
+            assert os.listdir(tmp_path) == [], f"round {n}"  # released, no helper file left
+    finally:
+        barrier.abort()
+        for worker in workers:
+            worker.join(timeout=10)
+            worker.kill()
+
+
 def test_second_training_into_a_held_output_dir_is_refused_at_start(run, tmp_path, capsys):
     root, weights, _ = run
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
@@ -323,6 +369,64 @@ def test_full_output_disk_stops_training_with_a_message_and_resume_continues(run
                        torch.load(os.path.join(out, "last.pt"), weights_only=True)["model"]["refiner.cache"])
 
 
+def torch_save_fails_at_epoch(epoch):
+    """data.save_atomic as on a disk that fills while `epoch` is saved: torch.save's writer then raises
+    its RuntimeError, not an OSError."""
+    real_save = data.save_atomic
+
+    def save(obj, path):
+        if obj["epoch"] != epoch:
+            return real_save(obj, path)
+
+        def torch_save_on_a_full_disk(f):
+            f.write(b"PK\x03\x04")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4288 vs 4176")
+        data.replace_atomically(path, torch_save_on_a_full_disk)
+    return save
+
+
+@pytest.mark.parametrize("method", ["coop", "promptkd"])
+def test_torch_save_failing_on_a_full_disk_is_one_line_also_when_resumed(method, run, pk_run, tmp_path, monkeypatch,
+                                                                          capsys):
+    root, weights, out = run
+    base, pk_out = pk_run
+    argv = train_argv(root, weights, str(tmp_path)) if method == "coop" else pk_argv(base, tmp_path)
+    for epoch, extra in ((1, []), (2, ["--resume"])):
+        monkeypatch.undo()
+        monkeypatch.setattr(data, "save_atomic", torch_save_fails_at_epoch(epoch))
+        stderr = assert_usage_error(train.main, argv + extra, "unexpected pos 4288 vs 4176; the previous ", capsys)
+        assert "free space on that disk, then run the same command again" in stderr
+        assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == epoch - 1
+        assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
+    monkeypatch.undo()
+    train.main(argv + ["--resume"])  # space freed: ends where an uninterrupted run ends
+    assert_same_tensors(torch.load(tmp_path / "last.pt", weights_only=True)["model"],
+                        torch.load(os.path.join(out if method == "coop" else pk_out, "last.pt"),
+                                   weights_only=True)["model"])
+
+
+def disk_with(free):
+    """A stand-in for shutil.disk_usage: a disk with `free` bytes free."""
+    return lambda path: shutil._ntuple_diskusage(2**40, 2**40 - free, free)
+
+
+def test_a_disk_too_full_for_the_run_is_found_at_start(run, tmp_path, monkeypatch, capsys):
+    root, weights, _ = run
+    monkeypatch.setattr(shutil, "disk_usage", disk_with(0))
+    assert_usage_error(train.main, train_argv(root, weights, str(tmp_path)),
+                       f"--output-dir {tmp_path}: its disk has 0.0 MiB free, results.json and the log need 1.0 MiB",
+                       capsys)
+    # room for the results but not for the checkpoints: refused once the model's size is known
+    monkeypatch.setattr(shutil, "disk_usage", disk_with(data.MIN_FREE_BYTES + 1))
+    monkeypatch.setattr(train, "train_step", lambda *a, **k: pytest.fail("training started"))
+    assert_usage_error(train.main, train_argv(root, weights, str(tmp_path)),
+                       f"--output-dir {tmp_path}: its disk has 1.0 MiB free, the run's checkpoints (", capsys)
+    assert os.listdir(tmp_path) == []  # the lock released, nothing written
+    monkeypatch.setattr(shutil, "disk_usage", disk_with(0))
+    assert_usage_error(evaluate_cli.main, ["--zeroshot", "--dataset", "caltech101", "--root", root, "--output-dir",
+                                           str(tmp_path)], "its disk has 0.0 MiB free", capsys)
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--warmup-lr", "-1"], "--warmup-lr must be >= 0, got -1.0"),
     (["--alpha", "-1"], "--alpha must be in [0, 1], got -1.0"),
@@ -332,7 +436,11 @@ def test_full_output_disk_stops_training_with_a_message_and_resume_continues(run
     (["--reg-weight", "-20"], "--reg-weight must be >= 0"),
     (["--weight-decay", "nan"], "--weight-decay must be >= 0"),
     (["--momentum", "5"], "--momentum must be in [0, 1), got 5.0"),
-    (["--seed", "-1"], "--seed must be >= 0"),
+    (["--seed", "-1"], "--seed must be in [0, 4294967295], got -1"),
+    (["--seed", "99999999999999999999"], "--seed must be in [0, 4294967295], got 99999999999999999999"),
+    (["--device", "foo"], "argument --device: 'foo': expected cpu, cuda or cuda:N, N below the"),
+    (["--device", "mps"], "argument --device: 'mps': expected cpu, cuda or cuda:N"),
+    (["--device", f"cuda:{torch.cuda.device_count()}"], "CUDA devices of this machine"),
     (["--batch-size", "0"], "--batch-size must be positive"),
     (["--dist-timeout", "0"], "--dist-timeout must be in (0, 604800]"),
     (["--dist-timeout", "inf"], "--dist-timeout must be in (0, 604800]"),
@@ -341,6 +449,16 @@ def test_full_output_disk_stops_training_with_a_message_and_resume_continues(run
 def test_nonsense_flags_are_refused(flags, message, tmp_path, capsys):
     argv = ["--dataset", "caltech101", "--root", str(tmp_path), "--output-dir", str(tmp_path / "out"), *flags]
     assert_usage_error(train.main, argv, message, capsys)
+
+
+def test_topk_beyond_the_clips_patch_tokens_fails_once_it_loads(run, tmp_path, monkeypatch, capsys):
+    root, weights, _ = run
+    monkeypatch.setattr(data, "build_train_loader", lambda *a, **k: pytest.fail("training started"))
+    assert_usage_error(train.main, train_argv(root, weights, str(tmp_path), "--topk", "17"),
+                       "--topk 17: the image tower of --clip has 16 patch tokens; pass at most 16", capsys)
+    monkeypatch.undo()
+    train.main(train_argv(root, weights, str(tmp_path / "plain"), "--topk", "17", "--no-refiner", "--epochs", "1",
+                          "--warmup-epochs", "0"))  # no refiner: --topk is not used
 
 
 def test_output_dir_that_is_a_file_fails_at_start(tmp_path, capsys):
@@ -357,18 +475,6 @@ def test_prompt_flags_that_cannot_work_name_the_flag(run, tmp_path, flags, messa
     root, weights, _ = run
     assert_usage_error(train.main, train_argv(root, weights, str(tmp_path), *flags), message, capsys)
     assert not os.path.exists(tmp_path / "last.pt")
-
-
-def copy_dataset(root, tmp_path, change):
-    """A copy of the synthetic caltech101 split file (images shared) edited by change(split)."""
-    folder = tmp_path / "data" / "caltech-101"
-    folder.mkdir(parents=True)
-    os.symlink(os.path.join(root, "caltech-101", "101_ObjectCategories"), folder / "101_ObjectCategories")
-    with open(os.path.join(root, "caltech-101", "split_zhou_Caltech101.json")) as f:
-        split = json.load(f)
-    with open(folder / "split_zhou_Caltech101.json", "w") as f:
-        json.dump(change(split), f)
-    return str(tmp_path / "data")
 
 
 @pytest.mark.parametrize("change, message", [
@@ -423,7 +529,8 @@ def test_official_clip_name_offline_says_to_pass_a_file(run, tmp_path, monkeypat
     monkeypatch.setattr(urllib.request, "urlopen", offline)
     argv = train_argv(root, weights, str(tmp_path / "out"))
     argv[argv.index("--clip") + 1] = "ViT-B/16"
-    assert_usage_error(train.main, argv, "pass a local weights file (--clip PATH)", capsys)
+    stderr = assert_usage_error(train.main, argv, "--clip ViT-B/16: cannot download", capsys)
+    assert "or pass the path of a local weights file instead of the name" in stderr
 
 
 STALL_SCRIPT = """
@@ -512,3 +619,19 @@ def test_feature_cache_is_not_used_for_a_model_whose_image_features_train(run, m
     assert forwards["forward"] == 2 * len(loader) and len(cache) == 1  # logits() from features
 
 
+
+
+def test_nonfinite_clip_or_checkpoint_is_refused_at_load_naming_file_and_tensor(run, tmp_path, capsys):
+    root, weights, out = run
+    clip = torch.load(weights, weights_only=True)
+    clip["visual.proj"][0, 0] = float("nan")
+    torch.save(clip, tmp_path / "nan-clip.pt")
+    argv = train_argv(root, str(tmp_path / "nan-clip.pt"), str(tmp_path / "a"))
+    assert_usage_error(train.main, argv, "nan-clip.pt: tensor visual.proj holds NaN or inf values", capsys)
+    assert not os.path.exists(tmp_path / "a" / "log.jsonl")
+    ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=True)
+    ckpt["best_model"]["refiner.cache"][2, 1] = float("inf")
+    os.makedirs(tmp_path / "b")
+    torch.save(ckpt, tmp_path / "b" / "last.pt")
+    assert_usage_error(train.main, train_argv(root, weights, str(tmp_path / "b"), "--resume"),
+                       f"{tmp_path}/b/last.pt: tensor refiner.cache holds NaN or inf values", capsys)
