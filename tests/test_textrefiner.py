@@ -215,7 +215,7 @@ def test_eval_features_are_reused_and_invalidated(clip, monkeypatch):
     assert len(calls) == 1  # computed once for both batches
     # the encoder length comes precomputed from the CPU ids (finding it on CUDA ids syncs)
     want_length = int(tokenize([f"a photo of a {n.replace('_', ' ')}." for n in CLASSNAMES]).argmax(-1).max()) + 1
-    assert calls[0] == {"length": want_length}
+    assert calls[0] == {"length": want_length, "deep_prompts": None}
     def change_ctx():
         with torch.no_grad():
             model.prompt_learner.ctx.add_(0.5)  # in place, as an optimizer step would
