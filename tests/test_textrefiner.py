@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from clip_model import CONFIGS, build_model, random_state_dict, tokenize
 from textrefiner import PromptLearner, TextRefiner, TextRefinerCLIP, ZeroShotCLIP
-from helpers import save_half_batch_step, spec_cache_update, spec_semantic_tokens
+from helpers import rel_err, save_half_batch_step, spec_cache_update, spec_semantic_tokens
 
 CLASSNAMES = ["cat", "golden_retriever", "sports car", "tabby_cat", "airliner"]
 SPEC_KEYS = {
@@ -36,10 +36,6 @@ def make_model(clip, seed=0, classnames=CLASSNAMES, **kwargs):
 def images(batch, seed=1):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(batch, 3, 32, 32, generator=g)
-
-
-def rel_err(actual, expected):
-    return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max()).item()
 
 
 def grad_err(actual, expected, name):
