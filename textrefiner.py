@@ -20,7 +20,9 @@ evaluation. Trainable: align and extractor (1,050,624 values at D = 512); the ca
 Reading order: FeatureAlign and TextRefiner (the method, with `train_terms`, the refiner's share of a
 training step); Recipe and PromptCLIP (what train.py, eval.py and bench.py need from any prompt
 learner); then the hosts: CoOp + TextRefiner (TextRefinerCLIP), zero-shot CLIP, PromptKD +
-TextRefiner (PromptKDCLIP with its PromptSRC teacher); METHODS maps --method names to them.
+TextRefiner (PromptKDCLIP with its PromptSRC teacher), and the prompt-learning family with
+TextRefiner: CoCoOp, KgCoOp, IVLP, MaPLe, PromptSRC (each the official method with refiner=False);
+METHODS maps --method names to them.
 
     import clip_model, textrefiner
     model = textrefiner.TextRefinerCLIP(clip_model.load_clip("ViT-B/16"), classnames)   # paper defaults
@@ -810,8 +812,8 @@ class PromptKDCLIP(PromptCLIP):
 
         def student(refiner):  # a teacher each: the per-batch variant must not clear the others' memo
             teacher = PromptSRCTeacher(teacher_clip, *prompts, classnames)
-            return cls(clip, teacher, classnames, depth=min(args.depth, clip.config.vision_layers), n_ctx=args.n_ctx_vision,
-                       kd_weight=args.kd_weight, refiner=refiner)
+            return cls(clip, teacher, classnames, depth=min(args.depth, clip.config.vision_layers),
+                       n_ctx=args.n_ctx_vision, kd_weight=args.kd_weight, refiner=refiner)
         return {"PromptKD+TextRefiner": student(True), "PromptKD": student(False),
                 "PromptKD+TR (released)": TeacherTextPerBatch(student(True))}
 
@@ -899,7 +901,8 @@ class TemplateFeatures(nn.Module):
             with torch.autocast(device.type, enabled=False):
                 total = 0
                 for template in self.templates:  # one pass per template, C prompts each
-                    ids = tokenize([template.replace("{}", name) for name in self.classnames], clip.config.context_length)
+                    prompts = [template.replace("{}", name) for name in self.classnames]
+                    ids = tokenize(prompts, clip.config.context_length)  # (C, 77)
                     total = total + clip.encode_text(ids.to(device), length=text_length(ids))  # (C, D)
                 self.features = F.normalize(total / len(self.templates), dim=-1)
         return self.features
@@ -935,10 +938,6 @@ class ContextCLIP(PromptCLIP):
     def set_classnames(self, classnames):
         self.prompt_learner.set_classnames(classnames)
         super().set_classnames(classnames)
-
-    def class_features(self):
-        t = self.text_features()
-        return t if self.refiner is None else self.refiner.refine(t)
 
 # ----------------------------------------------------------------------------- CoCoOp + TextRefiner
 
@@ -986,7 +985,8 @@ class CoCoOpCLIP(ContextCLIP):
         text = []
         for s in shift.split(max(1, COCOOP_TEXT_ROWS // len(ids))):  # (k, W)
             k = len(s)
-            shifted = torch.cat([prompts[None, :, :1].expand(k, -1, -1, -1), prompts[None, :, 1:1 + n] + s[:, None, None],
+            shifted = torch.cat([prompts[None, :, :1].expand(k, -1, -1, -1),  # SOT
+                                 prompts[None, :, 1:1 + n] + s[:, None, None],  # the context, shifted
                                  prompts[None, :, 1 + n:].expand(k, -1, -1, -1)], dim=2)  # (k, C, L, W)
             out = self.clip.encode_prompts(shifted.flatten(0, 1), ids.repeat(k, 1), length=length)  # (k C, D)
             text.append(out.unflatten(0, (k, -1)))  # (k, C, D)
@@ -1091,9 +1091,9 @@ class DeepPromptCLIP(ContextCLIP):
         layers = min(clip.config.vision_layers, clip.config.transformer_layers)
         if not 1 <= depth <= layers:
             raise ValueError(f"{type(self).__name__}: depth must be in 1..{layers}, got {depth}")
+        deep = torch.empty(depth - 1, *self.prompt_learner.ctx.shape).normal_(std=0.02)  # (depth - 1, n_ctx, W)
         # none at depth 1: a parameter that no step uses would stall DDP's gradient reduction
-        shape = (depth - 1, *self.prompt_learner.ctx.shape)  # (depth - 1, n_ctx, W)
-        self.register_parameter("text_prompts", nn.Parameter(torch.empty(shape).normal_(std=0.02)) if depth > 1 else None)
+        self.register_parameter("text_prompts", nn.Parameter(deep) if depth > 1 else None)
 
     @classmethod
     def options(cls, clip, args):
@@ -1115,6 +1115,10 @@ class DeepPromptCLIP(ContextCLIP):
     def text_features(self):
         """Normalised class features (C, D) fp32, with the graph to the text prompts when grad is on."""
         return prompt_text_features(self.clip, self.prompt_learner, self.text_prompts)
+
+    def class_features(self):
+        t = self.text_features()
+        return t if self.refiner is None else self.refiner.refine(t)
 
     def image_features(self, images):
         return self.clip.encode_image(images, prompts=self.vision_prompts())  # (B, D)
@@ -1286,7 +1290,8 @@ class PromptSRCCLIP(IVLPCLIP):
     @torch.no_grad()
     def epoch_end(self, epoch, epochs):
         params = self.trained()
-        self.gpa_sum.add_(torch.cat([p.flatten() for p in params]) * gpa_weights(self.gpa_mean, self.gpa_std, epochs)[epoch])
+        weight = gpa_weights(self.gpa_mean, self.gpa_std, epochs)[epoch]
+        self.gpa_sum.add_(torch.cat([p.flatten() for p in params]) * weight)  # as released: w * theta, then the sum
         if epoch == epochs - 1:  # the aggregate becomes the model
             for p, value in zip(params, self.gpa_sum.split([p.numel() for p in params])):
                 p.copy_(value.view_as(p))

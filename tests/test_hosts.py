@@ -19,8 +19,8 @@ import textrefiner
 import train
 from clip_model import CONFIGS, build_model, random_state_dict, tokenize
 from helpers import (Interrupted, assert_same_tensors, assert_usage_error, interrupt_at_epoch, read_log, read_results,
-                     ref_encode_image, ref_encode_text, ref_projection, rel_err, spec_cache_update, spec_semantic_tokens,
-                     synthetic, torchrun_two_ranks, write_result)
+                     ref_encode_image, ref_encode_text, ref_projection, rel_err, spec_cache_update,
+                     spec_semantic_tokens, synthetic, torchrun_two_ranks, write_result)
 
 FAMILY = ("cocoop", "kgcoop", "ivlp", "maple", "promptsrc")
 DEEP = ("ivlp", "maple", "promptsrc")  # prompts in both towers: a --depth
@@ -74,8 +74,8 @@ def row(tensor, index):
 def official_clip():
     """The reference files' random CLIP (widths 768 / 512, 3 blocks, 64 px; logit scale ln(1/0.07))."""
     ref = reference("cocoop")
-    for method in FAMILY:
-        assert (reference(method)["clip_config"], reference(method)["clip_seed"]) == (ref["clip_config"], ref["clip_seed"])
+    assert all((reference(m)["clip_config"], reference(m)["clip_seed"]) == (ref["clip_config"], ref["clip_seed"])
+               for m in FAMILY)
     state_dict = random_state_dict(clip_model.CLIPConfig(**ref["clip_config"]), seed=ref["clip_seed"])
     spec = importlib.util.spec_from_file_location("generate", os.path.join(REFERENCE, "generate.py"))
     generate = importlib.util.module_from_spec(spec)
@@ -110,7 +110,8 @@ def test_no_refiner_step_and_eval_equal_the_official_code(official_clip, method)
     out["loss"].backward()
     assert out["loss_local"] == 0 and out["loss_reg"] == 0
     errors = {"logits": rel_err(out["logits"], ref["logits"])}
-    errors.update({term: rel_err(out[TERMS.get(term, "loss")], torch.tensor(value)) for term, value in ref["losses"].items()})
+    for term, value in ref["losses"].items():  # total and each term
+        errors[term] = rel_err(out[TERMS.get(term, "loss")], torch.tensor(value))
     for name, grad in ref["grads"].items():
         param, index = ours(model, name)
         errors[name] = rel_err(row(param.grad, index), grad)
@@ -179,7 +180,8 @@ def test_trainable_counts_at_vit_b16_shapes(method):
     assert reference(method)["trainable_count_vit_b16"] == VIT_B16_COUNTS[method]
     with torch.device("meta"):
         clip = clip_model.CLIP(CONFIGS["ViT-B/16"]).requires_grad_(False)
-    for flags, count in (((), VIT_B16_COUNTS[method] + REFINER_PARAMETERS), (("--no-refiner",), VIT_B16_COUNTS[method])):
+    official = VIT_B16_COUNTS[method]
+    for flags, count in (((), official + REFINER_PARAMETERS), (("--no-refiner",), official)):
         model = textrefiner.METHODS[method].build(clip, ["cat", "dog"], recipe_args(method, *flags))
         assert sum(p.numel() for p in model.parameters() if p.requires_grad) == count, flags
 
@@ -464,3 +466,26 @@ def test_flag_errors_are_one_line(argv, message, base, tmp_path, capsys):
     root, weights = synthetic(base)
     assert_usage_error(train.main, ["--dataset", "caltech101", "--root", root, "--clip", weights, "--device", "cpu",
                                     "--workers", "0", "--output-dir", str(tmp_path / "out"), *argv], message, capsys)
+
+
+@pytest.mark.parametrize("method", FAMILY)
+def test_losses_and_logits_stay_fp32_under_bf16_autocast(tiny_sd, method):
+    """bf16 towers, fp32 master weights, refiner maths, losses and logits (PromptSRC's and KgCoOp's frozen
+    references are computed out of autocast)."""
+    clip = build_model({k: v.float() for k, v in tiny_sd.items()})
+    args = recipe_args(method, *(["--depth", "2"] if method in DEEP else []))
+    x, y = images(2, seed=1), torch.tensor([0, 3])
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(textrefiner.METHODS[method].build(clip, CLASSNAMES, args).train())
+    reference_out = models[0](x, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = models[1](x, y)
+    out["loss"].backward()
+    for name, value in out.items():
+        assert value.dtype == torch.float32, name
+        torch.testing.assert_close(value, reference_out[name], rtol=0.1, atol=0.1, msg=name)
+    assert all(p.dtype == p.grad.dtype == torch.float32 for p in models[1].parameters() if p.requires_grad)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert models[1].eval()(x).dtype == torch.float32
