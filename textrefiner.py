@@ -878,6 +878,10 @@ class TeacherTextPerBatch(nn.Module):
 # on its unrefined features, and TextRefiner's terms are as on CoOp. The recipes are the official
 # base2new configs, evaluated at the last epoch as the hosts' papers do.
 
+# Prompts per text-tower call where a host encodes many (CoCoOp's per-image classes, PromptSRC's templates):
+# enough rows to keep a GPU busy, few enough to bound the activations' memory.
+TEXT_ROWS = 1024
+
 
 class TemplateFeatures(nn.Module):
     """A frozen CLIP's hand-crafted class features: normalise(mean over the templates of the unnormalised
@@ -898,13 +902,12 @@ class TemplateFeatures(nn.Module):
     def forward(self, clip):
         if not self.features.numel():
             device = clip.logit_scale.device
+            prompts = [template.replace("{}", name) for template in self.templates for name in self.classnames]
+            ids = tokenize(prompts, clip.config.context_length)  # (templates C, 77)
             with torch.autocast(device.type, enabled=False):
-                total = 0
-                for template in self.templates:  # one pass per template, C prompts each
-                    prompts = [template.replace("{}", name) for name in self.classnames]
-                    ids = tokenize(prompts, clip.config.context_length)  # (C, 77)
-                    total = total + clip.encode_text(ids.to(device), length=text_length(ids))  # (C, D)
-                self.features = F.normalize(total / len(self.templates), dim=-1)
+                text = torch.cat([clip.encode_text(rows.to(device), length=text_length(rows))
+                                  for rows in ids.split(TEXT_ROWS)])  # (templates C, D)
+            self.features = F.normalize(text.unflatten(0, (len(self.templates), -1)).mean(0), dim=-1)  # (C, D)
         return self.features
 
 
@@ -951,11 +954,6 @@ class CoCoOpRecipe(ContextRecipe):
     selection: str = "last"
 
 
-# Class prompts per text-tower call: CoCoOp groups images up to this many rows (one image per call, as
-# released, launches C-row passes that are too small for a GPU; the result is the same).
-COCOOP_TEXT_ROWS = 1024
-
-
 class CoCoOpCLIP(ContextCLIP):
     """CoCoOp (CVPR 2022) with TextRefiner. A meta-net of the image's normalised global feature x,
     pi(x) = linear2(relu(linear1(x))) (D -> D/16 -> W), shifts every context vector, so the class
@@ -983,7 +981,7 @@ class CoCoOpCLIP(ContextCLIP):
         prompts = prompts[:, :length]  # the positions the EOT rows see (causal mask)
         shift = self.meta_net(image)  # (B, W)
         text = []
-        for s in shift.split(max(1, COCOOP_TEXT_ROWS // len(ids))):  # (k, W)
+        for s in shift.split(max(1, TEXT_ROWS // len(ids))):  # (k, W): images whose prompts share a pass
             k = len(s)
             shifted = torch.cat([prompts[None, :, :1].expand(k, -1, -1, -1),  # SOT
                                  prompts[None, :, 1:1 + n] + s[:, None, None],  # the context, shifted

@@ -217,8 +217,8 @@ def ref_text(sd, ctx, deep=None):
 
 def ref_templates(sd, templates):
     """normalise(mean over templates of the frozen text features)."""
-    return normalise(sum(ref_encode_text(sd, tokenize([t.replace("{}", n.replace("_", " ")) for n in CLASSNAMES]))
-                         for t in templates) / len(templates))
+    ids = tokenize([t.replace("{}", n.replace("_", " ")) for t in templates for n in CLASSNAMES])  # (templates C, 77)
+    return normalise(ref_encode_text(sd, ids).reshape(len(templates), len(CLASSNAMES), -1).mean(0))
 
 
 def ref_host(method, sd, p, x):
