@@ -464,7 +464,7 @@ def _promptkd_learner_state(learner, path):
     state = {"visual_prompts": torch.stack(prompts)}  # (depth, n_ctx, W)
     state.update(_projector(learner, "VPT_image_trans", "image_proj", path))
     state.update(_projector(learner, "mid_image_trans", "refiner.align", path))
-    return state, dict(depth=depth, n_ctx=prompts[0].shape[0])
+    return state, dict(depth=depth, n_ctx_vision=prompts[0].shape[0])
 
 
 _LEARNER_STATE = {"coop": _coop_learner_state, "promptkd": _promptkd_learner_state}

@@ -20,7 +20,9 @@ evaluation. Trainable: align and extractor (1,050,624 values at D = 512); the ca
 Reading order: FeatureAlign and TextRefiner (the method, with `train_terms`, the refiner's share of a
 training step); Recipe and PromptCLIP (what train.py, eval.py and bench.py need from any prompt
 learner); then the hosts: CoOp + TextRefiner (TextRefinerCLIP), zero-shot CLIP, PromptKD +
-TextRefiner (PromptKDCLIP with its PromptSRC teacher); METHODS maps --method names to them.
+TextRefiner (PromptKDCLIP with its PromptSRC teacher), and the prompt-learning family with
+TextRefiner: CoCoOp, KgCoOp, IVLP, MaPLe, PromptSRC (each the official method with refiner=False);
+METHODS maps --method names to them.
 
     import clip_model, textrefiner
     model = textrefiner.TextRefinerCLIP(clip_model.load_clip("ViT-B/16"), classnames)   # paper defaults
@@ -40,9 +42,12 @@ In your own prompt learner (t may also be per image, (B, C, D)):
 
 The refiner maths, the losses and the cache are fp32 even under autocast.
 """
+import copy
 import dataclasses
 import math
 import types
+from collections import OrderedDict
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -199,6 +204,12 @@ class TextRefiner(nn.Module):
 # ----------------------------------------------------------------------------- the prompt-learner interface
 
 
+# Ranges of recipe fields that train.RULES does not know: (test, what the value must be); NaN fails every test.
+POSITIVE = (lambda v: v > 0 and math.isfinite(v), "positive")
+NON_NEGATIVE = (lambda v: v >= 0 and math.isfinite(v), ">= 0")
+FINITE = (math.isfinite, "a finite number")
+
+
 @dataclass
 class Recipe:
     """A method's hyper-parameters. train.py turns every field of every registered recipe into a
@@ -216,6 +227,7 @@ class Recipe:
     # when they are files, and eval.py takes them as flags (default: the run's).
     inputs: ClassVar[tuple] = ()
     xd: ClassVar[dict] = {}  # the cross-dataset protocol's values (train.py --xd), where they differ
+    ranges: ClassVar[dict] = {}  # {field: (test, what it must be)} for fields train.RULES does not know
 
     def for_dataset(self, dataset):
         """Defaults that depend on the dataset (fields still None); this recipe otherwise."""
@@ -323,6 +335,10 @@ class PromptCLIP(nn.Module):
         """Subclasses rebuild their class prompts for `classnames`, then call this."""
         self._classifier = None
 
+    def epoch_end(self, epoch, epochs):
+        """Called by the training loop after the steps of epoch `epoch` (0-based) of `epochs`, before
+        validation and the checkpoint: state it changes is saved with that epoch. Default: nothing."""
+
     def set_process_group(self, group):
         """DDP: every BatchNorm statistic and cache update of the model over `group`."""
         for module in self.modules():
@@ -382,10 +398,11 @@ CLASS_TOKEN_POSITIONS = ("end", "middle", "front")
 class PromptLearner(nn.Module):
     """CoOp's context vectors shared by all classes: "[SOT] ctx_1..ctx_n {class name}. [EOT]".
 
-    ctx_init: a phrase whose token embeddings initialise the context (its token count must equal
-    n_ctx); "" -> N(0, 0.02^2) vectors with the text prefix "X X ... X". class_token_position:
-    where the class name goes (CoOp's end, middle or front). text_length: the positions the text
-    encoder must run for these prompts, computed once per class set from the CPU ids."""
+    ctx_init: a phrase whose first n_ctx token embeddings initialise the context; tokens past n_ctx
+    stay fixed words before the class name (MaPLe's n_ctx 2: "a photo" trained, "of a" fixed; class
+    name at the end only); "" -> N(0, 0.02^2) vectors with the text prefix "X X ... X".
+    class_token_position: where the class name goes (CoOp's end, middle or front). text_length: the
+    positions the text encoder must run for these prompts, computed once per class set from the CPU ids."""
 
     def __init__(self, clip, classnames, n_ctx=4, ctx_init="a photo of a", class_token_position="end"):
         super().__init__()
@@ -399,9 +416,10 @@ class PromptLearner(nn.Module):
             ctx_init = ctx_init.replace("_", " ")
             ids = tokenize(ctx_init, self.context_length)  # (1, 77)
             init_len = int(ids.argmax(dim=-1)) - 1  # tokens between SOT and EOT
-            if init_len != n_ctx:
+            if not 1 <= n_ctx <= init_len or (n_ctx < init_len and class_token_position != "end"):
                 raise ValueError(f"PromptLearner: ctx_init {ctx_init!r} is {init_len} tokens but "
-                                 f"n_ctx={n_ctx}; pass n_ctx={init_len} or ctx_init=''")
+                                 f"n_ctx={n_ctx}; pass n_ctx={init_len} (or fewer, class token at the end) "
+                                 f"or ctx_init=''")
             with torch.no_grad():
                 ctx = self.token_embedding(ids.to(self.token_embedding.weight.device))[0, 1:1 + n_ctx]
             self.prompt_prefix = ctx_init
@@ -464,14 +482,28 @@ def longest_prompt(prompt, classnames):
     return longest, length(longest)
 
 
-def check_prompts(classnames, n_ctx, ctx_init, context_length=77):
+def prompt_text_features(clip, prompt_learner, deep_prompts=None):
+    """Normalised class features (C, D) fp32 of a PromptLearner's class prompts, with deep text prompts
+    (depth - 1, n_ctx, W) when given; with the graph to the prompts when grad is on."""
+    prompts, ids = prompt_learner()
+    # a length known in advance: finding it on the device ids would sync every step
+    text = clip.encode_prompts(prompts, ids, length=prompt_learner.text_length, deep_prompts=deep_prompts)  # (C, D)
+    with fp32(text):
+        return F.normalize(text.float(), dim=-1)
+
+
+def check_prompts(classnames, n_ctx, ctx_init, context_length=77, class_token_position="end"):
     """UserError naming the flag when a class prompt "<context> <class name>." cannot be built:
-    --ctx-init of another token count than --n-ctx, or a prompt over CLIP's 77 tokens."""
+    --ctx-init of fewer tokens than --n-ctx (more: the rest stay fixed words, class token at the end
+    only), or a prompt over CLIP's 77 tokens."""
     tokens = clip_model.token_count
     prefix = ctx_init.replace("_", " ") if ctx_init else " ".join(["X"] * n_ctx)
-    if ctx_init and tokens(prefix) != n_ctx:
+    if ctx_init and tokens(prefix) < n_ctx:
         raise UserError(f"--ctx-init {ctx_init!r} is {tokens(prefix)} tokens but --n-ctx is {n_ctx}: "
                         f"make them agree, or pass --ctx-init \"\" for random context")
+    if ctx_init and tokens(prefix) > n_ctx and class_token_position != "end":
+        raise UserError(f"--n-ctx {n_ctx} trains the first {n_ctx} of the {tokens(prefix)} tokens of --ctx-init "
+                        f"{ctx_init!r}, which needs --class-token-position end")
     longest, length = longest_prompt(lambda name: f"{prefix} {name}.", classnames)
     if length > context_length:
         raise UserError(f"--n-ctx {n_ctx}: the prompt of class {longest!r} is {length} tokens, over CLIP's "
@@ -479,14 +511,59 @@ def check_prompts(classnames, n_ctx, ctx_init, context_length=77):
 
 
 @dataclass
-class CoOpRecipe(RefinerRecipe):
-    """CoOp + TextRefiner, the paper's scripts: ViT-B/16, 16 shots, best-val model."""
-    n_ctx: int = 4
+class ContextRecipe(RefinerRecipe):
+    """A host with CoOp's text context, trained with labels: TextRefiner's terms weighted as on CoOp."""
+    n_ctx: int = 4  # text context tokens
     ctx_init: str = "a photo of a"  # "" for random context vectors
-    class_token_position: str = "end"
     semantic_weight: float = 0.02  # the local CE, 1/50
     reg_weight: float = 20.0  # the L1 regulariser
+
+
+@dataclass
+class CoOpRecipe(ContextRecipe):
+    """CoOp + TextRefiner, the paper's scripts: ViT-B/16, 16 shots, best-val model."""
+    class_token_position: str = "end"
     xd: ClassVar[dict] = dict(selection="last")  # trained on ImageNet, the targets tested with the last epoch
+
+
+def image_pass(model, images, prompts=None):
+    """The model's image tower: (global feature (B, D), tokens (B, T, D), cls_attn (B, T - 1)), the last
+    two only when the model has a refiner (else None). Unprompted, nothing in the tower trains: no graph."""
+    with torch.no_grad() if prompts is None else nullcontext():
+        if model.refiner is None:
+            return model.clip.encode_image(images, prompts=prompts), None, None
+        return model.clip.encode_image(images, return_tokens=True, prompts=prompts)
+
+
+def class_logits(scale, image, classes):
+    """scale * image @ classes^T: normalised images (B, D) against classes (C, D), or each image against
+    its own classes (B, C, D) -> (B, C)."""
+    if classes.dim() == 2:
+        return scale * image @ classes.t()
+    return scale * torch.einsum("bd,bcd->bc", image, classes)
+
+
+def refined_ce(model, t, image, labels, tokens, cls_attn):
+    """A training step's terms for a host classified with cross-entropy: t the normalised class features
+    (C, D), or per image (B, C, D); image the global features (B, D); with model.refiner the logits
+    use the refined classifier and TextRefiner's local CE and L1 are added with model.semantic_weight
+    and model.reg_weight (updates the cache). -> loss, loss_global, loss_local, loss_reg, logits (B, C)."""
+    if labels is None:
+        raise ValueError(f"{type(model).__name__}.forward: labels are required in training mode")
+    with fp32(t):
+        image = F.normalize(image.float(), dim=-1)  # (B, D)
+        scale = model.clip.logit_scale.exp().float()
+        if model.refiner is None:
+            logits = class_logits(scale, image, t)  # (B, C)
+            loss = F.cross_entropy(logits, labels)
+            zero = loss.new_zeros(())
+            return dict(loss=loss, loss_global=loss, loss_local=zero, loss_reg=zero, logits=logits)
+        refined, local_logits, loss_reg = model.refiner.train_terms(t, tokens, cls_attn, scale)
+        logits = class_logits(scale, image, refined)  # (B, C)
+        loss_global = F.cross_entropy(logits, labels)
+        loss_local = F.cross_entropy(local_logits.flatten(0, 1), labels.repeat_interleave(local_logits.shape[1]))
+        loss = loss_global + model.semantic_weight * loss_local + model.reg_weight * loss_reg
+    return dict(loss=loss, loss_global=loss_global, loss_local=loss_local, loss_reg=loss_reg, logits=logits)
 
 
 class TextRefinerCLIP(PromptCLIP):
@@ -509,14 +586,19 @@ class TextRefinerCLIP(PromptCLIP):
 
     @classmethod
     def build(cls, clip, classnames, args):
-        return cls(clip, classnames, n_ctx=args.n_ctx, ctx_init=args.ctx_init, cache_size=args.cache_size,
-                   alpha=args.alpha, momentum=args.cache_momentum, topk=args.topk,
-                   semantic_weight=args.semantic_weight, reg_weight=args.reg_weight, refiner=not args.no_refiner,
-                   class_token_position=args.class_token_position)
+        return cls(clip, classnames, **cls.options(clip, args))
+
+    @classmethod
+    def options(cls, clip, args):
+        """The constructor's keyword arguments for the run's flags on `clip`."""
+        return dict(n_ctx=args.n_ctx, ctx_init=args.ctx_init, cache_size=args.cache_size, alpha=args.alpha,
+                    momentum=args.cache_momentum, topk=args.topk, semantic_weight=args.semantic_weight,
+                    reg_weight=args.reg_weight, refiner=not args.no_refiner,
+                    class_token_position=args.class_token_position)
 
     @classmethod
     def prepare(cls, args, classnames):
-        check_prompts(classnames, args.n_ctx, args.ctx_init)
+        check_prompts(classnames, args.n_ctx, args.ctx_init, class_token_position=args.class_token_position)
 
     @classmethod
     def benchmark_models(cls, clip, classnames, args):
@@ -529,39 +611,15 @@ class TextRefinerCLIP(PromptCLIP):
 
     def text_features(self):
         """Normalised class text features (C, D) fp32, with the graph to ctx when grad is on."""
-        prompts, ids = self.prompt_learner()
-        # a length known in advance: finding it on the device ids would sync every step
-        text = self.clip.encode_prompts(prompts, ids, length=self.prompt_learner.text_length)  # (C, D)
-        with fp32(text):
-            return F.normalize(text.float(), dim=-1)
+        return prompt_text_features(self.clip, self.prompt_learner)
 
     def class_features(self):
         t = self.text_features()
         return t if self.refiner is None else self.refiner.refine(t)
 
     def train_forward(self, images, labels):
-        if labels is None:
-            raise ValueError("TextRefinerCLIP.forward: labels are required in training mode")
-        with torch.no_grad():  # nothing in the image tower is trained
-            if self.refiner is None:
-                image = self.clip.encode_image(images)  # (B, D)
-            else:
-                image, tokens, cls_attn = self.clip.encode_image(images, return_tokens=True)
-        t = self.text_features()  # (C, D)
-        with fp32(t):
-            image = F.normalize(image.float(), dim=-1)  # (B, D)
-            scale = self.clip.logit_scale.exp().float()
-            if self.refiner is None:
-                logits = scale * image @ t.t()  # (B, C)
-                loss = F.cross_entropy(logits, labels)
-                zero = loss.new_zeros(())
-                return dict(loss=loss, loss_global=loss, loss_local=zero, loss_reg=zero, logits=logits)
-            refined, local_logits, loss_reg = self.refiner.train_terms(t, tokens, cls_attn, scale)
-            logits = scale * image @ refined.t()  # (B, C)
-            loss_global = F.cross_entropy(logits, labels)
-            loss_local = F.cross_entropy(local_logits.flatten(0, 1), labels.repeat_interleave(local_logits.shape[1]))
-            loss = loss_global + self.semantic_weight * loss_local + self.reg_weight * loss_reg
-        return dict(loss=loss, loss_global=loss_global, loss_local=loss_local, loss_reg=loss_reg, logits=logits)
+        image, tokens, cls_attn = image_pass(self, images)
+        return refined_ce(self, self.text_features(), image, labels, tokens, cls_attn)
 
 
 class ZeroShotCLIP(PromptCLIP):
@@ -645,11 +703,8 @@ class PromptSRCTeacher(nn.Module):
         """Normalised teacher text features t_T (n, D_T) fp32, once per class set."""
         key = (_state_key(self), _autocast_key(self.text_prompts.device))
         if self._class_features is None or self._class_features[0] != key:
-            prompts, ids = self.prompt_learner()
-            text = self.clip.encode_prompts(prompts, ids, length=self.prompt_learner.text_length,
-                                            deep_prompts=self.text_prompts if len(self.text_prompts) else None)
-            with fp32(text):
-                self._class_features = (key, F.normalize(text.float(), dim=-1))
+            deep = self.text_prompts if len(self.text_prompts) else None
+            self._class_features = (key, prompt_text_features(self.clip, self.prompt_learner, deep))
         return self._class_features[1]
 
     @torch.no_grad()
@@ -677,7 +732,7 @@ class PromptKDRecipe(RefinerRecipe):
     epochs: int = 20
     batch_size: int = 8
     lr: float = 0.005
-    n_ctx: int = 4  # visual prompt tokens per block
+    n_ctx_vision: int = 4  # visual prompt tokens per block
     depth: int = 9  # blocks with visual prompts; PromptKD's cross-dataset student uses 3
     kd_weight: float = None  # lambda, per dataset: KD_WEIGHTS
     temperature: float = 1.0
@@ -685,6 +740,7 @@ class PromptKDRecipe(RefinerRecipe):
         required="a PromptKD teacher file, or the folder of PromptKD's released teachers"))
     teacher_clip: str = "ViT-L/14"  # the CLIP the teacher was trained from (its token embedding)
     inputs: ClassVar[tuple] = ("teacher", "teacher_clip")
+    ranges: ClassVar[dict] = dict(n_ctx_vision=POSITIVE)
     xd: ClassVar[dict] = dict(depth=3)  # a student per target, on its unlabelled train split
 
     def for_dataset(self, dataset):
@@ -774,7 +830,7 @@ class PromptKDCLIP(PromptCLIP):
             raise UserError(f"--teacher-clip {args.teacher_clip} {e}") from None
         except (ValueError, KeyError, OSError) as e:
             raise UserError(f"--teacher {args.teacher}: {e}") from None
-        return cls(clip, teacher, classnames, depth=args.depth, n_ctx=args.n_ctx, kd_weight=args.kd_weight,
+        return cls(clip, teacher, classnames, depth=args.depth, n_ctx=args.n_ctx_vision, kd_weight=args.kd_weight,
                    temperature=args.temperature, cache_size=args.cache_size, alpha=args.alpha,
                    momentum=args.cache_momentum, topk=args.topk, refiner=not args.no_refiner)
 
@@ -791,8 +847,8 @@ class PromptKDCLIP(PromptCLIP):
 
         def student(refiner):  # a teacher each: the per-batch variant must not clear the others' memo
             teacher = PromptSRCTeacher(teacher_clip, *prompts, classnames)
-            return cls(clip, teacher, classnames, depth=min(args.depth, clip.config.vision_layers), n_ctx=args.n_ctx,
-                       kd_weight=args.kd_weight, refiner=refiner)
+            return cls(clip, teacher, classnames, depth=min(args.depth, clip.config.vision_layers),
+                       n_ctx=args.n_ctx_vision, kd_weight=args.kd_weight, refiner=refiner)
         return {"PromptKD+TextRefiner": student(True), "PromptKD": student(False),
                 "PromptKD+TR (released)": TeacherTextPerBatch(student(True))}
 
@@ -851,4 +907,428 @@ class TeacherTextPerBatch(nn.Module):
         return self.model(*inputs)
 
 
-METHODS = {"coop": TextRefinerCLIP, "promptkd": PromptKDCLIP}
+# ----------------------------------------------------------------------------- the prompt-learning family
+# CoCoOp, KgCoOp, IVLP, MaPLe and PromptSRC as TextRefiner hosts (refiner=False: the official method).
+# Their logits and classification losses use the refined classifier, a host's own text regulariser acts
+# on its unrefined features, and TextRefiner's terms are as on CoOp. The recipes are the official
+# base2new configs, evaluated at the last epoch as the hosts' papers do.
+
+# Prompts per text-tower call where a host encodes many (CoCoOp's per-image classes, PromptSRC's templates):
+# enough rows to keep a GPU busy, few enough to bound the activations' memory.
+TEXT_ROWS = 1024
+
+
+class TemplateFeatures(nn.Module):
+    """A frozen CLIP's hand-crafted class features: normalise(mean over the templates of the unnormalised
+    text features of "template with {} = class name") (C, D) fp32, out of autocast. Computed on first
+    use and kept until the class set changes (only training reads them); not part of a checkpoint."""
+
+    def __init__(self, templates, classnames):
+        super().__init__()
+        self.templates = tuple(templates)
+        self.register_buffer("features", torch.empty(0), persistent=False)  # (C, D) once computed
+        self.set_classnames(classnames)
+
+    def set_classnames(self, classnames):
+        self.classnames = [name.replace("_", " ") for name in classnames]
+        self.features = self.features.new_empty(0)
+
+    @torch.no_grad()
+    def forward(self, clip):
+        if not self.features.numel():
+            device = clip.logit_scale.device
+            prompts = [template.replace("{}", name) for template in self.templates for name in self.classnames]
+            ids = tokenize(prompts, clip.config.context_length)  # (templates C, 77)
+            with torch.autocast(device.type, enabled=False):
+                text = torch.cat([clip.encode_text(rows.to(device), length=text_length(rows))
+                                  for rows in ids.split(TEXT_ROWS)])  # (templates C, D)
+            self.features = F.normalize(text.unflatten(0, (len(self.templates), -1)).mean(0), dim=-1)  # (C, D)
+        return self.features
+
+
+class ContextCLIP(PromptCLIP):
+    """What CoCoOp, IVLP, MaPLe and PromptSRC share: CoOp's text context (PromptLearner: "a photo of a
+    {name}.", its first n_ctx tokens trained), a refiner (True: TextRefiner's defaults, a TextRefiner,
+    or False: the host alone) and TextRefiner's weights on a host trained with cross-entropy."""
+    loss_keys = ("loss", "loss_global", "loss_local", "loss_reg")
+
+    def __init__(self, clip, classnames, n_ctx=4, ctx_init="a photo of a", refiner=True, semantic_weight=1 / 50,
+                 reg_weight=20.0):
+        super().__init__(clip)
+        self.prompt_learner = PromptLearner(clip, classnames, n_ctx, ctx_init)
+        self.refiner = TextRefiner(clip.config.embed_dim) if refiner is True else refiner or None
+        self.semantic_weight, self.reg_weight = semantic_weight, reg_weight
+
+    @classmethod
+    def build(cls, clip, classnames, args):
+        return cls(clip, classnames, **cls.options(clip, args))
+
+    @classmethod
+    def options(cls, clip, args):
+        """The constructor's keyword arguments for the run's flags on `clip`."""
+        return dict(n_ctx=args.n_ctx, ctx_init=args.ctx_init, refiner=refiner_from(args, clip.config.embed_dim),
+                    semantic_weight=args.semantic_weight, reg_weight=args.reg_weight)
+
+    @classmethod
+    def prepare(cls, args, classnames):
+        check_prompts(classnames, args.n_ctx, args.ctx_init)
+
+    def set_classnames(self, classnames):
+        self.prompt_learner.set_classnames(classnames)
+        super().set_classnames(classnames)
+
+# ----------------------------------------------------------------------------- CoCoOp + TextRefiner
+
+
+@dataclass
+class CoCoOpRecipe(ContextRecipe):
+    """CoCoOp's base2new config (ViT-B/16, 16 shots): batch 1, its text tower runs once per image."""
+    epochs: int = 10
+    batch_size: int = 1
+    lr: float = 0.002
+    selection: str = "last"
+
+
+class CoCoOpCLIP(ContextCLIP):
+    """CoCoOp (CVPR 2022) with TextRefiner. A meta-net of the image's normalised global feature x,
+    pi(x) = linear2(relu(linear1(x))) (D -> D/16 -> W), shifts every context vector, so the class
+    features are per image (B, C, D): TextRefiner refines every row, image i's local tokens are
+    classified against image i's unrefined features, and the cache is written at every step. At test
+    time the class features (and their refinement) are computed for every image, not once per
+    evaluation: see logits. refiner=False is CoCoOp."""
+    recipe = CoCoOpRecipe
+    title = "CoCoOp"
+    published = dict(note="Published 11-dataset averages (ViT-B/16, 16 shots, seeds 1-3; the CoCoOp paper); no "
+                          "result of CoCoOp with TextRefiner was published:",
+                     base2new={"CoCoOp": (80.47, 71.69, 75.83)})
+
+    def __init__(self, clip, classnames, **options):
+        super().__init__(clip, classnames, **options)
+        dim, width = clip.config.embed_dim, clip.config.transformer_width
+        self.meta_net = nn.Sequential(OrderedDict(linear1=nn.Linear(dim, dim // 16), relu=nn.ReLU(),
+                                                  linear2=nn.Linear(dim // 16, width)))
+
+    def text_features(self, image):
+        """Normalised class features per image (B, C, D) fp32 for normalised image features (B, D), with the
+        graph to ctx and the meta-net when grad is on."""
+        prompts, ids = self.prompt_learner()  # (C, 77, W), (C, 77)
+        length, n = self.prompt_learner.text_length, self.prompt_learner.n_ctx
+        prompts = prompts[:, :length]  # the positions the EOT rows see (causal mask)
+        shift = self.meta_net(image)  # (B, W)
+        text = []
+        for s in shift.split(max(1, TEXT_ROWS // len(ids))):  # (k, W): images whose prompts share a pass
+            k = len(s)
+            shifted = torch.cat([prompts[None, :, :1].expand(k, -1, -1, -1),  # SOT
+                                 prompts[None, :, 1:1 + n] + s[:, None, None],  # the context, shifted
+                                 prompts[None, :, 1 + n:].expand(k, -1, -1, -1)], dim=2)  # (k, C, L, W)
+            out = self.clip.encode_prompts(shifted.flatten(0, 1), ids.repeat(k, 1), length=length)  # (k C, D)
+            text.append(out.unflatten(0, (k, -1)))  # (k, C, D)
+        text = torch.cat(text)  # (B, C, D)
+        with fp32(text):
+            return F.normalize(text.float(), dim=-1)
+
+    def class_features(self, image):
+        """What each image's logits compare against: its class features (B, C, D), refined row by row."""
+        t = self.text_features(image)
+        return t if self.refiner is None else self.refiner.refine(t)
+
+    def logits(self, image_features):
+        """Eval logits (B, C), each image against its own class features, computed for every batch: they
+        depend on the image, so nothing carries over from one batch to the next."""
+        image = F.normalize(image_features.float(), dim=-1)  # (B, D)
+        classes = self.class_features(image)  # (B, C, D)
+        with fp32(classes):
+            return class_logits(self.clip.logit_scale.exp().float(), image, classes)
+
+    def train_forward(self, images, labels):
+        image, tokens, cls_attn = image_pass(self, images)
+        t = self.text_features(F.normalize(image.float(), dim=-1))  # (B, C, D)
+        return refined_ce(self, t, image, labels, tokens, cls_attn)
+
+# ----------------------------------------------------------------------------- KgCoOp + TextRefiner
+
+
+# KgCoOp's hand-crafted prompt of a dataset: CoOp's (data.DATASETS), except for DTD.
+KGCOOP_TEMPLATES = {"dtd": "a photo of a {}, a type of texture."}
+
+
+@dataclass
+class KgCoOpRecipe(CoOpRecipe):
+    """KgCoOp's base2new config (ViT-B/16, 16 shots)."""
+    epochs: int = 100
+    batch_size: int = 128
+    lr: float = 0.002
+    selection: str = "last"
+    kg_weight: float = 8.0  # of 1 - mean cosine to the hand-crafted class features
+    ranges: ClassVar[dict] = dict(kg_weight=NON_NEGATIVE)
+
+
+class KgCoOpCLIP(TextRefinerCLIP):
+    """KgCoOp (CVPR 2023) with TextRefiner: CoOp plus kg_weight * (1 - mean cosine) between the learnt,
+    unrefined class features and the frozen CLIP's on the dataset's hand-crafted prompt (KGCOOP_TEMPLATES),
+    encoded once per class set. refiner=False is KgCoOp."""
+    recipe = KgCoOpRecipe
+    loss_keys = TextRefinerCLIP.loss_keys + ("loss_kg",)
+    title = "KgCoOp"
+    published = dict(note="Published 11-dataset averages (ViT-B/16, 16 shots, seeds 1-3; KgCoOp's README); no "
+                          "result of KgCoOp with TextRefiner was published:",
+                     base2new={"KgCoOp": (80.73, 73.60, 77.00)})
+
+    def __init__(self, clip, classnames, kg_weight=8.0, template="a photo of a {}.", **coop):
+        super().__init__(clip, classnames, **coop)
+        self.kg_weight = kg_weight
+        self.handcrafted = TemplateFeatures([template], classnames)
+
+    @classmethod
+    def options(cls, clip, args):
+        template = KGCOOP_TEMPLATES.get(args.dataset) or (data.DATASETS[args.dataset].template if args.dataset
+                                                          else "a photo of a {}.")
+        return dict(super().options(clip, args), kg_weight=args.kg_weight, template=template)
+
+    def set_classnames(self, classnames):
+        self.handcrafted.set_classnames(classnames)
+        super().set_classnames(classnames)
+
+    def train_forward(self, images, labels):
+        image, tokens, cls_attn = image_pass(self, images)
+        t = self.text_features()  # (C, D)
+        out = refined_ce(self, t, image, labels, tokens, cls_attn)
+        with fp32(t):
+            loss_kg = 1 - F.cosine_similarity(t, self.handcrafted(self.clip), dim=-1, eps=1e-7).mean()
+        return dict(out, loss=out["loss"] + self.kg_weight * loss_kg, loss_kg=loss_kg)
+
+# ----------------------------------------------------------------------------- IVLP, MaPLe: prompts in both towers
+
+
+@dataclass
+class IVLPRecipe(ContextRecipe):
+    """IVLP's base2new config of PromptSRC's repository (ViT-B/16, 16 shots): 4 + 4 prompt tokens, depth 9."""
+    epochs: int = 20
+    batch_size: int = 4
+    lr: float = 0.0025
+    selection: str = "last"
+    depth: int = 9  # blocks with prompts, in each tower
+    n_ctx_vision: int = 4  # visual prompt tokens per block
+    ranges: ClassVar[dict] = dict(n_ctx_vision=POSITIVE)
+
+
+class DeepPromptCLIP(ContextCLIP):
+    """Prompts in both towers (IVLP, MaPLe, PromptSRC). Text: the context at the input and text_prompts
+    (depth - 1, n_ctx, W) at the context positions before text blocks 1..depth-1. Image: vision_prompts()
+    (depth, n, W_vision), row 0 appended after the image tokens and row i in their place before vision
+    block i. TextRefiner's tokens and attention leave the prompt tokens out (clip_model's hooks)."""
+    frozen_image_features = False  # the image tower is prompted
+
+    def __init__(self, clip, classnames, depth=9, **options):
+        super().__init__(clip, classnames, **options)
+        layers = min(clip.config.vision_layers, clip.config.transformer_layers)
+        if not 1 <= depth <= layers:
+            raise ValueError(f"{type(self).__name__}: depth must be in 1..{layers}, got {depth}")
+        deep = torch.empty(depth - 1, *self.prompt_learner.ctx.shape).normal_(std=0.02)  # (depth - 1, n_ctx, W)
+        # none at depth 1: a parameter that no step uses would stall DDP's gradient reduction
+        self.register_parameter("text_prompts", nn.Parameter(deep) if depth > 1 else None)
+
+    @classmethod
+    def options(cls, clip, args):
+        layers = min(clip.config.vision_layers, clip.config.transformer_layers)
+        if args.depth > layers:
+            raise UserError(f"--depth {args.depth}: the CLIP has {layers} blocks in a tower")
+        return dict(super().options(clip, args), depth=args.depth)
+
+    @classmethod
+    def benchmark_models(cls, clip, classnames, args):
+        """PromptCLIP's, the recipe's depth capped at the CLIP's blocks (the tiny benchmark CLIPs)."""
+        depth = min(args.depth, clip.config.vision_layers, clip.config.transformer_layers)
+        return super().benchmark_models(clip, classnames, types.SimpleNamespace(**{**vars(args), "depth": depth}))
+
+    def vision_prompts(self):
+        """The image tower's prompts (depth, n, W_vision)."""
+        raise NotImplementedError
+
+    def text_features(self):
+        """Normalised class features (C, D) fp32, with the graph to the text prompts when grad is on."""
+        return prompt_text_features(self.clip, self.prompt_learner, self.text_prompts)
+
+    def class_features(self):
+        t = self.text_features()
+        return t if self.refiner is None else self.refiner.refine(t)
+
+    def image_features(self, images):
+        return self.clip.encode_image(images, prompts=self.vision_prompts())  # (B, D)
+
+    def train_forward(self, images, labels):
+        image, tokens, cls_attn = image_pass(self, images, self.vision_prompts())
+        return refined_ce(self, self.text_features(), image, labels, tokens, cls_attn)
+
+
+class IVLPCLIP(DeepPromptCLIP):
+    """Independent vision-language prompting (the baseline of MaPLe and PromptSRC) with TextRefiner: the
+    image tower's prompts are visual_prompts (depth, n_ctx_vision, W_vision), N(0, 0.02^2), independent of
+    the text ones. refiner=False is IVLP."""
+    recipe = IVLPRecipe
+    title = "IVLP"
+    published = dict(note="Published 11-dataset averages (ViT-B/16, 16 shots, seeds 1-3; IVLP 4 + 4, depth 9, 20 "
+                          "epochs, in PromptSRC's README); no result of IVLP with TextRefiner was published:",
+                     base2new={"IVLP": (84.21, 71.79, 77.51)})
+
+    def __init__(self, clip, classnames, depth=9, n_ctx_vision=4, **options):
+        super().__init__(clip, classnames, depth=depth, **options)
+        if n_ctx_vision < 1:
+            raise ValueError(f"{type(self).__name__}: n_ctx_vision must be >= 1, got {n_ctx_vision}")
+        shape = (depth, n_ctx_vision, clip.config.vision_width)
+        self.visual_prompts = nn.Parameter(torch.empty(shape).normal_(std=0.02))
+
+    @classmethod
+    def options(cls, clip, args):
+        return dict(super().options(clip, args), n_ctx_vision=args.n_ctx_vision)
+
+    def vision_prompts(self):
+        return self.visual_prompts
+
+
+@dataclass
+class MaPLeRecipe(ContextRecipe):
+    """MaPLe's base2new config (ViT-B/16, 16 shots): 2 context tokens ("a photo" of "a photo of a"), depth 9."""
+    n_ctx: int = 2
+    epochs: int = 5
+    batch_size: int = 4
+    lr: float = 0.0035
+    selection: str = "last"
+    depth: int = 9  # blocks with prompts, in each tower
+    xd: ClassVar[dict] = dict(lr=0.0026, epochs=2, depth=3)
+
+
+class MaPLeCLIP(DeepPromptCLIP):
+    """MaPLe (CVPR 2023) with TextRefiner: coupled prompts. The image tower's prompts are linear maps
+    (W -> W_vision) of the text ones: row 0 = proj(ctx), row i = projections[i - 1](text_prompts[i - 1]),
+    so the image tower's gradient reaches the text prompts. refiner=False is MaPLe."""
+    recipe = MaPLeRecipe
+    title = "MaPLe"
+    published = dict(note="Published 11-dataset averages (ViT-B/16, 16 shots, seeds 1-3; MaPLe's README); no "
+                          "11-dataset result of MaPLe with TextRefiner was published:",
+                     base2new={"MaPLe": (82.28, 75.14, 78.55)})
+
+    def __init__(self, clip, classnames, depth=9, n_ctx=2, **options):
+        super().__init__(clip, classnames, depth=depth, n_ctx=n_ctx, **options)
+        width, vision_width = clip.config.transformer_width, clip.config.vision_width
+        self.proj = nn.Linear(width, vision_width)
+        deep = nn.Linear(width, vision_width)  # one initialisation, copied: the projections start identical
+        self.projections = nn.ModuleList(copy.deepcopy(deep) for _ in range(depth - 1))
+
+    def vision_prompts(self):
+        deep = [] if self.text_prompts is None else [p(t) for p, t in zip(self.projections, self.text_prompts)]
+        return torch.stack([self.proj(self.prompt_learner.ctx), *deep])  # (depth, n_ctx, W_vision)
+
+# ----------------------------------------------------------------------------- PromptSRC + TextRefiner
+
+
+# PromptSRC's text targets: 60 of OpenAI's published CLIP ImageNet prompt templates, in PromptSRC's order.
+PROMPTSRC_TEMPLATES = (
+    "a photo of a {}.", "a bad photo of a {}.", "a photo of many {}.", "a sculpture of a {}.",
+    "a photo of the hard to see {}.", "a low resolution photo of the {}.", "a rendering of a {}.", "graffiti of a {}.",
+    "a bad photo of the {}.", "a cropped photo of the {}.", "a tattoo of a {}.", "the embroidered {}.",
+    "a photo of a hard to see {}.", "a bright photo of a {}.", "a photo of a clean {}.", "a photo of a dirty {}.",
+    "a dark photo of the {}.", "a drawing of a {}.", "a photo of my {}.", "the plastic {}.", "a photo of the cool {}.",
+    "a close-up photo of a {}.", "a black and white photo of the {}.", "a painting of the {}.", "a painting of a {}.",
+    "a pixelated photo of the {}.", "a sculpture of the {}.", "a bright photo of the {}.", "a cropped photo of a {}.",
+    "a plastic {}.", "a photo of the dirty {}.", "a jpeg corrupted photo of a {}.", "a blurry photo of the {}.",
+    "a photo of the {}.", "a good photo of the {}.", "a rendering of the {}.", "a {} in a video game.",
+    "a photo of one {}.", "a doodle of a {}.", "a close-up photo of the {}.", "the origami {}.",
+    "the {} in a video game.", "a sketch of a {}.", "a doodle of the {}.", "a origami {}.",
+    "a low resolution photo of a {}.", "the toy {}.", "a rendition of the {}.", "a photo of the clean {}.",
+    "a photo of a large {}.", "a rendition of a {}.", "a photo of a nice {}.", "a photo of a weird {}.",
+    "a blurry photo of a {}.", "a cartoon {}.", "art of a {}.", "a sketch of the {}.", "a embroidered {}.",
+    "a pixelated photo of a {}.", "itap of the {}.")
+
+
+def gpa_weights(mean, std, epochs):
+    """PromptSRC's weights of epochs 1..epochs: the Gaussian N(e; mean, std^2) normalised to sum 1
+    (float64; computed as a softmax of the exponents, so that no choice underflows to a zero sum)."""
+    exponents = [-0.5 * ((e - mean) / std) ** 2 for e in range(1, epochs + 1)]
+    w = [math.exp(x - max(exponents)) for x in exponents]
+    return [x / sum(w) for x in w]
+
+
+@dataclass
+class PromptSRCRecipe(IVLPRecipe):
+    """PromptSRC's base2new config (ViT-B/16, 16 shots): IVLP 4 + 4, depth 9, and its regularisers."""
+    text_weight: float = 25.0  # L1 of the text features to the frozen CLIP's
+    image_weight: float = 10.0  # L1 of the image features to the frozen CLIP's
+    gpa_mean: float = 15.0  # Gaussian prompt aggregation over epochs 1..epochs
+    gpa_std: float = 1.0
+    xd: ClassVar[dict] = dict(depth=3, gpa_mean=6.0, gpa_std=10.0)
+    ranges: ClassVar[dict] = dict(IVLPRecipe.ranges, text_weight=NON_NEGATIVE, image_weight=NON_NEGATIVE,
+                                  gpa_mean=FINITE, gpa_std=POSITIVE)
+
+
+class PromptSRCCLIP(IVLPCLIP):
+    """PromptSRC (ICCV 2023) with TextRefiner: IVLP regulated by the frozen CLIP it prompts (no copy):
+
+        loss = CE(logits) + text_weight L1(t, t_zs) + image_weight L1(f, f_zs) + KL(p_zs || p) (+ TextRefiner's)
+
+    t: the unrefined prompted class features; t_zs: the frozen text tower's mean over PROMPTSRC_TEMPLATES,
+    normalised; f, f_zs: the prompted and unprompted normalised image features; p = softmax(logits), logits
+    of the refined classifier; p_zs of exp(logit_scale) f_zs t_zs^T; KL summed and divided by B * C.
+    Gaussian prompt aggregation: after epoch e the buffer gpa_sum adds gpa_weights(e) times the trainable
+    parameters (prompts and TextRefiner's weights; buffers stay the last epoch's), and after the last
+    epoch the parameters become gpa_sum, the model evaluated. refiner=False is PromptSRC."""
+    recipe = PromptSRCRecipe
+    loss_keys = ("loss", "loss_global", "loss_text", "loss_image", "loss_kl", "loss_local", "loss_reg")
+    title = "PromptSRC"
+    published = dict(note="Published 11-dataset averages (ViT-B/16, 16 shots, seeds 1-3; PromptSRC's README); no "
+                          "result of PromptSRC with TextRefiner was published:",
+                     base2new={"PromptSRC": (84.26, 76.10, 79.97)})
+
+    def __init__(self, clip, classnames, text_weight=25.0, image_weight=10.0, gpa_mean=15.0, gpa_std=1.0,
+                 **options):
+        super().__init__(clip, classnames, **options)
+        if not gpa_std > 0:
+            raise ValueError(f"PromptSRCCLIP: gpa_std must be > 0, got {gpa_std}")
+        self.text_weight, self.image_weight, self.gpa_mean, self.gpa_std = text_weight, image_weight, gpa_mean, gpa_std
+        self.zs_text = TemplateFeatures(PROMPTSRC_TEMPLATES, classnames)
+        # a buffer: every checkpoint holds the running sum, so --resume continues it exactly
+        self.register_buffer("gpa_sum", torch.zeros(sum(p.numel() for p in self.trained())))
+
+    @classmethod
+    def options(cls, clip, args):
+        return dict(super().options(clip, args), text_weight=args.text_weight, image_weight=args.image_weight,
+                    gpa_mean=args.gpa_mean, gpa_std=args.gpa_std)
+
+    def trained(self):
+        """The trainable parameters, in a fixed order: what the aggregation averages."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def set_classnames(self, classnames):
+        self.zs_text.set_classnames(classnames)
+        super().set_classnames(classnames)
+
+    def train_forward(self, images, labels):
+        image, tokens, cls_attn = image_pass(self, images, self.vision_prompts())
+        t = self.text_features()  # (C, D)
+        out = refined_ce(self, t, image, labels, tokens, cls_attn)
+        with torch.no_grad():
+            zs_image = self.clip.encode_image(images)  # (B, D) the frozen tower, unprompted
+        zs_text = self.zs_text(self.clip)  # (C, D)
+        with fp32(t):
+            zs_image = F.normalize(zs_image.float(), dim=-1)
+            zs_logits = self.clip.logit_scale.exp().float() * zs_image @ zs_text.t()  # (B, C)
+            loss_text = F.l1_loss(t, zs_text)
+            loss_image = F.l1_loss(F.normalize(image.float(), dim=-1), zs_image)
+            logits = out["logits"]
+            loss_kl = F.kl_div(F.log_softmax(logits, dim=-1), F.log_softmax(zs_logits, dim=-1), reduction="sum",
+                               log_target=True) / logits.numel()
+            loss = out["loss"] + self.text_weight * loss_text + self.image_weight * loss_image + loss_kl
+        return dict(out, loss=loss, loss_text=loss_text, loss_image=loss_image, loss_kl=loss_kl)
+
+    @torch.no_grad()
+    def epoch_end(self, epoch, epochs):
+        params = self.trained()
+        weight = gpa_weights(self.gpa_mean, self.gpa_std, epochs)[epoch]
+        self.gpa_sum.add_(torch.cat([p.flatten() for p in params]) * weight)  # as released: w * theta, then the sum
+        if epoch == epochs - 1:  # the aggregate becomes the model
+            for p, value in zip(params, self.gpa_sum.split([p.numel() for p in params])):
+                p.copy_(value.view_as(p))
+
+
+METHODS = {"coop": TextRefinerCLIP, "promptkd": PromptKDCLIP, "cocoop": CoCoOpCLIP, "kgcoop": KgCoOpCLIP,
+           "ivlp": IVLPCLIP, "maple": MaPLeCLIP, "promptsrc": PromptSRCCLIP}

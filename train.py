@@ -524,6 +524,7 @@ def _train(args, rank, world_size, device, group, phase):
                 eta = ((args.epochs - epoch) * steps - step - 1) / rate
                 print0(f"epoch {epoch + 1}/{args.epochs} step {step + 1}/{steps} loss {mean[0]:.4f} lr {lr:.3e} "
                        f"{rate:.2f} it/s eta {eta / 60:.1f} min")
+        raw_model.epoch_end(epoch, args.epochs)  # e.g. PromptSRC's prompt aggregation, saved with this epoch
         record = dict(epoch=epoch, lr=lr, **dict(zip(raw_model.loss_keys, mean)))
         if use_val:
             with phase("val"):

@@ -351,6 +351,20 @@ def ref_encode_text(sd, ids, embeddings=None, deep_prompts=None):
     return x[torch.arange(len(ids)), ids.argmax(-1)] @ sd["text_projection"]
 
 
+def rel_err(actual, expected):
+    """max |actual - expected| / max |expected|, in float64."""
+    return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max()).item()
+
+
+def ref_projection(x, p, prefix, running=None, eps=1e-5):
+    """Linear -> BatchNorm1d -> ReLU -> Linear over rows; batch statistics (biased variance)
+    unless running = (mean, var). -> (y, batch mean, batch var)."""
+    h = x @ p[prefix + ".fc1.weight"].t() + p[prefix + ".fc1.bias"]
+    mean, var = (h.mean(0), ((h - h.mean(0)) ** 2).mean(0)) if running is None else running
+    z = torch.relu((h - mean) / torch.sqrt(var + eps) * p[prefix + ".bn.weight"] + p[prefix + ".bn.bias"])
+    return z @ p[prefix + ".fc2.weight"].t() + p[prefix + ".fc2.bias"], mean, var
+
+
 def spec_semantic_tokens(aligned, cls_attn, topk=5):
     """TextRefiner's local rows from the equations: per image the CLS token, the top-k patches by
     CLS attention and the mean over all tokens (B, k+2, D); asserts the top-k is well defined."""

@@ -22,8 +22,8 @@ for arg in "$@"; do  # train.py's outputs, so the script can copy them
 done
 """
 STEPS = ["versions", "kernel-check", "pytest", "kernels-bench", "train-benchmark", "eval-benchmark",
-         "promptkd-train-benchmark", "promptkd-eval-benchmark", "whole-run-bf16", "table-benchmark", "synthetic-data",
-         "train-fp16"]
+         "promptkd-train-benchmark", "promptkd-eval-benchmark", "family-benchmarks", "whole-run-bf16",
+         "table-benchmark", "synthetic-data", "train-fp16"]
 
 
 def gpu_check(tmp_path, fail=None, via_make=False, slow=None, budget=None):
@@ -58,6 +58,8 @@ def test_gpu_check_runs_every_step_and_passes_when_all_do(tmp_path):
         "bench.py step --eval --num-classes 1000",
         "bench.py step --method promptkd --batch-size 8",
         "bench.py step --eval --method promptkd --batch-size 8",
+        "bench.main(['step', '--method', method, '--num-classes', '100', '--steps', '6', '--warmup', '2', *mode]) "
+        "cocoop kgcoop ivlp maple promptsrc",
         "bench.py run --num-classes 10 --precision bf16",
         "bench.py table --datasets 2 --seeds 1",
         "clip_model.random_state_dict(clip_model.CONFIGS['ViT-B/16'])",

@@ -11,7 +11,8 @@ import torch
 import released
 from clip_model import CONFIGS, build_model, random_state_dict, tokenize
 from textrefiner import PromptKDCLIP, PromptSRCTeacher, TextRefinerCLIP
-from helpers import ref_encode_image, ref_encode_text, save_half_batch_step, spec_cache_update, spec_semantic_tokens
+from helpers import (ref_encode_image, ref_encode_text, ref_projection, rel_err, save_half_batch_step, spec_cache_update,
+                     spec_semantic_tokens)
 
 CLASSNAMES = ["cat", "golden_retriever", "sports car", "tabby_cat", "airliner"]
 BASE = CLASSNAMES[:3]  # a base2new teacher is trained on the first ceil(n/2) classes
@@ -76,10 +77,6 @@ def images(batch, seed=1):
 def depth(teacher):
     """(text depth, vision depth) of a teacher: 1 + the blocks with deep prompts."""
     return 1 + teacher.text_prompts.shape[0], teacher.visual_prompts.shape[0]
-
-
-def rel_err(actual, expected):
-    return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max()).item()
 
 
 def file_state(path):
@@ -314,15 +311,6 @@ def test_teacher_of_other_classes_with_the_same_count_is_refused(tmp_path, teach
 
 
 # ------------------------------------------------------ float64 reference of PromptKD + TextRefiner
-
-def ref_projection(x, p, prefix, running=None, eps=1e-5):
-    """Linear -> BatchNorm1d -> ReLU -> Linear over rows; batch statistics (biased variance)
-    unless running = (mean, var). -> (y, batch mean, batch var)."""
-    h = x @ p[prefix + ".fc1.weight"].t() + p[prefix + ".fc1.bias"]
-    mean, var = (h.mean(0), ((h - h.mean(0)) ** 2).mean(0)) if running is None else running
-    z = torch.relu((h - mean) / torch.sqrt(var + eps) * p[prefix + ".bn.weight"] + p[prefix + ".bn.bias"])
-    return z @ p[prefix + ".fc2.weight"].t() + p[prefix + ".fc2.bias"], mean, var
-
 
 def kl_per_element(student_logits, teacher_probs, temperature):
     log_q = student_logits / temperature

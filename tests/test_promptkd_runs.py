@@ -33,9 +33,9 @@ def test_recipe_rows_fill_flags_left_at_none_and_explicit_flags_win():
     pk = resolved("--method", "promptkd", "--dataset", "caltech101")
     assert (pk.epochs, pk.batch_size, pk.lr, pk.momentum, pk.weight_decay, pk.warmup_epochs, pk.warmup_lr) == \
         (20, 8, 0.005, 0.9, 5e-4, 1, 1e-5)  # PromptKD's recipe
-    assert (pk.depth, pk.n_ctx, pk.kd_weight, pk.temperature, pk.teacher_clip) == (9, 4, 1000.0, 1.0, "ViT-L/14")
+    assert (pk.depth, pk.n_ctx_vision, pk.kd_weight, pk.temperature, pk.teacher_clip) == (9, 4, 1000.0, 1.0, "ViT-L/14")
     assert (pk.cache_size, pk.alpha, pk.cache_momentum, pk.topk) == (25, 0.2, 0.8, 5)
-    assert pk.ctx_init is None and pk.semantic_weight is None  # CoOp's flags stay unset
+    assert pk.n_ctx is None and pk.ctx_init is None and pk.semantic_weight is None  # CoOp's flags stay unset
     for dataset in ("fgvc_aircraft", "oxford_flowers", "dtd"):  # PromptKD's per-dataset weight
         assert resolved("--method", "promptkd", "--dataset", dataset).kd_weight == 200.0
     assert resolved("--method", "promptkd", "--dataset", "dtd", "--kd-weight", "7", "--epochs", "2").kd_weight == 7.0
@@ -47,7 +47,7 @@ def test_recipe_rows_fill_flags_left_at_none_and_explicit_flags_win():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--method", "promptkd", "--semantic-weight", "0.1"], "--semantic-weight applies to --method coop, not promptkd"),
+    (["--method", "promptkd", "--semantic-weight", "0.1"], "--semantic-weight applies to --method coop or cocoop or kgcoop or ivlp or maple or promptsrc, not promptkd"),
     (["--kd-weight", "200"], "--kd-weight applies to --method promptkd, not coop"),
     (["--teacher", "teachers"], "--teacher applies to --method promptkd, not coop"),
     (["--method", "promptkd"], "--method promptkd needs --teacher"),
@@ -291,7 +291,7 @@ def test_authors_promptkd_folder_maps_and_evaluates_as_ours(pk_run, tmp_path):
     assert not marker.exists()  # read tensors-only: no code from the file ran
     assert_same_tensors(mapped, released_rounding(state))
     assert (info["method"], info["epoch"], info["val_result"], info["precision"]) == ("promptkd", 2, 61.25, "fp16")
-    assert info["flags"] == {"depth": PK_DEPTH, "n_ctx": 4, "cache_size": 25}
+    assert info["flags"] == {"depth": PK_DEPTH, "n_ctx_vision": 4, "cache_size": 25}
     assert not any("VPT" in k for k in info["clip_weights"])
     torch.save(dict(ckpt, model=released_rounding(state)), tmp_path / "ours.pt")
     common = ["--workers", "0", "--device", "cpu", "--subsample", "new"]
@@ -335,9 +335,9 @@ def test_make_base2new_promptkd_commands():
                          "XD_TARGETS=dtd eurosat"], capture_output=True, text=True, timeout=60)
     assert xd.returncode == 0 and "--table xd --datasets dtd eurosat --seeds 1" in xd.stdout, xd.stderr
     assert train.METHODS["promptkd"].recipe.xd == {"depth": 3}  # PromptKD's cross-dataset student
-    bad = subprocess.run(["make", "-C", REPO, "base2new", "METHOD=maple", "DATASET=dtd", f"PYTHON={sys.executable}"],
+    bad = subprocess.run(["make", "-C", REPO, "base2new", "METHOD=prograd", "DATASET=dtd", f"PYTHON={sys.executable}"],
                          capture_output=True, text=True, timeout=120)
-    assert bad.returncode != 0 and "--method: invalid choice: 'maple'" in bad.stderr, bad.stderr
+    assert bad.returncode != 0 and "--method: invalid choice: 'prograd'" in bad.stderr, bad.stderr
 
 
 @pytest.mark.slow

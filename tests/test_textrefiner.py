@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from clip_model import CONFIGS, build_model, random_state_dict, tokenize
 from textrefiner import PromptLearner, TextRefiner, TextRefinerCLIP, ZeroShotCLIP
-from helpers import save_half_batch_step, spec_cache_update, spec_semantic_tokens
+from helpers import rel_err, save_half_batch_step, spec_cache_update, spec_semantic_tokens
 
 CLASSNAMES = ["cat", "golden_retriever", "sports car", "tabby_cat", "airliner"]
 STATE_KEYS = {
@@ -36,10 +36,6 @@ def make_model(clip, seed=0, classnames=CLASSNAMES, **kwargs):
 def images(batch, seed=1):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(batch, 3, 32, 32, generator=g)
-
-
-def rel_err(actual, expected):
-    return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max()).item()
 
 
 def grad_err(actual, expected, name):
@@ -215,7 +211,7 @@ def test_eval_features_are_reused_and_invalidated(clip, monkeypatch):
     assert len(calls) == 1  # computed once for both batches
     # the encoder length comes precomputed from the CPU ids (finding it on CUDA ids syncs)
     want_length = int(tokenize([f"a photo of a {n.replace('_', ' ')}." for n in CLASSNAMES]).argmax(-1).max()) + 1
-    assert calls[0] == {"length": want_length}
+    assert calls[0] == {"length": want_length, "deep_prompts": None}
     def change_ctx():
         with torch.no_grad():
             model.prompt_learner.ctx.add_(0.5)  # in place, as an optimizer step would
