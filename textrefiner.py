@@ -566,22 +566,17 @@ def refined_ce(model, t, image, labels, tokens, cls_attn):
     return dict(loss=loss, loss_global=loss_global, loss_local=loss_local, loss_reg=loss_reg, logits=logits)
 
 
-class TextRefinerCLIP(PromptCLIP):
-    """Frozen CLIP + CoOp prompt learner + TextRefiner; refiner=False is plain CoOp.
-
-    Evaluation uses only the image tower's global feature, and nothing trained reaches it
-    (frozen_image_features), so an evaluation loop may compute image_features once per image."""
-    recipe = CoOpRecipe
+class ContextCLIP(PromptCLIP):
+    """What CoOp, CoCoOp, IVLP, MaPLe and PromptSRC share: CoOp's text context (PromptLearner: "a photo of a
+    {name}.", its first n_ctx tokens trained), a refiner (True: TextRefiner's defaults, a TextRefiner,
+    or False: the host alone) and TextRefiner's weights on a host trained with cross-entropy."""
     loss_keys = ("loss", "loss_global", "loss_local", "loss_reg")
-    title = "CoOp"
-    published = dict(note="Published 11-dataset averages (ViT-B/16, 16 shots, seeds 1-3):",
-                     base2new={"CoOp": (82.69, 63.22, 71.66), "CoOp+TextRefiner": (79.74, 74.32, 76.94)})
 
-    def __init__(self, clip, classnames, n_ctx=4, ctx_init="a photo of a", cache_size=25, alpha=0.2, momentum=0.8,
-                 topk=5, semantic_weight=1 / 50, reg_weight=20.0, refiner=True, class_token_position="end"):
+    def __init__(self, clip, classnames, n_ctx=4, ctx_init="a photo of a", refiner=True, semantic_weight=1 / 50,
+                 reg_weight=20.0, class_token_position="end"):
         super().__init__(clip)
         self.prompt_learner = PromptLearner(clip, classnames, n_ctx, ctx_init, class_token_position)
-        self.refiner = TextRefiner(clip.config.embed_dim, cache_size, alpha, momentum, topk) if refiner else None
+        self.refiner = TextRefiner(clip.config.embed_dim) if refiner is True else refiner or None
         self.semantic_weight, self.reg_weight = semantic_weight, reg_weight
 
     @classmethod
@@ -591,6 +586,36 @@ class TextRefinerCLIP(PromptCLIP):
     @classmethod
     def options(cls, clip, args):
         """The constructor's keyword arguments for the run's flags on `clip`."""
+        return dict(n_ctx=args.n_ctx, ctx_init=args.ctx_init, refiner=refiner_from(args, clip.config.embed_dim),
+                    semantic_weight=args.semantic_weight, reg_weight=args.reg_weight)
+
+    @classmethod
+    def prepare(cls, args, classnames):
+        check_prompts(classnames, args.n_ctx, args.ctx_init)
+
+    def set_classnames(self, classnames):
+        self.prompt_learner.set_classnames(classnames)
+        super().set_classnames(classnames)
+
+
+class TextRefinerCLIP(ContextCLIP):
+    """Frozen CLIP + CoOp prompt learner + TextRefiner; refiner=False is plain CoOp.
+
+    Evaluation uses only the image tower's global feature, and nothing trained reaches it
+    (frozen_image_features), so an evaluation loop may compute image_features once per image."""
+    recipe = CoOpRecipe
+    title = "CoOp"
+    published = dict(note="Published 11-dataset averages (ViT-B/16, 16 shots, seeds 1-3):",
+                     base2new={"CoOp": (82.69, 63.22, 71.66), "CoOp+TextRefiner": (79.74, 74.32, 76.94)})
+
+    def __init__(self, clip, classnames, n_ctx=4, ctx_init="a photo of a", cache_size=25, alpha=0.2, momentum=0.8,
+                 topk=5, semantic_weight=1 / 50, reg_weight=20.0, refiner=True, class_token_position="end"):
+        super().__init__(clip, classnames, n_ctx, ctx_init, False, semantic_weight, reg_weight, class_token_position)
+        # after the prompt learner: a random context (ctx_init "") is drawn before the refiner's weights
+        self.refiner = TextRefiner(clip.config.embed_dim, cache_size, alpha, momentum, topk) if refiner else None
+
+    @classmethod
+    def options(cls, clip, args):
         return dict(n_ctx=args.n_ctx, ctx_init=args.ctx_init, cache_size=args.cache_size, alpha=args.alpha,
                     momentum=args.cache_momentum, topk=args.topk, semantic_weight=args.semantic_weight,
                     reg_weight=args.reg_weight, refiner=not args.no_refiner,
@@ -604,10 +629,6 @@ class TextRefinerCLIP(PromptCLIP):
     def benchmark_models(cls, clip, classnames, args):
         """CoOp with and without TextRefiner, and zero-shot CLIP (the same evaluation cost as CoOp)."""
         return {**super().benchmark_models(clip, classnames, args), "zero-shot CLIP": ZeroShotCLIP(clip, classnames)}
-
-    def set_classnames(self, classnames):
-        self.prompt_learner.set_classnames(classnames)
-        super().set_classnames(classnames)
 
     def text_features(self):
         """Normalised class text features (C, D) fp32, with the graph to ctx when grad is on."""
@@ -945,37 +966,6 @@ class TemplateFeatures(nn.Module):
             self.features = F.normalize(text.unflatten(0, (len(self.templates), -1)).mean(0), dim=-1)  # (C, D)
         return self.features
 
-
-class ContextCLIP(PromptCLIP):
-    """What CoCoOp, IVLP, MaPLe and PromptSRC share: CoOp's text context (PromptLearner: "a photo of a
-    {name}.", its first n_ctx tokens trained), a refiner (True: TextRefiner's defaults, a TextRefiner,
-    or False: the host alone) and TextRefiner's weights on a host trained with cross-entropy."""
-    loss_keys = ("loss", "loss_global", "loss_local", "loss_reg")
-
-    def __init__(self, clip, classnames, n_ctx=4, ctx_init="a photo of a", refiner=True, semantic_weight=1 / 50,
-                 reg_weight=20.0):
-        super().__init__(clip)
-        self.prompt_learner = PromptLearner(clip, classnames, n_ctx, ctx_init)
-        self.refiner = TextRefiner(clip.config.embed_dim) if refiner is True else refiner or None
-        self.semantic_weight, self.reg_weight = semantic_weight, reg_weight
-
-    @classmethod
-    def build(cls, clip, classnames, args):
-        return cls(clip, classnames, **cls.options(clip, args))
-
-    @classmethod
-    def options(cls, clip, args):
-        """The constructor's keyword arguments for the run's flags on `clip`."""
-        return dict(n_ctx=args.n_ctx, ctx_init=args.ctx_init, refiner=refiner_from(args, clip.config.embed_dim),
-                    semantic_weight=args.semantic_weight, reg_weight=args.reg_weight)
-
-    @classmethod
-    def prepare(cls, args, classnames):
-        check_prompts(classnames, args.n_ctx, args.ctx_init)
-
-    def set_classnames(self, classnames):
-        self.prompt_learner.set_classnames(classnames)
-        super().set_classnames(classnames)
 
 # ----------------------------------------------------------------------------- CoCoOp + TextRefiner
 
