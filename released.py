@@ -118,15 +118,17 @@ def read_dassl_file(path, allow_pickle=False):
     return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_tensors_only_pickle)
 
 
-def read_dassl_checkpoint(path, allow_pickle=False):
-    """read_dassl_file, checked to be a dict with a 'state_dict' dict; errors name the file."""
+def read_dassl_checkpoint(path, allow_pickle=False, name=None):
+    """read_dassl_file, checked to be a dict with a 'state_dict' dict; errors (DataError, a ValueError)
+    name the file (as `name`, default its path)."""
+    name = name or path
     try:
         content = read_dassl_file(path, allow_pickle)
     except Exception as e:  # not a torch file, cut short, a legacy tar with crafted entries, ...
-        raise DataError(f"{path}: unreadable ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__}); "
+        raise DataError(f"{name}: unreadable ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__}); "
                         f"a file cut short?") from None
     if not isinstance(content, dict) or not isinstance(content.get("state_dict"), dict):
-        raise DataError(f"{path}: not a Dassl checkpoint (no 'state_dict' entry)")
+        raise DataError(f"{name}: not a Dassl checkpoint (no 'state_dict' entry)")
     return content
 
 # ----------------------------------------------------------------------------- PromptKD teacher files
@@ -213,12 +215,7 @@ def read_teacher(clip, path, classnames, num_trained_classes=None, trained_class
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"teacher file {path}: no such file")
-    try:
-        content = read_dassl_file(path)
-    except Exception as e:
-        raise ValueError(f"teacher file {path}: unreadable ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from None
-    if not isinstance(content, dict) or not isinstance(content.get("state_dict"), dict):
-        raise ValueError(f"teacher file {path}: not a Dassl checkpoint (no 'state_dict' entry)")
+    content = read_dassl_checkpoint(path, name=f"teacher file {path}")
     weights, ctx, text, visual, unknown = {}, None, {}, {}, []
     for key, value in content["state_dict"].items():
         if not isinstance(value, torch.Tensor):
