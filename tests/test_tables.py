@@ -222,3 +222,25 @@ def test_evaluations_cannot_lose_or_overwrite_results(run, tmp_path, capsys, mon
     monkeypatch.chdir(tmp_path)
     evaluate_cli.main(["--checkpoint", best, *common, "--output-dir", str(tmp_path / "rel")])
     assert read_results(tmp_path / "rel")["checkpoint"] == os.path.realpath(best)
+
+
+def test_a_slot_reads_each_clip_once_and_a_launcher_runs_steps_as_commands(root, tmp_path, monkeypatch, capsys):
+    """One slot, two jobs in this process: the CLIP file is read once for all four steps. With --launcher
+    every step is a command of its own instead (a failing one fails its job: exit status 1)."""
+    reads = []
+    real = evaluate_cli.clip_model.read_state_dict
+    monkeypatch.setattr(evaluate_cli.clip_model, "read_state_dict", lambda path: reads.append(path) or real(path))
+    argv = table_argv(root, tmp_path / "kept")
+    argv[argv.index("--datasets") + 1:argv.index("--seeds")] = ["dtd"]
+    evaluate_cli.main(argv)
+    assert reads == [root[1]] and len(os.listdir(tmp_path / "kept" / "base2new" / "dtd")) == 2
+    monkeypatch.undo()
+    launched = table_argv(root, tmp_path / "launched", "--launcher", sys.executable)
+    launched[launched.index("--datasets") + 1:launched.index("--seeds")] = ["dtd"]
+    launched[launched.index("--seeds") + 1:launched.index("--seeds") + 3] = ["1"]
+    evaluate_cli.main(launched)
+    assert_same_runs(str(tmp_path / "kept"), str(tmp_path / "launched"), [("dtd", "1")])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as err:
+        evaluate_cli.main([*launched[:-2], "--runs", str(tmp_path / "failed"), "--launcher", "false"])
+    assert err.value.code == 1 and "1 job(s) failed:" in capsys.readouterr().err
