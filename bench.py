@@ -30,8 +30,10 @@ import torch
 import clip_model
 import data
 import released
+import textrefiner
 import train
 from data import UserError
+from textrefiner import NON_NEGATIVE, POSITIVE, Range
 from kernels.bench import time_interleaved
 
 TRAIN_STEP_TARGET, EVAL_RATE_TARGET = 1.10, 0.95
@@ -48,7 +50,7 @@ def synced_seconds(fn):
     return time.perf_counter() - t0
 
 
-def step(args):
+def step(args, Method, recipe):
     """Median step time of the method's benchmark models (Method.benchmark_models: with and without
     TextRefiner, and any the method adds) on random weights and a synthetic uint8 batch, through
     train.train_step (training) or train.eval_step (--eval; each model put in eval mode once, as
@@ -59,14 +61,17 @@ def step(args):
     config = clip_model.CONFIGS[args.clip]
     clip = clip_model.build_model(clip_model.random_state_dict(config)).to(device)
     classnames = [f"class {i}" for i in range(args.num_classes)]
-    B, R = args.batch_size, config.image_resolution
+    B, R = recipe.batch_size, config.image_resolution
     check_batch_fits(B, R, device)
     images = torch.randint(256, (B, 3, R, R), dtype=torch.uint8)  # as the loaders deliver them
     labels = torch.randint(args.num_classes, (B,))
     if device.type == "cuda":
         images, labels = images.pin_memory(), labels.pin_memory()
-    models = {name: model.to(device) for name, model in
-              train.METHODS[args.method].benchmark_models(clip, classnames, args).items()}
+    recipe = recipe.for_run(None, "all", classnames)
+    try:
+        models = {name: model.to(device) for name, model in Method.benchmark_models(clip, classnames, recipe).items()}
+    except textrefiner.RecipeError as e:
+        raise UserError(train.recipe_message(e)) from None
     steps = {}
     for name, model in models.items():
         params = [p for p in model.parameters() if p.requires_grad]
@@ -289,22 +294,25 @@ def synthetic(args):
     print(f"wrote {', '.join(args.dataset)} under {root} and random {args.clip} weights {args.out}/clip.pt")
 
 
-def get_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def get_parser(Method=None, spec="coop"):
+    """bench.py's commands; with Method, step takes its recipe's flags."""
+    positive = train.ranged(int, POSITIVE)
+    p = argparse.ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("step", help="training (or --eval) steps of a method with and without TextRefiner")
-    s.add_argument("--method", default="coop", choices=tuple(train.METHODS))
+    s.add_argument("--method", default="coop", help="as train.py's --method")
     s.add_argument("--clip", default="ViT-B/16", choices=tuple(clip_model.CONFIGS), help="random weights of this size")
     s.add_argument("--eval", action="store_true", help="inference instead of training steps")
-    s.add_argument("--num-classes", type=int, default=100)
-    s.add_argument("--steps", type=int, default=20, help="timed rounds")
-    s.add_argument("--warmup", type=int, default=3, help="untimed rounds before those")
+    s.add_argument("--num-classes", type=positive, default=100)
+    s.add_argument("--steps", type=positive, default=20, help="timed rounds")
+    s.add_argument("--warmup", type=train.ranged(int, NON_NEGATIVE), default=3, help="untimed rounds before those")
     s.add_argument("--device", type=train.device_flag, help="cuda, cuda:N or cpu (default: cuda when available)")
     s.add_argument("--precision", choices=("bf16", "fp16", "fp32"))
-    train.add_recipe_flags(s)  # the method's recipe (--batch-size, --depth, --teacher-clip as a size name, ...)
+    if Method is not None:  # the method's recipe (--batch-size, --depth, --teacher-clip as a size name, ...)
+        train.add_recipe_flags(s, Method, spec)
     r = sub.add_parser("run", help="a whole train.py run on synthetic JPEGs; unknown flags go to train.py")
     r.add_argument("--clip", default="ViT-B/16", choices=tuple(clip_model.CONFIGS))
-    r.add_argument("--num-classes", type=int, default=20)
+    r.add_argument("--num-classes", type=positive, default=20)
     r.add_argument("--images", type=int, default=40, help="per class: a quarter test, a quarter val, the rest train")
     r.add_argument("--layout", default="caltech101", choices=("caltech101", "imagenet"),
                    help="imagenet's val split is its test split")
@@ -319,11 +327,12 @@ def get_parser():
     ta = sub.add_parser("table", help="a small base2new table as separate processes and as one eval.py --table; "
                                       "unknown flags go to train.py")
     ta.add_argument("--clip", default="ViT-B/16", choices=tuple(clip_model.CONFIGS))
-    ta.add_argument("--datasets", type=int, default=3, help="synthetic datasets (at most 6)")
-    ta.add_argument("--seeds", type=int, default=2)
-    ta.add_argument("--rounds", type=int, default=2, help="each way, alternating")
-    ta.add_argument("--num-classes", type=int, default=10)
-    ta.add_argument("--images", type=int, default=32, help="per class")
+    ta.add_argument("--datasets", type=train.ranged(int, Range(lambda v: 1 <= v <= 6, "in 1..6")), default=3,
+                    help="synthetic datasets (at most 6)")
+    ta.add_argument("--seeds", type=positive, default=2)
+    ta.add_argument("--rounds", type=positive, default=2, help="each way, alternating")
+    ta.add_argument("--num-classes", type=positive, default=10)
+    ta.add_argument("--images", type=positive, default=32, help="per class")
     ta.add_argument("--size", type=int, default=224, help="image side in pixels")
     ta.add_argument("--workers", type=int, default=4, help="loader workers")
     ta.add_argument("--device", help="cuda or cpu (default: cuda when available)")
@@ -340,28 +349,26 @@ def get_parser():
 
 
 def _main(argv):
-    p = get_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    spec = train.method_spec(argv) if argv[:1] == ["step"] else "coop"
+    Method = train.load_method(spec) if argv[:1] == ["step"] else None
+    p = get_parser(Method, spec)
     args, rest = p.parse_known_args(argv)
     if args.command == "run":
         args.train_flags = rest
-        train.check_ranges(p, args, dict(num_classes=train.POSITIVE))
         fewest = 2 if args.layout == "imagenet" else 3  # a test (and a val) image, one to train
-        train.check_ranges(p, args, dict(images=(lambda v: v >= fewest, f"at least {fewest}")))
+        if args.images < fewest:
+            p.error(f"--images must be at least {fewest}, got {args.images}")
         # train.py's own checks, before the dataset is written
         train.parse_args(["--dataset", args.layout, "--root", ".", "--output-dir", tempfile.gettempdir(), *rest])
         return run(args)
     if args.command == "table":
         args.train_flags = rest
-        train.check_ranges(p, args, dict(datasets=(lambda v: 1 <= v <= 6, "in 1..6"), seeds=train.POSITIVE,
-                                         rounds=train.POSITIVE, num_classes=train.POSITIVE, images=train.POSITIVE))
         return table(args)
     if rest:
         p.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "step":
-        train.check_ranges(p, args, dict(num_classes=train.POSITIVE, steps=train.POSITIVE, warmup=train.NON_NEGATIVE))
-        args.dataset = None
-        train.fill_recipe(p, args, require=False)
-        return step(args)
+        return step(args, Method, train.fill_recipe(p, args, Method, require=False))
     if args.command == "loader":
         return loader(args.dataset, args.root, workers=args.workers, batch_size=args.batch_size,
                       resolution=args.resolution, steps=args.steps, num_shots=args.shots)

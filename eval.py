@@ -37,21 +37,20 @@ import torch
 import clip_model
 import data
 import released
+import textrefiner
 import train
 from data import UserError
-from textrefiner import METHODS, ZeroShotCLIP
+from textrefiner import METHODS, POSITIVE, RecipeError, ZeroShotCLIP, ZeroShotRecipe
 
 
 def get_parser():
     p = argparse.ArgumentParser(description="Evaluate a checkpoint or zero-shot CLIP, or report finished runs.")
     p.add_argument("--checkpoint", help="train.py's best.pt/last.pt, or an authors' run folder")
-    p.add_argument("--epoch", type=int, help="authors' folder: load model.pth.tar-EPOCH (default: model-best)")
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="authors' files: unpickle every object they hold (runs code from the file; trusted files "
-                        "only; never needed for the released format)")
+    p.add_argument("--epoch", type=train.ranged(int, POSITIVE),
+                   help="authors' folder: load model.pth.tar-EPOCH (default: model-best)")
     p.add_argument("--zeroshot", action="store_true", help="zero-shot CLIP instead of a checkpoint")
-    p.add_argument("--method", choices=tuple(METHODS), help="refuse a checkpoint of another method")
-    inputs = {name for Model in METHODS.values() for name in Model.recipe.inputs}
+    p.add_argument("--method", help="refuse a checkpoint of another method")
+    inputs = {name for Model in METHODS.values() for name in Model.recipe.weight_files}
     for name in sorted(inputs):
         flag = name.replace("_", "-")
         p.add_argument(f"--{flag}", help="default: the run's")
@@ -63,8 +62,8 @@ def get_parser():
     p.add_argument("--split", default="test", choices=("test", "val"))
     p.add_argument("--clip", help="CLIP name or weights file (default: the checkpoint's, else ViT-B/16)")
     p.add_argument("--shots", type=int, help="few-shot split that defines base/new (default: checkpoint's)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--batch-size", type=int, default=100, help="per rank")
+    p.add_argument("--seed", type=train.ranged(int, train.SEEDS))
+    p.add_argument("--batch-size", type=train.ranged(int, POSITIVE), default=100, help="per rank")
     p.add_argument("--output-dir", help="write results.json here")
     p.add_argument("--report", metavar="DIR", help="summarise <runs>/base2new or <runs>/xd and exit")
     t = p.add_argument_group("tables: every job of a protocol, resumable, over the GPUs (also --method, --root, --clip, "
@@ -72,10 +71,10 @@ def get_parser():
     t.add_argument("--table", choices=("base2new", "xd"), help="run the table's jobs not yet finished, then report")
     t.add_argument("--runs", default="output/coop", help="the method's runs: <runs>/<protocol>/<dataset>/seed<S>")
     t.add_argument("--datasets", nargs="+", help="default: the 11 datasets (base2new) or the 14 xd targets")
-    t.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    t.add_argument("--seeds", nargs="+", type=train.ranged(int, train.SEEDS), default=[1, 2, 3])
     t.add_argument("--no-refiner", action="store_true", help="the method without TextRefiner")
-    t.add_argument("--gpus", type=int, help="GPUs to use (default: every visible one; with --device cpu: CPU slots)")
-    t.add_argument("--jobs-per-gpu", type=int, default=1, help="jobs running at once on one GPU")
+    t.add_argument("--gpus", type=train.ranged(int, textrefiner.NON_NEGATIVE), help="GPUs to use (default: every visible one; with --device cpu: CPU slots)")
+    t.add_argument("--jobs-per-gpu", type=train.ranged(int, POSITIVE), default=1, help="jobs running at once on one GPU")
     t.add_argument("--train-args", default="", help="more train.py flags, as one string")
     t.add_argument("--eval-args", default="", help="more eval.py flags, as one string")
     t.add_argument("--launcher", help="run every step as a command with this prefix instead of in this process "
@@ -92,12 +91,11 @@ def check_args(p, args):
         p.error("give exactly one of --checkpoint PATH and --zeroshot")
     if args.checkpoint and not os.path.exists(args.checkpoint):
         p.error(f"--checkpoint {args.checkpoint!r} does not exist")
-    train.check_ranges(p, args, train.RULES)  # --batch-size, --epoch, --seed, ...
     if args.epoch is not None and not (args.checkpoint and os.path.isdir(args.checkpoint)):
         p.error("--epoch N picks model.pth.tar-N in an authors' run folder; a train.py checkpoint is one epoch "
                 "(best.pt: best val, last.pt: last epoch)")
     if args.clip:
-        train.check_clip_flag(p, args.clip)
+        train.check_weights_flag(p, args.clip)
     if args.output_dir:
         try:
             data.check_output_dir(args.output_dir)
@@ -105,10 +103,6 @@ def check_args(p, args):
             p.error(str(e))
 
 # ----------------------------------------------------------------------------- evaluation
-
-
-def recipe_defaults(method, dataset=None):
-    return vars(METHODS[method].recipe().for_dataset(dataset))
 
 
 def read_checkpoint(args):
@@ -119,15 +113,13 @@ def read_checkpoint(args):
         if ours and released.authors_method(args.checkpoint) is None:
             raise UserError(f"--checkpoint {args.checkpoint} is a train.py output folder: pass the file, "
                             f"{os.path.join(args.checkpoint, ours[0])}")
-        state, info = released.load_authors_run(args.checkpoint, args.epoch, args.allow_pickle)
-        run = {**recipe_defaults(info["method"]), **info["flags"], "method": info["method"], "dataset": None,
-               "root": None, "shots": 16, "seed": 1, "subsample": "all", "precision": info["precision"],
-               "no_refiner": False, "clip": info["clip"] or "ViT-B/16", "selection": None}
+        state, info = released.load_authors_run(args.checkpoint, args.epoch)
+        run = {**info["flags"], "method": info["method"], "dataset": None, "root": None, "shots": 16, "seed": 1,
+               "subsample": "all", "precision": info["precision"], "refiner": True,
+               "clip": info["clip"] or "ViT-B/16", "selected": None}
         return state, run, info["clip_weights"]
     ckpt = data.load_checkpoint(args.checkpoint)
-    method = ckpt["args"].get("method", "coop")
-    run = {**recipe_defaults(method, ckpt["args"].get("dataset")), **ckpt["args"], "method": method}
-    run["selection"] = ckpt.get("selection")  # the selection the run made, e.g. "best-test"
+    run = dict(train.recorded_flags(ckpt["args"]), selected=ckpt.get("selection"))  # e.g. "best-test"
     return ckpt["model"], run, None
 
 
@@ -135,22 +127,22 @@ def check_flags_fit(args, run):
     """--method and the input flags must be the checkpoint's method's: name what the checkpoint is."""
     if args.method and args.method != run["method"]:
         raise UserError(f"--method {args.method}: {args.checkpoint} is a --method {run['method']} checkpoint")
-    own = METHODS[run["method"]].recipe.inputs
-    for name in {n for Model in METHODS.values() for n in Model.recipe.inputs} - set(own):
+    own = train.load_method(run["method"]).recipe.weight_files
+    for name in {n for Model in METHODS.values() for n in Model.recipe.weight_files} - set(own):
         flag = name.replace("_", "-")
         for given in (f"--{flag}", f"--allow-other-{flag}"):
             if getattr(args, given[2:].replace("-", "_")):
                 raise UserError(f"{given}: {args.checkpoint} is a --method {run['method']} checkpoint, which has no "
                                 f"{flag} (a checkpoint of --method "
-                                f"{' or '.join(m for m, M in METHODS.items() if name in M.recipe.inputs)} takes {given})")
+                                f"{' or '.join(m for m, M in METHODS.items() if name in M.recipe.weight_files)} takes {given})")
 
 
 def resolve_inputs(args, run, Method, classnames):
     """The inputs the model is built from (a PromptKD student's teacher): the flags, else the run's,
     resolved by the method (a teacher folder to its file); a file that is not the run's (SHA-256) is
     refused unless --allow-other-<input>."""
-    recorded = {name: run.get(name) for name in Method.recipe.inputs}
-    for name in Method.recipe.inputs:
+    recorded = {name: run.get(name) for name in Method.recipe.weight_files}
+    for name in Method.recipe.weight_files:
         given = getattr(args, name)
         if given is None and recorded[name] is None and Method.recipe.__dataclass_fields__[name].metadata.get("required"):
             raise UserError(f"--{name.replace('_', '-')} is required: {args.checkpoint} names none (an authors' run "
@@ -159,17 +151,17 @@ def resolve_inputs(args, run, Method, classnames):
         if run[name] is not None and run[name] not in clip_model.MODELS and not os.path.exists(run[name]):
             raise UserError(f"--{name.replace('_', '-')} {run[name]!r}: no such file or folder"
                             + ("" if given else f" (the one {args.checkpoint} was trained with; pass --{name})"))
-    recorded_sha = {name: run.get(name + "_sha256") for name in Method.recipe.inputs}
+    recorded_sha = {name: run.get(name + "_sha256") for name in Method.recipe.weight_files}
     namespace = argparse.Namespace(**run)
-    train.prepare_inputs(Method, namespace, classnames)
-    for name in Method.recipe.inputs:
+    recipe = train.prepare_recipe(Method, namespace, classnames)
+    for name in Method.recipe.weight_files:
         ours, theirs = getattr(namespace, name + "_sha256"), recorded_sha[name]
         if None not in (ours, theirs) and ours != theirs and not getattr(args, "allow_other_" + name):
             flag = name.replace("_", "-")
             raise UserError(f"--{flag} {getattr(namespace, name)}: not the {flag} {args.checkpoint} was trained with "
                             f"({recorded[name]}, SHA-256 {theirs[:16]}..., this file {ours[:16]}...); pass that file, "
                             f"or --allow-other-{flag} to evaluate with this one anyway")
-    return vars(namespace)
+    return vars(namespace), recipe
 
 
 def eval_precision(args, run, device):
@@ -215,13 +207,13 @@ def evaluate(args):
 
 def _evaluate(args, rank, world_size, device):
     if args.zeroshot:
-        state, run, stored_clip = None, dict(recipe_defaults("coop"), method="coop", dataset=None, root=None,
+        state, run, stored_clip = None, dict(method=None, dataset=None, root=None,
                                              shots=16, seed=1, subsample="all", clip="ViT-B/16", precision=None,
-                                             selection=None), None
+                                             selected=None), None
     else:
         state, run, stored_clip = read_checkpoint(args)
         check_flags_fit(args, run)
-    Method = METHODS[run["method"]]
+    Method = ZeroShotCLIP if args.zeroshot else train.load_method(run["method"])
     precision = eval_precision(args, run, device)
     dataset, root = args.dataset or run["dataset"], args.root or run["root"]
     source = "zero-shot CLIP has no run to take it from" if args.zeroshot else f"{args.checkpoint} does not name one"
@@ -251,18 +243,20 @@ def _evaluate(args, rank, world_size, device):
     if not items:
         raise UserError(f"{dataset}: the {args.split} split is empty")
     if args.zeroshot:
-        ZeroShotCLIP.prepare(argparse.Namespace(dataset=dataset), classnames)
+        try:
+            recipe = ZeroShotRecipe().for_run(dataset, subsample, classnames)
+        except RecipeError as e:
+            raise UserError(f"--zeroshot: the prompt {e.problem} (--dataset {dataset})") from None
     else:
-        run = resolve_inputs(args, run, Method, splits.all_classnames)
+        run, recipe = resolve_inputs(args, run, Method, splits.all_classnames)
     clip_name = args.clip or run["clip"]
     clip = train.load_clip(clip_name)
     if stored_clip:
         released.check_authors_clip(clip, stored_clip, clip_name, args.checkpoint)
     if args.zeroshot:
-        model = ZeroShotCLIP(clip, classnames, dataset)
+        model = ZeroShotCLIP(clip, classnames, recipe)
     else:
-        flags = argparse.Namespace(**run)
-        model = Method.build(Method.check_clip(clip, flags), splits.classnames, flags)
+        model = train.build_model(Method, clip, splits.classnames, recipe)
         try:
             model.load_trainable_state_dict(state)
         except ValueError as e:
@@ -273,14 +267,14 @@ def _evaluate(args, rank, world_size, device):
                                     world_size=world_size, workers=args.workers, pin_memory=device.type == "cuda")
     results = train.evaluate(model, loader, classnames, device, precision,
                              columns=None if args.zeroshot else splits.columns)
-    inputs = {k: run.get(k) for name in Method.recipe.inputs for k in (name, name + "_sha256")}
+    inputs = {k: run.get(k) for name in Method.recipe.weight_files for k in (name, name + "_sha256")}
     resolved = dict(dataset=dataset, root=root, subsample=subsample, shots=shots, seed=seed, clip=clip_name,
                     precision=precision, method=run["method"], **inputs)
     results.update(split=args.split, dataset=dataset, subsample=subsample, checkpoint=checkpoint,
                    checkpoint_sha256=clip_model.sha256(checkpoint) if os.path.isfile(checkpoint) else None,
                    method=None if args.zeroshot else run["method"],
-                   refiner=None if args.zeroshot else not run.get("no_refiner", False),
-                   selection=None if args.zeroshot else run["selection"], **inputs, args=dict(vars(args), **resolved))
+                   refiner=None if args.zeroshot else bool(run.get("refiner", False)),
+                   selection=None if args.zeroshot else run["selected"], **inputs, args=dict(vars(args), **resolved))
     if rank == 0:
         print(f"{dataset} {subsample} {args.split}: accuracy {results['accuracy']:.2f} macro-F1 "
               f"{results['macro_f1']:.2f} on {results['num_images']} images, {len(classnames)} classes")
@@ -548,7 +542,7 @@ def table_jobs(args):
     if args.table == "base2new":
         return [Job("base2new", d, s) for d in args.datasets or data.PAPER_DATASETS for s in args.seeds]
     targets = tuple(args.datasets or XD_TARGETS)
-    if METHODS[args.method].transductive:
+    if train.load_method(args.method).transductive:
         return [Job("xd", t, s) for t in targets for s in args.seeds]
     return [Job("xd", "imagenet", s, targets) for s in args.seeds]
 
@@ -556,8 +550,8 @@ def table_jobs(args):
 def job_cost(job, args):
     """The images a job reads, roughly: training images times epochs, and every test image."""
     classes, test = SIZES.get(job.dataset, (100, 1000))
-    share = 0.5 if job.protocol == "base2new" and not METHODS[args.method].transductive else 1
-    return METHODS[args.method].recipe.epochs * 16 * classes * share + test + sum(SIZES[t][1] for t in job.targets)
+    share = 0.5 if job.protocol == "base2new" and not train.load_method(args.method).transductive else 1
+    return train.load_method(args.method).recipe.epochs * 16 * classes * share + test + sum(SIZES[t][1] for t in job.targets)
 
 
 def run_job(job, args, execute):
@@ -566,7 +560,7 @@ def run_job(job, args, execute):
     seed and classes; an evaluation also must come from the model its training step tested (re-run
     otherwise). -> {base, new or the xd target: results} of every step."""
     flags = ["--method", args.method] + (["--no-refiner"] if args.no_refiner else []) + [
-        item for name in METHODS[args.method].recipe.inputs if getattr(args, name)
+        item for name in train.load_method(args.method).recipe.weight_files if getattr(args, name)
         for item in (f"--{name.replace('_', '-')}", getattr(args, name))]
     common = ["--root", args.root, "--clip", args.clip, *(["--device", args.device] if args.device else [])]
     done = {}
@@ -756,6 +750,7 @@ def run_table(args):
 
 def check_table_args(p, args):
     args.method = args.method or "coop"
+    train.load_method(args.method)  # a --method that cannot load fails before any job
     args.clip = args.clip or "ViT-B/16"
     for flag in ("root", "runs"):
         if getattr(args, flag) is None:
@@ -765,7 +760,6 @@ def check_table_args(p, args):
     unknown = [d for d in args.datasets or () if d not in data.DATASETS]
     if unknown:
         p.error(f"--datasets {unknown[0]!r}: expected some of {', '.join(data.DATASETS)}")
-    train.check_ranges(p, args, dict(train.RULES, gpus=(lambda v: v >= 0, ">= 0"), jobs_per_gpu=train.RULES["epochs"]))
     if any(seed < 0 for seed in args.seeds):
         p.error(f"--seeds must be >= 0, got {args.seeds}")
     args.train_args, args.eval_args = shlex.split(args.train_args), shlex.split(args.eval_args)

@@ -23,6 +23,9 @@ Writes into --output-dir:
 import argparse
 import dataclasses
 import datetime
+import hashlib
+import importlib
+import importlib.util
 import inspect
 import json
 import math
@@ -39,14 +42,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import clip_model
 import data
+import textrefiner
 from data import UserError
-from textrefiner import METHODS
+from textrefiner import FINITE, METHODS, NON_NEGATIVE, POSITIVE, Range, RecipeError
 
 # DDP's broadcast_buffers became forward_sync_buffers in torch 2.13; drop this when GPU hosts have >= 2.13.
 DDP_NO_BUFFER_SYNC = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters
                       else "broadcast_buffers")
 # Flags besides the recipe's that define the computation: a resumed run must repeat them.
-RUN_KEYS = ("method", "dataset", "clip", "shots", "seed", "subsample", "precision", "no_refiner", "xd")
+RUN_KEYS = ("method", "dataset", "clip", "shots", "seed", "subsample", "precision", "xd")
 # results.json "selection" -> what it means (printed at start and by the report).
 SELECTIONS = {"best-val": "the epoch of best val accuracy",
               "best-test": "the epoch of best test accuracy on the evaluated classes, as released; this selects "
@@ -56,14 +60,26 @@ SELECTIONS = {"best-val": "the epoch of best val accuracy",
 # ----------------------------------------------------------------------------- flags
 
 
-def add_run_flags(p):
-    """The flags train.py and eval.py share."""
-    p.add_argument("--workers", type=int, default=4, help="data loader workers per rank")
-    p.add_argument("--device", type=device_flag, help="cuda, cuda:N or cpu (default: cuda when available)")
-    p.add_argument("--dist-timeout", type=float, default=900.0, metavar="SECONDS",
-                   help="torchrun: a collective waiting longer for another rank ends the run (default 900)")
-    p.add_argument("--precision", choices=("bf16", "fp16", "fp32"),
-                   help="autocast dtype of the frozen towers (default: bf16 on CUDA, fp32 on CPU)")
+def flag(name):
+    """The command-line spelling of a field or flag attribute: batch_size -> --batch-size."""
+    return "--" + name.replace("_", "-")
+
+
+def ranged(kind, allowed):
+    """An argparse type=: kind(text), refused by argparse (exit 2, naming the flag) unless the
+    textrefiner.Range `allowed` takes it."""
+    def parse(text):
+        value = kind(text)
+        if not allowed.ok(value):
+            raise argparse.ArgumentTypeError(f"must be {allowed.text}, got {value}")
+        return value
+    parse.__name__ = kind.__name__  # argparse's "invalid int value" names the type
+    return parse
+
+
+SEEDS = Range(lambda v: 0 <= v < 2**32, "in [0, 4294967295]")  # what numpy takes
+# timedelta overflows past ~2.7e12 s: a week is longer than any collective should wait
+TIMEOUTS = Range(lambda v: 0 < v <= 7 * 24 * 3600, "in (0, 604800] (at most a week)")
 
 
 def device_flag(name):
@@ -72,135 +88,233 @@ def device_flag(name):
         device = torch.device(name)
     except RuntimeError:  # not a device string: refused below as any type but cpu and cuda
         device = torch.device("meta")
-    if device.type not in ("cpu", "cuda") or device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise argparse.ArgumentTypeError(f"{name!r}: expected cpu, cuda or cuda:N, N below the {torch.cuda.device_count()} "
-                                         f"CUDA devices of this machine")
+    count = torch.cuda.device_count()
+    if device.type not in ("cpu", "cuda") or device.type == "cuda" and (device.index or 0) >= count:
+        raise argparse.ArgumentTypeError(f"{name!r}: expected cpu, cuda or cuda:N, N below the {count} CUDA devices "
+                                         f"of this machine")
     return name
 
 
-def recipe_fields():
-    """{name: (dataclasses.Field, {method: default})} over the recipes of every registered method."""
-    fields = {}
-    for method, Model in METHODS.items():
-        for f in dataclasses.fields(Model.recipe):
-            fields.setdefault(f.name, (f, {}))[1][method] = getattr(Model.recipe(), f.name)
-    return fields
+def add_run_flags(p):
+    """The flags train.py and eval.py share."""
+    p.add_argument("--workers", type=ranged(int, NON_NEGATIVE), default=4, help="data loader workers per rank")
+    p.add_argument("--device", type=device_flag, help="cuda, cuda:N or cpu (default: cuda when available)")
+    p.add_argument("--dist-timeout", type=ranged(float, TIMEOUTS), default=900.0, metavar="SECONDS",
+                   help="torchrun: a collective waiting longer for another rank ends the run (default 900)")
+    p.add_argument("--precision", choices=("bf16", "fp16", "fp32"),
+                   help="autocast dtype of the frozen towers (default: bf16 on CUDA, fp32 on CPU)")
 
 
-def add_recipe_flags(p):
-    g = p.add_argument_group("recipe flags (unset: the --method's value)")
-    for name, (field, defaults) in recipe_fields().items():
-        kind = field.type if field.type in (int, float, bool) else str
-        shown = {m: ("required" if field.metadata.get("required") else "per dataset") if v is None else v
-                 for m, v in defaults.items()}
-        g.add_argument("--" + name.replace("_", "-"), type=None if kind is bool else kind, default=None,
-                       action=argparse.BooleanOptionalAction if kind is bool else "store",
-                       help=", ".join(f"{m} {v}" for m, v in shown.items()))
+def add_recipe_flags(p, Method, spec):
+    """A flag per field of the method's recipe, default None (filled in by fill_recipe). A field that is
+    also one of the command's own flags is a UserError naming the method."""
+    g = p.add_argument_group(f"the recipe of --method {spec} ({Method.recipe.__name__}); unset: the value shown")
+    for field in dataclasses.fields(Method.recipe):
+        kind = {"int": int, "float": float, "bool": bool}.get(field.type, field.type)  # postponed annotations
+        allowed, required = field.metadata.get("allowed"), field.metadata.get("required")
+        shown = field.default if field.default is not None else f"required: {required}" if required else "per dataset"
+        options = dict(help=f"{shown}", default=None)
+        if kind is bool:
+            options.update(action=argparse.BooleanOptionalAction)
+        elif isinstance(allowed, tuple):
+            options.update(choices=allowed, type=kind)
+        else:
+            kind = kind if kind in (int, float) else str
+            options.update(type=ranged(kind, allowed) if isinstance(allowed, Range) else kind)
+        try:
+            g.add_argument(flag(field.name), **options)
+        except argparse.ArgumentError:
+            raise UserError(f"--method {spec}: its recipe field {field.name!r} is also {p.prog}'s own flag "
+                            f"{flag(field.name)}; rename the field") from None
 
 
-def get_parser():
-    p = argparse.ArgumentParser(description="Train a prompt learner (default: CoOp + TextRefiner) with its "
-                                            "recipe; every recipe flag left unset takes the --method's value.")
-    p.add_argument("--method", default="coop", choices=tuple(METHODS))
+def get_parser(Method=None, spec="coop"):
+    """train.py's flags; with Method, its recipe's too."""
+    p = argparse.ArgumentParser(prog="train.py", allow_abbrev=False, description="Train a prompt learner (default: CoOp + TextRefiner) "
+                                "with its recipe; every recipe flag left unset takes the --method's value.")
+    p.add_argument("--method", default="coop",
+                   help=f"one of {', '.join(METHODS)}, or your own: MODULE:CLASS or path/to/file.py:CLASS")
     p.add_argument("--dataset", help=f"one of {', '.join(data.DATASETS)}")
     p.add_argument("--root", help="data root holding the CoOp dataset folders")
     p.add_argument("--clip", default="ViT-B/16", help="official CLIP name or a weights file")
     p.add_argument("--shots", type=int, default=16, help="images per class (<= 0: all)")
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--seed", type=ranged(int, SEEDS), default=1)
     p.add_argument("--subsample", default="all", choices=data.SUBSAMPLES,
                    help="the classes evaluated (and trained on, unless the method is transductive)")
-    p.add_argument("--no-refiner", action="store_true", help="the method without TextRefiner")
     p.add_argument("--xd", action="store_true", help="the method's cross-dataset recipe (its Recipe.xd values)")
     p.add_argument("--output-dir", help="checkpoints, log.jsonl and results.json go here")
     p.add_argument("--resume", action="store_true", help="continue from <output-dir>/last.pt if present")
-    p.add_argument("--no-val", dest="selection", action="store_const", const="last", help="= --selection last")
     p.add_argument("--no-feature-cache", action="store_true",
                    help="encode the val/test images at every evaluation instead of once per run (same results)")
-    p.add_argument("--eval-batch-size", type=int, default=100, help="per rank")
-    p.add_argument("--log-interval", type=int, default=20, help="steps between progress lines")
+    p.add_argument("--eval-batch-size", type=ranged(int, POSITIVE), default=100, help="per rank")
+    p.add_argument("--log-interval", type=ranged(int, POSITIVE), default=20, help="steps between progress lines")
     add_run_flags(p)
-    add_recipe_flags(p)
+    if Method is not None:
+        add_recipe_flags(p, Method, spec)
     return p
 
 
-def check_ranges(p, args, rules):
-    """rules: {flag attribute: (test, what it must be)}; p.error (status 2) at the first value outside
-    its range. NaN fails every test."""
-    for flag, (ok, must) in rules.items():
-        value = getattr(args, flag, None)
-        if value is not None and not ok(value):
-            p.error(f"--{flag.replace('_', '-')} must be {must}, got {value}")
+def method_spec(argv):
+    """--method's value in argv (default coop), read before the method's own flags exist."""
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--method", default="coop")
+    return first.parse_known_args(argv)[0].method
 
 
-POSITIVE, UNIT = (lambda v: v > 0 and math.isfinite(v), "positive"), (lambda v: 0 <= v <= 1, "in [0, 1]")
-NON_NEGATIVE = (lambda v: v >= 0 and math.isfinite(v), ">= 0")
-# Ranges by flag name; a recipe's own fields may add theirs as Recipe.ranges. timedelta overflows
-# past ~2.7e12 s: a week is longer than any collective should wait; numpy takes seeds below 2**32.
-RULES = dict(dist_timeout=(lambda v: 0 < v <= 7 * 24 * 3600, "in (0, 604800] (at most a week)"),
-             seed=(lambda v: 0 <= v < 2**32, "in [0, 4294967295]"), workers=NON_NEGATIVE, epoch=POSITIVE, epochs=POSITIVE,
-             batch_size=POSITIVE, eval_batch_size=POSITIVE, n_ctx=POSITIVE, cache_size=POSITIVE, topk=POSITIVE,
-             log_interval=POSITIVE, depth=POSITIVE, temperature=POSITIVE, lr=(POSITIVE[0], "a positive number"),
-             warmup_lr=NON_NEGATIVE, weight_decay=NON_NEGATIVE, semantic_weight=NON_NEGATIVE, reg_weight=NON_NEGATIVE,
-             kd_weight=NON_NEGATIVE, alpha=UNIT, cache_momentum=UNIT, momentum=(lambda v: 0 <= v < 1, "in [0, 1)"),
-             selection=(lambda v: v in ("best", "last"), "best or last"),
-             class_token_position=(lambda v: v in ("end", "middle", "front"), "end, middle or front"))
+def parse_known(p, argv, spec):
+    """p.parse_args, except that a flag of another method's recipe is named as such."""
+    args, unknown = p.parse_known_args(argv)
+    for item in unknown:
+        name = item.split("=")[0][2:].replace("-", "_")
+        owners = [m for m, M in METHODS.items() if name.removeprefix("no_") in recipe_field_names(M)]
+        if item.startswith("--") and owners:
+            p.error(f"{item.split('=')[0]} applies to --method {' or '.join(owners)}, not {spec}")
+    if unknown:
+        p.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
 
 
-def check_clip_flag(p, name, flag="--clip"):
-    if name is not None and name not in clip_model.MODELS and not os.path.exists(name):
-        p.error(f"{flag} {name!r}: no such file; expected an official name ({', '.join(clip_model.MODELS)}) or "
-                f"a weights file")
+def check_method(method, spec):
+    """UserError unless `method` (what --method `spec` names) is a PromptCLIP whose recipe is a Recipe
+    dataclass that leaves TextRefiner's settings alone."""
+    if not (isinstance(method, type) and issubclass(method, textrefiner.PromptCLIP)):
+        raise UserError(f"--method {spec}: {method!r} is not a textrefiner.PromptCLIP subclass")
+    recipe = method.recipe
+    if not (isinstance(recipe, type) and issubclass(recipe, textrefiner.Recipe) and dataclasses.is_dataclass(recipe)):
+        raise UserError(f"--method {spec}: its recipe {recipe!r} is not a @dataclass subclass of textrefiner.Recipe")
+    for field in dataclasses.fields(recipe):
+        if field.name in textrefiner.REFINER_FIELDS and not field.metadata.get("textrefiner"):
+            raise UserError(f"--method {spec}: {recipe.__name__}.{field.name} redeclares TextRefiner's setting "
+                            f"{field.name!r}; rename your field (or, to change TextRefiner's default on purpose, "
+                            f"declare it with textrefiner.setting(..., textrefiner=True))")
 
 
-def fill_recipe(p, args, require=True):
-    """Every recipe flag left unset takes the --method's value (dataset defaults included); a flag of
-    another method's recipe that was given is a flag error. Then every range is checked, and (require)
-    the method's required flags and input files."""
-    Method = METHODS[args.method]
-    own = {f.name for f in dataclasses.fields(Method.recipe)}
-    for name, (_, defaults) in recipe_fields().items():
-        if name not in own and getattr(args, name) is not None:
-            p.error(f"--{name.replace('_', '-')} applies to --method {' or '.join(defaults)}, not {args.method}")
-    given = {k: getattr(args, k) for k in own if getattr(args, k) is not None}
-    recipe = Method.recipe(**{**(Method.recipe.xd if getattr(args, "xd", False) else {}), **given})
-    recipe = recipe.for_dataset(args.dataset)
+def load_method(spec):
+    """--method: a name of METHODS, MODULE:CLASS (an importable module) or path/to/file.py:CLASS.
+    -> the checked PromptCLIP class; UserError (one line) for what cannot be loaded."""
+    if spec in METHODS:
+        method = METHODS[spec]
+    elif ":" not in spec:
+        raise UserError(f"--method {spec!r}: expected one of {', '.join(METHODS)}, MODULE:CLASS or FILE.py:CLASS")
+    else:
+        where, name = spec.rsplit(":", 1)
+        try:
+            module = import_file(where) if where.endswith(".py") else importlib.import_module(where)
+        except ImportError as e:
+            raise UserError(f"--method {spec}: cannot import {where} ({e})") from None
+        method = getattr(module, name, None)
+        if method is None:
+            raise UserError(f"--method {spec}: {where} has no {name}")
+    check_method(method, spec)
+    return method
+
+
+def import_file(path):
+    """The module of a .py file, imported once per absolute path (its folder on sys.path meanwhile,
+    so it can import its neighbours)."""
+    path = os.path.abspath(path)
+    if not os.path.isfile(path):
+        raise ImportError(f"no such file {path}")
+    name = "textrefiner_method_" + hashlib.sha256(path.encode()).hexdigest()[:16]
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        sys.path.insert(0, os.path.dirname(path))
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+        finally:
+            sys.path.remove(os.path.dirname(path))
+    return sys.modules[name]
+
+
+def recipe_field_names(Method):
+    return {f.name for f in dataclasses.fields(Method.recipe)}
+
+
+def recorded_flags(values):
+    """A checkpoint's flags in today's spelling (no_refiner was refiner's)."""
+    if "no_refiner" in values and "refiner" not in values:
+        values = dict(values, refiner=not values["no_refiner"])
+    return values
+
+
+def recipe_of(Method, values):
+    """Method's recipe with the values a flat dict (the run's flags, a checkpoint's) holds for its fields."""
+    values = recorded_flags(values)
+    return Method.recipe(**{k: values[k] for k in recipe_field_names(Method) if values.get(k) is not None})
+
+
+def recipe_message(error):
+    """A RecipeError as the command lines say it: the field's flag, then the problem."""
+    return f"{flag(error.field)} {error.problem}"
+
+
+def fill_recipe(p, args, Method, require=True):
+    """Every recipe flag left unset takes the recipe's value (with --xd its cross-dataset values);
+    p.error for a value the recipe refuses, and (require) for a missing required flag or weights file."""
+    given = {k: getattr(args, k) for k in recipe_field_names(Method) if getattr(args, k) is not None}
+    try:
+        recipe = Method.recipe(**{**(Method.recipe.xd if getattr(args, "xd", False) else {}), **given})
+    except RecipeError as e:
+        p.error(recipe_message(e))
     for field in dataclasses.fields(recipe):
         setattr(args, field.name, getattr(recipe, field.name))
         if require and getattr(args, field.name) is None and field.metadata.get("required"):
-            p.error(f"--method {args.method} needs --{field.name.replace('_', '-')} ({field.metadata['required']})")
-    check_ranges(p, args, {**RULES, **getattr(Method.recipe, "ranges", {})})
-    if not 0 <= args.warmup_epochs < args.epochs:
-        p.error(f"--warmup-epochs must be in [0, --epochs), got {args.warmup_epochs}")
-    for name in Method.recipe.inputs if require else ():  # weights the model is built from, as --clip
-        value = getattr(args, name)
-        if value is not None and value not in clip_model.MODELS and not os.path.exists(value):
-            p.error(f"--{name.replace('_', '-')} {value!r}: no such file or folder")
+            p.error(f"--method {args.method} needs {flag(field.name)} ({field.metadata['required']})")
+    for name in recipe.weight_files if require else ():  # weights the model is built from, as --clip
+        check_weights_flag(p, getattr(args, name), flag(name))
+    return recipe
 
 
-def resolve_args(p, args):
+def check_weights_flag(p, name, flag="--clip"):
+    """p.error unless name is None, an official CLIP name or an existing file or folder."""
+    if name is not None and name not in clip_model.MODELS and not os.path.exists(name):
+        p.error(f"{flag} {name!r}: no such file or folder; expected an official name "
+                f"({', '.join(clip_model.MODELS)}) or a weights file")
+
+
+def resolve_args(p, args, Method):
     """Flag errors argparse cannot see (p.error: status 2 and the usage line), the recipe filled in."""
-    for flag in ("dataset", "root", "output_dir"):
-        if getattr(args, flag) is None:
-            p.error(f"--{flag.replace('_', '-')} is required")
+    for name in ("dataset", "root", "output_dir"):
+        if getattr(args, name) is None:
+            p.error(f"{flag(name)} is required")
     if args.dataset not in data.DATASETS:
         p.error(f"--dataset {args.dataset!r}: expected one of {', '.join(data.DATASETS)}")
     if not os.path.isdir(args.root):
         p.error(f"--root {args.root!r} is not a directory")
-    fill_recipe(p, args)
-    check_clip_flag(p, args.clip)
+    fill_recipe(p, args, Method)
+    check_weights_flag(p, args.clip)
     try:
         data.check_output_dir(args.output_dir)
     except UserError as e:
         p.error(str(e))
 
 
-def prepare_inputs(Method, args, classnames):
-    """The method's own checks and resolutions (a teacher folder to its file), then the SHA-256 of each
-    input file, recorded with the run: --resume and eval.py compare the file by content."""
-    Method.prepare(args, classnames)
-    for name in Method.recipe.inputs:
+def prepare_recipe(Method, args, classnames):
+    """The run's recipe (textrefiner.Recipe.for_run: values per dataset, a teacher folder to its file,
+    the prompts of every class checked) before any weights load, recorded in args with the SHA-256 of
+    each weights file: --resume and eval.py compare the file by content."""
+    try:
+        recipe = recipe_of(Method, vars(args)).for_run(args.dataset, args.subsample, classnames)
+    except RecipeError as e:
+        raise UserError(recipe_message(e)) from None
+    vars(args).update(dataclasses.asdict(recipe))
+    for name in recipe.weight_files:
         value = getattr(args, name)
         setattr(args, name + "_sha256", clip_model.sha256(value) if value and os.path.isfile(value) else None)
+    return recipe
+
+
+def build_model(Method, clip, classnames, recipe):
+    """Method(clip, classnames, recipe); a value the model cannot take is the one-line error naming its flag."""
+    try:
+        return Method(clip, classnames, recipe)
+    except RecipeError as e:
+        raise UserError(recipe_message(e)) from None
 
 
 def load_clip(name, flag="--clip"):
@@ -322,7 +436,7 @@ def eval_step(model, images, device, precision, features=None):
     """A uint8 loader batch through a model in eval mode -> (logits (B, C), image features or None);
     given stored features instead of images, the image tower is skipped. evaluate() and bench.py run it."""
     with autocast(device, precision):
-        if not model.frozen_image_features:
+        if not textrefiner.reuses_image_features(model):
             return model(data.normalize(images.to(device, non_blocking=True))), None
         if features is None:
             features = model.image_features(data.normalize(images.to(device, non_blocking=True)))
@@ -341,7 +455,7 @@ def evaluate(model, loader, classnames, device, precision, feature_cache=None, c
     C = len(classnames)
     rows = None if columns is None else torch.as_tensor(columns, device=device)
     confusion = torch.zeros(C * C, dtype=torch.int64, device=device)
-    cached = feature_cache is not None and model.frozen_image_features
+    cached = feature_cache is not None and textrefiner.reuses_image_features(model)
     key = (tuple(item.impath for item in loader.dataset.items), loader.batch_size, precision)
     stored = feature_cache.get(key) if cached else None
     computed = []  # [(features (B, D) on the device, labels (B,))]
@@ -364,6 +478,13 @@ def evaluate(model, loader, classnames, device, precision, feature_cache=None, c
     return metrics(confusion.view(C, C), classnames)
 
 # ----------------------------------------------------------------------------- training
+
+
+def make_optimizer(params, recipe):
+    """The recipe's optimizer: SGD with momentum, or AdamW (adapters); weight decay on every tensor."""
+    if recipe.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
 
 
 def lr_at(epoch, args):
@@ -392,11 +513,11 @@ def resume_state(path, args):
     """last.pt's checkpoint, its flags compared with this run's: the method, RUN_KEYS and the recipe
     (an input file by its SHA-256; a flag the checkpoint predates is not compared)."""
     ckpt = data.load_checkpoint(path)
-    if (recorded := ckpt["args"]).get("method", "coop") != args.method:
-        raise UserError(f"--resume: {path} is a --method {recorded.get('method', 'coop')} run, this command trains "
+    if (recorded := recorded_flags(ckpt["args"])).get("method") != args.method:
+        raise UserError(f"--resume: {path} is a --method {recorded.get('method')} run, this command trains "
                         f"--method {args.method}; choose another --output-dir")
     keys = [k + "_sha256" if getattr(args, k + "_sha256", None) else k
-            for k in RUN_KEYS + tuple(f.name for f in dataclasses.fields(METHODS[args.method].recipe))]
+            for k in RUN_KEYS + tuple(recipe_field_names(load_method(args.method)))]
     changed = {k: (recorded[k], getattr(args, k)) for k in keys if k in recorded and recorded[k] != getattr(args, k)}
     if changed:
         raise UserError(f"--resume: flags differ from the run in {path} (checkpoint value, new value): {changed}")
@@ -425,7 +546,7 @@ def _train(args, rank, world_size, device, group, phase):
     print0 = print if master else (lambda *a, **k: None)
     args.precision = default_precision(args, device)
     paths = {name: os.path.join(args.output_dir, name) for name in ("last.pt", "best.pt", "log.jsonl", "results.json")}
-    Method = METHODS[args.method]
+    Method = load_method(args.method)
     with phase("start-up"):
         run = data.run_splits(args.dataset, args.root, args.shots, args.seed, args.subsample, Method.transductive)
         if not run.train:
@@ -433,7 +554,7 @@ def _train(args, rank, world_size, device, group, phase):
         if not run.test:
             raise UserError(f"--dataset {args.dataset} ({args.subsample} classes): the test split is empty; the final "
                             f"test would have no image")
-        prepare_inputs(Method, args, run.all_classnames)
+        recipe = prepare_recipe(Method, args, run.all_classnames)
         data.check_results_owner(paths["results.json"], (paths["best.pt"], paths["last.pt"]))
         ckpt = None
         if os.path.exists(paths["last.pt"]):
@@ -442,7 +563,7 @@ def _train(args, rank, world_size, device, group, phase):
                                 f"--output-dir")
             ckpt = resume_state(paths["last.pt"], args)
         seed_everything(args.seed)  # the same on every rank: identical initialisation
-        raw_model = Method.build(Method.check_clip(load_clip(args.clip), args), run.classnames, args).to(device)
+        raw_model = build_model(Method, load_clip(args.clip), run.classnames, recipe).to(device)
         model = raw_model
         if world_size > 1:
             raw_model.set_process_group(group)
@@ -452,7 +573,7 @@ def _train(args, rank, world_size, device, group, phase):
                 model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None,
                             **{DDP_NO_BUFFER_SYNC: False})
         params = [p for p in raw_model.parameters() if p.requires_grad]
-        optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+        optimizer = make_optimizer(params, recipe)
         scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
         pin = device.type == "cuda"  # pinning on a CPU run would only create a CUDA context
         resolution = raw_model.clip.config.image_resolution
@@ -556,10 +677,10 @@ def _train(args, rank, world_size, device, group, phase):
     with phase("test"):
         results = evaluate(raw_model, eval_loader("test"), run.eval_classnames, device, args.precision,
                            feature_cache, run.columns)
-    inputs = {k: getattr(args, k) for name in Method.recipe.inputs for k in (name, name + "_sha256")}
+    inputs = {k: getattr(args, k) for name in recipe.weight_files for k in (name, name + "_sha256")}
     tested = os.path.abspath(paths["best.pt" if best_state is not None else "last.pt"])  # eval.py: new classes
     results.update(split="test", dataset=args.dataset, subsample=args.subsample, method=args.method,
-                   refiner=not args.no_refiner, train_classes=len(run.classnames), train_images=len(run.train),
+                   refiner=bool(getattr(args, "refiner", False)), train_classes=len(run.classnames), train_images=len(run.train),
                    selection=selection, checkpoint=tested, checkpoint_sha256=master and clip_model.sha256(tested),
                    epoch=best["epoch"] if best_state is not None else args.epochs - 1, **inputs, args=vars(args))
     if master:
@@ -586,9 +707,11 @@ def run_main(main, argv):
 
 
 def parse_args(argv=None):
-    p = get_parser()
-    args = p.parse_args(argv)
-    resolve_args(p, args)
+    spec = method_spec(argv)
+    Method = load_method(spec)
+    p = get_parser(Method, spec)
+    args = parse_known(p, argv, spec)
+    resolve_args(p, args, Method)
     return args
 
 

@@ -3,7 +3,6 @@ TextRefiner, one training step and the eval logits equal what the official code 
 (tests/reference/: fp32, 1e-4 relative); with TextRefiner, a float64 reference of host and refiner
 written here from the equations. Trainable counts at ViT-B/16 shapes, the recipes, and runs through
 train.py / eval.py / bench.py on the synthetic dataset: bitwise resume, two ranks = one process."""
-import argparse
 import functools
 import importlib.util
 import os
@@ -46,12 +45,12 @@ def reference(method):
     return torch.load(os.path.join(REFERENCE, f"{method}.pt"), weights_only=True)
 
 
-def recipe_args(method, *flags, dataset="oxford_pets"):
-    """The flags of a run of `method` as train.py resolves them (its recipe filled in)."""
-    p = train.get_parser()
+def recipe_for(method, *flags, dataset="oxford_pets", classnames=("cat", "dog")):
+    """`method`'s recipe as train.py resolves its flags, for a base-class run on `dataset`."""
+    Method = train.load_method(method)
+    p = train.get_parser(Method, method)
     args = p.parse_args(["--method", method, "--dataset", dataset, *flags])
-    train.fill_recipe(p, args, require=False)
-    return args
+    return train.fill_recipe(p, args, Method, require=False).for_run(dataset, "base", list(classnames))
 
 
 def ours(model, official):
@@ -89,8 +88,9 @@ def official_model(method, clip, *flags):
     holding the official initial tensors."""
     ref = reference(method)
     depth = [str(v) for k, v in ref["hparams"].items() if k.startswith("PROMPT_DEPTH")][:1]
-    args = recipe_args(method, "--no-refiner", *(["--depth", *depth] if depth else []), *flags, dataset=ref["dataset"])
-    model = textrefiner.METHODS[method].build(clip, ref["classnames"], args)
+    recipe = recipe_for(method, "--no-refiner", *(["--depth", *depth] if depth else []), *flags,
+                        dataset=ref["dataset"], classnames=ref["classnames"])
+    model = textrefiner.METHODS[method](clip, ref["classnames"], recipe)
     trainable, copied = {id(p) for p in model.parameters() if p.requires_grad}, set()
     with torch.no_grad():
         for name, value in ref["init"].items():
@@ -152,11 +152,11 @@ def test_gpa_equals_the_official_aggregation(official_clip):
 @pytest.mark.parametrize("method", FAMILY)
 def test_recipes_are_the_official_configs(method):
     hp = reference(method)["hparams"]
-    args = recipe_args(method)
+    args = recipe_for(method)
     assert (args.lr, args.epochs, args.batch_size, args.momentum, args.weight_decay, args.warmup_epochs,
             args.warmup_lr) == (hp["lr"], hp["max_epoch"], hp["recipe_batch_size"], hp["momentum"], hp["weight_decay"],
                                 hp["warmup_epoch"], hp["warmup_cons_lr"])
-    assert args.selection == "last" and not args.no_refiner  # the host's evaluated epoch; TextRefiner by default
+    assert args.selection == "last" and args.refiner  # the host's evaluated epoch; TextRefiner by default
     assert args.n_ctx == hp.get("N_CTX_TEXT", hp.get("N_CTX"))
     assert (args.semantic_weight, args.reg_weight, args.cache_size, args.alpha) == (0.02, 20.0, 25, 0.2)  # as on CoOp
     if method in DEEP:
@@ -166,11 +166,11 @@ def test_recipes_are_the_official_configs(method):
                                    image_weight=hp.get("IMAGE_LOSS_WEIGHT"), gpa_mean=hp.get("GPA_MEAN"),
                                    gpa_std=hp.get("GPA_STD"))).get(method, {})
     assert {k: getattr(args, k) for k in expected} == expected
-    xd = vars(recipe_args(method, "--xd"))
-    assert {k: xd[k] for k in ("lr", "epochs", "depth", "gpa_mean", "gpa_std")} == dict(
+    xd = recipe_for(method, "--xd")
+    assert {k: getattr(xd, k, None) for k in ("lr", "epochs", "depth", "gpa_mean", "gpa_std")} == dict(
         maple=dict(lr=0.0026, epochs=2, depth=3, gpa_mean=None, gpa_std=None),
         promptsrc=dict(lr=0.0025, epochs=20, depth=3, gpa_mean=6.0, gpa_std=10.0)).get(
-        method, {k: vars(args)[k] for k in ("lr", "epochs", "depth", "gpa_mean", "gpa_std")})
+        method, {k: getattr(args, k, None) for k in ("lr", "epochs", "depth", "gpa_mean", "gpa_std")})
 
 
 @pytest.mark.parametrize("method", FAMILY)
@@ -182,7 +182,7 @@ def test_trainable_counts_at_vit_b16_shapes(method):
         clip = clip_model.CLIP(CONFIGS["ViT-B/16"]).requires_grad_(False)
     official = VIT_B16_COUNTS[method]
     for flags, count in (((), official + REFINER_PARAMETERS), (("--no-refiner",), official)):
-        model = textrefiner.METHODS[method].build(clip, ["cat", "dog"], recipe_args(method, *flags))
+        model = textrefiner.METHODS[method](clip, ["cat", "dog"], recipe_for(method, *flags))
         assert sum(p.numel() for p in model.parameters() if p.requires_grad) == count, flags
 
 # ----------------------------------------------------------------------------- with TextRefiner: float64 references
@@ -293,8 +293,8 @@ def reference_step(method, model, sd, x, y, x_eval):
 def test_training_step_and_eval_with_textrefiner_match_float64_reference(tiny_sd, method):
     clip = build_model({k: v.float() for k, v in tiny_sd.items()})
     torch.manual_seed(3)
-    args = recipe_args(method, *(["--depth", "2"] if method in DEEP else []), dataset="dtd")
-    model = textrefiner.METHODS[method].build(clip, CLASSNAMES, args).train()
+    recipe = recipe_for(method, *(["--depth", "2"] if method in DEEP else []), dataset="dtd", classnames=CLASSNAMES)
+    model = textrefiner.METHODS[method](clip, CLASSNAMES, recipe).train()
     g = torch.Generator().manual_seed(4)
     with torch.no_grad():  # off their init values: every BatchNorm term and the prompts' effect exercised
         for name, param in model.named_parameters():
@@ -356,8 +356,8 @@ def trained(base, method):
 def load_run(base, out, name="last.pt"):
     """(checkpoint, its model rebuilt from the run's flags with the checkpoint's state loaded)."""
     ckpt = torch.load(os.path.join(out, name), weights_only=True)
-    args = argparse.Namespace(**ckpt["args"])
-    model = textrefiner.METHODS[args.method].build(clip_model.load_clip(synthetic(base)[1]), ["a", "b", "c"], args)
+    Method = textrefiner.METHODS[ckpt["args"]["method"]]
+    model = Method(clip_model.load_clip(synthetic(base)[1]), ["a", "b", "c"], train.recipe_of(Method, ckpt["args"]))
     model.load_trainable_state_dict(ckpt["model"])
     return ckpt, model
 
@@ -453,14 +453,14 @@ def test_report_puts_the_published_numbers_beside_ours(method, tmp_path, capsys)
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--method", "kgcoop", "--kg-weight", "-1"], "--kg-weight must be >= 0, got -1.0"),
-    (["--method", "promptsrc", "--gpa-std", "0"], "--gpa-std must be positive, got 0.0"),
-    (["--method", "promptsrc", "--gpa-mean", "nan"], "--gpa-mean must be a finite number, got nan"),
-    (["--method", "ivlp", "--n-ctx-vision", "0"], "--n-ctx-vision must be positive, got 0"),
+    (["--method", "kgcoop", "--kg-weight", "-1"], "--kg-weight: must be >= 0, got -1.0"),
+    (["--method", "promptsrc", "--gpa-std", "0"], "--gpa-std: must be positive, got 0.0"),
+    (["--method", "promptsrc", "--gpa-mean", "nan"], "--gpa-mean: must be a finite number, got nan"),
+    (["--method", "ivlp", "--n-ctx-vision", "0"], "--n-ctx-vision: must be positive, got 0"),
     (["--method", "maple", "--kg-weight", "2"], "--kg-weight applies to --method kgcoop, not maple"),
-    (["--method", "maple", "--n-ctx", "5"], "--ctx-init 'a photo of a' is 4 tokens but --n-ctx is 5"),
-    (["--n-ctx", "2", "--class-token-position", "middle"], "needs --class-token-position end"),
-    (["--method", "ivlp", "--depth", "3"], "--depth 3: the CLIP has 2 blocks in a tower"),
+    (["--method", "maple", "--n-ctx", "5"], "--ctx-init 'a photo of a' is 4 tokens but n_ctx is 5"),
+    (["--n-ctx", "2", "--class-token-position", "middle"], "needs class_token_position end"),
+    (["--method", "ivlp", "--depth", "3"], "--depth must be at most 2, the blocks of a tower of the CLIP; got 3"),
 ])
 def test_flag_errors_are_one_line(argv, message, base, tmp_path, capsys):
     root, weights = synthetic(base)
@@ -473,12 +473,12 @@ def test_losses_and_logits_stay_fp32_under_bf16_autocast(tiny_sd, method):
     """bf16 towers, fp32 master weights, refiner maths, losses and logits (PromptSRC's and KgCoOp's frozen
     references are computed out of autocast)."""
     clip = build_model({k: v.float() for k, v in tiny_sd.items()})
-    args = recipe_args(method, *(["--depth", "2"] if method in DEEP else []))
+    recipe = recipe_for(method, *(["--depth", "2"] if method in DEEP else []), classnames=CLASSNAMES)
     x, y = images(2, seed=1), torch.tensor([0, 3])
     models = []
     for _ in range(2):
         torch.manual_seed(0)
-        models.append(textrefiner.METHODS[method].build(clip, CLASSNAMES, args).train())
+        models.append(textrefiner.METHODS[method](clip, CLASSNAMES, recipe).train())
     reference_out = models[0](x, y)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = models[1](x, y)

@@ -32,15 +32,9 @@ class ShiftCLIP(textrefiner.PromptCLIP):
     recipe = ShiftRecipe
     loss_keys = ("loss", "loss_reg")
 
-    def __init__(self, clip, classnames, shift_scale, refiner):
-        super().__init__(clip)
-        self.shift_scale, self.refiner = shift_scale, refiner
+    def build(self, clip, classnames, recipe):
+        self.shift_scale = recipe.shift_scale
         self.shift = nn.Parameter(torch.zeros(clip.config.embed_dim))
-        self.set_classnames(classnames)
-
-    @classmethod
-    def build(cls, clip, classnames, args):
-        return cls(clip, classnames, args.shift_scale, textrefiner.refiner_from(args, clip.config.embed_dim))
 
     def set_classnames(self, classnames):
         ids = tokenize([f"a photo of a {name.replace('_', ' ')}." for name in classnames])
@@ -52,21 +46,9 @@ class ShiftCLIP(textrefiner.PromptCLIP):
             text = self.clip.encode_text(self.token_ids).float()  # (C, D)
         return F.normalize(text + self.shift_scale * self.shift, dim=-1)
 
-    def class_features(self):
-        t = self.text_features()
-        return t if self.refiner is None else self.refiner.refine(t)
-
     def train_forward(self, images, labels):
-        glob, tokens, cls_attn = self.clip.encode_image(images, return_tokens=True)
-        t, scale = self.text_features(), self.clip.logit_scale.exp().float()
-        if self.refiner is None:
-            logits = scale * F.normalize(glob.float(), dim=-1) @ t.t()
-            return dict(loss=F.cross_entropy(logits, labels), loss_reg=logits.new_zeros(()), logits=logits)
-        refined, local_logits, loss_reg = self.refiner.train_terms(t, tokens, cls_attn, scale)
-        logits = scale * F.normalize(glob.float(), dim=-1) @ refined.t()
-        loss = F.cross_entropy(logits, labels) + F.cross_entropy(
-            local_logits.flatten(0, 1), labels.repeat_interleave(local_logits.shape[1])) / 50 + 20 * loss_reg
-        return dict(loss=loss, loss_reg=loss_reg, logits=logits)
+        image, tokens, cls_attn = textrefiner.image_pass(self, images)  # the frozen tower, once
+        return textrefiner.refined_ce(self, self.text_features(), image, labels, tokens, cls_attn)
 
 
 @pytest.fixture

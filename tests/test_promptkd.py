@@ -10,7 +10,8 @@ import torch
 
 import released
 from clip_model import CONFIGS, build_model, random_state_dict, tokenize
-from textrefiner import PromptKDCLIP, PromptSRCTeacher, TextRefinerCLIP
+from hosts import PromptKDCLIP, PromptKDRecipe, PromptSRCTeacher
+from textrefiner import TextRefinerCLIP
 from helpers import (ref_encode_image, ref_encode_text, ref_projection, rel_err, save_half_batch_step, spec_cache_update,
                      spec_semantic_tokens)
 
@@ -66,8 +67,8 @@ def student(student_sd):
 
 def make_model(student, teacher, seed=0, **kwargs):
     torch.manual_seed(seed)
-    kwargs = dict(dict(depth=2, n_ctx=3), **kwargs)
-    return PromptKDCLIP(student, teacher, CLASSNAMES, **kwargs)
+    kwargs = dict(dict(depth=2, n_ctx_vision=3), **kwargs)
+    return PromptKDCLIP(student, CLASSNAMES, PromptKDRecipe(**kwargs), teacher=teacher)
 
 
 def images(batch, seed=1):

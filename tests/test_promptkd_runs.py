@@ -1,6 +1,7 @@
 """PromptKD + TextRefiner through train.py / eval.py / make, on the synthetic
 caltech101 of test_train.py, a tiny student CLIP and a tiny-teacher CLIP of another width, with
 teacher files written in PromptKD's released format and folder layout (CPU)."""
+import dataclasses
 import os
 import subprocess
 import sys
@@ -23,11 +24,13 @@ from helpers import (
 
 
 def test_recipe_rows_fill_flags_left_at_none_and_explicit_flags_win():
-    p = train.get_parser()
-
     def resolved(*argv):
+        spec = train.method_spec(list(argv))
+        Method = train.load_method(spec)
+        p = train.get_parser(Method, spec)
         args = p.parse_args(list(argv))
-        train.fill_recipe(p, args, require=False)
+        recipe = train.fill_recipe(p, args, Method, require=False)
+        vars(args).update(dataclasses.asdict(recipe.for_run(args.dataset, "base", ["cat", "dog"])))
         return args
 
     pk = resolved("--method", "promptkd", "--dataset", "caltech101")
@@ -35,26 +38,27 @@ def test_recipe_rows_fill_flags_left_at_none_and_explicit_flags_win():
         (20, 8, 0.005, 0.9, 5e-4, 1, 1e-5)  # PromptKD's recipe
     assert (pk.depth, pk.n_ctx_vision, pk.kd_weight, pk.temperature, pk.teacher_clip) == (9, 4, 1000.0, 1.0, "ViT-L/14")
     assert (pk.cache_size, pk.alpha, pk.cache_momentum, pk.topk) == (25, 0.2, 0.8, 5)
-    assert pk.n_ctx is None and pk.ctx_init is None and pk.semantic_weight is None  # CoOp's flags stay unset
+    assert not hasattr(pk, "n_ctx") and not hasattr(pk, "ctx_init")  # CoOp's flags are not PromptKD's
+    assert (pk.semantic_weight, pk.reg_weight) == (0.01, 0.02)  # TextRefiner's terms: lambda / 100, lambda / 50
     for dataset in ("fgvc_aircraft", "oxford_flowers", "dtd"):  # PromptKD's per-dataset weight
         assert resolved("--method", "promptkd", "--dataset", dataset).kd_weight == 200.0
     assert resolved("--method", "promptkd", "--dataset", "dtd", "--kd-weight", "7", "--epochs", "2").kd_weight == 7.0
     coop = resolved("--dataset", "dtd")
     assert (coop.method, coop.epochs, coop.batch_size, coop.lr, coop.ctx_init, coop.semantic_weight,
             coop.reg_weight) == ("coop", 10, 32, 0.002, "a photo of a", 0.02, 20.0)  # the paper's CoOp recipe
-    assert coop.kd_weight is None and coop.depth is None
+    assert not hasattr(coop, "kd_weight") and not hasattr(coop, "depth")
     assert resolved("--ctx-init", "", "--lr", "0.1").ctx_init == "" and resolved("--lr", "0.1").lr == 0.1
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--method", "promptkd", "--semantic-weight", "0.1"], "--semantic-weight applies to --method coop or cocoop or kgcoop or ivlp or maple or promptsrc, not promptkd"),
+    (["--method", "promptkd", "--n-ctx", "4"], "--n-ctx applies to --method coop or cocoop or kgcoop or ivlp or maple or promptsrc, not promptkd"),
     (["--kd-weight", "200"], "--kd-weight applies to --method promptkd, not coop"),
     (["--teacher", "teachers"], "--teacher applies to --method promptkd, not coop"),
     (["--method", "promptkd"], "--method promptkd needs --teacher"),
     (["--method", "promptkd", "--teacher", "/no/teachers"], "--teacher '/no/teachers': no such file or folder"),
-    (["--method", "promptkd", "--teacher", "x", "--kd-weight", "-1"], "--kd-weight must be >= 0"),
-    (["--method", "promptkd", "--teacher", "x", "--temperature", "0"], "--temperature must be positive"),
-    (["--method", "promptkd", "--teacher", "x", "--depth", "0"], "--depth must be positive"),
+    (["--method", "promptkd", "--teacher", "x", "--kd-weight", "-1"], "--kd-weight: must be >= 0"),
+    (["--method", "promptkd", "--teacher", "x", "--temperature", "0"], "--temperature: must be positive"),
+    (["--method", "promptkd", "--teacher", "x", "--depth", "0"], "--depth: must be positive"),
 ])
 def test_method_flag_errors(argv, message, tmp_path, monkeypatch, capsys):
     os.makedirs(tmp_path / "x")
@@ -124,7 +128,8 @@ def test_new_classes_are_the_same_checkpoints_rows(pk_run, tmp_path):
     teacher = textrefiner.PromptSRCTeacher.from_checkpoint(clip_model.load_clip(teacher_clip),
                                                            os.path.join(teachers, TEACHER_FILE),
                                                            splits["classnames"], trained_classnames=base_names)
-    model = textrefiner.PromptKDCLIP(clip_model.load_clip(student), teacher, splits["classnames"], depth=PK_DEPTH)
+    model = textrefiner.PromptKDCLIP(clip_model.load_clip(student), splits["classnames"],
+                                     textrefiner.PromptKDRecipe(depth=PK_DEPTH), teacher=teacher)
     model.load_trainable_state_dict(torch.load(os.path.join(out, "best.pt"), weights_only=True)["model"])
     loader = data.build_eval_loader(splits["test"], 4, 32, workers=0)
     alone = train.evaluate(model, loader, splits["classnames"], torch.device("cpu"), "fp32")
@@ -337,7 +342,7 @@ def test_make_base2new_promptkd_commands():
     assert train.METHODS["promptkd"].recipe.xd == {"depth": 3}  # PromptKD's cross-dataset student
     bad = subprocess.run(["make", "-C", REPO, "base2new", "METHOD=prograd", "DATASET=dtd", f"PYTHON={sys.executable}"],
                          capture_output=True, text=True, timeout=120)
-    assert bad.returncode != 0 and "--method: invalid choice: 'prograd'" in bad.stderr, bad.stderr
+    assert bad.returncode != 0 and "--method 'prograd': expected one of coop, promptkd" in bad.stderr, bad.stderr
 
 
 @pytest.mark.slow
@@ -507,4 +512,4 @@ def test_depth_beyond_the_students_blocks_fails_once_the_clip_loads(pk_run, tmp_
     monkeypatch.setattr(data, "build_train_loader", lambda *a, **k: pytest.fail("training started"))
     argv = pk_argv(base, tmp_path / "out")
     argv[argv.index("--depth") + 1] = "3"  # the tiny student has 2 blocks
-    assert_usage_error(train.main, argv, "--depth 3: the image tower of --clip has 2 blocks; pass at most 2", capsys)
+    assert_usage_error(train.main, argv, "--depth must be at most 2, the blocks of the CLIP's image tower; got 3", capsys)

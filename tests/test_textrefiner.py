@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from clip_model import CONFIGS, build_model, random_state_dict, tokenize
-from textrefiner import PromptLearner, TextRefiner, TextRefinerCLIP, ZeroShotCLIP
+from textrefiner import CoOpRecipe, PromptLearner, TextRefiner, TextRefinerCLIP, ZeroShotCLIP, ZeroShotRecipe
 from helpers import rel_err, save_half_batch_step, spec_cache_update, spec_semantic_tokens
 
 CLASSNAMES = ["cat", "golden_retriever", "sports car", "tabby_cat", "airliner"]
@@ -30,7 +30,13 @@ def clip():
 
 def make_model(clip, seed=0, classnames=CLASSNAMES, **kwargs):
     torch.manual_seed(seed)
-    return TextRefinerCLIP(clip, classnames, **kwargs)
+    return TextRefinerCLIP(clip, classnames, CoOpRecipe(**kwargs))
+
+
+def prompt_learner(clip, classnames, **kwargs):
+    learner = PromptLearner(clip, **kwargs)
+    learner.set_classnames(classnames)
+    return learner
 
 
 def images(batch, seed=1):
@@ -55,7 +61,7 @@ def test_prompt_embeddings_equal_the_tokenised_sentence_at_init(clip):
     sentences = {"end": "a photo of a golden retriever.", "front": "golden retriever a photo of a.",
                  "middle": "a photo golden retriever of a."}
     for position, sentence in sentences.items():
-        learner = PromptLearner(clip, ["golden_retriever"], class_token_position=position)
+        learner = prompt_learner(clip, ["golden_retriever"], class_token_position=position)
         prompts, ids = learner()
         expected_ids = tokenize(sentence)
         assert torch.equal(ids, tokenize("a photo of a golden retriever."))
@@ -65,15 +71,15 @@ def test_prompt_embeddings_equal_the_tokenised_sentence_at_init(clip):
 
 def test_prompt_learner_random_init_and_bad_arguments(clip):
     torch.manual_seed(0)
-    learner = PromptLearner(clip, ["cat"], n_ctx=16, ctx_init="")
+    learner = prompt_learner(clip, ["cat"], n_ctx=16, ctx_init="")
     assert learner.ctx.shape == (16, 128)
     assert 0.015 < learner.ctx.std().item() < 0.025
     assert torch.equal(learner.token_ids, tokenize(" ".join(["X"] * 16) + " cat."))
     assert learner.state_dict().keys() == {"ctx"}  # prefix/suffix/ids are rebuilt, not saved
-    with pytest.raises(ValueError, match="n_ctx=16"):
-        PromptLearner(clip, ["cat"], n_ctx=16, ctx_init="a photo of a")
+    with pytest.raises(ValueError, match="n_ctx is 16"):
+        PromptLearner(clip, n_ctx=16, ctx_init="a photo of a")
     with pytest.raises(ValueError, match="class_token_position"):
-        PromptLearner(clip, ["cat"], class_token_position="back")
+        PromptLearner(clip, class_token_position="back")
 
 
 # ------------------------------------------------------------------------ hand-computed cases
@@ -315,7 +321,8 @@ def test_refiner_false_is_plain_coop(clip):
 
 
 def test_zero_shot_uses_coop_templates(clip):
-    model = ZeroShotCLIP(clip, ["apple_pie", "ramen"], dataset="food101")
+    names = ["apple_pie", "ramen"]
+    model = ZeroShotCLIP(clip, names, ZeroShotRecipe().for_run("food101", "all", names))
     assert model.text_length == int(model.token_ids.argmax(-1).max()) + 1  # passed to encode_text
     x = images(2)
     with torch.no_grad():
@@ -326,7 +333,7 @@ def test_zero_shot_uses_coop_templates(clip):
     model.set_classnames(["ramen"])
     torch.testing.assert_close(model(x), expected[:, 1:])
     with pytest.raises(ValueError, match="unknown dataset 'food-101'"):
-        ZeroShotCLIP(clip, ["ramen"], dataset="food-101")
+        ZeroShotRecipe().for_run("food-101", "all", ["ramen"])
 
 
 # ------------------------------------------------------- float64 reference of the equations
