@@ -246,7 +246,7 @@ def _evaluate(args, rank, world_size, device):
         try:
             recipe = ZeroShotRecipe().for_run(dataset, subsample, classnames)
         except RecipeError as e:
-            raise UserError(f"--zeroshot: the prompt {e.problem} (--dataset {dataset})") from None
+            raise UserError(f"--zeroshot: {e.problem} (--dataset {dataset})") from None
     else:
         run, recipe = resolve_inputs(args, run, Method, splits.all_classnames)
     clip_name = args.clip or run["clip"]

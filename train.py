@@ -128,8 +128,8 @@ def add_recipe_flags(p, Method, spec):
                             f"{flag(field.name)}; rename the field") from None
 
 
-def get_parser(Method=None, spec="coop"):
-    """train.py's flags; with Method, its recipe's too."""
+def get_parser(spec="coop"):
+    """train.py's flags, the recipe's of --method `spec` among them."""
     p = argparse.ArgumentParser(prog="train.py", allow_abbrev=False, description="Train a prompt learner (default: CoOp + TextRefiner) "
                                 "with its recipe; every recipe flag left unset takes the --method's value.")
     p.add_argument("--method", default="coop",
@@ -149,8 +149,7 @@ def get_parser(Method=None, spec="coop"):
     p.add_argument("--eval-batch-size", type=ranged(int, POSITIVE), default=100, help="per rank")
     p.add_argument("--log-interval", type=ranged(int, POSITIVE), default=20, help="steps between progress lines")
     add_run_flags(p)
-    if Method is not None:
-        add_recipe_flags(p, Method, spec)
+    add_recipe_flags(p, load_method(spec), spec)
     return p
 
 
@@ -709,7 +708,7 @@ def run_main(main, argv):
 def parse_args(argv=None):
     spec = method_spec(argv)
     Method = load_method(spec)
-    p = get_parser(Method, spec)
+    p = get_parser(spec)
     args = parse_known(p, argv, spec)
     resolve_args(p, args, Method)
     return args

@@ -92,9 +92,9 @@ def test_step_benchmark_smoke(capsys):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--steps", "0"], "--steps must be positive"),
-    (["--num-classes", "-3"], "--num-classes must be positive"),
-    (["--batch-size", "0"], "--batch-size must be positive"),
+    (["--steps", "0"], "--steps: must be positive"),
+    (["--num-classes", "-3"], "--num-classes: must be positive"),
+    (["--batch-size", "0"], "--batch-size: must be positive"),
     (["--batch-size", "10000000000"], "--batch-size 10000000000: its 32 px images alone take 114440.9 GiB in float32, "
                                       "more than the"),
     (["--device", "cuda:99"], "argument --device: 'cuda:99': expected cpu, cuda or cuda:N"),
@@ -113,11 +113,11 @@ def test_step_out_of_device_memory_names_the_batch_size(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--log-interval", "0"], "--log-interval must be positive"),
-    (["--epochs", "0"], "--epochs must be positive"),
-    (["--warmup-epochs", "10"], "--warmup-epochs must be in [0, --epochs)"),
-    (["--lr", "nan"], "--lr must be a positive number"),
-    (["--eval-batch-size", "0"], "--eval-batch-size must be positive"),
+    (["--log-interval", "0"], "--log-interval: must be positive"),
+    (["--epochs", "0"], "--epochs: must be positive"),
+    (["--warmup-epochs", "10"], "--warmup-epochs must be in [0, epochs)"),
+    (["--lr", "nan"], "--lr: must be positive"),
+    (["--eval-batch-size", "0"], "--eval-batch-size: must be positive"),
     (["--images", "2"], "--images must be at least 3"),
 ])
 def test_nonsense_run_flags_are_refused_before_the_dataset_is_written(flags, message, monkeypatch, capsys):

@@ -371,8 +371,8 @@ def test_a_class_name_over_77_tokens_is_refused_before_clip_loads(run, tmp_path,
                        f"--n-ctx 4: the prompt of class '{long_name}' is 89 tokens, over CLIP's 77", capsys)
     assert_usage_error(evaluate_cli.main, ["--zeroshot", "--dataset", "caltech101", "--root", root, "--subsample",
                                            "new", "--workers", "0"],
-                       f"--zeroshot: the prompt 'a photo of a {{}}.' of class '{long_name}' (--dataset caltech101) is "
-                       f"89 tokens, over CLIP's 77", capsys)
+                       f"--zeroshot: 'a photo of a {{}}.': the prompt of class '{long_name}' is 89 tokens, over CLIP's "
+                       f"77 (--dataset caltech101)", capsys)
     assert_usage_error(evaluate_cli.main, ["--checkpoint", os.path.join(out, "best.pt"), "--root", root, "--subsample",
                                            "new", "--workers", "0"],
                        f"--n-ctx 4: the prompt of class '{long_name}' is 89 tokens, over CLIP's 77", capsys)
@@ -418,10 +418,10 @@ def test_nonfinite_checkpoint_or_authors_folder_is_refused_at_load(run, tmp_path
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--zeroshot", "--dataset", "dtd", "--seed", "-1"], "--seed must be in [0, 4294967295], got -1"),
+    (["--zeroshot", "--dataset", "dtd", "--seed", "-1"], "--seed: must be in [0, 4294967295], got -1"),
     (["--zeroshot", "--dataset", "dtd", "--device", "foo"], "argument --device: 'foo': expected cpu, cuda or cuda:N"),
-    (["--zeroshot", "--dataset", "dtd", "--batch-size", "0"], "--batch-size must be positive"),
-    (["--zeroshot", "--dataset", "dtd", "--dist-timeout", "-5"], "--dist-timeout must be in (0, 604800]"),
+    (["--zeroshot", "--dataset", "dtd", "--batch-size", "0"], "--batch-size: must be positive"),
+    (["--zeroshot", "--dataset", "dtd", "--dist-timeout", "-5"], "--dist-timeout: must be in (0, 604800]"),
 ])
 def test_nonsense_eval_flags_are_refused(argv, message, capsys):
     assert_usage_error(evaluate_cli.main, argv, message, capsys)

@@ -48,7 +48,7 @@ def reference(method):
 def recipe_for(method, *flags, dataset="oxford_pets", classnames=("cat", "dog")):
     """`method`'s recipe as train.py resolves its flags, for a base-class run on `dataset`."""
     Method = train.load_method(method)
-    p = train.get_parser(Method, method)
+    p = train.get_parser(method)
     args = p.parse_args(["--method", method, "--dataset", dataset, *flags])
     return train.fill_recipe(p, args, Method, require=False).for_run(dataset, "base", list(classnames))
 

@@ -27,7 +27,7 @@ def test_recipe_rows_fill_flags_left_at_none_and_explicit_flags_win():
     def resolved(*argv):
         spec = train.method_spec(list(argv))
         Method = train.load_method(spec)
-        p = train.get_parser(Method, spec)
+        p = train.get_parser(spec)
         args = p.parse_args(list(argv))
         recipe = train.fill_recipe(p, args, Method, require=False)
         vars(args).update(dataclasses.asdict(recipe.for_run(args.dataset, "base", ["cat", "dog"])))

@@ -240,7 +240,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(run, tmp_path):
     (["--dataset", "nope", "--root", ".", "--output-dir", "x"], "--dataset 'nope'"),
     (["--dataset", "dtd", "--root", "/does/not/exist", "--output-dir", "x"], "--root '/does/not/exist'"),
     (["--dataset", "dtd", "--root", "."], "--output-dir is required"),
-    (["--dataset", "dtd", "--root", ".", "--output-dir", "x", "--epochs", "0"], "--epochs must be positive"),
+    (["--dataset", "dtd", "--root", ".", "--output-dir", "x", "--epochs", "0"], "--epochs: must be positive"),
     (["--dataset", "dtd", "--root", ".", "--output-dir", "x", "--precision", "fp8"], "invalid choice: 'fp8'"),
 ])
 def test_bad_flags_are_clear_errors(argv, message, capsys):
@@ -428,23 +428,23 @@ def test_a_disk_too_full_for_the_run_is_found_at_start(run, tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--warmup-lr", "-1"], "--warmup-lr must be >= 0, got -1.0"),
-    (["--alpha", "-1"], "--alpha must be in [0, 1], got -1.0"),
-    (["--alpha", "100"], "--alpha must be in [0, 1], got 100.0"),
-    (["--cache-momentum", "1.5"], "--cache-momentum must be in [0, 1]"),
-    (["--semantic-weight", "-0.1"], "--semantic-weight must be >= 0"),
-    (["--reg-weight", "-20"], "--reg-weight must be >= 0"),
-    (["--weight-decay", "nan"], "--weight-decay must be >= 0"),
-    (["--momentum", "5"], "--momentum must be in [0, 1), got 5.0"),
-    (["--seed", "-1"], "--seed must be in [0, 4294967295], got -1"),
-    (["--seed", "99999999999999999999"], "--seed must be in [0, 4294967295], got 99999999999999999999"),
+    (["--warmup-lr", "-1"], "--warmup-lr: must be >= 0, got -1.0"),
+    (["--alpha", "-1"], "--alpha: must be in [0, 1], got -1.0"),
+    (["--alpha", "100"], "--alpha: must be in [0, 1], got 100.0"),
+    (["--cache-momentum", "1.5"], "--cache-momentum: must be in [0, 1]"),
+    (["--semantic-weight", "-0.1"], "--semantic-weight: must be >= 0"),
+    (["--reg-weight", "-20"], "--reg-weight: must be >= 0"),
+    (["--weight-decay", "nan"], "--weight-decay: must be >= 0"),
+    (["--momentum", "5"], "--momentum: must be in [0, 1), got 5.0"),
+    (["--seed", "-1"], "--seed: must be in [0, 4294967295], got -1"),
+    (["--seed", "99999999999999999999"], "--seed: must be in [0, 4294967295], got 99999999999999999999"),
     (["--device", "foo"], "argument --device: 'foo': expected cpu, cuda or cuda:N, N below the"),
     (["--device", "mps"], "argument --device: 'mps': expected cpu, cuda or cuda:N"),
     (["--device", f"cuda:{torch.cuda.device_count()}"], "CUDA devices of this machine"),
-    (["--batch-size", "0"], "--batch-size must be positive"),
-    (["--dist-timeout", "0"], "--dist-timeout must be in (0, 604800]"),
-    (["--dist-timeout", "inf"], "--dist-timeout must be in (0, 604800]"),
-    (["--clip", "/no/clip.pt"], "--clip '/no/clip.pt': no such file; expected an official name (ViT-B/32"),
+    (["--batch-size", "0"], "--batch-size: must be positive"),
+    (["--dist-timeout", "0"], "--dist-timeout: must be in (0, 604800]"),
+    (["--dist-timeout", "inf"], "--dist-timeout: must be in (0, 604800]"),
+    (["--clip", "/no/clip.pt"], "--clip '/no/clip.pt': no such file or folder; expected an official name (ViT-B/32"),
 ])
 def test_nonsense_flags_are_refused(flags, message, tmp_path, capsys):
     argv = ["--dataset", "caltech101", "--root", str(tmp_path), "--output-dir", str(tmp_path / "out"), *flags]
@@ -455,7 +455,7 @@ def test_topk_beyond_the_clips_patch_tokens_fails_once_it_loads(run, tmp_path, m
     root, weights, _ = run
     monkeypatch.setattr(data, "build_train_loader", lambda *a, **k: pytest.fail("training started"))
     assert_usage_error(train.main, train_argv(root, weights, str(tmp_path), "--topk", "17"),
-                       "--topk 17: the image tower of --clip has 16 patch tokens; pass at most 16", capsys)
+                       "--topk must be at most 16, the patch tokens of the CLIP's image tower; got 17", capsys)
     monkeypatch.undo()
     train.main(train_argv(root, weights, str(tmp_path / "plain"), "--topk", "17", "--no-refiner", "--epochs", "1",
                           "--warmup-epochs", "0"))  # no refiner: --topk is not used
@@ -469,7 +469,7 @@ def test_output_dir_that_is_a_file_fails_at_start(tmp_path, capsys):
 
 @pytest.mark.parametrize("flags, message", [
     (["--n-ctx", "100", "--ctx-init", ""], "--n-ctx 100: the prompt of class"),
-    (["--n-ctx", "5"], "--ctx-init 'a photo of a' is 4 tokens but --n-ctx is 5"),
+    (["--n-ctx", "5"], "--ctx-init 'a photo of a' is 4 tokens but n_ctx is 5"),
 ])
 def test_prompt_flags_that_cannot_work_name_the_flag(run, tmp_path, flags, message, capsys):
     root, weights, _ = run
@@ -501,7 +501,7 @@ def test_unreadable_image_in_a_loader_worker_is_one_line(run, tmp_path, capsys):
     shutil.copytree(os.path.join(run[0], "caltech-101", "101_ObjectCategories"),
                     tmp_path / "data" / "caltech-101" / "101_ObjectCategories")
     (tmp_path / "data" / "caltech-101" / "101_ObjectCategories" / first_test).write_bytes(b"not an image")
-    argv = train_argv(root, weights, str(tmp_path / "out"), "--epochs", "1", "--warmup-epochs", "0", "--no-val")
+    argv = train_argv(root, weights, str(tmp_path / "out"), "--epochs", "1", "--warmup-epochs", "0", "--selection", "last")
     argv[argv.index("--workers") + 1] = "1"
     assert_usage_error(train.main, argv, f"cannot read image {root}/caltech-101/101_ObjectCategories/{first_test}",
                        capsys)
@@ -583,6 +583,7 @@ def test_feature_cache_one_tower_pass_per_val_test_image_and_identical_results(t
         return out
 
     monkeypatch.setattr(TextRefinerCLIP, "image_features", counted_features)
+    monkeypatch.setattr(TextRefinerCLIP, "frozen_image_features", True, raising=False)  # still the frozen tower
     monkeypatch.setattr(train, "eval_step", recorded_step)
     results = {}
     for run_name, extra in (("cached", ()), ("uncached", ("--no-feature-cache",))):
