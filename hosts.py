@@ -108,9 +108,9 @@ DEFAULT_KD_WEIGHT = 1000.0
 @dataclass
 class PromptKDRecipe(RefinerRecipe):
     """PromptKD + TextRefiner: ViT-B/16 student, PromptSRC ViT-L/14 teacher, unlabelled images."""
-    epochs: int = setting(20, POSITIVE)
-    batch_size: int = setting(8, POSITIVE)
-    lr: float = setting(0.005, POSITIVE)
+    epochs: int = 20
+    batch_size: int = 8
+    lr: float = 0.005
     n_ctx_vision: int = setting(4, POSITIVE)  # visual prompt tokens per block
     depth: int = setting(9, POSITIVE)  # blocks with visual prompts; PromptKD's cross-dataset student uses 3
     kd_weight: float = setting(None, NON_NEGATIVE)  # lambda; None: per dataset, KD_WEIGHTS
@@ -303,10 +303,10 @@ class TemplateFeatures(nn.Module):
 @dataclass
 class CoCoOpRecipe(ContextRecipe):
     """CoCoOp's base2new config (ViT-B/16, 16 shots): batch 1, its text tower runs once per image."""
-    epochs: int = setting(10, POSITIVE)
-    batch_size: int = setting(1, POSITIVE)
-    lr: float = setting(0.002, POSITIVE)
-    selection: str = setting("last", ("best", "last"))
+    epochs: int = 10
+    batch_size: int = 1
+    lr: float = 0.002
+    selection: str = "last"
 
 
 class CoCoOpCLIP(ContextCLIP):
@@ -372,10 +372,10 @@ KGCOOP_TEMPLATES = {"dtd": "a photo of a {}, a type of texture."}
 @dataclass
 class KgCoOpRecipe(CoOpRecipe):
     """KgCoOp's base2new config (ViT-B/16, 16 shots)."""
-    epochs: int = setting(100, POSITIVE)
-    batch_size: int = setting(128, POSITIVE)
-    lr: float = setting(0.002, POSITIVE)
-    selection: str = setting("last", ("best", "last"))
+    epochs: int = 100
+    batch_size: int = 128
+    lr: float = 0.002
+    selection: str = "last"
     kg_weight: float = setting(8.0, NON_NEGATIVE)  # of 1 - mean cosine to the hand-crafted class features
     template: str = None  # the hand-crafted prompt; None: KgCoOp's for the dataset
 
@@ -418,10 +418,10 @@ class KgCoOpCLIP(TextRefinerCLIP):
 @dataclass
 class IVLPRecipe(ContextRecipe):
     """IVLP's base2new config of PromptSRC's repository (ViT-B/16, 16 shots): 4 + 4 prompt tokens, depth 9."""
-    epochs: int = setting(20, POSITIVE)
-    batch_size: int = setting(4, POSITIVE)
-    lr: float = setting(0.0025, POSITIVE)
-    selection: str = setting("last", ("best", "last"))
+    epochs: int = 20
+    batch_size: int = 4
+    lr: float = 0.0025
+    selection: str = "last"
     depth: int = setting(9, POSITIVE)  # blocks with prompts, in each tower
     n_ctx_vision: int = setting(4, POSITIVE)  # visual prompt tokens per block
 
@@ -484,11 +484,11 @@ class IVLPCLIP(DeepPromptCLIP):
 @dataclass
 class MaPLeRecipe(ContextRecipe):
     """MaPLe's base2new config (ViT-B/16, 16 shots): 2 context tokens ("a photo" of "a photo of a"), depth 9."""
-    n_ctx: int = setting(2, POSITIVE)
-    epochs: int = setting(5, POSITIVE)
-    batch_size: int = setting(4, POSITIVE)
-    lr: float = setting(0.0035, POSITIVE)
-    selection: str = setting("last", ("best", "last"))
+    n_ctx: int = 2
+    epochs: int = 5
+    batch_size: int = 4
+    lr: float = 0.0035
+    selection: str = "last"
     depth: int = setting(9, POSITIVE)  # blocks with prompts, in each tower
     xd: ClassVar[dict] = dict(lr=0.0026, epochs=2, depth=3)
 

@@ -226,6 +226,19 @@ def setting(default, allowed=None, required=None, textrefiner=False):
                                                             textrefiner=textrefiner))
 
 
+def rules(recipe):
+    """{field: the metadata setting() declared for it}: the nearest class in the recipe's MRO that
+    declared the field with setting() decides, so that a plain redeclaration in a subclass
+    (epochs: int = 20) changes the default and keeps the parent's range."""
+    recipe = recipe if isinstance(recipe, type) else type(recipe)
+    found = {}
+    for cls in reversed(recipe.__mro__):
+        for name, field in getattr(cls, "__dataclass_fields__", {}).items():
+            if field.metadata or name not in found:
+                found[name] = field.metadata
+    return found
+
+
 def check_value(name, value, allowed):
     """RecipeError unless value is None or allowed (a Range or a tuple of choices) takes it."""
     if value is None or allowed is None:
@@ -256,8 +269,8 @@ class Recipe:
     xd: ClassVar[dict] = {}  # the cross-dataset protocol's values (train.py --xd), where they differ
 
     def __post_init__(self):
-        for field in dataclasses.fields(self):
-            check_value(field.name, getattr(self, field.name), field.metadata.get("allowed"))
+        for name, metadata in rules(self).items():
+            check_value(name, getattr(self, name), metadata.get("allowed"))
         if not self.warmup_epochs < self.epochs:
             raise RecipeError("warmup_epochs", f"must be in [0, epochs), got {self.warmup_epochs}: pass "
                                                f"warmup_epochs 0 to train {self.epochs} epoch(s) without warm-up")

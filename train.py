@@ -109,9 +109,10 @@ def add_recipe_flags(p, Method, spec):
     """A flag per field of the method's recipe, default None (filled in by fill_recipe). A field that is
     also one of the command's own flags is a UserError naming the method."""
     g = p.add_argument_group(f"the recipe of --method {spec} ({Method.recipe.__name__}); unset: the value shown")
+    rules = textrefiner.rules(Method.recipe)
     for field in dataclasses.fields(Method.recipe):
         kind = {"int": int, "float": float, "bool": bool}.get(field.type, field.type)  # postponed annotations
-        allowed, required = field.metadata.get("allowed"), field.metadata.get("required")
+        allowed, required = rules[field.name].get("allowed"), rules[field.name].get("required")
         shown = field.default if field.default is not None else f"required: {required}" if required else "per dataset"
         options = dict(help=f"{shown}", default=None)
         if kind is bool:
@@ -260,10 +261,10 @@ def fill_recipe(p, args, Method, require=True):
         recipe = Method.recipe(**{**(Method.recipe.xd if getattr(args, "xd", False) else {}), **given})
     except RecipeError as e:
         p.error(recipe_message(e))
-    for field in dataclasses.fields(recipe):
-        setattr(args, field.name, getattr(recipe, field.name))
-        if require and getattr(args, field.name) is None and field.metadata.get("required"):
-            p.error(f"--method {args.method} needs {flag(field.name)} ({field.metadata['required']})")
+    for name, rule in textrefiner.rules(recipe).items():
+        setattr(args, name, getattr(recipe, name))
+        if require and getattr(args, name) is None and rule.get("required"):
+            p.error(f"--method {args.method} needs {flag(name)} ({rule['required']})")
     for name in recipe.weight_files if require else ():  # weights the model is built from, as --clip
         check_weights_flag(p, getattr(args, name), flag(name))
     return recipe
