@@ -1,40 +1,46 @@
 """TextRefiner (AAAI 2025, "TextRefiner: Internal Visual Feature as Efficient Refiner for
-Vision-Language Models Prompt Tuning", arXiv 2412.08176): a refiner any CLIP prompt learner plugs in.
+Vision-Language Models Prompt Tuning", arXiv 2412.08176): a refiner any CLIP prompt learner
+plugs in.
 
-The method. t = the L2-normalised class text features (C, D) of a prompt learner; a cache of M = 25
-unit vectors (M, D); from ONE pass of the frozen image tower, the last block's tokens (B, T, D) (CLS
-and patches, after ln_post @ proj) and the CLS query's head-averaged attention over the patches.
+The method. t = the L2-normalised class text features (C, D) of a prompt learner; a cache of
+M = 25 unit vectors (M, D); from ONE pass of the frozen image tower, the last block's tokens
+(B, T, D) (CLS and patches, after ln_post @ proj) and the CLS query's head-averaged attention
+over the patches.
 
-    refined = t + alpha * extractor([t, softmax(t cache^T) cache])   alpha 0.2, extractor Linear(2D, D, no bias)
-    logits  = exp(logit_scale) * normalise(image feature) refined^T   (refined is not re-normalised)
-    X       = align(tokens): Linear -> BatchNorm (statistics of all B*T tokens) -> ReLU -> Linear, token-wise
-    local   = X at the CLS token, at the 5 patches of highest CLS attention, and the mean of X   (B, 7, D)
-    loss    = CE(logits, y) + CE(exp(logit_scale) local t^T, y) / 50 + 20 * mean |normalise(refined) - t|
-    cache   : after the step's forward, no gradient, fp32: each normalised aligned token x_n goes to its
-              most similar slot a_n with weight exp(S[n, a_n] - max_n' S[n', a_n]), S = X^ cache^T; a slot
-              that received tokens becomes 0.8 slot + 0.2 (weighted sum of its tokens); all rows renormalised.
+    refined = t + alpha * extractor([t, softmax(t cache^T) cache])
+              (alpha 0.2, extractor Linear(2D, D, no bias); refined is not re-normalised)
+    logits  = exp(logit_scale) * normalise(image feature) refined^T
+    X       = align(tokens): Linear -> BatchNorm (over all B*T tokens) -> ReLU -> Linear
+    local   = X at the CLS token, at the 5 patches of highest CLS attention, and mean(X)  (B, 7, D)
+    loss    = CE(logits, y) + CE(exp(logit_scale) local t^T, y) / 50
+              + 20 * mean |normalise(refined) - t|
+    cache   : after the step's forward, no gradient, fp32: each normalised aligned token x_n
+              goes to its most similar slot a_n with weight exp(S[n, a_n] - max_n' S[n', a_n]),
+              S = X^ cache^T; a slot that received tokens becomes 0.8 slot + 0.2 (weighted sum
+              of its tokens); all rows renormalised.
 
-At test time nothing is aligned or updated: `refined` depends on no image, so it is computed once per
-evaluation. Trainable: align and extractor (1,050,624 values at D = 512); the cache is saved state.
+At test time nothing is aligned or updated: `refined` depends on no image, so it is computed
+once per evaluation. Trainable: align and extractor (1,050,624 values at D = 512); the cache is
+saved state.
 
-Reading order: FeatureAlign and TextRefiner (the method; `train_terms` is the refiner's share of a
-training step); Recipe and PromptCLIP (what train.py, eval.py and bench.py need from any prompt
-learner: a host is one PromptCLIP class built from one Recipe dataclass); then the worked example,
-CoOp + TextRefiner (TextRefinerCLIP), and zero-shot CLIP. hosts.py holds the other hosts (PromptKD,
-CoCoOp, KgCoOp, IVLP, MaPLe, PromptSRC); METHODS maps --method names to all of them.
+Reading order: FeatureAlign and TextRefiner (the method; `train_terms` is the refiner's share of
+a training step); Recipe and PromptCLIP (what train.py, eval.py and bench.py need from any
+prompt learner: a host is one PromptCLIP class built from one Recipe dataclass); then the worked
+example, CoOp + TextRefiner (TextRefinerCLIP), and zero-shot CLIP. hosts.py holds the other
+hosts (PromptKD, CoCoOp, KgCoOp, IVLP, MaPLe, PromptSRC); METHODS names them all for --method.
 
     import clip_model, textrefiner
-    model = textrefiner.TextRefinerCLIP(clip_model.load_clip("ViT-B/16"), classnames)   # the paper's recipe
-    model.train(); out = model(images, labels); out["loss"].backward()   # also updates the cache
+    model = textrefiner.TextRefinerCLIP(clip_model.load_clip("ViT-B/16"), classnames)
+    model.train(); out = model(images, labels); out["loss"].backward()   # updates the cache
     model.eval();  logits = model(images)                                # class features once
     model.set_classnames(new_classnames)                                 # base -> new
     torch.save(model.trainable_state_dict(), "ckpt.pt")                  # no CLIP weights
 
-In your own prompt learner (a PromptCLIP with a RefinerRecipe builds self.refiner; t may also be
-per image, (B, C, D)):
+In your own prompt learner (a PromptCLIP whose recipe is a RefinerRecipe has self.refiner; t
+may also be per image, (B, C, D)):
 
-    image, tokens, cls_attn = textrefiner.image_pass(self, images)   # one pass of the frozen tower
-    out = textrefiner.refined_ce(self, t, image, labels, tokens, cls_attn)   # the loss above; + cache update
+    image, tokens, cls_attn = textrefiner.image_pass(self, images)  # one pass of the frozen tower
+    out = textrefiner.refined_ce(self, t, image, labels, tokens, cls_attn)  # the loss above
 
 The refiner maths, the losses and the cache are fp32 even under autocast.
 """
@@ -91,9 +97,9 @@ class FeatureAlign(nn.Module):
             x = x.float()
             if not self.training:
                 return self.fc2(F.relu(self.bn(self.fc1(x))))  # bn in eval: running statistics
-            y, mean, var = feature_align(x, self.fc1.weight, self.fc1.bias, self.bn.weight, self.bn.bias,
-                                         self.fc2.weight, self.fc2.bias, eps=self.bn.eps,
-                                         process_group=self.process_group)
+            y, mean, var = feature_align(
+                x, self.fc1.weight, self.fc1.bias, self.bn.weight, self.bn.bias, self.fc2.weight,
+                self.fc2.bias, eps=self.bn.eps, process_group=self.process_group)
             self._update_running_stats(mean.detach(), var.detach(), x.shape[0])
         return y
 
@@ -104,34 +110,35 @@ class FeatureAlign(nn.Module):
         good. mean/var are the group's, so every rank decides alike, on the device (no sync)."""
         if self.process_group is None:
             if rows < 2:
-                raise ValueError(f"FeatureAlign: batch statistics need at least 2 tokens, got {rows}")
+                raise ValueError(f"FeatureAlign: batch statistics need 2 tokens or more, got {rows}")
             n = float(rows)
         else:  # the global token count, summed on the device
             n = torch.full((), float(rows), device=mean.device)
             dist.all_reduce(n, op=dist.ReduceOp.SUM, group=self.process_group)
         finite = torch.isfinite(mean).all() & torch.isfinite(var).all()  # () bool
-        momentum = self.bn.momentum
-        running_mean, running_var = self.bn.running_mean, self.bn.running_var
-        running_mean.copy_(torch.where(finite, (1 - momentum) * running_mean + momentum * mean, running_mean))
-        unbiased = var * n / (n - 1)  # as BatchNorm1d
-        running_var.copy_(torch.where(finite, (1 - momentum) * running_var + momentum * unbiased, running_var))
+        momentum, unbiased = self.bn.momentum, var * n / (n - 1)  # unbiased: as BatchNorm1d
+        for running, batch in ((self.bn.running_mean, mean), (self.bn.running_var, unbiased)):
+            running.copy_(torch.where(finite, (1 - momentum) * running + momentum * batch, running))
         self.bn.num_batches_tracked.add_(finite.long())
 
 
 class TextRefiner(nn.Module):
     """Feature alignment, local cache and aggregation, for any prompt learner.
 
-    embed_dim: the width of the text features refined (and of the cache); token_dim: the width of
-    the image tokens aligned to it (default embed_dim; PromptKD: 512-d tokens, 768-d teacher text)."""
+    embed_dim: the width of the text features refined (and of the cache); token_dim: the width
+    of the image tokens aligned to it (default embed_dim; PromptKD: 512-d tokens, 768-d teacher
+    text)."""
 
     def __init__(self, embed_dim, cache_size=25, alpha=0.2, momentum=0.8, topk=5, token_dim=None):
         super().__init__()
         if cache_size < 1 or topk < 1:
-            raise ValueError(f"TextRefiner: cache_size and topk must be >= 1, got {cache_size}, {topk}")
+            raise ValueError(f"TextRefiner: cache_size and topk must be >= 1, got {cache_size}, "
+                             f"{topk}")
         self.align = FeatureAlign(embed_dim if token_dim is None else token_dim, embed_dim)
         self.extractor = nn.Linear(2 * embed_dim, embed_dim, bias=False)
         # Not a parameter (no gradient), but persistent: every checkpoint carries it.
-        self.register_buffer("cache", F.normalize(torch.rand(cache_size, embed_dim), dim=-1))  # (M, D)
+        cache = F.normalize(torch.rand(cache_size, embed_dim), dim=-1)  # (M, D)
+        self.register_buffer("cache", cache)
         self.alpha, self.momentum, self.topk = alpha, momentum, topk
         self.process_group = None
 
@@ -145,7 +152,8 @@ class TextRefiner(nn.Module):
         t = normalise(text_features), row by row. Not re-normalised."""
         with fp32(text_features):
             t = F.normalize(text_features.float(), dim=-1)  # (..., D)
-            # snapshot: the in-place cache update later in this step must not touch what autograd saved
+            # snapshot: the in-place cache update later in this step must not touch what autograd
+            # saved
             cache = self.cache.clone()  # (M, D)
             read = torch.softmax(t @ cache.t(), dim=-1) @ cache  # (..., D)
             return self.alpha * self.extractor(torch.cat([t, read], dim=-1)) + t
@@ -163,27 +171,28 @@ class TextRefiner(nn.Module):
                              f"tokens {tuple(aligned.shape)}, got {tuple(cls_attn.shape)}")
         if self.topk > n - 1:
             raise ValueError(f"TextRefiner: topk={self.topk} exceeds the {n - 1} patch tokens")
-        patches = cls_attn.float().topk(self.topk, dim=-1).indices + 1  # (B, k); +1 skips the CLS slot
+        # (B, k); +1 skips the CLS slot
+        patches = cls_attn.float().topk(self.topk, dim=-1).indices + 1
         index = torch.cat([patches.new_zeros(b, 1), patches], dim=1)  # (B, k+1)
         picked = aligned.gather(1, index[:, :, None].expand(-1, -1, d))  # (B, k+1, D)
         return torch.cat([picked, aligned.mean(dim=1, keepdim=True)], dim=1)  # (B, k+2, D)
 
     @torch.no_grad()
     def update_cache(self, aligned_tokens):
-        """Momentum update of the cache from this step's aligned tokens (B, T, D), combined over the
-        process group when one is set (every rank holds the same cache). A batch with a non-finite
-        token anywhere in the group leaves the cache unchanged."""
+        """Momentum update of the cache from this step's aligned tokens (B, T, D), combined over
+        the process group when one is set (every rank holds the same cache). A batch with a
+        non-finite token anywhere in the group leaves the cache unchanged."""
         tokens = aligned_tokens.detach().reshape(-1, aligned_tokens.shape[-1])  # (N, D)
-        self.cache.copy_(cache_update(tokens, self.cache, momentum=self.momentum, process_group=self.process_group))
+        self.cache.copy_(cache_update(tokens, self.cache, self.momentum, process_group=self.process_group))
 
     def train_terms(self, t, tokens, cls_attn, scale):
         """The refiner's share of a training step, for any prompt learner.
 
-        t: normalised class text features (C, D), or per image (B, C, D); tokens (B, T, token_dim)
-        and cls_attn (B, T - 1) from clip.encode_image(x, return_tokens=True) (prompt tokens left
-        out); scale = exp(logit_scale). -> (refined classifier like t, local logits (B, k+2, C) of the
-        local tokens against the UNREFINED t, the L1 regulariser). Reads the cache, then updates it
-        from this batch's aligned tokens."""
+        t: normalised class text features (C, D), or per image (B, C, D); tokens
+        (B, T, token_dim) and cls_attn (B, T - 1) from clip.encode_image(x, return_tokens=True)
+        (prompt tokens left out); scale = exp(logit_scale). -> (refined classifier like t, local
+        logits (B, k+2, C) of the local tokens against the UNREFINED t, the L1 regulariser).
+        Reads the cache, then updates it from this batch's aligned tokens."""
         with fp32(t):
             refined = self.refine(t)  # reads the cache before this step's update
             aligned = self.align_tokens(tokens)  # (B, T, D)
@@ -193,13 +202,13 @@ class TextRefiner(nn.Module):
         self.update_cache(aligned)
         return refined, local_logits, loss_reg
 
-# ----------------------------------------------------------------------------- the prompt-learner interface
+# ------------------------------------------------------------------ the prompt-learner interface
 
 
 @dataclass(frozen=True)
 class Range:
-    """The numbers a setting allows: ok(value), and the words an error uses ("positive"). NaN fails
-    every range but FINITE's complement."""
+    """The numbers a setting allows: ok(value), and the words an error uses ("positive"). NaN
+    fails every range."""
     ok: Callable
     text: str
 
@@ -221,7 +230,7 @@ class RecipeError(ValueError):
 
 def setting(default, allowed=None, required=None, textrefiner=False):
     """A recipe field: its default; allowed, a Range or a tuple of choices; required, what to pass
-    when the default is None and the run needs a value; textrefiner marks TextRefiner's own settings."""
+    when it is None and a run needs it; textrefiner marks TextRefiner's own settings."""
     return dataclasses.field(default=default, metadata=dict(allowed=allowed, required=required,
                                                             textrefiner=textrefiner))
 
@@ -239,16 +248,6 @@ def rules(recipe):
     return found
 
 
-def check_value(name, value, allowed):
-    """RecipeError unless value is None or allowed (a Range or a tuple of choices) takes it."""
-    if value is None or allowed is None:
-        return
-    if isinstance(allowed, Range) and not allowed.ok(value):
-        raise RecipeError(name, f"must be {allowed.text}, got {value}")
-    if isinstance(allowed, tuple) and value not in allowed:
-        raise RecipeError(name, f"must be one of {', '.join(map(str, allowed))}, got {value!r}")
-
-
 @dataclass
 class Recipe:
     """A method's hyper-parameters: train.py makes a flag --field-name of every field of the
@@ -260,25 +259,31 @@ class Recipe:
     lr: float = setting(0.002, POSITIVE)
     momentum: float = setting(0.9, BELOW_ONE)  # SGD's
     weight_decay: float = setting(5e-4, NON_NEGATIVE)  # on every trainable tensor
-    warmup_epochs: int = setting(1, NON_NEGATIVE)  # at warmup_lr, then cosine from lr, stepped once per epoch
+    # at warmup_lr, then cosine from lr, stepped once per epoch
+    warmup_epochs: int = setting(1, NON_NEGATIVE)
     warmup_lr: float = setting(1e-5, NON_NEGATIVE)
-    selection: str = setting("best", ("best", "last"))  # best: the epoch of best accuracy on the val split
+    # best: the epoch of best accuracy on the val split is tested; last: the last epoch
+    selection: str = setting("best", ("best", "last"))
     # Fields naming weights the model is built from besides --clip: recorded with their SHA-256 when
     # they are files, and eval.py takes them as flags (default: the run's).
     weight_files: ClassVar[tuple] = ()
-    xd: ClassVar[dict] = {}  # the cross-dataset protocol's values (train.py --xd), where they differ
+    xd: ClassVar[dict] = {}  # the cross-dataset protocol's values (train.py --xd) that differ
 
     def __post_init__(self):
-        for name, metadata in rules(self).items():
-            check_value(name, getattr(self, name), metadata.get("allowed"))
+        for name, rule in rules(self).items():  # None: a value filled in later (for_run, a flag)
+            value, allowed = getattr(self, name), rule.get("allowed")
+            if isinstance(allowed, Range) and value is not None and not allowed.ok(value):
+                raise RecipeError(name, f"must be {allowed.text}, got {value}")
+            if isinstance(allowed, tuple) and value is not None and value not in allowed:
+                raise RecipeError(name, f"must be one of {', '.join(map(str, allowed))}, got {value!r}")
         if not self.warmup_epochs < self.epochs:
             raise RecipeError("warmup_epochs", f"must be in [0, epochs), got {self.warmup_epochs}: pass "
-                                               f"warmup_epochs 0 to train {self.epochs} epoch(s) without warm-up")
+                                               f"warmup_epochs 0 to train {self.epochs} epoch(s) without")
 
     def for_run(self, dataset, subsample, classnames):
-        """This recipe for one run, before any weights load: values that depend on the dataset (fields
-        still None), files resolved, checks against every class name the run meets (base and new).
-        dataset None: no dataset in particular (benchmarks). Default: this recipe as it is."""
+        """This recipe for one run, before any weights load: values that depend on the dataset
+        (fields still None), files resolved, checks against every class name the run meets (base
+        and new). dataset None: no dataset in particular (benchmarks). Default: this recipe."""
         return self
 
 
@@ -291,11 +296,13 @@ class RefinerRecipe(Recipe):
     alpha: float = setting(0.2, UNIT, textrefiner=True)  # the refinement's weight
     cache_momentum: float = setting(0.8, UNIT, textrefiner=True)
     topk: int = setting(5, POSITIVE, textrefiner=True)  # the patches of highest CLS attention
-    semantic_weight: float = setting(0.02, NON_NEGATIVE, textrefiner=True)  # the local tokens' loss, 1/50
+    # the local tokens' loss, 1/50
+    semantic_weight: float = setting(0.02, NON_NEGATIVE, textrefiner=True)
     reg_weight: float = setting(20.0, NON_NEGATIVE, textrefiner=True)  # the L1 regulariser
 
 
-REFINER_FIELDS = tuple(f.name for f in dataclasses.fields(RefinerRecipe) if f.metadata["textrefiner"])
+REFINER_FIELDS = tuple(f.name for f in dataclasses.fields(RefinerRecipe)
+                       if f.metadata["textrefiner"])
 
 
 def build_refiner(recipe, width, clip):
@@ -305,17 +312,17 @@ def build_refiner(recipe, width, clip):
         return None
     patches = (clip.config.image_resolution // clip.config.vision_patch_size) ** 2
     if recipe.topk > patches:
-        raise RecipeError("topk", f"must be at most {patches}, the patch tokens of the CLIP's image tower; got "
-                                  f"{recipe.topk}")
+        raise RecipeError("topk", f"must be at most {patches}, the patch tokens of the CLIP's image "
+                                  f"tower; got {recipe.topk}")
     return TextRefiner(width, recipe.cache_size, recipe.alpha, recipe.cache_momentum, recipe.topk,
                        token_dim=clip.config.embed_dim)
 
 
 def reuses_image_features(model):
-    """Whether evaluation may store a model's image features and serve them again: only when they come
-    from the frozen tower, i.e. PromptCLIP's own image_features and forward, unless the model or a
-    class declares frozen_image_features. The model, then the nearest class in its MRO that declares
-    the flag or defines either method, decides."""
+    """Whether evaluation may store a model's image features and serve them again: only when they
+    come from the frozen tower, i.e. PromptCLIP's own image_features and forward, unless the model
+    or a class declares frozen_image_features. The model, then the nearest class in its MRO that
+    declares the flag or defines either method, decides."""
     if "frozen_image_features" in vars(model):
         return vars(model)["frozen_image_features"]
     for cls in type(model).__mro__:
@@ -330,14 +337,14 @@ class PromptCLIP(nn.Module):
     """What train.py, eval.py and bench.py need from a prompt learner on a frozen CLIP.
 
     A subclass sets `recipe` (its Recipe dataclass) and writes build (its own modules, from the
-    recipe), text_features and train_forward. Construction builds the host, then, for a recipe with
-    TextRefiner's settings, self.refiner (after the host's tensors, so the host starts from the same
-    values with and without it), then calls set_classnames once. Evaluation computes class_features()
-    once and reuses it until a trained tensor (in place too), the refiner's alpha or the autocast
-    setting changes."""
+    recipe), text_features and train_forward. Construction builds the host, then, for a recipe
+    with TextRefiner's settings, self.refiner (after the host's tensors, so the host starts from
+    the same values with and without it), then calls set_classnames once. Evaluation computes
+    class_features() once and reuses it until a trained tensor (in place too), the refiner's
+    alpha or the autocast setting changes."""
     recipe = Recipe
     loss_keys = ("loss",)  # train_forward's entries that train.py logs, "loss" first
-    transductive = False  # trains on the unlabelled images of every class; selection on the test split
+    transductive = False  # trains on the unlabelled images of every class; selects on the test split
     frozen = ("clip",)  # submodules kept frozen and in eval mode, outside trainable_state_dict
     title = None  # the report's name of the method (None: the class name)
 
@@ -376,22 +383,24 @@ class PromptCLIP(nn.Module):
         raise NotImplementedError
 
     def class_features(self):
-        """(C, D) what the eval logits compare against: the text features, refined with a refiner."""
+        """(C, D) what the eval logits compare against: the text features, refined if a refiner."""
         t = self.text_features()
         return t if self.refiner is None else self.refiner.refine(t)
 
     def classifier_key(self, device):
-        """What class_features() reads besides the class names: every tensor outside the frozen CLIPs (an
-        in-place write bumps _version; .to() and loading make new storage), the refiner's alpha, autocast."""
-        clips = tuple(name + "." for name, module in self.named_modules() if isinstance(module, clip_model.CLIP))
-        tensors = [(t._version, t.data_ptr(), t.dtype) for name, t in [*self.named_parameters(), *self.named_buffers()]
-                   if not name.startswith(clips)]
+        """What class_features() reads besides the class names: every tensor outside the frozen
+        CLIPs (an in-place write bumps _version; .to() and loading make new storage), the
+        refiner's alpha, the autocast setting."""
+        clips = tuple(name + "." for name, m in self.named_modules() if isinstance(m, clip_model.CLIP))
+        named = [*self.named_parameters(), *self.named_buffers()]
+        tensors = [(t._version, t.data_ptr(), t.dtype) for name, t in named if not name.startswith(clips)]
         alpha = None if self.refiner is None else self.refiner.alpha
-        return tensors, alpha, torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type)
+        autocast = torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type)
+        return tensors, alpha, autocast
 
     def logits(self, image_features):
-        """Eval logits (B, C): exp(logit_scale) * normalise(image_features) @ class_features()^T, the
-        class features computed once per evaluation (again when classifier_key changes)."""
+        """Eval logits (B, C): exp(logit_scale) * normalise(image_features) @ class_features()^T,
+        the class features computed once per evaluation (again when classifier_key changes)."""
         key = self.classifier_key(image_features.device)
         if self._classifier is None or self._classifier[0] != key:
             with torch.no_grad():
@@ -412,8 +421,8 @@ class PromptCLIP(nn.Module):
         self._classifier = None
 
     def epoch_end(self, epoch, epochs):
-        """Called by the training loop after the steps of epoch `epoch` (0-based) of `epochs`, before
-        validation and the checkpoint: state it changes is saved with that epoch. Default: nothing."""
+        """Called by the training loop after the steps of epoch `epoch` (0-based) of `epochs`,
+        before validation and the checkpoint: state it changes is saved with that epoch."""
 
     def set_process_group(self, group):
         """DDP: every BatchNorm statistic and cache update of the model over `group`."""
@@ -434,17 +443,20 @@ class PromptCLIP(nn.Module):
     def load_trainable_state_dict(self, state_dict):
         """Strict: the names and shapes of trainable_state_dict()."""
         own, name = self.trainable_state_dict(), type(self).__name__
-        missing, unexpected = sorted(own.keys() - state_dict.keys()), sorted(state_dict.keys() - own.keys())
+        missing = sorted(own.keys() - state_dict.keys())
+        unexpected = sorted(state_dict.keys() - own.keys())
         hosts = [{k.split(".")[0] for k in keys} - {"refiner"} for keys in (own, state_dict)]
         if all(hosts) and hosts[0].isdisjoint(hosts[1]):  # not even the prompt learner's names
             raise ValueError(f"{name}.load_trainable_state_dict: not a {name} checkpoint: its "
-                             f"{', '.join(unexpected[:3])}, ... are not the model's ({', '.join(sorted(own)[:3])}, "
-                             f"...): another method's?")
+                             f"{', '.join(unexpected[:3])}, ... are not the model's "
+                             f"({', '.join(sorted(own)[:3])}, ...): another method's?")
         mismatched = [f"{k}: checkpoint {tuple(state_dict[k].shape)}, model {tuple(own[k].shape)}"
-                      for k in sorted(own.keys() & state_dict.keys()) if state_dict[k].shape != own[k].shape]
+                      for k in sorted(own.keys() & state_dict.keys())
+                      if state_dict[k].shape != own[k].shape]
         if missing or unexpected or mismatched:
-            raise ValueError(f"{name}.load_trainable_state_dict: state dict does not match the model; missing "
-                             f"keys {missing}, unexpected keys {unexpected}, shape mismatches {mismatched}")
+            raise ValueError(f"{name}.load_trainable_state_dict: state dict does not match the "
+                             f"model; missing keys {missing}, unexpected keys {unexpected}, shape "
+                             f"mismatches {mismatched}")
         with torch.no_grad():
             for key, tensor in own.items():
                 tensor.copy_(state_dict[key])
@@ -460,7 +472,7 @@ class PromptCLIP(nn.Module):
                 title: cls(clip, classnames, dataclasses.replace(recipe, refiner=False))}
 
 
-# ----------------------------------------------------------------------------- CoOp + TextRefiner, the worked example
+# --------------------------------------------------------- CoOp + TextRefiner, the worked example
 
 
 CLASS_TOKEN_POSITIONS = ("end", "middle", "front")
@@ -479,8 +491,8 @@ class PromptLearner(nn.Module):
     def __init__(self, clip, n_ctx=4, ctx_init="a photo of a", class_token_position="end"):
         super().__init__()
         if class_token_position not in CLASS_TOKEN_POSITIONS:
-            raise RecipeError("class_token_position", f"must be one of {', '.join(CLASS_TOKEN_POSITIONS)}, got "
-                                                      f"{class_token_position!r}")
+            raise RecipeError("class_token_position", f"must be one of {', '.join(CLASS_TOKEN_POSITIONS)}"
+                                                      f", got {class_token_position!r}")
         # A reference, not a submodule: CLIP's frozen table stays out of this state dict.
         object.__setattr__(self, "token_embedding", clip.token_embedding)
         self.context_length = clip.config.context_length
@@ -504,7 +516,8 @@ class PromptLearner(nn.Module):
         if len(classnames) == 0:
             raise ValueError("PromptLearner.set_classnames: need at least one class name")
         names = [name.replace("_", " ") for name in classnames]
-        ids = tokenize([f"{self.prompt_prefix} {name}." for name in names], self.context_length)  # (C, 77)
+        prompts = [f"{self.prompt_prefix} {name}." for name in names]
+        ids = tokenize(prompts, self.context_length)  # (C, 77)
         self.text_length = text_length(ids)  # the EOT positions are the same in every layout
         with torch.no_grad():
             embedded = self.token_embedding(ids.to(self.token_embedding.weight.device))  # (C, 77, W)
@@ -513,7 +526,8 @@ class PromptLearner(nn.Module):
         self.register_buffer("token_ids", ids.to(self.ctx.device), persistent=False)
         self.register_buffer("token_prefix", embedded[:, :1].clone(), persistent=False)  # SOT
         self.register_buffer("token_suffix", embedded[:, 1 + self.n_ctx:].clone(), persistent=False)
-        self.register_buffer("order", self._order(tokenize(names, self.context_length)), persistent=False)
+        order = self._order(tokenize(names, self.context_length))
+        self.register_buffer("order", order, persistent=False)
 
     def _order(self, name_ids):
         """(C, 77) gather index from the "end" layout (SOT, ctx, name, rest) to the chosen one."""
@@ -534,7 +548,7 @@ class PromptLearner(nn.Module):
     def forward(self):
         """-> (prompt embeddings (C, 77, W) without positional embedding, token ids (C, 77))."""
         num_classes = self.token_prefix.shape[0]
-        ctx = self.ctx.to(self.token_prefix.dtype).unsqueeze(0).expand(num_classes, -1, -1)  # (C, n_ctx, W)
+        ctx = self.ctx.to(self.token_prefix.dtype).expand(num_classes, -1, -1)  # (C, n_ctx, W)
         prompts = torch.cat([self.token_prefix, ctx, self.token_suffix], dim=1)  # (C, 77, W)
         if self.order is not None:
             prompts = prompts.gather(1, self.order[:, :, None].expand_as(prompts))
@@ -546,11 +560,11 @@ def check_context(ctx_init, n_ctx, class_token_position="end"):
     needs the class token at the end)."""
     tokens = clip_model.token_count(ctx_init.replace("_", " "))
     if tokens < n_ctx:
-        raise RecipeError("ctx_init", f"{ctx_init!r} is {tokens} tokens but n_ctx is {n_ctx}: make them agree, "
-                                      f"or pass ctx_init \"\" for random context")
+        raise RecipeError("ctx_init", f"{ctx_init!r} is {tokens} tokens but n_ctx is {n_ctx}: make "
+                                      f"them agree, or pass ctx_init \"\" for random context")
     if tokens > n_ctx and class_token_position != "end":
-        raise RecipeError("n_ctx", f"{n_ctx} trains the first {n_ctx} of the {tokens} tokens of ctx_init "
-                                   f"{ctx_init!r}, which needs class_token_position end")
+        raise RecipeError("n_ctx", f"{n_ctx} trains the first {n_ctx} of the {tokens} tokens of "
+                                   f"ctx_init {ctx_init!r}, which needs class_token_position end")
 
 
 def check_prompt_lengths(prompt, classnames, field, value, advice="", context_length=77):
@@ -559,23 +573,25 @@ def check_prompt_lengths(prompt, classnames, field, value, advice="", context_le
         return clip_model.token_count(prompt(name.replace("_", " "))) + 2  # with SOT and EOT
     longest = max(classnames, key=length)
     if length(longest) > context_length:
-        raise RecipeError(field, f"{value}: the prompt of class {longest!r} is {length(longest)} tokens, over "
-                                 f"CLIP's {context_length}{advice}")
+        raise RecipeError(field, f"{value}: the prompt of class {longest!r} is {length(longest)} "
+                                 f"tokens, over CLIP's {context_length}{advice}")
 
 
 def prompt_text_features(clip, prompt_learner, deep_prompts=None):
-    """Normalised class features (C, D) fp32 of a PromptLearner's class prompts, with deep text prompts
-    (depth - 1, n_ctx, W) when given; with the graph to the prompts when grad is on."""
+    """Normalised class features (C, D) fp32 of a PromptLearner's class prompts, with deep text
+    prompts (depth - 1, n_ctx, W) when given; with the graph to the prompts when grad is on."""
     prompts, ids = prompt_learner()
     # a length known in advance: finding it on the device ids would sync every step
-    text = clip.encode_prompts(prompts, ids, length=prompt_learner.text_length, deep_prompts=deep_prompts)  # (C, D)
+    length = prompt_learner.text_length
+    text = clip.encode_prompts(prompts, ids, length=length, deep_prompts=deep_prompts)  # (C, D)
     with fp32(text):
         return F.normalize(text.float(), dim=-1)
 
 
 def image_pass(model, images, prompts=None):
-    """The model's image tower: (global feature (B, D), tokens (B, T, D), cls_attn (B, T - 1)), the last
-    two only when the model has a refiner (else None). Unprompted, nothing in the tower trains: no graph."""
+    """The model's image tower: (global feature (B, D), tokens (B, T, D), cls_attn (B, T - 1)),
+    the last two only when the model has a refiner (else None). Unprompted, nothing in the tower
+    trains: no graph."""
     with torch.no_grad() if prompts is None else nullcontext():
         if model.refiner is None:
             return model.clip.encode_image(images, prompts=prompts), None, None
@@ -583,18 +599,19 @@ def image_pass(model, images, prompts=None):
 
 
 def class_logits(scale, image, classes):
-    """scale * image @ classes^T: normalised images (B, D) against classes (C, D), or each image against
-    its own classes (B, C, D) -> (B, C)."""
+    """scale * image @ classes^T: normalised images (B, D) against classes (C, D), or each image
+    against its own classes (B, C, D) -> (B, C)."""
     if classes.dim() == 2:
         return scale * image @ classes.t()
     return scale * torch.einsum("bd,bcd->bc", image, classes)
 
 
 def refined_ce(model, t, image, labels, tokens, cls_attn):
-    """A training step's terms for a host classified with cross-entropy: t the normalised class features
-    (C, D), or per image (B, C, D); image the global features (B, D); with model.refiner the logits
-    use the refined classifier and TextRefiner's local CE and L1 are added with model.semantic_weight
-    and model.reg_weight (updates the cache). -> loss, loss_global, loss_local, loss_reg, logits (B, C)."""
+    """A training step's terms for a host classified with cross-entropy: t the normalised class
+    features (C, D), or per image (B, C, D); image the global features (B, D); with model.refiner
+    the logits use the refined classifier and TextRefiner's local CE and L1 are added with
+    model.semantic_weight and model.reg_weight (updates the cache).
+    -> loss, loss_global, loss_local, loss_reg, logits (B, C)."""
     if labels is None:
         raise ValueError(f"{type(model).__name__}.forward: labels are required in training mode")
     with fp32(t):
@@ -608,9 +625,11 @@ def refined_ce(model, t, image, labels, tokens, cls_attn):
         refined, local_logits, loss_reg = model.refiner.train_terms(t, tokens, cls_attn, scale)
         logits = class_logits(scale, image, refined)  # (B, C)
         loss_global = F.cross_entropy(logits, labels)
-        loss_local = F.cross_entropy(local_logits.flatten(0, 1), labels.repeat_interleave(local_logits.shape[1]))
+        rows = local_logits.shape[1]  # k + 2 local tokens per image, each labelled as its image
+        loss_local = F.cross_entropy(local_logits.flatten(0, 1), labels.repeat_interleave(rows))
         loss = loss_global + model.semantic_weight * loss_local + model.reg_weight * loss_reg
-    return dict(loss=loss, loss_global=loss_global, loss_local=loss_local, loss_reg=loss_reg, logits=logits)
+    return dict(loss=loss, loss_global=loss_global, loss_local=loss_local, loss_reg=loss_reg,
+                logits=logits)
 
 
 @dataclass
@@ -624,7 +643,8 @@ class ContextRecipe(RefinerRecipe):
         if self.ctx_init:
             check_context(self.ctx_init, self.n_ctx, getattr(self, "class_token_position", "end"))
         prefix = self.ctx_init.replace("_", " ") if self.ctx_init else " ".join(["X"] * self.n_ctx)
-        check_prompt_lengths(lambda name: f"{prefix} {name}.", classnames, "n_ctx", self.n_ctx, "; lower it")
+        check_prompt_lengths(lambda name: f"{prefix} {name}.", classnames, "n_ctx", self.n_ctx,
+                             "; lower it")
         return self
 
 
@@ -632,17 +652,18 @@ class ContextRecipe(RefinerRecipe):
 class CoOpRecipe(ContextRecipe):
     """CoOp + TextRefiner, the paper's scripts: ViT-B/16, 16 shots, best-val model."""
     class_token_position: str = setting("end", CLASS_TOKEN_POSITIONS)
-    xd: ClassVar[dict] = dict(selection="last")  # trained on ImageNet, the targets tested with the last epoch
+    # cross-dataset: trained on ImageNet, the targets tested with the last epoch
+    xd: ClassVar[dict] = dict(selection="last")
 
 
 class ContextCLIP(PromptCLIP):
-    """What CoOp, CoCoOp, IVLP, MaPLe and PromptSRC share: CoOp's text context (PromptLearner: "a photo
-    of a {name}.", its first n_ctx tokens trained) on a host trained with cross-entropy."""
+    """What CoOp, CoCoOp, IVLP, MaPLe and PromptSRC share: CoOp's text context (PromptLearner:
+    "a photo of a {name}.", its first n_ctx tokens trained) on a host trained with cross-entropy."""
     recipe = ContextRecipe
     loss_keys = ("loss", "loss_global", "loss_local", "loss_reg")
 
     def build(self, clip, classnames, recipe):
-        position = getattr(recipe, "class_token_position", "end")  # CoOp's own setting; the others: end
+        position = getattr(recipe, "class_token_position", "end")  # CoOp's setting; the others: end
         self.prompt_learner = PromptLearner(clip, recipe.n_ctx, recipe.ctx_init, position)
 
     def set_classnames(self, classnames):
@@ -668,8 +689,9 @@ class TextRefinerCLIP(ContextCLIP):
 
     @classmethod
     def benchmark_models(cls, clip, classnames, recipe):
-        """CoOp with and without TextRefiner, and zero-shot CLIP (the same evaluation cost as CoOp)."""
-        return {**super().benchmark_models(clip, classnames, recipe), "zero-shot CLIP": ZeroShotCLIP(clip, classnames)}
+        """CoOp with and without TextRefiner, and zero-shot CLIP (CoOp's evaluation cost)."""
+        models = super().benchmark_models(clip, classnames, recipe)
+        return dict(models, **{"zero-shot CLIP": ZeroShotCLIP(clip, classnames)})
 
 
 @dataclass
@@ -679,7 +701,8 @@ class ZeroShotRecipe(Recipe):
 
     def for_run(self, dataset, subsample, classnames):
         if dataset is not None and dataset not in data.DATASETS:
-            raise ValueError(f"ZeroShotRecipe: unknown dataset {dataset!r}; expected one of {', '.join(data.DATASETS)}")
+            raise ValueError(f"ZeroShotRecipe: unknown dataset {dataset!r}; expected one of "
+                             f"{', '.join(data.DATASETS)}")
         recipe = self
         if self.template is None:
             template = data.DATASETS[dataset].template if dataset else "a photo of a {}."
@@ -712,8 +735,8 @@ class ZeroShotCLIP(PromptCLIP):
             return F.normalize(text.float(), dim=-1)
 
 
-# --method names. hosts.py adds the other hosts when it is imported, below; a user's own method needs
-# no entry: --method path/to/file.py:CLASS.
+# --method names. hosts.py adds the other hosts when it is imported, below; a user's own method
+# needs no entry: --method path/to/file.py:CLASS.
 METHODS = {"coop": TextRefinerCLIP}
 
 import hosts  # noqa: E402  (after METHODS: hosts.py registers its classes in it)
