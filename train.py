@@ -31,6 +31,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -249,8 +250,11 @@ def recipe_of(Method, values):
 
 
 def recipe_message(error):
-    """A RecipeError as the command lines say it: the field's flag, then the problem."""
-    return f"{flag(error.field)} {error.problem}"
+    """A RecipeError as the command lines say it: the field's flag, then the problem, in which the
+    other fields of the registered recipes named in snake_case (warmup_epochs) are flags too."""
+    fields = {name for Method in METHODS.values() for name in recipe_field_names(Method) if "_" in name}
+    problem = re.sub(r"\b[a-z]+(?:_[a-z]+)+\b", lambda m: flag(m[0]) if m[0] in fields else m[0], error.problem)
+    return f"{flag(error.field)} {problem}"
 
 
 def fill_recipe(p, args, Method, require=True):

@@ -458,8 +458,8 @@ def test_report_puts_the_published_numbers_beside_ours(method, tmp_path, capsys)
     (["--method", "promptsrc", "--gpa-mean", "nan"], "--gpa-mean: must be a finite number, got nan"),
     (["--method", "ivlp", "--n-ctx-vision", "0"], "--n-ctx-vision: must be positive, got 0"),
     (["--method", "maple", "--kg-weight", "2"], "--kg-weight applies to --method kgcoop, not maple"),
-    (["--method", "maple", "--n-ctx", "5"], "--ctx-init 'a photo of a' is 4 tokens but n_ctx is 5"),
-    (["--n-ctx", "2", "--class-token-position", "middle"], "needs class_token_position end"),
+    (["--method", "maple", "--n-ctx", "5"], "--ctx-init 'a photo of a' is 4 tokens but --n-ctx is 5"),
+    (["--n-ctx", "2", "--class-token-position", "middle"], "needs --class-token-position end"),
     (["--method", "ivlp", "--depth", "3"], "--depth must be at most 2, the blocks of a tower of the CLIP; got 3"),
 ])
 def test_flag_errors_are_one_line(argv, message, base, tmp_path, capsys):

@@ -469,7 +469,7 @@ def test_output_dir_that_is_a_file_fails_at_start(tmp_path, capsys):
 
 @pytest.mark.parametrize("flags, message", [
     (["--n-ctx", "100", "--ctx-init", ""], "--n-ctx 100: the prompt of class"),
-    (["--n-ctx", "5"], "--ctx-init 'a photo of a' is 4 tokens but n_ctx is 5"),
+    (["--n-ctx", "5"], "--ctx-init 'a photo of a' is 4 tokens but --n-ctx is 5"),
 ])
 def test_prompt_flags_that_cannot_work_name_the_flag(run, tmp_path, flags, message, capsys):
     root, weights, _ = run
