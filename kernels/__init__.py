@@ -3,12 +3,11 @@ Triton kernels on CUDA with this PyTorch reference on the CPU and as the tests' 
 
     from kernels import cache_update, cache_partials, cache_apply, feature_align
 
-backend: "auto" (Triton for CUDA tensors, the PyTorch reference otherwise; the reference
-also for a cache larger than the Triton kernel supports and for inputs whose element offsets
-pass int32), "triton" (a ValueError for what it cannot take), or "torch". The Triton
-modules (triton_cache_update, triton_feature_align) are imported on first use, so the
-reference path needs no triton install, and importing never touches a GPU. On a CPU,
-backend="triton" needs TRITON_INTERPRET=1 set before that first use. Benchmark:
+backend: "auto" (Triton for CUDA tensors, the PyTorch reference otherwise and for a cache
+larger than the Triton kernel supports), "triton" (a ValueError for what it cannot take), or
+"torch". The Triton modules (triton_cache_update, triton_feature_align) are imported on first
+use, so the reference path needs no triton install, and importing never touches a GPU. On a
+CPU, backend="triton" needs TRITON_INTERPRET=1 set before that first use. Benchmark:
 `python -m kernels.bench` (CUDA only).
 
 Self-check: under "auto", a kernel's first Triton call on a device is compared once with the
@@ -45,9 +44,6 @@ TRITON_DEVICE_TYPES = ("cuda",)
 # The Triton cache update keeps a token block's whole score row (M padded to a power of
 # two) in registers; beyond this the "auto" backend uses the reference instead.
 TRITON_MAX_CACHE_SIZE = 128
-# The Triton kernels compute element offsets in int32; larger inputs go to the reference
-# ("auto") or are refused ("triton").
-TRITON_MAX_OFFSET = 2**31 - 1
 
 
 def on_device(device):
@@ -57,43 +53,29 @@ def on_device(device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _fits_int32(*tensors):
-    """Whether every element offset of the tensors (and of contiguous buffers of their shape)
-    fits the kernels' int32 arithmetic."""
-    for t in tensors:
-        largest = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
-        if max(largest, t.numel() - 1) > TRITON_MAX_OFFSET:
-            return False
-    return True
-
-
 def _use_triton(backend, device, triton_supports=True, why_not=""):
     """Whether to run the Triton kernel for tensors on `device`. triton_supports says whether
     the kernel handles these inputs: if not, "auto" picks the reference and "triton" raises
     ValueError(why_not)."""
     if backend not in BACKENDS:
         raise ValueError(f"kernels: backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("kernels: backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 "
-                         "set before the first Triton call (CPU interpreter)")
-    if backend == "triton" and not triton_supports:
-        raise ValueError(why_not)
-    return backend == "triton" or (backend == "auto" and device.type in TRITON_DEVICE_TYPES and triton_supports)
+    if backend == "triton":
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("kernels: backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 "
+                             "set before the first Triton call (CPU interpreter)")
+        if not triton_supports:
+            raise ValueError(why_not)
+        return True
+    return backend == "auto" and device.type in TRITON_DEVICE_TYPES and triton_supports
 
 
-def _too_large(op, name):
-    return (f"kernels.{op}: {name} has element offsets beyond the Triton kernels' int32 range "
-            f"(2^31 elements); use backend='auto' or 'torch', or split the batch")
-
-
-def _cache_uses_triton(backend, device, cache_size, tokens_fit_int32=True):
-    """_use_triton for the cache update, whose Triton kernel holds at most
-    TRITON_MAX_CACHE_SIZE rows and int32 offsets: "auto" falls back to the reference."""
-    if cache_size > TRITON_MAX_CACHE_SIZE:
-        return _use_triton(backend, device, False,
-                           f"kernels.cache_partials: backend='triton' supports a cache of at most "
-                           f"{TRITON_MAX_CACHE_SIZE} rows, got M={cache_size}; use backend='auto' or 'torch'")
-    return _use_triton(backend, device, tokens_fit_int32, _too_large("cache_partials", "tokens"))
+def _cache_uses_triton(backend, device, cache_size):
+    """_use_triton for the cache update, whose Triton kernel holds at most TRITON_MAX_CACHE_SIZE
+    rows in registers: "auto" falls back to the reference."""
+    return _use_triton(backend, device, cache_size <= TRITON_MAX_CACHE_SIZE,
+                       f"kernels.cache_partials: backend='triton' supports a cache of at most "
+                       f"{TRITON_MAX_CACHE_SIZE} rows, got M={cache_size}; "
+                       f"use backend='auto' or 'torch'")
 
 
 def _triton_module(name):
@@ -267,7 +249,7 @@ def cache_partials(tokens, cache, backend="auto"):
     """
     _check_cache_inputs(tokens, cache)
     # decided first: a rank without tokens refuses a bad backend as the other ranks do
-    use_triton = _cache_uses_triton(backend, tokens.device, cache.shape[0], _fits_int32(tokens))
+    use_triton = _cache_uses_triton(backend, tokens.device, cache.shape[0])
     if tokens.shape[0] == 0:
         m, d = cache.shape
         return cache.new_full((m,), float("-inf")), cache.new_zeros(m, d), cache.new_zeros(m)
@@ -352,16 +334,6 @@ def _check_align_inputs(x, w1, b1, gamma, beta, w2, b2, process_group):
         raise TypeError(f"kernels.feature_align: x must be fp32/fp16/bf16, got {x.dtype}")
 
 
-def _align_fits_int32(x, w1, w2):
-    """Whether every offset of the feature alignment's Triton kernels fits int32: those of x
-    (and dx, the same shape), of the weights, and of its (N, D_hid) intermediates (h, dpre/dh)
-    and (N, D_out) ones (y, dy), which are wider than x when D_hid or D_out > D_in (PromptKD:
-    512 -> 768). The split-K partials (at most ~256 programs of D_hid x D_in) and the column
-    partials (N / 16 x D_hid) are smaller than these."""
-    widest = x.shape[0] * max(w1.shape[0], w2.shape[0])
-    return _fits_int32(x, w1, w2) and widest - 1 <= TRITON_MAX_OFFSET
-
-
 def feature_align(x, w1, b1, gamma, beta, w2, b2, eps=1e-5, backend="auto", process_group=None):
     """Linear(D_in, D_hid) -> BatchNorm1d(D_hid) with batch statistics -> ReLU ->
     Linear(D_hid, D_out), token-wise over x (N, D_in); w1 (D_hid, D_in), b1/gamma/beta
@@ -377,8 +349,7 @@ def feature_align(x, w1, b1, gamma, beta, w2, b2, eps=1e-5, backend="auto", proc
     """
     _check_align_inputs(x, w1, b1, gamma, beta, w2, b2, process_group)
     tensors = (x, w1, b1, gamma, beta, w2, b2)
-    if _use_triton(backend, x.device, _align_fits_int32(x, w1, w2),
-                   _too_large("feature_align", "x or its (N, D_hid) / (N, D_out) intermediates")):
+    if _use_triton(backend, x.device):
         align = _triton_module("triton_feature_align").feature_align
         with on_device(x.device):
             if backend == "triton" or check_kernel("feature alignment", x.device, tensors,

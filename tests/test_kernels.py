@@ -295,7 +295,7 @@ def test_feature_align_triton_matches_reference(n, d_in, d_hid, d_out, dtype):
 
 
 def test_triton_accepts_strided_inputs():
-    # the kernels take explicit strides: a transposed view must give the contiguous result
+    # a transposed view must give the contiguous result (the launchers pass the tokens contiguous)
     x = random_tokens(64, 37, torch.float32, seed=16).t()  # (37, 64), strides (1, 37)
     assert not x.is_contiguous()
     cache = unit_rows(13, 64, seed=17)
@@ -483,40 +483,108 @@ def test_split_k_weight_gradients_match_reference(monkeypatch, n, d_in, d_hid, d
     assert all(torch.equal(again[k], grads[k]) for k in grads)  # fixed-order sum: deterministic
 
 
-def test_inputs_past_int32_offsets_are_refused_or_go_to_the_reference(monkeypatch):
-    """The kernels' offsets are int32: 2^31 elements or more must not reach them. Meta tensors:
-    the sizes are real, nothing is allocated."""
+def test_inputs_past_int32_offsets_go_to_the_triton_kernels(monkeypatch):
+    """The kernels address what grows with the token count in int64 (next test): 2^31 elements or
+    more reach them like any other input. Meta tensors: the sizes are real, nothing is allocated;
+    launches recorded, not run."""
+    from kernels import triton_feature_align
+
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # past the CUDA-tensor check on any host
+    launches = record_launches(monkeypatch, execute=False)
     d = 512
     big = torch.empty(2**31 // d + 1, d, device="meta")  # 2^31 + 256 elements
-    params = {k: v.to("meta") for k, v in align_params(d, seed=0).items()}
-    with pytest.raises(ValueError, match="int32"):
-        kernels.feature_align(big, **params, backend="triton")
-    with pytest.raises(ValueError, match="int32"):
-        kernels.cache_partials(big, torch.empty(25, d, device="meta"), backend="triton")
-    cuda = torch.device("cuda")  # a device object only: "auto" would pick the reference
-    assert not kernels._use_triton("auto", cuda, kernels._fits_int32(big))
-    assert not kernels._cache_uses_triton("auto", cuda, 25, tokens_fit_int32=False)
-    assert kernels._fits_int32(torch.empty(2**31 // d, d, device="meta"))
-    # a stride-0 view has few offsets of its own, but the kernels' (N, D) buffers do not
-    assert not kernels._fits_int32(torch.zeros(1, d).expand(2**31 // d + 1, d))
-    # PromptKD's 512 -> 768: x (N, 512) fits, but h, dpre and y (N, 768) do not
-    wide = {k: v.to("meta") for k, v in align_params(d, seed=0, d_hid=768).items()}
-    x = torch.empty(2**31 // 768 + 1, d, device="meta")
-    assert kernels._fits_int32(x)
-    assert not kernels._align_fits_int32(x, wide["w1"], wide["w2"])
-    with pytest.raises(ValueError, match="int32"):
-        kernels.feature_align(x, **wide, backend="triton")
-    assert kernels._align_fits_int32(x[:-1], wide["w1"], wide["w2"])  # N * 768 = 2^31 - 512
-    # ... and a narrowing second Linear's (N, D_out) output counts too
-    narrow = {k: v.to("meta") for k, v in align_params(d, seed=0, d_hid=256, d_out=768).items()}
-    assert not kernels._align_fits_int32(x, narrow["w1"], narrow["w2"])
+    kernels.cache_partials(big, torch.empty(25, d, device="meta"), backend="triton")
+    assert [(name, grid) for name, grid, _ in launches] == [
+        ("_cache_scores_kernel", (math.ceil(big.shape[0] / 32),)), ("_slot_sums_kernel", (64, 8))]
+    assert kernels._cache_uses_triton("auto", torch.device("cuda"), 25)  # a device object only
+    # the Triton feature alignment gets x (the meta device goes no further: its autocast guard)
+    calls = []
+    monkeypatch.setattr(triton_feature_align, "feature_align", lambda x, *rest, **kw: calls.append(x.shape))
+    wide = align_params(d, seed=0, d_hid=768)  # PromptKD's 512 -> 768
+    kernels.feature_align(big, **{k: v.to("meta") for k, v in wide.items()}, backend="triton")
+    assert calls == [big.shape]
 
 
-def test_a_strided_gradient_past_int32_offsets_is_made_contiguous(monkeypatch):
-    """dy is the caller's: a narrow view of a wider gradient (y concatenated with something)
-    has offsets the forward's check of the (N, D_out) buffers never saw. Meta tensors,
-    launches recorded and not run."""
+def run_one_program(monkeypatch, kernel, program, *args, **constexprs):
+    """Run only the program with ids `program` of the Triton `kernel` in the interpreter, its loads
+    reading zeros and its stores writing nothing: -> the set of byte addresses they touched. So it
+    may address far past its (small) tensors, as its program of a launch over 2^27 rows would."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    touched = []
+
+    def load(builder, ptrs, mask, *args):
+        touched.extend(ptrs.data[mask.data].tolist())
+        dtype = ptrs.get_element_ty()
+        zeros = np.zeros(ptrs.data.shape, interpreter._get_np_dtype(dtype))
+        return interpreter.TensorHandle(zeros, dtype)
+
+    def store(builder, ptrs, value, mask, *args):
+        touched.extend(ptrs.data[mask.data].tolist())
+
+    def program_id(builder, axis):
+        return interpreter.TensorHandle(np.array([program[axis]], dtype=np.int32), tl.int32)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_masked_load", load)
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_masked_store", store)
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_get_program_id", program_id)
+    kernel[(1, 1, 1)](*args, **constexprs)
+    return set(touched)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs one program in the interpreter")
+def test_every_kernel_addresses_rows_past_int32_offsets_exactly(monkeypatch):
+    """The program of each kernel whose rows (or split) start 2^31 elements into contiguous (N, 16)
+    token-sized tensors loads and stores exactly there: int32 offsets would wrap to 2^33 bytes
+    before the tensor. Only that program runs (run_one_program): nothing that large is allocated."""
+    from kernels import triton_cache_update as cache_module
+    from kernels import triton_feature_align as align_module
+
+    d, start = 16, 2**27  # row `start` of a (N, 16) tensor lies 2^31 elements in
+    n = start + 32
+    buffers = [torch.zeros(1, d) for _ in range(6)]  # only their addresses are used
+    assign = torch.zeros(1, dtype=torch.int32)  # the cache update's slot indices
+
+    def rows(t, count=32):
+        """The byte addresses of rows start .. start + count - 1 of a contiguous (N, d) fp32 t."""
+        return {t.data_ptr() + 4 * (r * d + c) for r in range(start, start + count) for c in range(d)}
+
+    x, cache, best, inv_norm, block_max, _ = buffers
+    touched = run_one_program(monkeypatch, cache_module._cache_scores_kernel, (start // 32,),
+                              x, cache, assign, best, inv_norm, block_max, n, 1, d, d, 1, d, 1,
+                              EPS=1e-12, M_PAD=16, BLOCK_N=32, BLOCK_D=16)
+    assert rows(x) <= touched
+    x, best, inv_norm, col_max, part_sums, part_counts = buffers
+    touched = run_one_program(monkeypatch, cache_module._slot_sums_kernel, (start // 32, 0),
+                              x, assign, best, inv_norm, col_max, part_sums, part_counts,
+                              n, d, 32, d, 1, M_PAD=16, BLOCK_N=32, BLOCK_D=16)
+    assert rows(x) <= touched
+
+    a, b, c, h, part1, part2 = buffers
+    plain = dict(A_BN=align_module.A_PLAIN, HAS_BIAS=False, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
+    bn = (c, c, c, c)  # mean, rstd, gamma, beta: only read by the A_BN prologues
+    # dpre = dy @ w2 gated by h: rows of dy (a), h and dpre (c) are tokens
+    touched = run_one_program(monkeypatch, align_module._matmul_kernel, (start // 16, 0, 0),
+                              a, b, c, c, *bn, h, part1, part2, n, d, d, d,
+                              d, 1, d, 1, 0, d, 1, d, 1, EPILOGUE=align_module.EPI_RELU_BN_GRAD, **plain)
+    assert rows(a, count=16) | rows(h, count=16) | rows(c, count=16) <= touched
+    # dW1 = dh^T @ x split over the tokens (k): this split starts at token `start` and writes the
+    # (16, 16) partial result number start // 16 of a (num_splits, 16, 16) buffer
+    touched = run_one_program(monkeypatch, align_module._matmul_kernel, (0, 0, start // 16),
+                              a, b, c, c, *bn, c, part1, part2, d, d, n, 16,
+                              1, d, d, 1, d * d, d, 1, d, 1, EPILOGUE=align_module.EPI_NONE, **plain)
+    assert rows(a, count=16) | rows(b, count=16) | rows(c, count=16) <= touched
+    touched = run_one_program(monkeypatch, align_module._bn_input_grad_kernel, (start // 32, 0),
+                              a, h, c, c, c, c, n, d, BLOCK_M=32, BLOCK_N=16)
+    assert rows(a) | rows(h) <= touched
+
+
+def test_caller_tensors_reach_the_kernels_contiguous(monkeypatch):
+    """The kernels' offsets within a tile are int32, which holds for rows of D elements: dy, the
+    caller's, may be a narrow view of a wider gradient (y concatenated with something, say), and
+    is made contiguous like x and the cache's tokens. Meta tensors; launches recorded, not run."""
     from kernels import triton_feature_align
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -534,7 +602,7 @@ def test_a_strided_gradient_past_int32_offsets_is_made_contiguous(monkeypatch):
     # the Function itself: feature_align's autocast guard does not take the meta device
     y, _, _ = triton_feature_align.FeatureAlignFunction.apply(x, *params.values(), 1e-5, None)
     dy = torch.empty(4, 2**30, device="meta")[:, :24]  # row stride 2^30: offsets up to 3 * 2^30
-    assert not kernels._fits_int32(dy)
+    assert not dy.is_contiguous()
     y.backward(dy)
     dpre_left = left_operands[2]  # h, y; then dpre = dy @ w2
     assert dpre_left.shape == (4, 24) and dpre_left.is_contiguous()
