@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import kernels
+from kernels import self_check
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -326,16 +327,17 @@ def test_launchers_reject_bad_inputs():
     # rectangular (PromptKD-like 16 -> 24 -> 20): the message names the tensor and its shape
     r = {k: v.to(DEVICE) for k, v in align_params(16, seed=0, d_hid=24, d_out=20).items()}
     x = torch.randn(4, 16, device=DEVICE)
-    for name, bad, message in [
-        ("x", torch.randn(4, 24, device=DEVICE), r"w1 must be \(D_hid, 24\) for x of width D_in=24, got \(24, 16\)"),
-        ("w1", torch.randn(24, 24, device=DEVICE), r"w1 must be \(D_hid, 16\) for x of width D_in=16, got \(24, 24\)"),
-        ("b1", torch.randn(16, device=DEVICE), r"b1 must be \(24,\) for D_in=16, D_hid=24, D_out=20, got \(16,\)"),
-        ("gamma", torch.randn(20, device=DEVICE), r"gamma must be \(24,\) for D_in=16, D_hid=24, D_out=20"),
-        ("beta", torch.randn(1, 24, device=DEVICE), r"beta must be \(24,\) for D_in=16, D_hid=24, D_out=20"),
-        ("w2", torch.randn(20, 16, device=DEVICE), r"w2 must be \(D_out, 24\) for w1 of 24 rows \(D_hid\), got \(20, 16\)"),
-        ("b2", torch.randn(24, device=DEVICE), r"b2 must be \(20,\) for D_in=16, D_hid=24, D_out=20, got \(24,\)"),
+    widths = "D_in=16, D_hid=24, D_out=20"
+    for name, shape, message in [
+        ("x", (4, 24), r"w1 must be \(D_hid, 24\) for x of width D_in=24, got \(24, 16\)"),
+        ("w1", (24, 24), r"w1 must be \(D_hid, 16\) for x of width D_in=16, got \(24, 24\)"),
+        ("b1", (16,), rf"b1 must be \(24,\) for {widths}, got \(16,\)"),
+        ("gamma", (20,), rf"gamma must be \(24,\) for {widths}"),
+        ("beta", (1, 24), rf"beta must be \(24,\) for {widths}"),
+        ("w2", (20, 16), r"w2 must be \(D_out, 24\) for w1 of 24 rows \(D_hid\), got \(20, 16\)"),
+        ("b2", (24,), rf"b2 must be \(20,\) for {widths}, got \(24,\)"),
     ]:
-        inputs = {"x": x, **r, name: bad}
+        inputs = {"x": x, **r, name: torch.randn(shape, device=DEVICE)}
         for backend in ("torch", "triton"):
             with pytest.raises(ValueError, match=message):
                 kernels.feature_align(**inputs, backend=backend)
@@ -461,8 +463,9 @@ def test_promptkd_align_launches_fill_a_gpu(monkeypatch, n):
         assert math.prod(grid) >= 132, (name, grid)
 
 
-@pytest.mark.parametrize("n,d_in,d_hid,d_out,dtype", [(131, 64, 64, 64, torch.float32), (131, 96, 96, 96, torch.float16),
-                                                      (37, 64, 64, 64, torch.float32), (131, 48, 80, 64, torch.float32)])
+@pytest.mark.parametrize("n,d_in,d_hid,d_out,dtype", [
+    (131, 64, 64, 64, torch.float32), (131, 96, 96, 96, torch.float16),
+    (37, 64, 64, 64, torch.float32), (131, 48, 80, 64, torch.float32)])
 def test_split_k_weight_gradients_match_reference(monkeypatch, n, d_in, d_hid, d_out, dtype):
     from kernels import triton_feature_align
 
@@ -805,9 +808,10 @@ def test_feature_align_triton_gpu_large(n, d, d_hid, dtype):
 
 @pytest.fixture
 def auto_triton(monkeypatch):
-    """"auto" runs the Triton kernels here as on a GPU (the interpreter on a CPU), each checked afresh."""
+    """"auto" runs the Triton kernels here as on a GPU (the interpreter on a CPU), each checked
+    afresh."""
     monkeypatch.setattr(kernels, "TRITON_DEVICE_TYPES", ("cuda", "cpu"))
-    monkeypatch.setattr(kernels, "_verdicts", {})
+    monkeypatch.setattr(self_check, "verdicts", {})
 
 
 def counted(calls, name, fn):
@@ -832,11 +836,12 @@ class DoubledGradient(torch.autograd.Function):
 def warning_line(kernel, device, problem):
     """A regular expression of the check's one line; problem: one itself."""
     return (re.escape(f"warning: the Triton {kernel} kernel disagrees with the PyTorch reference on "
-                      f"{kernels.device_name(device)}: ") + problem
+                      f"{self_check.device_name(device)}: ") + problem
             + re.escape("; using the reference for the rest of this run\n"))
 
 
-def test_a_wrong_cache_kernel_is_reported_once_and_the_reference_used_after(auto_triton, monkeypatch, capsys):
+def test_a_wrong_cache_kernel_is_reported_once_and_the_reference_used_after(auto_triton, monkeypatch,
+                                                                            capsys):
     from kernels import triton_cache_update
     real, calls = triton_cache_update.cache_partials, []
 
@@ -851,10 +856,11 @@ def test_a_wrong_cache_kernel_is_reported_once_and_the_reference_used_after(auto
         assert torch.equal(kernels.cache_update(tokens, cache), want)
     assert calls == ["triton"]  # the check's call, no other
     err = capsys.readouterr().err
-    assert re.fullmatch(warning_line("cache update", tokens.device, r"slot_sums off by \S+ \(tolerance 0.0001 x \S+\)"),
-                        err), err
-    assert list(kernels.verdicts()) == [("cache update", tokens.device)]
-    assert not torch.equal(kernels.cache_update(tokens, cache, backend="triton"), want)  # "triton" is never replaced
+    problem = r"slot_sums off by \S+ \(tolerance 0.0001 x \S+\)"
+    assert re.fullmatch(warning_line("cache update", tokens.device, problem), err), err
+    assert list(self_check.verdicts) == [("cache update", tokens.device)]
+    # "triton" is never replaced
+    assert not torch.equal(kernels.cache_update(tokens, cache, backend="triton"), want)
     assert calls == ["triton"] * 2
 
 
@@ -885,28 +891,32 @@ def test_correct_kernels_pass_the_check_once_and_keep_running(auto_triton, monke
     calls = []
     monkeypatch.setattr(triton_cache_update, "cache_partials",
                         counted(calls, "cache", triton_cache_update.cache_partials))
-    monkeypatch.setattr(triton_feature_align, "feature_align", counted(calls, "align", triton_feature_align.feature_align))
+    monkeypatch.setattr(triton_feature_align, "feature_align",
+                        counted(calls, "align", triton_feature_align.feature_align))
     tokens, cache = random_tokens(131, 64, torch.float32, seed=45), unit_rows(25, 64, seed=46)
     poisoned = tokens.clone()
     poisoned[3, 5] = float("nan")  # an fp16 overflow: the check waits for a finite batch
-    assert torch.equal(kernels.cache_update(poisoned, cache), cache) and calls == [] and kernels.verdicts() == {}
+    assert torch.equal(kernels.cache_update(poisoned, cache), cache)
+    assert calls == [] and self_check.verdicts == {}
     for _ in range(2):
-        assert_close(kernels.cache_update(tokens, cache), kernels.cache_update(tokens, cache, backend="torch"), 1e-6,
-                     "cache")
+        assert_close(kernels.cache_update(tokens, cache), kernels.cache_update(tokens, cache, backend="torch"),
+                     1e-6, "cache")
     x, params = random_tokens(37, 64, torch.float16, seed=47), align_params(64, seed=48)
     gy = torch.randn(37, 64, generator=torch.Generator().manual_seed(49)).to(DEVICE)
     for _ in range(2):
         y = run_feature_align(x, params, gy, "auto")[0]
         assert_close(y, run_feature_align(x, params, gy, "torch")[0], 1e-5, "y")
     assert calls == ["cache"] * 3 + ["align"] * 3  # the check, then every call
-    assert kernels.verdicts() == {("cache update", tokens.device): None, ("feature alignment", x.device): None}
+    assert self_check.verdicts == {("cache update", tokens.device): None,
+                                   ("feature alignment", x.device): None}
     assert capsys.readouterr().err == ""
 
 
 def test_the_align_check_tells_gate_flips_from_kernel_errors_at_training_size():
-    """At CoOp's batch (32 x 197 tokens, D 512), two correct computations whose h differs by a relative
-    5e-6 open different ReLU gates (the elementwise comparison fails: test above). The check moves beta
-    off the gates of the batch: it passes them, and still catches a gradient off by 1% in 8 columns."""
+    """At CoOp's batch (32 x 197 tokens, D 512), two correct computations whose h differs by a
+    relative 5e-6 open different ReLU gates (the elementwise comparison fails: test above). The
+    check moves beta off the gates of the batch: it passes them, and still catches a gradient off
+    by 1% in 8 columns."""
     x, params, _ = large_align_case(32 * 197, 512, torch.float32)
     tensors = (x, *(params[k].to(DEVICE) for k in ("w1", "b1", "gamma", "beta", "w2", "b2")))
     noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(25)).to(DEVICE)
@@ -914,13 +924,14 @@ def test_the_align_check_tells_gate_flips_from_kernel_errors_at_training_size():
     def moved(x, *rest, **kwargs):
         return kernels.reference.feature_align(x * (1 + 5e-6 * noise), *rest, **kwargs)
 
-    assert kernels._align_mismatch(moved, tensors, 1e-5, None) is None
+    assert self_check.align_mismatch(moved, tensors, 1e-5, None) is None
 
     def off(*args, **kwargs):
         y, mean, var = kernels.reference.feature_align(*args, **kwargs)
         return y + 0.01 * (y - y.detach()) * (torch.arange(y.shape[1], device=y.device) < 8), mean, var
 
-    assert re.match(r"d(x|w1|b1|gamma|beta|w2|b2) off by ", kernels._align_mismatch(off, tensors, 1e-5, None))
+    problem = self_check.align_mismatch(off, tensors, 1e-5, None)
+    assert re.match(r"d(x|w1|b1|gamma|beta|w2|b2) off by ", problem)
 
 
 def _check_worker(rank, world, init_file, out_dir, x, params):
@@ -935,13 +946,15 @@ def _check_worker(rank, world, init_file, out_dir, x, params):
                 *real(*a, **k))
         lo, hi = (0, 5, 13)[rank], (0, 5, 13)[rank + 1]
         outs = [kernels.feature_align(x[lo:hi], **params, process_group=dist.group.WORLD)[0] for _ in range(2)]
-        torch.save(dict(y=outs, verdicts=kernels.verdicts()), os.path.join(out_dir, f"rank{rank}.pt"))
+        verdicts = dict(self_check.verdicts)
+        torch.save(dict(y=outs, verdicts=verdicts), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
 def test_a_kernel_wrong_on_one_rank_makes_every_rank_use_the_reference(tmp_path):
-    """The ranks' collectives pair up only if all run the same backend: the verdict is the group's."""
+    """The ranks' collectives pair up only if all run the same backend: the verdict is the
+    group's."""
     x, params = random_tokens(13, 24, torch.float32, seed=50).cpu(), align_params(24, seed=51)
     mp.spawn(_check_worker, args=(2, str(tmp_path / "rdzv"), str(tmp_path), x, params), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
@@ -950,19 +963,22 @@ def test_a_kernel_wrong_on_one_rank_makes_every_rank_use_the_reference(tmp_path)
         assert_close(torch.cat([ranks[0]["y"][i], ranks[1]["y"][i]]), y_ref, 1e-5, f"call {i} y")
     (key, problem0), = ranks[0]["verdicts"].items()
     (_, problem1), = ranks[1]["verdicts"].items()
-    assert key[0] == "feature alignment" and problem0 == "it disagrees on another rank" and problem1.startswith("y off")
+    assert key[0] == "feature alignment"
+    assert problem0 == "it disagrees on another rank" and problem1.startswith("y off")
 
 
 def test_self_check_prints_each_kernels_verdict(auto_triton, monkeypatch, capsys):
-    """What `make gpu-check` runs (at training size there): both kernels through "auto", a line each."""
+    """What `make gpu-check` runs (at training size there): both kernels through "auto", a line
+    each."""
     device = torch.empty(0, device=DEVICE).device
-    assert kernels.self_check(device, tokens=40, width=32)
-    assert capsys.readouterr().out == "".join(f"{kernel} on {kernels.device_name(device)}: the Triton kernel agrees "
-                                              f"with the PyTorch reference\n"
-                                              for kernel in ("cache update", "feature alignment"))
+    assert self_check.check_device(device, tokens=40, width=32)
+    name = self_check.device_name(device)
+    assert capsys.readouterr().out == "".join(f"{kernel} on {name}: the Triton kernel agrees with the PyTorch "
+                                              f"reference\n" for kernel in ("cache update", "feature alignment"))
     from kernels import triton_cache_update
     real = triton_cache_update.cache_partials
-    monkeypatch.setattr(triton_cache_update, "cache_partials", lambda *a: (lambda m, s, c: (m + 1, s, c))(*real(*a)))
-    monkeypatch.setattr(kernels, "_verdicts", {})
-    assert not kernels.self_check(device, tokens=40, width=32)
-    assert "cache update on " + kernels.device_name(device) + ": col_max off by" in capsys.readouterr().out
+    monkeypatch.setattr(triton_cache_update, "cache_partials",
+                        lambda *a: (lambda m, s, c: (m + 1, s, c))(*real(*a)))
+    monkeypatch.setattr(self_check, "verdicts", {})
+    assert not self_check.check_device(device, tokens=40, width=32)
+    assert "cache update on " + name + ": col_max off by" in capsys.readouterr().out
