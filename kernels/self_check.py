@@ -1,10 +1,10 @@
 """The self-check of backend="auto": a kernel's first Triton call on a device is compared once
 with the PyTorch reference on the same inputs (check_kernel), at the tolerances of the kernel
-tests' large inputs. If they disagree, one line on stderr names the device and the kernel, and
-that kernel runs the reference on that device for the rest of the process: a kernel miscompiled
-on a GPU never seen before cannot silently train a wrong model. `verdicts` holds the outcomes;
-later calls pay a dict lookup, no device synchronisation. backend="triton" (tests, benchmarks)
-is never replaced.
+tests' large inputs. If they disagree, or the Triton call raises, one line on stderr names the
+device and the kernel, and that kernel runs the reference on that device for the rest of the
+process: a kernel miscompiled on (or not buildable for) a GPU never seen before can neither
+silently train a wrong model nor stop the run. `verdicts` holds the outcomes; later calls pay
+a dict lookup, no device synchronisation. backend="triton" (tests, benchmarks) is never replaced.
 check_device(torch.device("cuda")) checks both kernels at training size (`make gpu-check`).
 """
 import sys
@@ -39,7 +39,8 @@ def device_name(device):
 def check_kernel(kernel, device, inputs, compare, process_group=None):
     """Whether "auto" may run the Triton `kernel` on `device`. The first call whose `inputs` are all
     finite (across process_group: every rank decides alike) records compare() -> None when Triton
-    agrees with the reference on them, else what differs; a disagreement is one line on stderr."""
+    agrees with the reference on them, else what differs; a Triton call that raises fails the
+    check as a disagreement does. A failed check is one line on stderr."""
     key = (kernel, device)
     if key not in verdicts:
         finite = torch.stack([torch.isfinite(t).all() for t in inputs]).all().float()[None]
@@ -47,16 +48,19 @@ def check_kernel(kernel, device, inputs, compare, process_group=None):
             dist.all_reduce(finite, op=dist.ReduceOp.MIN, group=process_group)
         if not finite.item():  # NaN compares unequal even to itself: check a later batch
             return False
-        problem = compare()
+        failure = "disagrees with the PyTorch reference"
+        try:
+            problem = compare()
+        except Exception as error:  # cannot build or launch here: as unusable as a wrong kernel
+            failure, problem = "raised", f"{type(error).__name__}: {' '.join(str(error).split())}"
         if process_group is not None:  # one backend on every rank: their collectives must pair up
             flag = torch.full((1,), float(problem is not None), device=device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=process_group)
             problem = problem or ("it disagrees on another rank" if flag.item() else None)
         verdicts[key] = problem
         if problem:
-            print(f"warning: the Triton {kernel} kernel disagrees with the PyTorch reference on "
-                  f"{device_name(device)}: {problem}; using the reference for the rest of this run",
-                  file=sys.stderr)
+            print(f"warning: the Triton {kernel} kernel {failure} on {device_name(device)}: "
+                  f"{problem}; using the reference for the rest of this run", file=sys.stderr)
     return verdicts[key] is None
 
 

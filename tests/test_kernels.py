@@ -886,6 +886,75 @@ def test_a_wrong_feature_alignment_is_reported_once_and_the_reference_used_after
     assert re.fullmatch(warning_line("feature alignment", x.device, problem), err), err
 
 
+def kernel_error(*args, **kwargs):
+    """What a kernel that does not build or launch on a device raises."""
+    raise RuntimeError("out of resource: shared memory, Required: 233472,\nHardware limit: 232448")
+
+
+RAISED = "RuntimeError: out of resource: shared memory, Required: 233472, Hardware limit: 232448"
+
+
+def raised_line(kernel, device):
+    """The check's one line for a kernel that raised."""
+    return (f"warning: the Triton {kernel} kernel raised on {self_check.device_name(device)}: "
+            f"{RAISED}; using the reference for the rest of this run\n")
+
+
+class RaisingGradient(torch.autograd.Function):
+    """The identity, with a backward that raises as kernel_error does."""
+
+    @staticmethod
+    def forward(ctx, y):
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        kernel_error()
+
+
+def test_a_cache_kernel_that_raises_is_reported_once_and_the_reference_used_after(
+        auto_triton, monkeypatch, capsys):
+    from kernels import triton_cache_update
+    calls = []
+    broken = counted(calls, "triton", kernel_error)
+    monkeypatch.setattr(triton_cache_update, "cache_partials", broken)
+    tokens, cache = random_tokens(131, 64, torch.float32, seed=40), unit_rows(13, 64, seed=41)
+    want = kernels.cache_update(tokens, cache, backend="torch")
+    for _ in range(3):
+        assert torch.equal(kernels.cache_update(tokens, cache), want)
+    assert calls == ["triton"]  # the check's call, no other
+    assert capsys.readouterr().err == raised_line("cache update", tokens.device)
+    assert self_check.verdicts == {("cache update", tokens.device): RAISED}
+    with pytest.raises(RuntimeError, match="out of resource"):  # "triton" is never replaced
+        kernels.cache_update(tokens, cache, backend="triton")
+
+
+@pytest.mark.parametrize("raises_in", ["forward", "backward"])
+def test_a_feature_alignment_that_raises_is_reported_once_and_the_reference_used_after(
+        auto_triton, monkeypatch, capsys, raises_in):
+    from kernels import triton_feature_align
+    real, calls = triton_feature_align.feature_align, []
+
+    def broken(*args, **kwargs):
+        calls.append("triton")
+        if raises_in == "forward":
+            kernel_error()
+        y, mean, var = real(*args, **kwargs)
+        return RaisingGradient.apply(y), mean, var
+
+    monkeypatch.setattr(triton_feature_align, "feature_align", broken)
+    x = random_tokens(37, 48, torch.float32, seed=42)
+    params = align_params(48, seed=43, d_hid=64, d_out=56)
+    gy = torch.randn(37, 56, generator=torch.Generator().manual_seed(44)).to(DEVICE)
+    want = run_feature_align(x, params, gy, "torch")
+    for _ in range(2):
+        got = run_feature_align(x, params, gy, "auto")
+        assert all(torch.equal(a, b) for a, b in zip(got[:3], want[:3]))
+        assert all(torch.equal(got[3][k], want[3][k]) for k in want[3])
+    assert calls == ["triton"]
+    assert capsys.readouterr().err == raised_line("feature alignment", x.device)
+
+
 def test_correct_kernels_pass_the_check_once_and_keep_running(auto_triton, monkeypatch, capsys):
     from kernels import triton_cache_update, triton_feature_align
     calls = []
