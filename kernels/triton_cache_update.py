@@ -17,6 +17,10 @@ Two passes over the tokens, no floating-point atomics:
      into its own (M_PAD, BLOCK_D) slice of a partial buffer; the splits are summed in a
      fixed order afterwards.
 
+Offsets: N x D passes 2^31 elements at a few million tokens, so the offset of a block's rows is
+int64 (from the program id in pass 1, carried in an int64 pointer along a split in pass 2); the
+offsets within a block stay int32, as the launcher passes the tokens contiguous.
+
 The multi-rank combine of these partials (exact) is kernels.cache_update(..., process_group=...).
 """
 import torch
@@ -50,7 +54,7 @@ def _cache_scores_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)  # int64 row offsets (module docstring)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     slots = tl.arange(0, M_PAD)
     row_ok = rows < N
@@ -103,12 +107,14 @@ def _slot_sums_kernel(
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < D
     slots = tl.arange(0, M_PAD)
+    block_rows = tl.arange(0, BLOCK_N)
 
     acc = tl.zeros((M_PAD, BLOCK_D), dtype=tl.float32)
     counts = tl.zeros((M_PAD,), dtype=tl.float32)
     row_start = split * rows_per_split
+    x_block = x_ptr + row_start.to(tl.int64) * stride_xn  # the block's first row, in int64
     for r0 in range(row_start, row_start + rows_per_split, BLOCK_N):
-        rows = r0 + tl.arange(0, BLOCK_N)
+        rows = r0 + block_rows
         row_ok = rows < N
         assign = tl.load(assign_ptr + rows, mask=row_ok, other=-1)  # -1 matches no slot
         best = tl.load(best_ptr + rows, mask=row_ok, other=0.0)
@@ -117,10 +123,11 @@ def _slot_sums_kernel(
         weight = tl.exp(best - c) * inv_norm  # normalisation folded into the weight
         hit = assign[:, None] == slots[None, :]  # (BLOCK_N, M_PAD) one-hot
         w = tl.where(hit, weight[:, None], 0.0)
-        x = tl.load(x_ptr + rows[:, None] * stride_xn + cols[None, :] * stride_xd,
+        x = tl.load(x_block + block_rows[:, None] * stride_xn + cols[None, :] * stride_xd,
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
         acc = tl.dot(tl.trans(w), x, acc, input_precision="ieee")
         counts += tl.sum(hit.to(tl.float32), axis=0)
+        x_block += BLOCK_N * stride_xn
 
     tl.store(part_sums_ptr + split * M_PAD * D + slots[:, None] * D + cols[None, :], acc,
              mask=col_ok[None, :])
@@ -129,6 +136,7 @@ def _slot_sums_kernel(
 
 def cache_partials(tokens, cache):
     """Triton cache_partials; inputs already validated by kernels.cache_partials."""
+    tokens = tokens.contiguous()  # rows of D elements: offsets within a block stay small
     n, d = tokens.shape
     m = cache.shape[0]  # at most kernels.TRITON_MAX_CACHE_SIZE: scores stay in registers
     m_pad = max(16, triton.next_power_of_2(m))

@@ -32,13 +32,19 @@ Backward, with xhat = (h - mean) * rstd and dpre = dy @ w2 gated by relu' (pre >
 With process_group the forward statistics (count, sum, then the centred M2) and the
 backward S1, S2 are all_reduce-summed, which is SyncBatchNorm: the results equal one
 process on the concatenated batch, and the weight gradients are this rank's part of it.
+
+Offsets: M (or K, in the split-K launches) is the token count, and N tokens x D pass 2^31
+elements at a few million tokens. So each tile's first row, column and k are addressed in
+int64 and the offsets from there within the tile in int32, which holds as the launcher passes
+x and dy contiguous (the other operands are the kernels' own buffers, the weights and their
+transposes) and _split_k keeps a split under 2^31 elements.
 """
 import torch
 import torch.distributed as dist
 import triton
 import triton.language as tl
 
-from kernels import _fits_int32, on_device
+from kernels import on_device
 
 BLOCK_K = 32  # halved when the right operand is fp16/bf16 (dW1 = dh^T @ x): widening it
 # in registers spilled ~600 B at 32 on both sm_80 and sm_90
@@ -51,6 +57,8 @@ MIN_SPLIT_ROWS = 256
 # an unsplit launch with fewer 64 x 128 output tiles than this (the SMs of an H100/H200) takes
 # 64 x 64 tiles instead: dx = dh @ w1 at PromptKD's batch of 8 (1576 x 512) has 25 x 4 = 100
 MIN_PROGRAMS = 132
+# elements of an operand one split-K program may span: its offsets from the split's first k are int32
+MAX_SPLIT_ELEMENTS = 2**30
 
 A_PLAIN, A_BN_ALONG_K, A_BN_ALONG_M = 0, 1, 2  # where the BN channel index of A lives
 EPI_NONE, EPI_STATS, EPI_RELU_BN_GRAD = 0, 1, 2
@@ -86,11 +94,18 @@ def _matmul_kernel(
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     k_start = pid_k * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, K)
+    k_len = tl.minimum(k_per_split, K - k_start)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < M
     col_ok = cols < N
+    tile_m = tl.arange(0, BLOCK_M)
+    tile_n = tl.arange(0, BLOCK_N)
+    # the tile's first row, column and k in int64, the offsets within the tile int32 (module docstring)
+    row0 = (pid_m * BLOCK_M).to(tl.int64)
+    col0 = (pid_n * BLOCK_N).to(tl.int64)
+    a_tile = a_ptr + row0 * stride_am + k_start.to(tl.int64) * stride_ak
+    b_tile = b_ptr + k_start.to(tl.int64) * stride_bk + col0 * stride_bn
 
     if A_BN == 2:  # channel = row of A: its BN parameters are fixed for the whole loop
         r_mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
@@ -98,13 +113,13 @@ def _matmul_kernel(
         r_beta = tl.load(beta_ptr + rows, mask=row_ok, other=0.0)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < k_end
+    for k0 in range(0, k_len, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)  # from k_start
+        k_ok = ks < k_len
         a_mask = row_ok[:, None] & k_ok[None, :]
-        a = tl.load(a_ptr + rows[:, None] * stride_am + ks[None, :] * stride_ak,
+        a = tl.load(a_tile + tile_m[:, None] * stride_am + ks[None, :] * stride_ak,
                     mask=a_mask, other=0.0).to(tl.float32)
-        if A_BN == 1:
+        if A_BN == 1:  # never split: ks counts from k_start = 0
             k_mean = tl.load(mean_ptr + ks, mask=k_ok, other=0.0)
             k_scale = tl.load(rstd_ptr + ks, mask=k_ok, other=0.0) * tl.load(gamma_ptr + ks, mask=k_ok, other=0.0)
             k_beta = tl.load(beta_ptr + ks, mask=k_ok, other=0.0)
@@ -113,14 +128,14 @@ def _matmul_kernel(
             a = tl.maximum((a - r_mean[:, None]) * r_scale[:, None] + r_beta[:, None], 0.0)
         # padded entries of a may be relu(beta) != 0 after the prologue: padded k meet the
         # zero-filled rows of b, padded rows are never stored, so no re-masking is needed
-        b = tl.load(b_ptr + ks[:, None] * stride_bk + cols[None, :] * stride_bn,
+        b = tl.load(b_tile + ks[:, None] * stride_bk + tile_n[None, :] * stride_bn,
                     mask=k_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision="ieee")
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0)[None, :]
     valid = row_ok[:, None] & col_ok[None, :]
-    part_offs = pid_m * N + cols
+    part_offs = pid_m.to(tl.int64) * N + cols
     if EPILOGUE == 1:  # this block's column sum and M2 about its own mean (Chan's combine later)
         n_rows = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
         col_sum = tl.sum(tl.where(valid, acc, 0.0), axis=0)
@@ -128,7 +143,8 @@ def _matmul_kernel(
         tl.store(part1_ptr + part_offs, col_sum, mask=col_ok)
         tl.store(part2_ptr + part_offs, tl.sum(centred * centred, axis=0), mask=col_ok)
     if EPILOGUE == 2:  # acc = dz; gate by relu'(pre) and reduce the BN-backward sums
-        h = tl.load(h_ptr + rows[:, None] * stride_hm + cols[None, :] * stride_hn, mask=valid, other=0.0)
+        h_tile = h_ptr + row0 * stride_hm + col0 * stride_hn
+        h = tl.load(h_tile + tile_m[:, None] * stride_hm + tile_n[None, :] * stride_hn, mask=valid, other=0.0)
         c_mean = tl.load(mean_ptr + cols, mask=col_ok, other=0.0)
         c_rstd = tl.load(rstd_ptr + cols, mask=col_ok, other=0.0)
         c_gamma = tl.load(gamma_ptr + cols, mask=col_ok, other=0.0)
@@ -139,7 +155,8 @@ def _matmul_kernel(
         acc = tl.where(valid & (pre > 0.0), acc, 0.0)
         tl.store(part1_ptr + part_offs, tl.sum(acc, axis=0), mask=col_ok)
         tl.store(part2_ptr + part_offs, tl.sum(acc * xhat, axis=0), mask=col_ok)
-    tl.store(c_ptr + pid_k * stride_cs + rows[:, None] * stride_cm + cols[None, :] * stride_cn, acc, mask=valid)
+    c_tile = c_ptr + pid_k.to(tl.int64) * stride_cs + row0 * stride_cm + col0 * stride_cn
+    tl.store(c_tile + tile_m[:, None] * stride_cm + tile_n[None, :] * stride_cn, acc, mask=valid)
 
 
 @triton.jit
@@ -154,7 +171,7 @@ def _bn_input_grad_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < D
     mask = (rows < N)[:, None] & col_ok[None, :]
@@ -187,11 +204,13 @@ def _tile(m, n, k, split_k=False):
     return block_m, block_n, 8 if block_m * block_n >= 8192 else 4
 
 
-def _split_k(programs, k):
+def _split_k(programs, k, k_stride):
     """(num_splits, k_per_split) for a reduction of length k over `programs` output tiles:
     enough splits for about TARGET_PROGRAMS programs, each at least MIN_SPLIT_ROWS long (a
-    multiple of BLOCK_K, hence of every K-step). Fixed by the shape, so the summation order is too."""
+    multiple of BLOCK_K, hence of every K-step) and spanning at most about MAX_SPLIT_ELEMENTS of
+    an operand with k_stride elements per k. Fixed by the shape, so the summation order is too."""
     wanted = min(triton.cdiv(TARGET_PROGRAMS, programs), triton.cdiv(k, MIN_SPLIT_ROWS))
+    wanted = max(wanted, triton.cdiv(k * k_stride, MAX_SPLIT_ELEMENTS))
     k_per_split = triton.cdiv(triton.cdiv(k, wanted), BLOCK_K) * BLOCK_K
     return triton.cdiv(k, k_per_split), k_per_split
 
@@ -213,7 +232,10 @@ def _matmul(a, b, out, *, bias=None, bn=None, a_bn=A_PLAIN, epilogue=EPI_NONE, h
         parts = torch.zeros(2, grid[0], n, dtype=torch.float32, device=out.device)
     if m == 0 or n == 0:  # a rank without tokens: nothing to compute, zero partials
         return parts, block_m
-    num_splits, k_per_split = _split_k(grid[0] * grid[1], k) if split_k and k > 0 else (1, k)
+    if split_k and k > 0:
+        num_splits, k_per_split = _split_k(grid[0] * grid[1], k, max(abs(a.stride(1)), abs(b.stride(0))))
+    else:
+        num_splits, k_per_split = 1, k
     target = out if num_splits == 1 else torch.empty(num_splits, m, n, dtype=torch.float32, device=out.device)
     split_stride = 0 if num_splits == 1 else target.stride(0)
     mean, rstd, gamma, beta = bn if bn is not None else (out,) * 4  # unused pointers: any tensor
@@ -284,11 +306,7 @@ class FeatureAlignFunction(torch.autograd.Function):
             bn = (mean, rstd, gamma, beta)
             n, d_hid = h.shape
             d_in, d_out = x.shape[1], w2.shape[0]
-            if not _fits_int32(dy):
-                # a strided view of a wider gradient (y concatenated with something, say):
-                # its offsets may pass int32 where the contiguous (N, D_out) ones, checked
-                # in forward, do not
-                dy = dy.contiguous()
+            dy = dy.contiguous()  # the caller's (a view of a wider gradient, say): see the module docstring
             dpre = torch.empty(n, d_hid, dtype=torch.float32, device=h.device)  # (N, D_hid)
             parts, _ = _matmul(dy, w2, dpre, bn=bn, epilogue=EPI_RELU_BN_GRAD, h=h)
             dbeta = parts[0].sum(dim=0)  # (D_hid,) this rank's rows
@@ -322,7 +340,7 @@ class FeatureAlignFunction(torch.autograd.Function):
 
 def feature_align(x, w1, b1, gamma, beta, w2, b2, eps, process_group=None):
     """Triton feature_align; inputs already validated by kernels.feature_align."""
-    # the kernels index the (D,) vectors with unit stride (no-op for parameters)
-    b1, gamma, beta, b2 = (t.contiguous() for t in (b1, gamma, beta, b2))
+    # x: rows of D_in elements (module docstring); the (D,) vectors are indexed with unit stride
+    x, b1, gamma, beta, b2 = (t.contiguous() for t in (x, b1, gamma, beta, b2))
     with torch.autocast(x.device.type, enabled=False):
         return FeatureAlignFunction.apply(x, w1, b1, gamma, beta, w2, b2, eps, process_group)

@@ -51,7 +51,8 @@ def test_gpu_check_runs_every_step_and_passes_when_all_do(tmp_path):
     assert "torch.cuda.is_available()" in calls[0]
     expected = [  # (fragment of the call, in order)
         "import sys, torch, triton",
-        "TRITON_INTERPRET=unset -c import sys, torch, kernels sys.exit(not kernels.self_check(torch.device('cuda')))",
+        "TRITON_INTERPRET=unset -c import sys, torch, kernels.self_check "
+        "sys.exit(not kernels.self_check.check_device(torch.device('cuda')))",
         "TRITON_INTERPRET=unset -m pytest -q -rfEs -p no:cacheprovider tests",
         "-m kernels.bench",
         "bench.py step --num-classes 100",
@@ -76,15 +77,18 @@ def test_gpu_check_runs_every_step_and_passes_when_all_do(tmp_path):
     assert "passed" in (out / "summary.txt").read_text()
 
 
-@pytest.mark.parametrize("failing", ["kernels.self_check", "-m pytest", "-m kernels.bench", "--precision fp16"])
+FAILING = {  # a fragment of a step's call -> the step
+    "kernels.self_check": "kernel-check", "-m pytest": "pytest",
+    "-m kernels.bench": "kernels-bench", "--precision fp16": "train-fp16"}
+
+
+@pytest.mark.parametrize("failing", list(FAILING))
 def test_gpu_check_exits_nonzero_when_any_step_fails_and_still_runs_the_rest(tmp_path, failing):
     proc, out, calls = gpu_check(tmp_path, fail=failing)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert len(calls) == 1 + len(STEPS)  # every step ran regardless
     summary = (out / "summary.txt").read_text()
-    failed_step = {"kernels.self_check": "kernel-check", "-m pytest": "pytest", "-m kernels.bench": "kernels-bench",
-                   "--precision fp16": "train-fp16"}
-    assert f"FAILED: {failed_step[failing]} (exit " in summary and summary.count("(exit") == 1
+    assert f"FAILED: {FAILING[failing]} (exit " in summary and summary.count("(exit") == 1
 
 
 def test_gpu_check_stops_at_once_without_cuda(tmp_path):

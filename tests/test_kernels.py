@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import kernels
+from kernels import self_check
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -295,7 +296,7 @@ def test_feature_align_triton_matches_reference(n, d_in, d_hid, d_out, dtype):
 
 
 def test_triton_accepts_strided_inputs():
-    # the kernels take explicit strides: a transposed view must give the contiguous result
+    # a transposed view must give the contiguous result (the launchers pass the tokens contiguous)
     x = random_tokens(64, 37, torch.float32, seed=16).t()  # (37, 64), strides (1, 37)
     assert not x.is_contiguous()
     cache = unit_rows(13, 64, seed=17)
@@ -326,16 +327,17 @@ def test_launchers_reject_bad_inputs():
     # rectangular (PromptKD-like 16 -> 24 -> 20): the message names the tensor and its shape
     r = {k: v.to(DEVICE) for k, v in align_params(16, seed=0, d_hid=24, d_out=20).items()}
     x = torch.randn(4, 16, device=DEVICE)
-    for name, bad, message in [
-        ("x", torch.randn(4, 24, device=DEVICE), r"w1 must be \(D_hid, 24\) for x of width D_in=24, got \(24, 16\)"),
-        ("w1", torch.randn(24, 24, device=DEVICE), r"w1 must be \(D_hid, 16\) for x of width D_in=16, got \(24, 24\)"),
-        ("b1", torch.randn(16, device=DEVICE), r"b1 must be \(24,\) for D_in=16, D_hid=24, D_out=20, got \(16,\)"),
-        ("gamma", torch.randn(20, device=DEVICE), r"gamma must be \(24,\) for D_in=16, D_hid=24, D_out=20"),
-        ("beta", torch.randn(1, 24, device=DEVICE), r"beta must be \(24,\) for D_in=16, D_hid=24, D_out=20"),
-        ("w2", torch.randn(20, 16, device=DEVICE), r"w2 must be \(D_out, 24\) for w1 of 24 rows \(D_hid\), got \(20, 16\)"),
-        ("b2", torch.randn(24, device=DEVICE), r"b2 must be \(20,\) for D_in=16, D_hid=24, D_out=20, got \(24,\)"),
+    widths = "D_in=16, D_hid=24, D_out=20"
+    for name, shape, message in [
+        ("x", (4, 24), r"w1 must be \(D_hid, 24\) for x of width D_in=24, got \(24, 16\)"),
+        ("w1", (24, 24), r"w1 must be \(D_hid, 16\) for x of width D_in=16, got \(24, 24\)"),
+        ("b1", (16,), rf"b1 must be \(24,\) for {widths}, got \(16,\)"),
+        ("gamma", (20,), rf"gamma must be \(24,\) for {widths}"),
+        ("beta", (1, 24), rf"beta must be \(24,\) for {widths}"),
+        ("w2", (20, 16), r"w2 must be \(D_out, 24\) for w1 of 24 rows \(D_hid\), got \(20, 16\)"),
+        ("b2", (24,), rf"b2 must be \(20,\) for {widths}, got \(24,\)"),
     ]:
-        inputs = {"x": x, **r, name: bad}
+        inputs = {"x": x, **r, name: torch.randn(shape, device=DEVICE)}
         for backend in ("torch", "triton"):
             with pytest.raises(ValueError, match=message):
                 kernels.feature_align(**inputs, backend=backend)
@@ -461,8 +463,9 @@ def test_promptkd_align_launches_fill_a_gpu(monkeypatch, n):
         assert math.prod(grid) >= 132, (name, grid)
 
 
-@pytest.mark.parametrize("n,d_in,d_hid,d_out,dtype", [(131, 64, 64, 64, torch.float32), (131, 96, 96, 96, torch.float16),
-                                                      (37, 64, 64, 64, torch.float32), (131, 48, 80, 64, torch.float32)])
+@pytest.mark.parametrize("n,d_in,d_hid,d_out,dtype", [
+    (131, 64, 64, 64, torch.float32), (131, 96, 96, 96, torch.float16),
+    (37, 64, 64, 64, torch.float32), (131, 48, 80, 64, torch.float32)])
 def test_split_k_weight_gradients_match_reference(monkeypatch, n, d_in, d_hid, d_out, dtype):
     from kernels import triton_feature_align
 
@@ -483,40 +486,108 @@ def test_split_k_weight_gradients_match_reference(monkeypatch, n, d_in, d_hid, d
     assert all(torch.equal(again[k], grads[k]) for k in grads)  # fixed-order sum: deterministic
 
 
-def test_inputs_past_int32_offsets_are_refused_or_go_to_the_reference(monkeypatch):
-    """The kernels' offsets are int32: 2^31 elements or more must not reach them. Meta tensors:
-    the sizes are real, nothing is allocated."""
+def test_inputs_past_int32_offsets_go_to_the_triton_kernels(monkeypatch):
+    """The kernels address what grows with the token count in int64 (next test): 2^31 elements or
+    more reach them like any other input. Meta tensors: the sizes are real, nothing is allocated;
+    launches recorded, not run."""
+    from kernels import triton_feature_align
+
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # past the CUDA-tensor check on any host
+    launches = record_launches(monkeypatch, execute=False)
     d = 512
     big = torch.empty(2**31 // d + 1, d, device="meta")  # 2^31 + 256 elements
-    params = {k: v.to("meta") for k, v in align_params(d, seed=0).items()}
-    with pytest.raises(ValueError, match="int32"):
-        kernels.feature_align(big, **params, backend="triton")
-    with pytest.raises(ValueError, match="int32"):
-        kernels.cache_partials(big, torch.empty(25, d, device="meta"), backend="triton")
-    cuda = torch.device("cuda")  # a device object only: "auto" would pick the reference
-    assert not kernels._use_triton("auto", cuda, kernels._fits_int32(big))
-    assert not kernels._cache_uses_triton("auto", cuda, 25, tokens_fit_int32=False)
-    assert kernels._fits_int32(torch.empty(2**31 // d, d, device="meta"))
-    # a stride-0 view has few offsets of its own, but the kernels' (N, D) buffers do not
-    assert not kernels._fits_int32(torch.zeros(1, d).expand(2**31 // d + 1, d))
-    # PromptKD's 512 -> 768: x (N, 512) fits, but h, dpre and y (N, 768) do not
-    wide = {k: v.to("meta") for k, v in align_params(d, seed=0, d_hid=768).items()}
-    x = torch.empty(2**31 // 768 + 1, d, device="meta")
-    assert kernels._fits_int32(x)
-    assert not kernels._align_fits_int32(x, wide["w1"], wide["w2"])
-    with pytest.raises(ValueError, match="int32"):
-        kernels.feature_align(x, **wide, backend="triton")
-    assert kernels._align_fits_int32(x[:-1], wide["w1"], wide["w2"])  # N * 768 = 2^31 - 512
-    # ... and a narrowing second Linear's (N, D_out) output counts too
-    narrow = {k: v.to("meta") for k, v in align_params(d, seed=0, d_hid=256, d_out=768).items()}
-    assert not kernels._align_fits_int32(x, narrow["w1"], narrow["w2"])
+    kernels.cache_partials(big, torch.empty(25, d, device="meta"), backend="triton")
+    assert [(name, grid) for name, grid, _ in launches] == [
+        ("_cache_scores_kernel", (math.ceil(big.shape[0] / 32),)), ("_slot_sums_kernel", (64, 8))]
+    assert kernels._cache_uses_triton("auto", torch.device("cuda"), 25)  # a device object only
+    # the Triton feature alignment gets x (the meta device goes no further: its autocast guard)
+    calls = []
+    monkeypatch.setattr(triton_feature_align, "feature_align", lambda x, *rest, **kw: calls.append(x.shape))
+    wide = align_params(d, seed=0, d_hid=768)  # PromptKD's 512 -> 768
+    kernels.feature_align(big, **{k: v.to("meta") for k, v in wide.items()}, backend="triton")
+    assert calls == [big.shape]
 
 
-def test_a_strided_gradient_past_int32_offsets_is_made_contiguous(monkeypatch):
-    """dy is the caller's: a narrow view of a wider gradient (y concatenated with something)
-    has offsets the forward's check of the (N, D_out) buffers never saw. Meta tensors,
-    launches recorded and not run."""
+def run_one_program(monkeypatch, kernel, program, *args, **constexprs):
+    """Run only the program with ids `program` of the Triton `kernel` in the interpreter, its loads
+    reading zeros and its stores writing nothing: -> the set of byte addresses they touched. So it
+    may address far past its (small) tensors, as its program of a launch over 2^27 rows would."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    touched = []
+
+    def load(builder, ptrs, mask, *args):
+        touched.extend(ptrs.data[mask.data].tolist())
+        dtype = ptrs.get_element_ty()
+        zeros = np.zeros(ptrs.data.shape, interpreter._get_np_dtype(dtype))
+        return interpreter.TensorHandle(zeros, dtype)
+
+    def store(builder, ptrs, value, mask, *args):
+        touched.extend(ptrs.data[mask.data].tolist())
+
+    def program_id(builder, axis):
+        return interpreter.TensorHandle(np.array([program[axis]], dtype=np.int32), tl.int32)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_masked_load", load)
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_masked_store", store)
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_get_program_id", program_id)
+    kernel[(1, 1, 1)](*args, **constexprs)
+    return set(touched)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs one program in the interpreter")
+def test_every_kernel_addresses_rows_past_int32_offsets_exactly(monkeypatch):
+    """The program of each kernel whose rows (or split) start 2^31 elements into contiguous (N, 16)
+    token-sized tensors loads and stores exactly there: int32 offsets would wrap to 2^33 bytes
+    before the tensor. Only that program runs (run_one_program): nothing that large is allocated."""
+    from kernels import triton_cache_update as cache_module
+    from kernels import triton_feature_align as align_module
+
+    d, start = 16, 2**27  # row `start` of a (N, 16) tensor lies 2^31 elements in
+    n = start + 32
+    buffers = [torch.zeros(1, d) for _ in range(6)]  # only their addresses are used
+    assign = torch.zeros(1, dtype=torch.int32)  # the cache update's slot indices
+
+    def rows(t, count=32):
+        """The byte addresses of rows start .. start + count - 1 of a contiguous (N, d) fp32 t."""
+        return {t.data_ptr() + 4 * (r * d + c) for r in range(start, start + count) for c in range(d)}
+
+    x, cache, best, inv_norm, block_max, _ = buffers
+    touched = run_one_program(monkeypatch, cache_module._cache_scores_kernel, (start // 32,),
+                              x, cache, assign, best, inv_norm, block_max, n, 1, d, d, 1, d, 1,
+                              EPS=1e-12, M_PAD=16, BLOCK_N=32, BLOCK_D=16)
+    assert rows(x) <= touched
+    x, best, inv_norm, col_max, part_sums, part_counts = buffers
+    touched = run_one_program(monkeypatch, cache_module._slot_sums_kernel, (start // 32, 0),
+                              x, assign, best, inv_norm, col_max, part_sums, part_counts,
+                              n, d, 32, d, 1, M_PAD=16, BLOCK_N=32, BLOCK_D=16)
+    assert rows(x) <= touched
+
+    a, b, c, h, part1, part2 = buffers
+    plain = dict(A_BN=align_module.A_PLAIN, HAS_BIAS=False, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
+    bn = (c, c, c, c)  # mean, rstd, gamma, beta: only read by the A_BN prologues
+    # dpre = dy @ w2 gated by h: rows of dy (a), h and dpre (c) are tokens
+    touched = run_one_program(monkeypatch, align_module._matmul_kernel, (start // 16, 0, 0),
+                              a, b, c, c, *bn, h, part1, part2, n, d, d, d,
+                              d, 1, d, 1, 0, d, 1, d, 1, EPILOGUE=align_module.EPI_RELU_BN_GRAD, **plain)
+    assert rows(a, count=16) | rows(h, count=16) | rows(c, count=16) <= touched
+    # dW1 = dh^T @ x split over the tokens (k): this split starts at token `start` and writes the
+    # (16, 16) partial result number start // 16 of a (num_splits, 16, 16) buffer
+    touched = run_one_program(monkeypatch, align_module._matmul_kernel, (0, 0, start // 16),
+                              a, b, c, c, *bn, c, part1, part2, d, d, n, 16,
+                              1, d, d, 1, d * d, d, 1, d, 1, EPILOGUE=align_module.EPI_NONE, **plain)
+    assert rows(a, count=16) | rows(b, count=16) | rows(c, count=16) <= touched
+    touched = run_one_program(monkeypatch, align_module._bn_input_grad_kernel, (start // 32, 0),
+                              a, h, c, c, c, c, n, d, BLOCK_M=32, BLOCK_N=16)
+    assert rows(a) | rows(h) <= touched
+
+
+def test_caller_tensors_reach_the_kernels_contiguous(monkeypatch):
+    """The kernels' offsets within a tile are int32, which holds for rows of D elements: dy, the
+    caller's, may be a narrow view of a wider gradient (y concatenated with something, say), and
+    is made contiguous like x and the cache's tokens. Meta tensors; launches recorded, not run."""
     from kernels import triton_feature_align
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -534,7 +605,7 @@ def test_a_strided_gradient_past_int32_offsets_is_made_contiguous(monkeypatch):
     # the Function itself: feature_align's autocast guard does not take the meta device
     y, _, _ = triton_feature_align.FeatureAlignFunction.apply(x, *params.values(), 1e-5, None)
     dy = torch.empty(4, 2**30, device="meta")[:, :24]  # row stride 2^30: offsets up to 3 * 2^30
-    assert not kernels._fits_int32(dy)
+    assert not dy.is_contiguous()
     y.backward(dy)
     dpre_left = left_operands[2]  # h, y; then dpre = dy @ w2
     assert dpre_left.shape == (4, 24) and dpre_left.is_contiguous()
@@ -737,9 +808,10 @@ def test_feature_align_triton_gpu_large(n, d, d_hid, dtype):
 
 @pytest.fixture
 def auto_triton(monkeypatch):
-    """"auto" runs the Triton kernels here as on a GPU (the interpreter on a CPU), each checked afresh."""
+    """"auto" runs the Triton kernels here as on a GPU (the interpreter on a CPU), each checked
+    afresh."""
     monkeypatch.setattr(kernels, "TRITON_DEVICE_TYPES", ("cuda", "cpu"))
-    monkeypatch.setattr(kernels, "_verdicts", {})
+    monkeypatch.setattr(self_check, "verdicts", {})
 
 
 def counted(calls, name, fn):
@@ -764,11 +836,12 @@ class DoubledGradient(torch.autograd.Function):
 def warning_line(kernel, device, problem):
     """A regular expression of the check's one line; problem: one itself."""
     return (re.escape(f"warning: the Triton {kernel} kernel disagrees with the PyTorch reference on "
-                      f"{kernels.device_name(device)}: ") + problem
+                      f"{self_check.device_name(device)}: ") + problem
             + re.escape("; using the reference for the rest of this run\n"))
 
 
-def test_a_wrong_cache_kernel_is_reported_once_and_the_reference_used_after(auto_triton, monkeypatch, capsys):
+def test_a_wrong_cache_kernel_is_reported_once_and_the_reference_used_after(auto_triton, monkeypatch,
+                                                                            capsys):
     from kernels import triton_cache_update
     real, calls = triton_cache_update.cache_partials, []
 
@@ -783,10 +856,11 @@ def test_a_wrong_cache_kernel_is_reported_once_and_the_reference_used_after(auto
         assert torch.equal(kernels.cache_update(tokens, cache), want)
     assert calls == ["triton"]  # the check's call, no other
     err = capsys.readouterr().err
-    assert re.fullmatch(warning_line("cache update", tokens.device, r"slot_sums off by \S+ \(tolerance 0.0001 x \S+\)"),
-                        err), err
-    assert list(kernels.verdicts()) == [("cache update", tokens.device)]
-    assert not torch.equal(kernels.cache_update(tokens, cache, backend="triton"), want)  # "triton" is never replaced
+    problem = r"slot_sums off by \S+ \(tolerance 0.0001 x \S+\)"
+    assert re.fullmatch(warning_line("cache update", tokens.device, problem), err), err
+    assert list(self_check.verdicts) == [("cache update", tokens.device)]
+    # "triton" is never replaced
+    assert not torch.equal(kernels.cache_update(tokens, cache, backend="triton"), want)
     assert calls == ["triton"] * 2
 
 
@@ -812,33 +886,106 @@ def test_a_wrong_feature_alignment_is_reported_once_and_the_reference_used_after
     assert re.fullmatch(warning_line("feature alignment", x.device, problem), err), err
 
 
+def kernel_error(*args, **kwargs):
+    """What a kernel that does not build or launch on a device raises."""
+    raise RuntimeError("out of resource: shared memory, Required: 233472,\nHardware limit: 232448")
+
+
+RAISED = "RuntimeError: out of resource: shared memory, Required: 233472, Hardware limit: 232448"
+
+
+def raised_line(kernel, device):
+    """The check's one line for a kernel that raised."""
+    return (f"warning: the Triton {kernel} kernel raised on {self_check.device_name(device)}: "
+            f"{RAISED}; using the reference for the rest of this run\n")
+
+
+class RaisingGradient(torch.autograd.Function):
+    """The identity, with a backward that raises as kernel_error does."""
+
+    @staticmethod
+    def forward(ctx, y):
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        kernel_error()
+
+
+def test_a_cache_kernel_that_raises_is_reported_once_and_the_reference_used_after(
+        auto_triton, monkeypatch, capsys):
+    from kernels import triton_cache_update
+    calls = []
+    broken = counted(calls, "triton", kernel_error)
+    monkeypatch.setattr(triton_cache_update, "cache_partials", broken)
+    tokens, cache = random_tokens(131, 64, torch.float32, seed=40), unit_rows(13, 64, seed=41)
+    want = kernels.cache_update(tokens, cache, backend="torch")
+    for _ in range(3):
+        assert torch.equal(kernels.cache_update(tokens, cache), want)
+    assert calls == ["triton"]  # the check's call, no other
+    assert capsys.readouterr().err == raised_line("cache update", tokens.device)
+    assert self_check.verdicts == {("cache update", tokens.device): RAISED}
+    with pytest.raises(RuntimeError, match="out of resource"):  # "triton" is never replaced
+        kernels.cache_update(tokens, cache, backend="triton")
+
+
+@pytest.mark.parametrize("raises_in", ["forward", "backward"])
+def test_a_feature_alignment_that_raises_is_reported_once_and_the_reference_used_after(
+        auto_triton, monkeypatch, capsys, raises_in):
+    from kernels import triton_feature_align
+    real, calls = triton_feature_align.feature_align, []
+
+    def broken(*args, **kwargs):
+        calls.append("triton")
+        if raises_in == "forward":
+            kernel_error()
+        y, mean, var = real(*args, **kwargs)
+        return RaisingGradient.apply(y), mean, var
+
+    monkeypatch.setattr(triton_feature_align, "feature_align", broken)
+    x = random_tokens(37, 48, torch.float32, seed=42)
+    params = align_params(48, seed=43, d_hid=64, d_out=56)
+    gy = torch.randn(37, 56, generator=torch.Generator().manual_seed(44)).to(DEVICE)
+    want = run_feature_align(x, params, gy, "torch")
+    for _ in range(2):
+        got = run_feature_align(x, params, gy, "auto")
+        assert all(torch.equal(a, b) for a, b in zip(got[:3], want[:3]))
+        assert all(torch.equal(got[3][k], want[3][k]) for k in want[3])
+    assert calls == ["triton"]
+    assert capsys.readouterr().err == raised_line("feature alignment", x.device)
+
+
 def test_correct_kernels_pass_the_check_once_and_keep_running(auto_triton, monkeypatch, capsys):
     from kernels import triton_cache_update, triton_feature_align
     calls = []
     monkeypatch.setattr(triton_cache_update, "cache_partials",
                         counted(calls, "cache", triton_cache_update.cache_partials))
-    monkeypatch.setattr(triton_feature_align, "feature_align", counted(calls, "align", triton_feature_align.feature_align))
+    monkeypatch.setattr(triton_feature_align, "feature_align",
+                        counted(calls, "align", triton_feature_align.feature_align))
     tokens, cache = random_tokens(131, 64, torch.float32, seed=45), unit_rows(25, 64, seed=46)
     poisoned = tokens.clone()
     poisoned[3, 5] = float("nan")  # an fp16 overflow: the check waits for a finite batch
-    assert torch.equal(kernels.cache_update(poisoned, cache), cache) and calls == [] and kernels.verdicts() == {}
+    assert torch.equal(kernels.cache_update(poisoned, cache), cache)
+    assert calls == [] and self_check.verdicts == {}
     for _ in range(2):
-        assert_close(kernels.cache_update(tokens, cache), kernels.cache_update(tokens, cache, backend="torch"), 1e-6,
-                     "cache")
+        assert_close(kernels.cache_update(tokens, cache), kernels.cache_update(tokens, cache, backend="torch"),
+                     1e-6, "cache")
     x, params = random_tokens(37, 64, torch.float16, seed=47), align_params(64, seed=48)
     gy = torch.randn(37, 64, generator=torch.Generator().manual_seed(49)).to(DEVICE)
     for _ in range(2):
         y = run_feature_align(x, params, gy, "auto")[0]
         assert_close(y, run_feature_align(x, params, gy, "torch")[0], 1e-5, "y")
     assert calls == ["cache"] * 3 + ["align"] * 3  # the check, then every call
-    assert kernels.verdicts() == {("cache update", tokens.device): None, ("feature alignment", x.device): None}
+    assert self_check.verdicts == {("cache update", tokens.device): None,
+                                   ("feature alignment", x.device): None}
     assert capsys.readouterr().err == ""
 
 
 def test_the_align_check_tells_gate_flips_from_kernel_errors_at_training_size():
-    """At CoOp's batch (32 x 197 tokens, D 512), two correct computations whose h differs by a relative
-    5e-6 open different ReLU gates (the elementwise comparison fails: test above). The check moves beta
-    off the gates of the batch: it passes them, and still catches a gradient off by 1% in 8 columns."""
+    """At CoOp's batch (32 x 197 tokens, D 512), two correct computations whose h differs by a
+    relative 5e-6 open different ReLU gates (the elementwise comparison fails: test above). The
+    check moves beta off the gates of the batch: it passes them, and still catches a gradient off
+    by 1% in 8 columns."""
     x, params, _ = large_align_case(32 * 197, 512, torch.float32)
     tensors = (x, *(params[k].to(DEVICE) for k in ("w1", "b1", "gamma", "beta", "w2", "b2")))
     noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(25)).to(DEVICE)
@@ -846,13 +993,14 @@ def test_the_align_check_tells_gate_flips_from_kernel_errors_at_training_size():
     def moved(x, *rest, **kwargs):
         return kernels.reference.feature_align(x * (1 + 5e-6 * noise), *rest, **kwargs)
 
-    assert kernels._align_mismatch(moved, tensors, 1e-5, None) is None
+    assert self_check.align_mismatch(moved, tensors, 1e-5, None) is None
 
     def off(*args, **kwargs):
         y, mean, var = kernels.reference.feature_align(*args, **kwargs)
         return y + 0.01 * (y - y.detach()) * (torch.arange(y.shape[1], device=y.device) < 8), mean, var
 
-    assert re.match(r"d(x|w1|b1|gamma|beta|w2|b2) off by ", kernels._align_mismatch(off, tensors, 1e-5, None))
+    problem = self_check.align_mismatch(off, tensors, 1e-5, None)
+    assert re.match(r"d(x|w1|b1|gamma|beta|w2|b2) off by ", problem)
 
 
 def _check_worker(rank, world, init_file, out_dir, x, params):
@@ -867,13 +1015,15 @@ def _check_worker(rank, world, init_file, out_dir, x, params):
                 *real(*a, **k))
         lo, hi = (0, 5, 13)[rank], (0, 5, 13)[rank + 1]
         outs = [kernels.feature_align(x[lo:hi], **params, process_group=dist.group.WORLD)[0] for _ in range(2)]
-        torch.save(dict(y=outs, verdicts=kernels.verdicts()), os.path.join(out_dir, f"rank{rank}.pt"))
+        verdicts = dict(self_check.verdicts)
+        torch.save(dict(y=outs, verdicts=verdicts), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
 def test_a_kernel_wrong_on_one_rank_makes_every_rank_use_the_reference(tmp_path):
-    """The ranks' collectives pair up only if all run the same backend: the verdict is the group's."""
+    """The ranks' collectives pair up only if all run the same backend: the verdict is the
+    group's."""
     x, params = random_tokens(13, 24, torch.float32, seed=50).cpu(), align_params(24, seed=51)
     mp.spawn(_check_worker, args=(2, str(tmp_path / "rdzv"), str(tmp_path), x, params), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
@@ -882,19 +1032,22 @@ def test_a_kernel_wrong_on_one_rank_makes_every_rank_use_the_reference(tmp_path)
         assert_close(torch.cat([ranks[0]["y"][i], ranks[1]["y"][i]]), y_ref, 1e-5, f"call {i} y")
     (key, problem0), = ranks[0]["verdicts"].items()
     (_, problem1), = ranks[1]["verdicts"].items()
-    assert key[0] == "feature alignment" and problem0 == "it disagrees on another rank" and problem1.startswith("y off")
+    assert key[0] == "feature alignment"
+    assert problem0 == "it disagrees on another rank" and problem1.startswith("y off")
 
 
 def test_self_check_prints_each_kernels_verdict(auto_triton, monkeypatch, capsys):
-    """What `make gpu-check` runs (at training size there): both kernels through "auto", a line each."""
+    """What `make gpu-check` runs (at training size there): both kernels through "auto", a line
+    each."""
     device = torch.empty(0, device=DEVICE).device
-    assert kernels.self_check(device, tokens=40, width=32)
-    assert capsys.readouterr().out == "".join(f"{kernel} on {kernels.device_name(device)}: the Triton kernel agrees "
-                                              f"with the PyTorch reference\n"
-                                              for kernel in ("cache update", "feature alignment"))
+    assert self_check.check_device(device, tokens=40, width=32)
+    name = self_check.device_name(device)
+    assert capsys.readouterr().out == "".join(f"{kernel} on {name}: the Triton kernel agrees with the PyTorch "
+                                              f"reference\n" for kernel in ("cache update", "feature alignment"))
     from kernels import triton_cache_update
     real = triton_cache_update.cache_partials
-    monkeypatch.setattr(triton_cache_update, "cache_partials", lambda *a: (lambda m, s, c: (m + 1, s, c))(*real(*a)))
-    monkeypatch.setattr(kernels, "_verdicts", {})
-    assert not kernels.self_check(device, tokens=40, width=32)
-    assert "cache update on " + kernels.device_name(device) + ": col_max off by" in capsys.readouterr().out
+    monkeypatch.setattr(triton_cache_update, "cache_partials",
+                        lambda *a: (lambda m, s, c: (m + 1, s, c))(*real(*a)))
+    monkeypatch.setattr(self_check, "verdicts", {})
+    assert not self_check.check_device(device, tokens=40, width=32)
+    assert "cache update on " + name + ": col_max off by" in capsys.readouterr().out
