@@ -90,7 +90,8 @@ class LayerNorm(nn.LayerNorm):
     """LayerNorm computed in float32 whatever the activation dtype (bf16/fp16 autocast)."""
 
     def forward(self, x):
-        y = F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps)
+        weight, bias = self.weight.float(), self.bias.float()
+        y = F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps)
         return y.to(x.dtype)
 
 
@@ -112,7 +113,8 @@ class Attention(nn.Module):
     def forward(self, x, causal=False, return_cls_attn=False):
         B, L, W = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, L, 3W)
-        q, k, v = qkv.view(B, L, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)  # (B, H, L, hd) each
+        hd = W // self.heads
+        q, k, v = qkv.view(B, L, 3, self.heads, hd).permute(2, 0, 3, 1, 4)  # (B, H, L, hd) each
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, H, L, hd)
         out = self.out_proj(out.transpose(1, 2).reshape(B, L, W))  # (B, L, W)
         if not return_cls_attn:
@@ -161,8 +163,9 @@ class Transformer(nn.Module):
             return self.resblocks[-1](x, self.causal, return_cls_attn)
         k, n, _ = block_prompts.shape
         if k >= len(self.resblocks) or prompt_start < 0 or prompt_start + n > x.shape[1]:
-            raise ValueError(f"Transformer: {k} block prompts of {n} tokens at position {prompt_start} do "
-                             f"not fit {len(self.resblocks)} blocks of {x.shape[1]} tokens")
+            raise ValueError(f"Transformer: {k} block prompts of {n} tokens at position "
+                             f"{prompt_start} do not fit {len(self.resblocks)} blocks of "
+                             f"{x.shape[1]} tokens")
         last = len(self.resblocks) - 1
         for i, block in enumerate(self.resblocks):
             if 1 <= i <= k:
@@ -207,10 +210,13 @@ class VisionTransformer(nn.Module):
         depth, n, width = prompts.shape
         if depth < 1 or n < 1 or width != x.shape[-1] or depth > len(self.transformer.resblocks):
             raise ValueError(f"VisionTransformer: deep prompts must be (depth <= "
-                             f"{len(self.transformer.resblocks)}, n >= 1, {x.shape[-1]}), got {tuple(prompts.shape)}")
+                             f"{len(self.transformer.resblocks)}, n >= 1, {x.shape[-1]}), got "
+                             f"{tuple(prompts.shape)}")
         b, t, _ = x.shape
         x = torch.cat([x, prompts[0].to(x.dtype).expand(b, -1, -1)], dim=1)  # (B, T + n, W)
-        x, cls_attn = self.transformer(self.ln_pre(x), return_cls_attn, block_prompts=prompts[1:], prompt_start=t)
+        x, cls_attn = self.transformer(
+            self.ln_pre(x), return_cls_attn, block_prompts=prompts[1:], prompt_start=t
+        )
         return x[:, :t], None if cls_attn is None else cls_attn[:, :t - 1]
 
 
@@ -227,7 +233,10 @@ class CLIP(nn.Module):
             output_dim=c.embed_dim,
         )
         self.transformer = Transformer(
-            width=c.transformer_width, layers=c.transformer_layers, heads=c.transformer_width // 64, causal=True
+            width=c.transformer_width,
+            layers=c.transformer_layers,
+            heads=c.transformer_width // 64,
+            causal=True,
         )
         self.token_embedding = nn.Embedding(c.vocab_size, c.transformer_width)
         self.positional_embedding = nn.Parameter(torch.empty(c.context_length, c.transformer_width))
@@ -238,9 +247,9 @@ class CLIP(nn.Module):
     def encode_image(self, images, return_tokens=False, prompts=None):
         """images (B, 3, R, R) -> (B, D); or (global (B, D), tokens (B, T, D), cls_attn (B, G*G)).
 
-        prompts (depth, n, vision width): deep visual prompts (IVLP / VPT-deep / PromptKD's student):
-        prompts[0] is appended after the T image tokens without positional embedding and
-        prompts[i] replaces the last n tokens before block i (1 <= i < depth). The outputs
+        prompts (depth, n, vision width): deep visual prompts (IVLP / VPT-deep / PromptKD's
+        student): prompts[0] is appended after the T image tokens without positional embedding
+        and prompts[i] replaces the last n tokens before block i (1 <= i < depth). The outputs
         keep their shapes: the prompt tokens are dropped, and cls_attn is the CLS query's
         head-averaged softmax over all T + n keys at the patch columns (not renormalised).
         """
@@ -297,7 +306,8 @@ def config_from_state_dict(state_dict) -> CLIPConfig:
     if any(k.startswith("visual.layer1.") for k in keys):
         raise ValueError(
             "this is a ResNet CLIP checkpoint (visual.layer1...); TextRefiner needs the local "
-            "(patch) tokens of a ViT image tower: use ViT-B/32, ViT-B/16, ViT-L/14 or ViT-L/14@336px"
+            "(patch) tokens of a ViT image tower: use ViT-B/32, ViT-B/16, ViT-L/14 or "
+            "ViT-L/14@336px"
         )
     conv = _shape(state_dict, "visual.conv1.weight")  # (width, 3, patch, patch)
     grid = round(math.sqrt(_shape(state_dict, "visual.positional_embedding")[0] - 1))
@@ -349,7 +359,8 @@ def random_state_dict(config: CLIPConfig, seed: int = 0) -> dict:
             return tower_width**-0.5 * (2 * layers) ** -0.5
         if key.endswith("mlp.c_fc.weight"):
             return (2 * tower_width) ** -0.5
-        return tower_width**-0.5  # in_proj, conv1, class/positional embedding, proj, text_projection
+        # in_proj, conv1, class/positional embedding, proj, text_projection
+        return tower_width**-0.5
 
     state_dict = {}
     for key, shape in shapes.items():
@@ -396,9 +407,11 @@ def download(url, download_root=None) -> str:
     try:
         response = urllib.request.urlopen(url)
     except OSError as e:  # URLError is an OSError: no network, DNS, proxy, HTTP error
-        raise RuntimeError(f"cannot download {url} ({getattr(e, 'reason', e)}); without internet access "
-                           f"copy the file to {path}, or pass the path of a local weights file instead of the "
-                           f"name") from None
+        reason = getattr(e, "reason", e)
+        raise RuntimeError(
+            f"cannot download {url} ({reason}); without internet access copy the file to {path}, "
+            f"or pass the path of a local weights file instead of the name"
+        ) from None
     fd, tmp = tempfile.mkstemp(dir=root, prefix=filename + ".", suffix=".part")
     try:
         h = hashlib.sha256()
@@ -411,7 +424,9 @@ def download(url, download_root=None) -> str:
                 sys.stderr.write(f"\rdownloading {url}: {done / 2**20:.1f} / {total / 2**20:.1f} MiB")
             sys.stderr.write("\n")
         if h.hexdigest() != sha:
-            raise RuntimeError(f"downloaded {url} has SHA-256 {h.hexdigest()}, expected {sha}; not saved")
+            raise RuntimeError(
+                f"downloaded {url} has SHA-256 {h.hexdigest()}, expected {sha}; not saved"
+            )
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -424,7 +439,9 @@ def read_state_dict(path) -> dict:
     expected = "an OpenAI CLIP TorchScript archive or a torch.save'd state dict (zip format)"
     if not os.path.isfile(path):
         names = ", ".join(MODELS)
-        raise FileNotFoundError(f"{path}: no such file; expected an official model name ({names}) or {expected}")
+        raise FileNotFoundError(
+            f"{path}: no such file; expected an official model name ({names}) or {expected}"
+        )
     if not zipfile.is_zipfile(path):
         raise ValueError(f"{path}: not a zip archive; expected {expected}")
     with zipfile.ZipFile(path) as z:
@@ -461,12 +478,13 @@ def keep_loaded():
 
 
 def check_finite(tensors, source, error=ValueError):
-    """error naming `source` and the first floating tensor of {name: tensor} holding NaN or inf: such
-    weights turn every score into NaN, which argmax reads as class 0, and training fails an epoch later."""
+    """error naming `source` and the first floating tensor of {name: tensor} holding NaN or inf:
+    such weights turn every score into NaN, which argmax reads as class 0, and training fails an
+    epoch later."""
     for name, value in tensors.items():
         if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            raise error(f"{source}: tensor {name} holds NaN or inf values (a damaged file, or the weights of a run "
-                        f"that diverged); use another file")
+            raise error(f"{source}: tensor {name} holds NaN or inf values (a damaged file, or the "
+                        f"weights of a run that diverged); use another file")
 
 
 def load_clip(name_or_path, download_root=None) -> CLIP:
@@ -602,7 +620,8 @@ def tokenize(texts, context_length=77) -> torch.LongTensor:
         ids = [tok.encoder[SOT], *tok.encode(text), tok.encoder[EOT]]
         if len(ids) > context_length:
             raise ValueError(
-                f"text {text!r} is {len(ids)} tokens with SOT/EOT, over the context length {context_length}"
+                f"text {text!r} is {len(ids)} tokens with SOT/EOT, over the context length "
+                f"{context_length}"
             )
         out[row, : len(ids)] = torch.tensor(ids)
     return out

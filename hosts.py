@@ -8,8 +8,9 @@ regulariser acts on its unrefined features, and TextRefiner's terms are as on Co
 the official base2new configs, evaluated at the last epoch as the hosts' papers do.
 
     import clip_model, hosts
-    model = hosts.MaPLeCLIP(clip_model.load_clip("ViT-B/16"), classnames)                  # MaPLe + TextRefiner
-    plain = hosts.MaPLeCLIP(clip, classnames, hosts.MaPLeRecipe(refiner=False))            # MaPLe alone
+    clip = clip_model.load_clip("ViT-B/16")
+    model = hosts.MaPLeCLIP(clip, classnames)  # MaPLe + TextRefiner
+    plain = hosts.MaPLeCLIP(clip, classnames, hosts.MaPLeRecipe(refiner=False))  # MaPLe alone
 """
 import copy
 import dataclasses
@@ -27,11 +28,12 @@ import data
 import released
 import textrefiner
 from clip_model import text_length, tokenize
-from textrefiner import (FINITE, NON_NEGATIVE, POSITIVE, ContextCLIP, ContextRecipe, CoOpRecipe, FeatureAlign,
-                         PromptCLIP, PromptLearner, RecipeError, RefinerRecipe, TextRefinerCLIP, class_logits, fp32,
-                         image_pass, prompt_text_features, refined_ce, scaled_cosine_logits, setting)
+from textrefiner import (FINITE, NON_NEGATIVE, POSITIVE, ContextCLIP, ContextRecipe, CoOpRecipe,
+                         FeatureAlign, PromptCLIP, PromptLearner, RecipeError, RefinerRecipe,
+                         TextRefinerCLIP, class_logits, fp32, image_pass, prompt_text_features,
+                         refined_ce, scaled_cosine_logits, setting)
 
-# ----------------------------------------------------------------------------- PromptKD + TextRefiner
+# --------------------------------------------------------------------------- PromptKD + TextRefiner
 
 
 class PromptSRCTeacher(nn.Module):
@@ -54,7 +56,8 @@ class PromptSRCTeacher(nn.Module):
         self.set_classnames(classnames)
 
     @classmethod
-    def from_checkpoint(cls, clip, path, classnames, num_trained_classes=None, *, trained_classnames=None):
+    def from_checkpoint(cls, clip, path, classnames, num_trained_classes=None, *,
+                        trained_classnames=None):
         """The teacher of one of PromptKD's released files (read tensors-only; released.read_teacher
         says which keys and which checks). clip: the CLIP the teacher was trained from (ViT-L/14),
         left as it is. The classes it was trained on: trained_classnames, else num_trained_classes
@@ -76,7 +79,8 @@ class PromptSRCTeacher(nn.Module):
 
     @torch.no_grad()
     def class_features(self):
-        """Normalised teacher text features t_T (n, D_T) fp32, once per class set, device, dtype and autocast."""
+        """Normalised teacher text features t_T (n, D_T) fp32, once per class set, device, dtype
+        and autocast."""
         device = self.text_prompts.device
         key = (device, self.text_prompts.dtype, torch.is_autocast_enabled(device.type),
                torch.get_autocast_dtype(device.type))
@@ -100,7 +104,8 @@ def kl_per_element(student_logits, teacher_probs, temperature):
     return temperature**2 * kl / student_logits.numel()
 
 
-# PromptKD's per-dataset distillation weight (a comment in its scripts); DEFAULT_KD_WEIGHT for the others.
+# PromptKD's per-dataset distillation weight (a comment in its scripts);
+# DEFAULT_KD_WEIGHT for the others.
 KD_WEIGHTS = {"fgvc_aircraft": 200.0, "oxford_flowers": 200.0, "dtd": 200.0}
 DEFAULT_KD_WEIGHT = 1000.0
 
@@ -112,30 +117,38 @@ class PromptKDRecipe(RefinerRecipe):
     batch_size: int = 8
     lr: float = 0.005
     n_ctx_vision: int = setting(4, POSITIVE)  # visual prompt tokens per block
-    depth: int = setting(9, POSITIVE)  # blocks with visual prompts; PromptKD's cross-dataset student uses 3
+    # blocks with visual prompts; PromptKD's cross-dataset student uses 3
+    depth: int = setting(9, POSITIVE)
     kd_weight: float = setting(None, NON_NEGATIVE)  # lambda; None: per dataset, KD_WEIGHTS
     temperature: float = setting(1.0, POSITIVE)
-    semantic_weight: float = setting(0.01, NON_NEGATIVE, textrefiner=True)  # the local rows' KL: lambda / 100
-    reg_weight: float = setting(0.02, NON_NEGATIVE, textrefiner=True)  # the L1 regulariser: lambda / 50
-    teacher: str = setting(None, required="a PromptKD teacher file, or the folder of PromptKD's released teachers")
+    # the local rows' KL: lambda / 100
+    semantic_weight: float = setting(0.01, NON_NEGATIVE, textrefiner=True)
+    # the L1 regulariser: lambda / 50
+    reg_weight: float = setting(0.02, NON_NEGATIVE, textrefiner=True)
+    teacher: str = setting(
+        None, required="a PromptKD teacher file, or the folder of PromptKD's released teachers")
     teacher_clip: str = "ViT-L/14"  # the CLIP the teacher was trained from (its token embedding)
-    # The classes the teacher learnt: base, the first half of the run's; imagenet, ImageNet's 1000 (the
-    # cross-dataset teacher). None: imagenet for an all-class run, else base.
+    # The classes the teacher learnt: base, the first half of the run's; imagenet, ImageNet's 1000
+    # (the cross-dataset teacher). None: imagenet for an all-class run, else base.
     teacher_classes: str = setting(None, ("base", "imagenet"))
     weight_files: ClassVar[tuple] = ("teacher", "teacher_clip")
     xd: ClassVar[dict] = dict(depth=3)  # a student per target, on its unlabelled train split
 
     def for_run(self, dataset, subsample, classnames):
         """lambda for the dataset; a folder of released teachers -> the run's teacher file."""
-        kd_weight = KD_WEIGHTS.get(dataset, DEFAULT_KD_WEIGHT) if self.kd_weight is None else self.kd_weight
+        kd_weight = self.kd_weight
+        if kd_weight is None:
+            kd_weight = KD_WEIGHTS.get(dataset, DEFAULT_KD_WEIGHT)
         teacher_classes = self.teacher_classes or ("imagenet" if subsample == "all" else "base")
         teacher = self.teacher and released.teacher_file(self.teacher, dataset, subsample)
-        return dataclasses.replace(self, kd_weight=kd_weight, teacher_classes=teacher_classes, teacher=teacher)
+        return dataclasses.replace(self, kd_weight=kd_weight, teacher_classes=teacher_classes,
+                                   teacher=teacher)
 
 
 def load_teacher(recipe, classnames):
-    """The frozen teacher of recipe.teacher (a file) on recipe.teacher_clip, checked against the classes
-    it learnt: the first half of `classnames` (base), or ImageNet's count (names not at hand)."""
+    """The frozen teacher of recipe.teacher (a file) on recipe.teacher_clip, checked against the
+    classes it learnt: the first half of `classnames` (base), or ImageNet's count (names not
+    at hand)."""
     try:
         teacher_clip = clip_model.load_clip(recipe.teacher_clip)
     except (OSError, ValueError, RuntimeError) as e:
@@ -145,7 +158,8 @@ def load_teacher(recipe, classnames):
     else:
         trained_on = dict(trained_classnames=classnames[:math.ceil(len(classnames) / 2)])
     try:
-        return PromptSRCTeacher.from_checkpoint(teacher_clip, recipe.teacher, classnames, **trained_on)
+        return PromptSRCTeacher.from_checkpoint(
+            teacher_clip, recipe.teacher, classnames, **trained_on)
     except released.TeacherCLIPMismatch as e:
         raise RecipeError("teacher_clip", f"{recipe.teacher_clip} {e}") from None
     except (ValueError, KeyError, OSError) as e:
@@ -158,11 +172,13 @@ class PromptKDCLIP(PromptCLIP):
     frozen teacher's class text, refined; distilled from the teacher's logits without labels:
 
         z_S = exp(logit_scale) normalise(image_proj(prompted global feature)) refined^T
-        loss = lambda (KL(p_T || p_S) + semantic_weight KL over the local rows + reg_weight L1 regulariser)
+        loss = lambda (KL(p_T || p_S) + semantic_weight KL over the local rows
+                       + reg_weight L1 regulariser)
 
-    (KL summed and divided by its element count; the weights 1/100 and 1/50). refiner=False is plain
-    PromptKD (lambda KL). The student's text tower is unused; trained on the unlabelled images of
-    every class. teacher: a PromptSRCTeacher, else read from recipe.teacher on recipe.teacher_clip."""
+    (KL summed and divided by its element count; the weights 1/100 and 1/50). refiner=False is
+    plain PromptKD (lambda KL). The student's text tower is unused; trained on the unlabelled
+    images of every class. teacher: a PromptSRCTeacher, else read from recipe.teacher on
+    recipe.teacher_clip."""
     recipe = PromptKDRecipe
     loss_keys = ("loss", "loss_kd", "loss_local", "loss_reg")
     frozen_image_features = False  # trainable visual prompts and image_proj
@@ -173,8 +189,8 @@ class PromptKDCLIP(PromptCLIP):
     def build(self, clip, classnames, recipe, teacher=None):
         config = clip.config
         if recipe.depth > config.vision_layers:
-            raise RecipeError("depth", f"must be at most {config.vision_layers}, the blocks of the CLIP's image "
-                                       f"tower; got {recipe.depth}")
+            raise RecipeError("depth", f"must be at most {config.vision_layers}, the blocks of the "
+                                       f"CLIP's image tower; got {recipe.depth}")
         teacher = load_teacher(recipe, classnames) if teacher is None else teacher
         self.teacher = teacher.requires_grad_(False).eval()
         shape = (recipe.depth, recipe.n_ctx_vision, config.vision_width)
@@ -193,15 +209,18 @@ class PromptKDCLIP(PromptCLIP):
         the teacher's class text recomputed for every batch."""
         config = clip_model.CONFIGS[recipe.teacher_clip]
         teacher_clip = clip_model.build_model(clip_model.random_state_dict(config, seed=1))
-        depth, generator = min(9, config.vision_layers, config.transformer_layers), torch.Generator().manual_seed(0)
+        depth = min(9, config.vision_layers, config.transformer_layers)
+        generator = torch.Generator().manual_seed(0)
         shapes = ((4, config.transformer_width), (depth - 1, 4, config.transformer_width),
                   (depth, 4, config.vision_width))
         prompts = [torch.randn(shape, generator=generator) * 0.02 for shape in shapes]
         recipe = dataclasses.replace(recipe, depth=min(recipe.depth, clip.config.vision_layers))
 
-        def student(refiner):  # a teacher each: the per-batch variant must not clear the others' memo
+        # a teacher each: the per-batch variant must not clear the others' memo
+        def student(refiner):
             teacher = PromptSRCTeacher(teacher_clip, *prompts, classnames)
-            return cls(clip, classnames, dataclasses.replace(recipe, refiner=refiner), teacher=teacher)
+            student_recipe = dataclasses.replace(recipe, refiner=refiner)
+            return cls(clip, classnames, student_recipe, teacher=teacher)
         return {"PromptKD+TextRefiner": student(True), "PromptKD": student(False),
                 "PromptKD+TR (released)": TeacherTextPerBatch(student(True))}
 
@@ -231,19 +250,22 @@ class PromptKDCLIP(PromptCLIP):
                 logits = scale * image @ t.t()  # (B, n)
                 loss_kd = kl_per_element(logits, teacher_probs, self.temperature)
                 zero = loss_kd.new_zeros(())
-                return dict(loss=self.kd_weight * loss_kd, loss_kd=loss_kd, loss_local=zero, loss_reg=zero,
-                            logits=logits)
+                return dict(loss=self.kd_weight * loss_kd, loss_kd=loss_kd, loss_local=zero,
+                            loss_reg=zero, logits=logits)
             refined, local_logits, loss_reg = self.refiner.train_terms(t, tokens, cls_attn, scale)
             logits = scale * image @ refined.t()  # (B, n)
             loss_kd = kl_per_element(logits, teacher_probs, self.temperature)
             rows = local_logits.shape[1]
-            loss_local = kl_per_element(local_logits.flatten(0, 1), teacher_probs.repeat_interleave(rows, dim=0),
-                                        self.temperature)
-            loss = self.kd_weight * (loss_kd + self.semantic_weight * loss_local + self.reg_weight * loss_reg)
-        return dict(loss=loss, loss_kd=loss_kd, loss_local=loss_local, loss_reg=loss_reg, logits=logits)
+            local_targets = teacher_probs.repeat_interleave(rows, dim=0)  # (B rows, n)
+            loss_local = kl_per_element(local_logits.flatten(0, 1), local_targets, self.temperature)
+            terms = loss_kd + self.semantic_weight * loss_local + self.reg_weight * loss_reg
+            loss = self.kd_weight * terms
+        return dict(loss=loss, loss_kd=loss_kd, loss_local=loss_local, loss_reg=loss_reg,
+                    logits=logits)
 
     def image_features(self, images):
-        """image_proj(prompted global feature) (B, D_T), not normalised; BN running statistics in eval."""
+        """image_proj(prompted global feature) (B, D_T), not normalised; BN running
+        statistics in eval."""
         student = self.clip.encode_image(images, prompts=self.visual_prompts)  # (B, D_S)
         return self.image_proj(student.float())
 
@@ -262,18 +284,19 @@ class TeacherTextPerBatch(nn.Module):
         self.model.forget_classifier()
         return self.model(*inputs)
 
-# ----------------------------------------------------------------------------- the prompt-learning family
+# ----------------------------------------------------------------------- the prompt-learning family
 
 
-# Prompts per text-tower call where a host encodes many (CoCoOp's per-image classes, PromptSRC's templates):
-# enough rows to keep a GPU busy, few enough to bound the activations' memory.
+# Prompts per text-tower call where a host encodes many (CoCoOp's per-image classes, PromptSRC's
+# templates): enough rows to keep a GPU busy, few enough to bound the activations' memory.
 TEXT_ROWS = 1024
 
 
 class TemplateFeatures(nn.Module):
-    """A frozen CLIP's hand-crafted class features: normalise(mean over the templates of the unnormalised
-    text features of "template with {} = class name") (C, D) fp32, out of autocast. Computed on first
-    use and kept until the class set changes (only training reads them); not part of a checkpoint."""
+    """A frozen CLIP's hand-crafted class features: normalise(mean over the templates of the
+    unnormalised text features of "template with {} = class name") (C, D) fp32, out of autocast.
+    Computed on first use and kept until the class set changes (only training reads them); not part
+    of a checkpoint."""
 
     def __init__(self, templates):
         super().__init__()
@@ -289,12 +312,14 @@ class TemplateFeatures(nn.Module):
     def forward(self, clip):
         if not self.features.numel():
             device = clip.logit_scale.device
-            prompts = [template.replace("{}", name) for template in self.templates for name in self.classnames]
+            prompts = [template.replace("{}", name)
+                       for template in self.templates for name in self.classnames]
             ids = tokenize(prompts, clip.config.context_length)  # (templates C, 77)
             with torch.autocast(device.type, enabled=False):
                 text = torch.cat([clip.encode_text(rows.to(device), length=text_length(rows))
                                   for rows in ids.split(TEXT_ROWS)])  # (templates C, D)
-            self.features = F.normalize(text.unflatten(0, (len(self.templates), -1)).mean(0), dim=-1)  # (C, D)
+            per_template = text.unflatten(0, (len(self.templates), -1))  # (templates, C, D)
+            self.features = F.normalize(per_template.mean(0), dim=-1)  # (C, D)
         return self.features
 
 # ----------------------------------------------------------------------------- CoCoOp + TextRefiner
@@ -302,7 +327,8 @@ class TemplateFeatures(nn.Module):
 
 @dataclass
 class CoCoOpRecipe(ContextRecipe):
-    """CoCoOp's base2new config (ViT-B/16, 16 shots): batch 1, its text tower runs once per image."""
+    """CoCoOp's base2new config (ViT-B/16, 16 shots): batch 1, its text tower runs
+    once per image."""
     epochs: int = 10
     batch_size: int = 1
     lr: float = 0.002
@@ -326,32 +352,36 @@ class CoCoOpCLIP(ContextCLIP):
                                                   linear2=nn.Linear(dim // 16, width)))
 
     def text_features(self, image):
-        """Normalised class features per image (B, C, D) fp32 for normalised image features (B, D), with the
-        graph to ctx and the meta-net when grad is on."""
+        """Normalised class features per image (B, C, D) fp32 for normalised image features (B, D),
+        with the graph to ctx and the meta-net when grad is on."""
         prompts, ids = self.prompt_learner()  # (C, 77, W), (C, 77)
         length, n = self.prompt_learner.text_length, self.prompt_learner.n_ctx
         prompts = prompts[:, :length]  # the positions the EOT rows see (causal mask)
         shift = self.meta_net(image)  # (B, W)
         text = []
-        for s in shift.split(max(1, TEXT_ROWS // len(ids))):  # (k, W): images whose prompts share a pass
+        images_per_pass = max(1, TEXT_ROWS // len(ids))
+        for s in shift.split(images_per_pass):  # (k, W): images whose prompts share a pass
             k = len(s)
-            shifted = torch.cat([prompts[None, :, :1].expand(k, -1, -1, -1),  # SOT
-                                 prompts[None, :, 1:1 + n] + s[:, None, None],  # the context, shifted
-                                 prompts[None, :, 1 + n:].expand(k, -1, -1, -1)], dim=2)  # (k, C, L, W)
-            out = self.clip.encode_prompts(shifted.flatten(0, 1), ids.repeat(k, 1), length=length)  # (k C, D)
+            prefix = prompts[None, :, :1].expand(k, -1, -1, -1)  # SOT
+            context = prompts[None, :, 1:1 + n] + s[:, None, None]  # the context, shifted
+            suffix = prompts[None, :, 1 + n:].expand(k, -1, -1, -1)
+            shifted = torch.cat([prefix, context, suffix], dim=2)  # (k, C, L, W)
+            rows = shifted.flatten(0, 1)  # (k C, L, W)
+            out = self.clip.encode_prompts(rows, ids.repeat(k, 1), length=length)  # (k C, D)
             text.append(out.unflatten(0, (k, -1)))  # (k, C, D)
         text = torch.cat(text)  # (B, C, D)
         with fp32(text):
             return F.normalize(text.float(), dim=-1)
 
     def class_features(self, image):
-        """What each image's logits compare against: its class features (B, C, D), refined row by row."""
+        """What each image's logits compare against: its class features (B, C, D),
+        refined row by row."""
         t = self.text_features(image)
         return t if self.refiner is None else self.refiner.refine(t)
 
     def logits(self, image_features):
-        """Eval logits (B, C), each image against its own class features, computed for every batch: they
-        depend on the image, so nothing carries over from one batch to the next."""
+        """Eval logits (B, C), each image against its own class features, computed for every batch:
+        they depend on the image, so nothing carries over from one batch to the next."""
         image = F.normalize(image_features.float(), dim=-1)  # (B, D)
         classes = self.class_features(image)  # (B, C, D)
         with fp32(classes):
@@ -376,21 +406,24 @@ class KgCoOpRecipe(CoOpRecipe):
     batch_size: int = 128
     lr: float = 0.002
     selection: str = "last"
-    kg_weight: float = setting(8.0, NON_NEGATIVE)  # of 1 - mean cosine to the hand-crafted class features
+    # the weight of 1 - mean cosine to the hand-crafted class features
+    kg_weight: float = setting(8.0, NON_NEGATIVE)
     template: str = None  # the hand-crafted prompt; None: KgCoOp's for the dataset
 
     def for_run(self, dataset, subsample, classnames):
         recipe = super().for_run(dataset, subsample, classnames)
         if self.template is None:
-            template = KGCOOP_TEMPLATES.get(dataset) or (data.DATASETS[dataset].template if dataset else None)
+            template = KGCOOP_TEMPLATES.get(dataset)
+            if not template and dataset:
+                template = data.DATASETS[dataset].template
             recipe = dataclasses.replace(recipe, template=template or "a photo of a {}.")
         return recipe
 
 
 class KgCoOpCLIP(TextRefinerCLIP):
-    """KgCoOp (CVPR 2023) with TextRefiner: CoOp plus kg_weight * (1 - mean cosine) between the learnt,
-    unrefined class features and the frozen CLIP's on the dataset's hand-crafted prompt (KGCOOP_TEMPLATES),
-    encoded once per class set. refiner=False is KgCoOp."""
+    """KgCoOp (CVPR 2023) with TextRefiner: CoOp plus kg_weight * (1 - mean cosine) between the
+    learnt, unrefined class features and the frozen CLIP's on the dataset's hand-crafted prompt
+    (KGCOOP_TEMPLATES), encoded once per class set. refiner=False is KgCoOp."""
     recipe = KgCoOpRecipe
     loss_keys = TextRefinerCLIP.loss_keys + ("loss_kg",)
     title = "KgCoOp"
@@ -409,15 +442,17 @@ class KgCoOpCLIP(TextRefinerCLIP):
         t = self.text_features()  # (C, D)
         out = refined_ce(self, t, image, labels, tokens, cls_attn)
         with fp32(t):
-            loss_kg = 1 - F.cosine_similarity(t, self.handcrafted(self.clip), dim=-1, eps=1e-7).mean()
+            handcrafted = self.handcrafted(self.clip)  # (C, D)
+            loss_kg = 1 - F.cosine_similarity(t, handcrafted, dim=-1, eps=1e-7).mean()
         return dict(out, loss=out["loss"] + self.kg_weight * loss_kg, loss_kg=loss_kg)
 
-# ----------------------------------------------------------------------------- IVLP, MaPLe: prompts in both towers
+# -------------------------------------------------------------- IVLP, MaPLe: prompts in both towers
 
 
 @dataclass
 class IVLPRecipe(ContextRecipe):
-    """IVLP's base2new config of PromptSRC's repository (ViT-B/16, 16 shots): 4 + 4 prompt tokens, depth 9."""
+    """IVLP's base2new config of PromptSRC's repository (ViT-B/16, 16 shots): 4 + 4
+    prompt tokens, depth 9."""
     epochs: int = 20
     batch_size: int = 4
     lr: float = 0.0025
@@ -427,25 +462,28 @@ class IVLPRecipe(ContextRecipe):
 
 
 class DeepPromptCLIP(ContextCLIP):
-    """Prompts in both towers (IVLP, MaPLe, PromptSRC). Text: the context at the input and text_prompts
-    (depth - 1, n_ctx, W) at the context positions before text blocks 1..depth-1. Image: vision_prompts()
-    (depth, n, W_vision), row 0 appended after the image tokens and row i in their place before vision
-    block i. TextRefiner's tokens and attention leave the prompt tokens out (clip_model's hooks)."""
+    """Prompts in both towers (IVLP, MaPLe, PromptSRC). Text: the context at the input and
+    text_prompts (depth - 1, n_ctx, W) at the context positions before text blocks 1..depth-1.
+    Image: vision_prompts() (depth, n, W_vision), row 0 appended after the image tokens and row i in
+    their place before vision block i. TextRefiner's tokens and attention leave the prompt tokens
+    out (clip_model's hooks)."""
     frozen_image_features = False  # the image tower is prompted
 
     def build(self, clip, classnames, recipe):
         super().build(clip, classnames, recipe)
         layers = min(clip.config.vision_layers, clip.config.transformer_layers)
         if recipe.depth > layers:
-            raise RecipeError("depth", f"must be at most {layers}, the blocks of a tower of the CLIP; got "
-                                       f"{recipe.depth}")
-        deep = torch.empty(recipe.depth - 1, *self.prompt_learner.ctx.shape).normal_(std=0.02)  # (depth - 1, n_ctx, W)
+            raise RecipeError("depth", f"must be at most {layers}, the blocks of a tower of the "
+                                       f"CLIP; got {recipe.depth}")
+        shape = (recipe.depth - 1, *self.prompt_learner.ctx.shape)  # (depth - 1, n_ctx, W)
+        deep = torch.empty(shape).normal_(std=0.02)
         # none at depth 1: a parameter that no step uses would stall DDP's gradient reduction
         self.register_parameter("text_prompts", nn.Parameter(deep) if recipe.depth > 1 else None)
 
     @classmethod
     def benchmark_models(cls, clip, classnames, recipe):
-        """PromptCLIP's, the recipe's depth capped at the CLIP's blocks (the tiny benchmark CLIPs)."""
+        """PromptCLIP's, the recipe's depth capped at the CLIP's blocks (the tiny
+        benchmark CLIPs)."""
         depth = min(recipe.depth, clip.config.vision_layers, clip.config.transformer_layers)
         return super().benchmark_models(clip, classnames, dataclasses.replace(recipe, depth=depth))
 
@@ -454,7 +492,8 @@ class DeepPromptCLIP(ContextCLIP):
         raise NotImplementedError
 
     def text_features(self):
-        """Normalised class features (C, D) fp32, with the graph to the text prompts when grad is on."""
+        """Normalised class features (C, D) fp32, with the graph to the text prompts
+        when grad is on."""
         return prompt_text_features(self.clip, self.prompt_learner, self.text_prompts)
 
     def image_features(self, images):
@@ -466,9 +505,9 @@ class DeepPromptCLIP(ContextCLIP):
 
 
 class IVLPCLIP(DeepPromptCLIP):
-    """Independent vision-language prompting (the baseline of MaPLe and PromptSRC) with TextRefiner: the
-    image tower's prompts are visual_prompts (depth, n_ctx_vision, W_vision), N(0, 0.02^2), independent of
-    the text ones. refiner=False is IVLP."""
+    """Independent vision-language prompting (the baseline of MaPLe and PromptSRC) with
+    TextRefiner: the image tower's prompts are visual_prompts (depth, n_ctx_vision, W_vision),
+    N(0, 0.02^2), independent of the text ones. refiner=False is IVLP."""
     recipe = IVLPRecipe
     title = "IVLP"
 
@@ -483,7 +522,8 @@ class IVLPCLIP(DeepPromptCLIP):
 
 @dataclass
 class MaPLeRecipe(ContextRecipe):
-    """MaPLe's base2new config (ViT-B/16, 16 shots): 2 context tokens ("a photo" of "a photo of a"), depth 9."""
+    """MaPLe's base2new config (ViT-B/16, 16 shots): 2 context tokens ("a photo" of
+    "a photo of a"), depth 9."""
     n_ctx: int = 2
     epochs: int = 5
     batch_size: int = 4
@@ -494,9 +534,9 @@ class MaPLeRecipe(ContextRecipe):
 
 
 class MaPLeCLIP(DeepPromptCLIP):
-    """MaPLe (CVPR 2023) with TextRefiner: coupled prompts. The image tower's prompts are linear maps
-    (W -> W_vision) of the text ones: row 0 = proj(ctx), row i = projections[i - 1](text_prompts[i - 1]),
-    so the image tower's gradient reaches the text prompts. refiner=False is MaPLe."""
+    """MaPLe (CVPR 2023) with TextRefiner: coupled prompts. The image tower's prompts are linear
+    maps (W -> W_vision) of the text ones, so the image tower's gradient reaches the text prompts:
+    row 0 = proj(ctx), row i = projections[i - 1](text_prompts[i - 1]). refiner=False is MaPLe."""
     recipe = MaPLeRecipe
     title = "MaPLe"
 
@@ -504,38 +544,48 @@ class MaPLeCLIP(DeepPromptCLIP):
         super().build(clip, classnames, recipe)
         width, vision_width = clip.config.transformer_width, clip.config.vision_width
         self.proj = nn.Linear(width, vision_width)
-        deep = nn.Linear(width, vision_width)  # one initialisation, copied: the projections start identical
+        # one initialisation, copied: the projections start identical
+        deep = nn.Linear(width, vision_width)
         self.projections = nn.ModuleList(copy.deepcopy(deep) for _ in range(recipe.depth - 1))
 
     def vision_prompts(self):
-        deep = [] if self.text_prompts is None else [p(t) for p, t in zip(self.projections, self.text_prompts)]
+        deep = []
+        if self.text_prompts is not None:
+            deep = [p(t) for p, t in zip(self.projections, self.text_prompts)]
         return torch.stack([self.proj(self.prompt_learner.ctx), *deep])  # (depth, n_ctx, W_vision)
 
-# ----------------------------------------------------------------------------- PromptSRC + TextRefiner
+# -------------------------------------------------------------------------- PromptSRC + TextRefiner
 
 
-# PromptSRC's text targets: 60 of OpenAI's published CLIP ImageNet prompt templates, in PromptSRC's order.
+# PromptSRC's text targets: 60 of OpenAI's published CLIP ImageNet prompt templates,
+# in PromptSRC's order.
 PROMPTSRC_TEMPLATES = (
     "a photo of a {}.", "a bad photo of a {}.", "a photo of many {}.", "a sculpture of a {}.",
-    "a photo of the hard to see {}.", "a low resolution photo of the {}.", "a rendering of a {}.", "graffiti of a {}.",
-    "a bad photo of the {}.", "a cropped photo of the {}.", "a tattoo of a {}.", "the embroidered {}.",
-    "a photo of a hard to see {}.", "a bright photo of a {}.", "a photo of a clean {}.", "a photo of a dirty {}.",
-    "a dark photo of the {}.", "a drawing of a {}.", "a photo of my {}.", "the plastic {}.", "a photo of the cool {}.",
-    "a close-up photo of a {}.", "a black and white photo of the {}.", "a painting of the {}.", "a painting of a {}.",
-    "a pixelated photo of the {}.", "a sculpture of the {}.", "a bright photo of the {}.", "a cropped photo of a {}.",
-    "a plastic {}.", "a photo of the dirty {}.", "a jpeg corrupted photo of a {}.", "a blurry photo of the {}.",
-    "a photo of the {}.", "a good photo of the {}.", "a rendering of the {}.", "a {} in a video game.",
-    "a photo of one {}.", "a doodle of a {}.", "a close-up photo of the {}.", "the origami {}.",
-    "the {} in a video game.", "a sketch of a {}.", "a doodle of the {}.", "a origami {}.",
-    "a low resolution photo of a {}.", "the toy {}.", "a rendition of the {}.", "a photo of the clean {}.",
-    "a photo of a large {}.", "a rendition of a {}.", "a photo of a nice {}.", "a photo of a weird {}.",
-    "a blurry photo of a {}.", "a cartoon {}.", "art of a {}.", "a sketch of the {}.", "a embroidered {}.",
+    "a photo of the hard to see {}.", "a low resolution photo of the {}.",
+    "a rendering of a {}.", "graffiti of a {}.", "a bad photo of the {}.",
+    "a cropped photo of the {}.", "a tattoo of a {}.", "the embroidered {}.",
+    "a photo of a hard to see {}.", "a bright photo of a {}.", "a photo of a clean {}.",
+    "a photo of a dirty {}.", "a dark photo of the {}.", "a drawing of a {}.",
+    "a photo of my {}.", "the plastic {}.", "a photo of the cool {}.",
+    "a close-up photo of a {}.", "a black and white photo of the {}.", "a painting of the {}.",
+    "a painting of a {}.", "a pixelated photo of the {}.", "a sculpture of the {}.",
+    "a bright photo of the {}.", "a cropped photo of a {}.", "a plastic {}.",
+    "a photo of the dirty {}.", "a jpeg corrupted photo of a {}.", "a blurry photo of the {}.",
+    "a photo of the {}.", "a good photo of the {}.", "a rendering of the {}.",
+    "a {} in a video game.", "a photo of one {}.", "a doodle of a {}.",
+    "a close-up photo of the {}.", "the origami {}.", "the {} in a video game.",
+    "a sketch of a {}.", "a doodle of the {}.", "a origami {}.",
+    "a low resolution photo of a {}.", "the toy {}.", "a rendition of the {}.",
+    "a photo of the clean {}.", "a photo of a large {}.", "a rendition of a {}.",
+    "a photo of a nice {}.", "a photo of a weird {}.", "a blurry photo of a {}.",
+    "a cartoon {}.", "art of a {}.", "a sketch of the {}.", "a embroidered {}.",
     "a pixelated photo of a {}.", "itap of the {}.")
 
 
 def gpa_weights(mean, std, epochs):
-    """PromptSRC's weights of epochs 1..epochs: the Gaussian N(e; mean, std^2) normalised to sum 1
-    (float64; computed as a softmax of the exponents, so that no choice underflows to a zero sum)."""
+    """PromptSRC's weights of epochs 1..epochs: the Gaussian N(e; mean, std^2) normalised to
+    sum 1 (float64; computed as a softmax of the exponents, so that no choice underflows to a
+    zero sum)."""
     exponents = [-0.5 * ((e - mean) / std) ** 2 for e in range(1, epochs + 1)]
     w = [math.exp(x - max(exponents)) for x in exponents]
     return [x / sum(w) for x in w]
@@ -543,33 +593,39 @@ def gpa_weights(mean, std, epochs):
 
 @dataclass
 class PromptSRCRecipe(IVLPRecipe):
-    """PromptSRC's base2new config (ViT-B/16, 16 shots): IVLP 4 + 4, depth 9, and its regularisers."""
-    text_weight: float = setting(25.0, NON_NEGATIVE)  # L1 of the text features to the frozen CLIP's
-    image_weight: float = setting(10.0, NON_NEGATIVE)  # L1 of the image features to the frozen CLIP's
+    """PromptSRC's base2new config (ViT-B/16, 16 shots): IVLP 4 + 4, depth 9, and
+    its regularisers."""
+    # the weights of the L1 distances of the text and of the image features to the frozen CLIP's
+    text_weight: float = setting(25.0, NON_NEGATIVE)
+    image_weight: float = setting(10.0, NON_NEGATIVE)
     gpa_mean: float = setting(15.0, FINITE)  # Gaussian prompt aggregation over epochs 1..epochs
     gpa_std: float = setting(1.0, POSITIVE)
     xd: ClassVar[dict] = dict(depth=3, gpa_mean=6.0, gpa_std=10.0)
 
 
 class PromptSRCCLIP(IVLPCLIP):
-    """PromptSRC (ICCV 2023) with TextRefiner: IVLP regulated by the frozen CLIP it prompts (no copy):
+    """PromptSRC (ICCV 2023) with TextRefiner: IVLP regulated by the frozen CLIP it prompts
+    (no copy):
 
-        loss = CE(logits) + text_weight L1(t, t_zs) + image_weight L1(f, f_zs) + KL(p_zs || p) (+ TextRefiner's)
+        loss = CE(logits) + text_weight L1(t, t_zs) + image_weight L1(f, f_zs) + KL(p_zs || p)
+               (+ TextRefiner's)
 
-    t: the unrefined prompted class features; t_zs: the frozen text tower's mean over PROMPTSRC_TEMPLATES,
-    normalised; f, f_zs: the prompted and unprompted normalised image features; p = softmax(logits), logits
-    of the refined classifier; p_zs of exp(logit_scale) f_zs t_zs^T; KL summed and divided by B * C.
-    Gaussian prompt aggregation: after epoch e the buffer gpa_sum adds gpa_weights(e) times the trainable
-    parameters (prompts and TextRefiner's weights; buffers stay the last epoch's), and after the last
-    epoch the parameters become gpa_sum, the model evaluated. refiner=False is PromptSRC."""
+    t: the unrefined prompted class features; t_zs: the frozen text tower's mean over
+    PROMPTSRC_TEMPLATES, normalised; f, f_zs: the prompted and unprompted normalised image
+    features; p = softmax(logits), logits of the refined classifier; p_zs of
+    exp(logit_scale) f_zs t_zs^T; KL summed and divided by B * C. Gaussian prompt aggregation:
+    after epoch e the buffer gpa_sum adds gpa_weights(e) times the trainable parameters (prompts
+    and TextRefiner's weights; buffers stay the last epoch's), and after the last epoch the
+    parameters become gpa_sum, the model evaluated. refiner=False is PromptSRC."""
     recipe = PromptSRCRecipe
-    loss_keys = ("loss", "loss_global", "loss_text", "loss_image", "loss_kl", "loss_local", "loss_reg")
+    loss_keys = ("loss", "loss_global", "loss_text", "loss_image", "loss_kl", "loss_local",
+                 "loss_reg")
     title = "PromptSRC"
 
     def __init__(self, clip, classnames, recipe=None):
         super().__init__(clip, classnames, recipe)
-        # after the refiner, which it averages too; a buffer: every checkpoint holds the running sum,
-        # so --resume continues it exactly
+        # after the refiner, which it averages too; a buffer: every checkpoint holds the running
+        # sum, so --resume continues it exactly
         self.register_buffer("gpa_sum", torch.zeros(sum(p.numel() for p in self.trained())))
 
     def build(self, clip, classnames, recipe):
@@ -599,20 +655,24 @@ class PromptSRCCLIP(IVLPCLIP):
             loss_text = F.l1_loss(t, zs_text)
             loss_image = F.l1_loss(F.normalize(image.float(), dim=-1), zs_image)
             logits = out["logits"]
-            loss_kl = F.kl_div(F.log_softmax(logits, dim=-1), F.log_softmax(zs_logits, dim=-1), reduction="sum",
-                               log_target=True) / logits.numel()
-            loss = out["loss"] + self.text_weight * loss_text + self.image_weight * loss_image + loss_kl
+            log_p = F.log_softmax(logits, dim=-1)  # (B, C)
+            log_p_zs = F.log_softmax(zs_logits, dim=-1)  # (B, C)
+            kl_sum = F.kl_div(log_p, log_p_zs, reduction="sum", log_target=True)
+            loss_kl = kl_sum / logits.numel()
+            loss = (out["loss"] + self.text_weight * loss_text + self.image_weight * loss_image
+                    + loss_kl)
         return dict(out, loss=loss, loss_text=loss_text, loss_image=loss_image, loss_kl=loss_kl)
 
     @torch.no_grad()
     def epoch_end(self, epoch, epochs):
         params = self.trained()
         weight = gpa_weights(self.gpa_mean, self.gpa_std, epochs)[epoch]
-        self.gpa_sum.add_(torch.cat([p.flatten() for p in params]) * weight)  # as released: w * theta, then the sum
+        # as released: w * theta, then the sum
+        self.gpa_sum.add_(torch.cat([p.flatten() for p in params]) * weight)
         if epoch == epochs - 1:  # the aggregate becomes the model
             for p, value in zip(params, self.gpa_sum.split([p.numel() for p in params])):
                 p.copy_(value.view_as(p))
 
 
-textrefiner.METHODS.update(promptkd=PromptKDCLIP, cocoop=CoCoOpCLIP, kgcoop=KgCoOpCLIP, ivlp=IVLPCLIP,
-                           maple=MaPLeCLIP, promptsrc=PromptSRCCLIP)
+textrefiner.METHODS.update(promptkd=PromptKDCLIP, cocoop=CoCoOpCLIP, kgcoop=KgCoOpCLIP,
+                           ivlp=IVLPCLIP, maple=MaPLeCLIP, promptsrc=PromptSRCCLIP)

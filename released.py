@@ -4,9 +4,10 @@ Nothing in this module runs code from a file: Dassl checkpoints pickle whole obj
 scheduler entry holds an SGD optimiser), so they are unpickled by a restricted unpickler that
 builds tensors and plain containers and replaces every other object by an inert stand-in.
 
-    state, info = released.load_authors_run("their_output/.../seed1")       # -> our state-dict names
+    state, info = released.load_authors_run("their_output/.../seed1")  # -> our state-dict names
     ctx, text_prompts, visual_prompts, teacher_clip = released.read_teacher(clip, path, classnames)
-    released.write_teacher_checkpoint("t.pth.tar", clip_state_dict, classnames, depth=3)  # tests, demo
+    # a teacher file for the tests and the demo
+    released.write_teacher_checkpoint("t.pth.tar", clip_state_dict, classnames, depth=3)
 
 **Dassl checkpoint file**: {'state_dict', 'epoch', 'optimizer', 'scheduler', 'val_result'}; files
 `model.pth.tar-<epoch>` (epoch counted from 1) and, with best-val selection, `model-best.pth.tar`.
@@ -58,7 +59,7 @@ import clip_model
 from clip_model import tokenize
 from data import DataError, MissingData, UserError
 
-# ----------------------------------------------------------------------------- Dassl files, tensors only
+# ------------------------------------------------------------------------ Dassl files, tensors only
 
 
 class _NotLoaded:
@@ -91,10 +92,12 @@ class _NotLoaded:
         return f"<not loaded: {self.origin}>"
 
 
-# Globals a file may resolve for real (torch.load resolves storages itself); anything else is _NotLoaded.
+# Globals a file may resolve for real (torch.load resolves storages itself);
+# anything else is _NotLoaded.
 _TENSOR_GLOBALS = {("collections", "OrderedDict"), ("torch", "Size"),
                    ("torch._utils", "_rebuild_tensor"), ("torch._utils", "_rebuild_tensor_v2"),
-                   ("torch._utils", "_rebuild_parameter"), ("torch._utils", "_rebuild_parameter_with_state")}
+                   ("torch._utils", "_rebuild_parameter"),
+                   ("torch._utils", "_rebuild_parameter_with_state")}
 
 
 class _TensorsOnlyUnpickler(pickle.Unpickler):
@@ -115,28 +118,30 @@ def read_dassl_file(path, allow_pickle=False):
     """A Dassl checkpoint file on the CPU; tensors and containers only unless allow_pickle."""
     if allow_pickle:
         return torch.load(path, map_location="cpu", weights_only=False)
-    return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_tensors_only_pickle)
+    return torch.load(path, map_location="cpu", weights_only=False,
+                      pickle_module=_tensors_only_pickle)
 
 
 def read_dassl_checkpoint(path, allow_pickle=False, name=None):
-    """read_dassl_file, checked to be a dict with a 'state_dict' dict; errors (DataError, a ValueError)
-    name the file (as `name`, default its path)."""
+    """read_dassl_file, checked to be a dict with a 'state_dict' dict; errors (DataError, a
+    ValueError) name the file (as `name`, default its path)."""
     name = name or path
     try:
         content = read_dassl_file(path, allow_pickle)
     except Exception as e:  # not a torch file, cut short, a legacy tar with crafted entries, ...
-        raise DataError(f"{name}: unreadable ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__}); "
-                        f"a file cut short?") from None
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise DataError(f"{name}: unreadable ({reason}); a file cut short?") from None
     if not isinstance(content, dict) or not isinstance(content.get("state_dict"), dict):
         raise DataError(f"{name}: not a Dassl checkpoint (no 'state_dict' entry)")
     return content
 
-# ----------------------------------------------------------------------------- PromptKD teacher files
+# --------------------------------------------------------------------------- PromptKD teacher files
 
 
 # OpenAI's convert_weights stores matrices, their biases, conv1 and the projections in fp16.
-_FP16_SUFFIXES = ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias", "c_fc.weight",
-                  "c_fc.bias", "c_proj.weight", "c_proj.bias", "conv1.weight", "proj", "text_projection")
+_FP16_SUFFIXES = ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias",
+                  "c_fc.weight", "c_fc.bias", "c_proj.weight", "c_proj.bias", "conv1.weight",
+                  "proj", "text_projection")
 _VPT_SHALLOW = re.compile(r"transformer\.resblocks\.(\d+)\.VPT_shallow")
 
 
@@ -146,15 +151,18 @@ def released_dtype(key, tensor):
 
 
 def class_prompt_rows(token_embedding, classnames, n_ctx, context_length=77):
-    """Token embeddings of "X ... X {name}." (n_ctx X's): (prefix (C, 1, W), suffix (C, L - 1 - n_ctx, W)),
-    the rows PromptSRC stores around the context of each class prompt."""
-    ids = tokenize([" ".join(["X"] * n_ctx) + f" {name.replace('_', ' ')}." for name in classnames], context_length)
+    """Token embeddings of "X ... X {name}." (n_ctx X's): (prefix (C, 1, W),
+    suffix (C, L - 1 - n_ctx, W)), the rows PromptSRC stores around the context of each class
+    prompt."""
+    context = " ".join(["X"] * n_ctx)
+    prompts = [context + f" {name.replace('_', ' ')}." for name in classnames]
+    ids = tokenize(prompts, context_length)
     embedded = token_embedding[ids]  # (C, L, W)
     return embedded[:, :1], embedded[:, 1 + n_ctx:]
 
 
-def write_teacher_checkpoint(path, clip_state_dict, classnames, depth=9, n_ctx=4, seed=0, prompt_std=0.02,
-                             zero_shot_state_dict=None):
+def write_teacher_checkpoint(path, clip_state_dict, classnames, depth=9, n_ctx=4, seed=0,
+                             prompt_std=0.02, zero_shot_state_dict=None):
     """Write a PromptSRC teacher file laid out as PromptKD's released ones (tests and the demo).
 
     clip_state_dict: the teacher CLIP's OpenAI-named weights, stored as image_encoder.* /
@@ -173,26 +181,32 @@ def write_teacher_checkpoint(path, clip_state_dict, classnames, depth=9, n_ctx=4
     def prompt(width):
         return torch.randn(n_ctx, width, generator=g) * prompt_std
 
-    sd = {k: v.detach().cpu() for k, v in clip_state_dict.items() if k not in clip_model.JIT_EXTRA_KEYS}
+    sd = {k: v.detach().cpu() for k, v in clip_state_dict.items()
+          if k not in clip_model.JIT_EXTRA_KEYS}
     zero_shot = sd if zero_shot_state_dict is None else zero_shot_state_dict
-    prefix, suffix = class_prompt_rows(sd["token_embedding.weight"], classnames, n_ctx, config.context_length)
+    prefix, suffix = class_prompt_rows(sd["token_embedding.weight"], classnames, n_ctx,
+                                       config.context_length)
     state = {"logit_scale": sd["logit_scale"].float(),
              "prompt_learner.ctx": prompt(config.transformer_width).half(),
-             "prompt_learner.token_prefix": prefix.half(), "prompt_learner.token_suffix": suffix.half()}
+             "prompt_learner.token_prefix": prefix.half(),
+             "prompt_learner.token_suffix": suffix.half()}
     for key, value in zero_shot.items():
         if key.startswith("visual."):
-            state["prompt_learner.ZS_image_encoder." + key[7:]] = released_dtype(key, value.detach().cpu())
+            zs_key = "prompt_learner.ZS_image_encoder." + key[7:]
+            state[zs_key] = released_dtype(key, value.detach().cpu())
     state["image_encoder.VPT"] = prompt(config.vision_width)
     for i in range(1, depth):
-        state[f"image_encoder.transformer.resblocks.{i}.VPT_shallow"] = prompt(config.vision_width)
-        state[f"text_encoder.transformer.resblocks.{i}.VPT_shallow"] = prompt(config.transformer_width)
+        block = f"transformer.resblocks.{i}.VPT_shallow"
+        state[f"image_encoder.{block}"] = prompt(config.vision_width)
+        state[f"text_encoder.{block}"] = prompt(config.transformer_width)
     for key, value in sd.items():
         if key.startswith("visual."):
             state["image_encoder." + key[7:]] = released_dtype(key, value)
         elif key not in ("logit_scale", "token_embedding.weight"):
             state["text_encoder." + key] = released_dtype(key, value)
     trained = [state[k] for k in state if "VPT" in k or k == "prompt_learner.ctx"]
-    optimizer = torch.optim.SGD([nn.Parameter(t.float().clone()) for t in trained], lr=0.005, momentum=0.9)
+    params = [nn.Parameter(t.float().clone()) for t in trained]
+    optimizer = torch.optim.SGD(params, lr=0.005, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=20)
     checkpoint = dict(state_dict=state, epoch=20, optimizer=optimizer.state_dict(),
                       scheduler=dict(successor=scheduler, last_epoch=20), val_result=None)
@@ -219,7 +233,8 @@ def read_teacher(clip, path, classnames, num_trained_classes=None, trained_class
     weights, ctx, text, visual, unknown = {}, None, {}, {}, []
     for key, value in content["state_dict"].items():
         if not isinstance(value, torch.Tensor):
-            raise ValueError(f"teacher file {path}: {key} is a {type(value).__name__}, expected a tensor")
+            raise ValueError(f"teacher file {path}: {key} is a {type(value).__name__}, "
+                             f"expected a tensor")
         tower, _, rest = key.partition(".")
         deep = _VPT_SHALLOW.fullmatch(rest)
         if key == "logit_scale":
@@ -227,7 +242,8 @@ def read_teacher(clip, path, classnames, num_trained_classes=None, trained_class
         elif key == "prompt_learner.ctx":
             ctx = value
         elif tower == "prompt_learner":
-            pass  # token_prefix/suffix: rebuilt for our classes; ZS_image_encoder: not the teacher's
+            # token_prefix/suffix: rebuilt for our classes; ZS_image_encoder: not the teacher's
+            pass
         elif tower == "image_encoder" and rest == "VPT":
             visual[0] = value
         elif tower in ("image_encoder", "text_encoder") and deep:
@@ -239,8 +255,9 @@ def read_teacher(clip, path, classnames, num_trained_classes=None, trained_class
         else:
             unknown.append(key)
     if unknown:
-        raise ValueError(f"teacher file {path}: unexpected keys {unknown[:5]}; a PromptSRC teacher holds "
-                         f"logit_scale, prompt_learner.*, image_encoder.* and text_encoder.* only")
+        raise ValueError(
+            f"teacher file {path}: unexpected keys {unknown[:5]}; a PromptSRC teacher holds "
+            f"logit_scale, prompt_learner.*, image_encoder.* and text_encoder.* only")
     clip_model.check_finite(content["state_dict"], f"teacher file {path}")
     trained_names = _check_class_count(path, content["state_dict"], classnames, num_trained_classes,
                                        trained_classnames)
@@ -248,15 +265,18 @@ def read_teacher(clip, path, classnames, num_trained_classes=None, trained_class
     for key, value in weights.items():
         if key not in own or own[key].shape != value.shape:
             found = "it has no such weight" if key not in own else f"it has {tuple(own[key].shape)}"
-            raise TeacherCLIPMismatch(f"is not the CLIP teacher file {path} was trained from: the file's {key} is "
-                                      f"{tuple(value.shape)}, {found}; pass that CLIP (ViT-L/14 for PromptKD's "
-                                      f"released teachers)")
+            raise TeacherCLIPMismatch(
+                f"is not the CLIP teacher file {path} was trained from: the file's {key} is "
+                f"{tuple(value.shape)}, {found}; pass that CLIP (ViT-L/14 for PromptKD's "
+                f"released teachers)")
     _check_token_embedding(path, content["state_dict"]["prompt_learner.token_prefix"], clip)
     config = clip.config
-    ctx, text_prompts = _stack_prompts(path, ctx, text, "text_encoder", "prompt_learner.ctx",
-                                       config.transformer_width, config.transformer_layers)
-    vpt, visual_deep = _stack_prompts(path, visual.pop(0, None), visual, "image_encoder", "image_encoder.VPT",
-                                      config.vision_width, config.vision_layers)
+    ctx, text_prompts = _stack_prompts(
+        path, ctx, text, "text_encoder", "prompt_learner.ctx",
+        config.transformer_width, config.transformer_layers)
+    vpt, visual_deep = _stack_prompts(
+        path, visual.pop(0, None), visual, "image_encoder", "image_encoder.VPT",
+        config.vision_width, config.vision_layers)
     visual_prompts = torch.cat([vpt[None], visual_deep])  # (depth, n, W): row 0 at the input
     suffix = content["state_dict"].get("prompt_learner.token_suffix")
     if suffix is not None and trained_names is not None:
@@ -273,8 +293,8 @@ def _check_class_count(path, state_dict, classnames, num_trained_classes, traine
         raise ValueError("read_teacher: pass num_trained_classes or trained_classnames, not both")
     prefix = state_dict.get("prompt_learner.token_prefix")
     if prefix is None:
-        raise ValueError(f"teacher file {path}: no prompt_learner.token_prefix, so the classes it was "
-                         f"trained on are unknown; not a PromptSRC teacher file?")
+        raise ValueError(f"teacher file {path}: no prompt_learner.token_prefix, so the classes it "
+                         f"was trained on are unknown; not a PromptSRC teacher file?")
     trained, n = prefix.shape[0], len(classnames)
     if trained_classnames is not None:
         expected = {len(trained_classnames)}
@@ -284,96 +304,114 @@ def _check_class_count(path, state_dict, classnames, num_trained_classes, traine
         expected = {math.ceil(n / 2), n}
     if trained not in expected:
         wanted = " or ".join(str(c) for c in sorted(expected))
-        raise ValueError(f"teacher file {path}: trained on {trained} classes (prompt_learner.token_prefix "
-                         f"rows), expected {wanted} for these {n} classes; another dataset's teacher?")
+        raise ValueError(
+            f"teacher file {path}: trained on {trained} classes (prompt_learner.token_prefix "
+            f"rows), expected {wanted} for these {n} classes; another dataset's teacher?")
     if trained_classnames is not None:
         return list(trained_classnames)
     return None if num_trained_classes is not None else list(classnames[:trained])
 
 
 class TeacherCLIPMismatch(ValueError):
-    """The CLIP given to read_teacher is not the one the file was trained from; the message continues
-    a sentence that names it (the caller's flag and value)."""
+    """The CLIP given to read_teacher is not the one the file was trained from; the message
+    continues a sentence that names it (the caller's flag and value)."""
 
 
 def _check_token_embedding(path, prefix, clip):
-    """The file's token_prefix rows are, for every class alike, the start-of-text token's embedding in
-    the teacher's CLIP, the one part of it the file does not store: another CLIP of the same shapes
-    gives another row (and would make every class prompt look like another dataset's)."""
+    """The file's token_prefix rows are, for every class alike, the start-of-text token's
+    embedding in the teacher's CLIP, the one part of it the file does not store: another CLIP of
+    the same shapes gives another row (and would make every class prompt look like another
+    dataset's)."""
     sot = clip.token_embedding.weight[tokenize("")[0, 0]].detach().float()  # (W,)
     rows = prefix.reshape(prefix.shape[0], -1).to(sot.device).float()  # (C, W)
     if rows.shape[1] != sot.shape[0]:
-        raise ValueError(f"teacher file {path}: prompt_learner.token_prefix rows are {rows.shape[1]} wide, the CLIP's "
-                         f"text width is {sot.shape[0]}")
+        raise ValueError(f"teacher file {path}: prompt_learner.token_prefix rows are "
+                         f"{rows.shape[1]} wide, the CLIP's text width is {sot.shape[0]}")
     # the same fp16 tolerance as the class prompts' rows (_check_trained_classes)
     if ((rows - sot).norm(dim=-1) > 1e-2 * sot.norm()).any():
-        raise TeacherCLIPMismatch(f"is not the CLIP teacher file {path} was trained from: its start-of-text token "
-                                  f"embedding differs from the file's (prompt_learner.token_prefix); pass that CLIP "
-                                  f"(ViT-L/14 for PromptKD's released teachers)")
+        raise TeacherCLIPMismatch(
+            f"is not the CLIP teacher file {path} was trained from: its start-of-text token "
+            f"embedding differs from the file's (prompt_learner.token_prefix); pass that CLIP "
+            f"(ViT-L/14 for PromptKD's released teachers)")
 
 
 def _check_trained_classes(path, suffix, clip, n_ctx, names):
-    """The file's token_suffix rows against the same rows built from `names` with clip's token_embedding."""
+    """The file's token_suffix rows against the same rows built from `names` with clip's
+    token_embedding."""
     with torch.no_grad():
-        _, expected = class_prompt_rows(clip.token_embedding.weight, names, n_ctx, clip.config.context_length)
+        _, expected = class_prompt_rows(clip.token_embedding.weight, names, n_ctx,
+                                        clip.config.context_length)
     expected = expected.float()  # (m, L - 1 - n_ctx, W)
     if tuple(suffix.shape) != tuple(expected.shape):
-        raise ValueError(f"teacher file {path}: prompt_learner.token_suffix has shape {tuple(suffix.shape)}, "
-                         f"expected {tuple(expected.shape)} (a row per trained class, the prompt positions "
-                         f"after SOT and the {n_ctx} context tokens, the CLIP's text width)")
-    # fp16 storage and PromptSRC's fp16 weight averaging move a row by <= 1e-2 relative (20 roundings
-    # of 2^-11); another class name puts another token_embedding row somewhere, O(1) off.
+        raise ValueError(
+            f"teacher file {path}: prompt_learner.token_suffix has shape {tuple(suffix.shape)}, "
+            f"expected {tuple(expected.shape)} (a row per trained class, the prompt positions "
+            f"after SOT and the {n_ctx} context tokens, the CLIP's text width)")
+    # fp16 storage and PromptSRC's fp16 weight averaging move a row by <= 1e-2 relative
+    # (20 roundings of 2^-11); another class name puts another token_embedding row somewhere,
+    # O(1) off.
     error = (suffix.to(expected.device).float() - expected).norm(dim=-1)  # (m, L - 1 - n_ctx)
     wrong = (error > 1e-2 * expected.norm(dim=-1)).any(dim=1)  # (m,)
     if wrong.any():
         first = int(wrong.nonzero()[0])
-        raise ValueError(f"teacher file {path}: trained on other classes: {int(wrong.sum())} of its "
-                         f"{len(names)} class prompts (prompt_learner.token_suffix rows) differ from ours, "
-                         f"the first at row {first} (our {names[first]!r}); another dataset's teacher, or "
-                         f"another class order? Pass the dataset's own teacher")
+        raise ValueError(
+            f"teacher file {path}: trained on other classes: {int(wrong.sum())} of its "
+            f"{len(names)} class prompts (prompt_learner.token_suffix rows) differ from ours, "
+            f"the first at row {first} (our {names[first]!r}); another dataset's teacher, or "
+            f"another class order? Pass the dataset's own teacher")
 
 
 def _stack_prompts(path, first, deep, tower, first_key, width, layers):
     """-> (first (n, width), deep prompts (k, n, width) of blocks 1..k), checked: blocks 1..k all
     present, k < layers, every tensor (n, width)."""
     if first is None:
-        raise ValueError(f"teacher file {path}: no {first_key}: not a PromptSRC / IVLP teacher file")
+        raise ValueError(
+            f"teacher file {path}: no {first_key}: not a PromptSRC / IVLP teacher file")
     k = max(deep, default=0)
     absent = [i for i in range(1, k + 1) if i not in deep]
     if absent:
-        raise ValueError(f"teacher file {path}: {tower}.transformer.resblocks.{absent[0]}.VPT_shallow is "
-                         f"missing, yet block {k} has one: the deep prompts must cover blocks 1..{k}")
+        raise ValueError(
+            f"teacher file {path}: {tower}.transformer.resblocks.{absent[0]}.VPT_shallow is "
+            f"missing, yet block {k} has one: the deep prompts must cover blocks 1..{k}")
     if k >= layers:
-        raise ValueError(f"teacher file {path}: {tower} has VPT_shallow up to block {k}, but the CLIP "
-                         f"given has {layers} blocks")
-    for key, value in [(first_key, first)] + [(f"{tower}.transformer.resblocks.{i}.VPT_shallow", deep[i])
-                                               for i in range(1, k + 1)]:
+        raise ValueError(f"teacher file {path}: {tower} has VPT_shallow up to block {k}, but the "
+                         f"CLIP given has {layers} blocks")
+    prompts = [(first_key, first)]
+    for i in range(1, k + 1):
+        prompts.append((f"{tower}.transformer.resblocks.{i}.VPT_shallow", deep[i]))
+    for key, value in prompts:
         if value.dim() != 2 or tuple(value.shape) != (first.shape[0], width):
             raise ValueError(f"teacher file {path}: {key} has shape {tuple(value.shape)}, expected "
                              f"({first.shape[0]}, {width}) like {first_key} and the CLIP's width")
-    stacked = torch.stack([deep[i].float() for i in range(1, k + 1)]) if k else first.new_zeros(0, *first.shape)
+    if k:
+        stacked = torch.stack([deep[i].float() for i in range(1, k + 1)])
+    else:
+        stacked = first.new_zeros(0, *first.shape)
     return first.float(), stacked.float()
 
 
 # PromptKD's released teachers: <teachers>/<Name>/VLPromptLearner/model-best.pth.tar, Name = the
 # dataset's Dassl name; PromptKD's README also spells two folders differently.
-TEACHER_FOLDERS = {"caltech101": ("Caltech101",), "dtd": ("DescribableTextures",), "eurosat": ("EuroSAT",),
-                   "fgvc_aircraft": ("FGVCAircraft", "FGVCaircraft"), "food101": ("Food101",),
-                   "imagenet": ("ImageNet",), "oxford_flowers": ("OxfordFlowers",), "oxford_pets": ("OxfordPets",),
-                   "stanford_cars": ("StanfordCars", "StandfordCars"), "sun397": ("SUN397",), "ucf101": ("UCF101",)}
+TEACHER_FOLDERS = {"caltech101": ("Caltech101",), "dtd": ("DescribableTextures",),
+                   "eurosat": ("EuroSAT",), "fgvc_aircraft": ("FGVCAircraft", "FGVCaircraft"),
+                   "food101": ("Food101",), "imagenet": ("ImageNet",),
+                   "oxford_flowers": ("OxfordFlowers",), "oxford_pets": ("OxfordPets",),
+                   "stanford_cars": ("StanfordCars", "StandfordCars"), "sun397": ("SUN397",),
+                   "ucf101": ("UCF101",)}
 IMAGENET_CLASSES = 1000
 BASE2NEW_TEACHER = os.path.join("VLPromptLearner", "model-best.pth.tar")
 CROSS_DATASET_TEACHER = os.path.join("ImageNet-xd", "VLPromptLearner_large", "model.pth.tar-20")
 
 
 def teacher_file(path, dataset, subsample):
-    """--teacher: a file as given, or a folder of PromptKD's released teachers, in which base/new runs
-    take the dataset's base-class teacher and all-class (cross-dataset) runs the ImageNet one."""
+    """--teacher: a file as given, or a folder of PromptKD's released teachers, in which
+    base/new runs take the dataset's base-class teacher and all-class (cross-dataset) runs the
+    ImageNet one."""
     if os.path.isfile(path):
         return path
     if not os.path.isdir(path):
-        raise UserError(f"--teacher {path!r}: no such file or folder; expected a PromptKD teacher file or the "
-                        f"folder of PromptKD's released teachers")
+        raise UserError(f"--teacher {path!r}: no such file or folder; expected a PromptKD teacher "
+                        f"file or the folder of PromptKD's released teachers")
     if subsample == "all":
         expected = [os.path.join(path, CROSS_DATASET_TEACHER)]
     elif dataset in TEACHER_FOLDERS:
@@ -383,18 +421,22 @@ def teacher_file(path, dataset, subsample):
                         f"pass a teacher file")
     found = [f for f in expected if os.path.isfile(f)]
     if not found:
-        raise MissingData(f"--teacher {path}: no teacher for {dataset} ({subsample} classes): expected "
-                          f"{' or '.join(expected)} (PromptKD's released teachers, laid out as in its teacher_model/)")
+        candidates = " or ".join(expected)
+        raise MissingData(f"--teacher {path}: no teacher for {dataset} ({subsample} classes): "
+                          f"expected {candidates} (PromptKD's released teachers, laid out as in "
+                          f"its teacher_model/)")
     return found[0]
 
-# ----------------------------------------------------------------------------- the authors' run folders
+# ------------------------------------------------------------------------- the authors' run folders
 
 
-# mid_image_trans.conv1 / VPT_image_trans.conv1 = Sequential(Conv2d 1x1, BatchNorm2d, ReLU, Conv2d 1x1)
-# -> our FeatureAlign names. On 1x1 inputs BatchNorm2d normalises over the same N rows as BatchNorm1d.
-AUTHORS_ALIGN = {"0.weight": "fc1.weight", "0.bias": "fc1.bias", "1.weight": "bn.weight",
-                 "1.bias": "bn.bias", "1.running_mean": "bn.running_mean",
-                 "1.running_var": "bn.running_var", "1.num_batches_tracked": "bn.num_batches_tracked",
+# mid_image_trans.conv1 / VPT_image_trans.conv1 = Sequential(Conv2d 1x1, BatchNorm2d, ReLU,
+# Conv2d 1x1) -> our FeatureAlign names. On 1x1 inputs BatchNorm2d normalises over the same N rows
+# as BatchNorm1d.
+AUTHORS_ALIGN = {"0.weight": "fc1.weight", "0.bias": "fc1.bias",
+                 "1.weight": "bn.weight", "1.bias": "bn.bias",
+                 "1.running_mean": "bn.running_mean", "1.running_var": "bn.running_var",
+                 "1.num_batches_tracked": "bn.num_batches_tracked",
                  "3.weight": "fc2.weight", "3.bias": "fc2.bias"}
 AUTHORS_CONV_WEIGHTS = ("0.weight", "3.weight")
 # Dassl registers two models per run: the prompt learner (named per method) and Memory.
@@ -423,8 +465,8 @@ def _projector(learner, theirs, ours, path):
         tensor = learner[f"{theirs}.conv1.{their_key}"]
         if their_key in AUTHORS_CONV_WEIGHTS:
             if tensor.dim() != 4 or tuple(tensor.shape[2:]) != (1, 1):
-                raise DataError(f"{path}: {theirs}.conv1.{their_key} should be a 1x1 convolution weight "
-                                f"(out, in, 1, 1), found {tuple(tensor.shape)}")
+                raise DataError(f"{path}: {theirs}.conv1.{their_key} should be a 1x1 convolution "
+                                f"weight (out, in, 1, 1), found {tuple(tensor.shape)}")
             tensor = tensor.reshape(tensor.shape[0], tensor.shape[1])  # Conv2d 1x1 -> Linear
         out[f"{ours}.{our_key}"] = tensor
     return out
@@ -435,7 +477,8 @@ def _projector_keys(theirs):
 
 
 def _coop_learner_state(learner, path):
-    _check_keys(learner, ["prompt_learner.ctx"] + _projector_keys("mid_image_trans"), path, "a CoOp + TextRefiner run")
+    needed = ["prompt_learner.ctx"] + _projector_keys("mid_image_trans")
+    _check_keys(learner, needed, path, "a CoOp + TextRefiner run")
     ctx = learner["prompt_learner.ctx"]
     if ctx.dim() != 2:
         raise DataError(f"{path}: class-specific contexts (CSC) are not supported")
@@ -443,21 +486,26 @@ def _coop_learner_state(learner, path):
     # The released scripts start from "a photo of a"; the phrase only fixes the token positions,
     # whose embeddings the loaded ctx replaces.
     flags = dict(n_ctx=n_ctx, ctx_init="a photo of a" if n_ctx == 4 else "")
-    return dict({"prompt_learner.ctx": ctx}, **_projector(learner, "mid_image_trans", "refiner.align", path)), flags
+    align = _projector(learner, "mid_image_trans", "refiner.align", path)
+    return dict({"prompt_learner.ctx": ctx}, **align), flags
 
 
 def _promptkd_learner_state(learner, path):
-    _check_keys(learner, ["image_encoder.VPT"] + _projector_keys("VPT_image_trans") + _projector_keys("mid_image_trans"),
-                path, "a PromptKD + TextRefiner run")
+    needed = (["image_encoder.VPT"] + _projector_keys("VPT_image_trans")
+              + _projector_keys("mid_image_trans"))
+    _check_keys(learner, needed, path, "a PromptKD + TextRefiner run")
+    block_prefix = "image_encoder.transformer.resblocks."
     shallow = sorted(int(k.split(".")[3]) for k in learner
-                     if k.startswith("image_encoder.transformer.resblocks.") and k.endswith(".VPT_shallow"))
+                     if k.startswith(block_prefix) and k.endswith(".VPT_shallow"))
     depth = len(shallow) + 1
     if shallow != list(range(1, depth)):
-        raise DataError(f"{path}: deep visual prompts in blocks {shallow}; expected blocks 1..{depth - 1}")
-    prompts = [learner["image_encoder.VPT"]] + [learner[f"image_encoder.transformer.resblocks.{i}.VPT_shallow"]
-                                                for i in shallow]
+        raise DataError(f"{path}: deep visual prompts in blocks {shallow}; expected blocks "
+                        f"1..{depth - 1}")
+    prompts = [learner["image_encoder.VPT"]]
+    prompts += [learner[f"{block_prefix}{i}.VPT_shallow"] for i in shallow]
     if len({tuple(p.shape) for p in prompts}) != 1 or prompts[0].dim() != 2:
-        raise DataError(f"{path}: the visual prompts differ in shape ({[tuple(p.shape) for p in prompts]})")
+        shapes = [tuple(p.shape) for p in prompts]
+        raise DataError(f"{path}: the visual prompts differ in shape ({shapes})")
     state = {"visual_prompts": torch.stack(prompts)}  # (depth, n_ctx, W)
     state.update(_projector(learner, "VPT_image_trans", "image_proj", path))
     state.update(_projector(learner, "mid_image_trans", "refiner.align", path))
@@ -475,8 +523,9 @@ def load_authors_run(folder, epoch=None, allow_pickle=False):
     or None), clip_weights (the stored CLIP, OpenAI names), flags (the run's shape flags)."""
     method = authors_method(folder)
     if method is None:
-        raise MissingData(f"authors' checkpoint folder {folder!r}: expected prompt_learner/ and Memory/ "
-                          f"(CoOp + TextRefiner) or VLPromptLearner/ and Memory/ (PromptKD + TextRefiner)")
+        raise MissingData(f"authors' checkpoint folder {folder!r}: expected prompt_learner/ and "
+                          f"Memory/ (CoOp + TextRefiner) or VLPromptLearner/ and Memory/ "
+                          f"(PromptKD + TextRefiner)")
     name = f"model.pth.tar-{epoch}" if epoch is not None else "model-best.pth.tar"
     paths = {part: os.path.join(folder, part, name) for part in (AUTHORS_LEARNER[method], "Memory")}
     missing = [p for p in paths.values() if not os.path.isfile(p)]
@@ -486,41 +535,47 @@ def load_authors_run(folder, epoch=None, allow_pickle=False):
     files = {part: read_dassl_checkpoint(path, allow_pickle) for part, path in paths.items()}
     learner_file = files[AUTHORS_LEARNER[method]]
     learner, memory = learner_file["state_dict"], files["Memory"]
+    memory_path = paths["Memory"]
     if "extractor.weight" not in memory["state_dict"]:
-        raise DataError(f"{paths['Memory']}: no 'extractor.weight' in its state_dict")
+        raise DataError(f"{memory_path}: no 'extractor.weight' in its state_dict")
     if "memory_item" not in memory:
-        raise DataError(f"{paths['Memory']}: no 'memory_item' (the cache) in the file")
-    for key, value in (("state_dict.extractor.weight", memory["state_dict"]["extractor.weight"]),
-                       ("memory_item", memory["memory_item"])):
+        raise DataError(f"{memory_path}: no 'memory_item' (the cache) in the file")
+    extractor, cache = memory["state_dict"]["extractor.weight"], memory["memory_item"]
+    for key, value in (("state_dict.extractor.weight", extractor), ("memory_item", cache)):
         if not isinstance(value, torch.Tensor):
-            raise DataError(f"{paths['Memory']}: {key} is a {type(value).__name__}, expected a tensor")
+            raise DataError(f"{memory_path}: {key} is a {type(value).__name__}, expected a tensor")
     for part, path in paths.items():
         clip_model.check_finite(files[part]["state_dict"], path, DataError)
-    clip_model.check_finite({"memory_item": memory["memory_item"]}, paths["Memory"], DataError)
-    if memory["memory_item"].dim() != 2:
-        raise DataError(f"{paths['Memory']}: memory_item has shape {tuple(memory['memory_item'].shape)}, "
+    clip_model.check_finite({"memory_item": cache}, memory_path, DataError)
+    if cache.dim() != 2:
+        raise DataError(f"{memory_path}: memory_item has shape {tuple(cache.shape)}, "
                         f"expected (cache size, D)")
     state, flags = _LEARNER_STATE[method](learner, paths[AUTHORS_LEARNER[method]])
-    state.update({"refiner.extractor.weight": memory["state_dict"]["extractor.weight"],
-                  "refiner.cache": memory["memory_item"]})
+    state.update({"refiner.extractor.weight": extractor, "refiner.cache": cache})
     conv = learner["mid_image_trans.conv1.0.weight"]
-    state = {k: v.detach() if k.endswith("num_batches_tracked") else v.detach().float() for k, v in state.items()}
+    state = {k: v.detach() if k.endswith("num_batches_tracked") else v.detach().float()
+             for k, v in state.items()}
     flags["cache_size"] = state["refiner.cache"].shape[0]
-    info = dict(method=method, epoch=learner_file.get("epoch"), val_result=learner_file.get("val_result"),
-                precision="fp16" if conv.dtype == torch.float16 else "fp32", clip=authors_clip_name(learner),
-                clip_weights=authors_clip_weights(learner), flags=flags)
+    precision = "fp16" if conv.dtype == torch.float16 else "fp32"
+    info = dict(method=method, epoch=learner_file.get("epoch"),
+                val_result=learner_file.get("val_result"), precision=precision,
+                clip=authors_clip_name(learner), clip_weights=authors_clip_weights(learner),
+                flags=flags)
     return state, info
 
 
 def authors_clip_name(learner):
-    """The official CLIP whose image tower has the stored tower's width, patch and resolution, else None."""
-    conv, pos = learner.get("image_encoder.conv1.weight"), learner.get("image_encoder.positional_embedding")
+    """The official CLIP whose image tower has the stored tower's width, patch and resolution,
+    else None."""
+    conv = learner.get("image_encoder.conv1.weight")
+    pos = learner.get("image_encoder.positional_embedding")
     if conv is None or pos is None:
         return None
     width, patch, grid = conv.shape[0], conv.shape[-1], round((pos.shape[0] - 1) ** 0.5)
     for name in clip_model.MODELS:
         config = clip_model.CONFIGS[name]
-        if (config.vision_width, config.vision_patch_size, config.image_resolution) == (width, patch, patch * grid):
+        official = (config.vision_width, config.vision_patch_size, config.image_resolution)
+        if official == (width, patch, patch * grid):
             return name
     return None
 
@@ -538,6 +593,9 @@ def check_authors_clip(clip, weights, clip_name, folder):
     their fp16 copy of OpenAI's fp16 weights equals ours cast back)."""
     ours = clip.state_dict()
     for key, theirs in weights.items():
-        if key not in ours or ours[key].shape != theirs.shape or not torch.equal(ours[key].to(theirs.dtype), theirs):
-            raise UserError(f"--clip {clip_name}: its weights differ from the CLIP stored in {folder} "
-                            f"(first: {key}); pass the CLIP that run was trained with as --clip")
+        same = (key in ours and ours[key].shape == theirs.shape
+                and torch.equal(ours[key].to(theirs.dtype), theirs))
+        if not same:
+            raise UserError(
+                f"--clip {clip_name}: its weights differ from the CLIP stored in {folder} "
+                f"(first: {key}); pass the CLIP that run was trained with as --clip")
