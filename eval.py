@@ -127,7 +127,7 @@ def check_flags_fit(args, run):
     """--method and the input flags must be the checkpoint's method's: name what the checkpoint is."""
     if args.method and args.method != run["method"]:
         raise UserError(f"--method {args.method}: {args.checkpoint} is a --method {run['method']} checkpoint")
-    own = train.load_method(run["method"]).recipe.weight_files
+    own = train.load_method(run["method"], run.get("method_file")).recipe.weight_files
     for name in {n for Model in METHODS.values() for n in Model.recipe.weight_files} - set(own):
         flag = name.replace("_", "-")
         for given in (f"--{flag}", f"--allow-other-{flag}"):
@@ -213,7 +213,7 @@ def _evaluate(args, rank, world_size, device):
     else:
         state, run, stored_clip = read_checkpoint(args)
         check_flags_fit(args, run)
-    Method = ZeroShotCLIP if args.zeroshot else train.load_method(run["method"])
+    Method = ZeroShotCLIP if args.zeroshot else train.load_method(run["method"], run.get("method_file"))
     precision = eval_precision(args, run, device)
     dataset, root = args.dataset or run["dataset"], args.root or run["root"]
     source = "zero-shot CLIP has no run to take it from" if args.zeroshot else f"{args.checkpoint} does not name one"

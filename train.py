@@ -190,15 +190,19 @@ def check_method(method, spec):
                             f"declare it with textrefiner.setting(..., textrefiner=True))")
 
 
-def load_method(spec):
-    """--method: a name of METHODS, MODULE:CLASS (an importable module) or path/to/file.py:CLASS.
+def load_method(spec, recorded_file=None):
+    """--method: a name of METHODS, MODULE:CLASS (an importable module) or path/to/file.py:CLASS,
+    the file found as given or else at recorded_file (its absolute path when the run started).
     -> the checked PromptCLIP class; UserError (one line) for what cannot be loaded."""
     if spec in METHODS:
         method = METHODS[spec]
     elif ":" not in spec:
-        raise UserError(f"--method {spec!r}: expected one of {', '.join(METHODS)}, MODULE:CLASS or FILE.py:CLASS")
+        raise UserError(f"--method {spec!r}: expected one of {', '.join(METHODS)}, MODULE:CLASS or "
+                        f"FILE.py:CLASS")
     else:
         where, name = spec.rsplit(":", 1)
+        if where.endswith(".py") and not os.path.isfile(where) and recorded_file:
+            where = recorded_file
         try:
             module = import_file(where) if where.endswith(".py") else importlib.import_module(where)
         except ImportError as e:
@@ -208,6 +212,12 @@ def load_method(spec):
             raise UserError(f"--method {spec}: {where} has no {name}")
     check_method(method, spec)
     return method
+
+
+def method_file(spec):
+    """The absolute path of a --method FILE.py:CLASS's file (recorded with the run), else None."""
+    where = spec.rsplit(":", 1)[0]
+    return os.path.abspath(where) if ":" in spec and where.endswith(".py") else None
 
 
 def import_file(path):
@@ -716,6 +726,7 @@ def parse_args(argv=None):
     p = get_parser(spec)
     args = parse_known(p, argv, spec)
     resolve_args(p, args, Method)
+    args.method_file = method_file(spec)
     return args
 
 

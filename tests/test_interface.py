@@ -2,8 +2,10 @@
 field of its own, registered in textrefiner.METHODS, trains through train.main (its field a flag,
 its checkpoint holding only its trainable state), evaluates the new classes through eval.main and
 is benchmarked by bench.py, with no change to any of them."""
+import dataclasses
 import json
 import os
+import shutil
 from dataclasses import dataclass
 
 import pytest
@@ -12,11 +14,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import bench
+import clip_model
+import data
 import eval as evaluate_cli
+import hosts
 import textrefiner
 import train
 from clip_model import tokenize
-from helpers import assert_usage_error, synthetic
+from helpers import assert_usage_error, synthetic, train_argv
 
 
 @dataclass
@@ -80,3 +85,110 @@ def test_a_method_defined_outside_trains_evaluates_and_benchmarks(registered, tm
                         "--num-classes", "3", "--steps", "1", "--warmup", "1"])
     assert set(rates) == {"ShiftCLIP+TextRefiner", "ShiftCLIP"}
     assert not os.path.exists(tmp_path / "x")
+
+# ----------------------------------------------------------------------------- a method from a file, the contract
+
+
+EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "clip_adapter.py")
+
+
+def test_a_method_in_a_file_outside_the_repository_trains_and_evaluates_with_nothing_registered(tmp_path, capsys):
+    """--method FILE.py:CLASS: its own field is a flag recorded with the run; a fresh eval.py rebuilds it
+    from the checkpoint alone; the adapter trains the image side, so the run's test accuracy (its last
+    epoch) is what eval.py computes from last.pt; with the file gone, one line names it."""
+    root, weights = synthetic(str(tmp_path))
+    method_file = tmp_path / "elsewhere" / "adapter.py"
+    os.makedirs(method_file.parent)
+    shutil.copy(EXAMPLE, method_file)
+    spec = f"{method_file}:CLIPAdapter"
+    out = tmp_path / "run"
+    results = train.main(["--method", spec, "--ratio", "0.5", *train_argv(root, weights, str(out))[:-2],
+                          "--selection", "last", "--output-dir", str(out)])
+    last = torch.load(out / "last.pt", weights_only=True)
+    assert (last["args"]["ratio"], last["args"]["method"], last["args"]["method_file"]) == (0.5, spec, str(method_file))
+    assert "CLIPAdapter" not in {M.__name__ for M in textrefiner.METHODS.values()}
+    again = evaluate_cli.main(["--checkpoint", str(out / "last.pt"), "--workers", "0", "--device", "cpu"])
+    assert again["accuracy"] == results["accuracy"] and again["method"] == spec
+    os.rename(method_file, tmp_path / "moved.py")
+    assert_usage_error(evaluate_cli.main, ["--checkpoint", str(out / "last.pt"), "--workers", "0"],
+                       f"--method {spec}: cannot import {method_file}", capsys)
+
+
+def test_stored_image_features_are_never_served_to_a_model_that_computes_its_own(run):
+    """A method overriding image_features (CLIP-Adapter, which does not declare frozen image features)
+    is encoded at every evaluation: after a change of its adapter, the cached evaluation is the uncached one."""
+    root, weights, _ = run
+    Adapter = train.load_method(f"{EXAMPLE}:CLIPAdapter")
+    splits = data.load_splits("caltech101", root, subsample="base")
+    model = Adapter(clip_model.load_clip(weights), splits["classnames"])
+    loader = data.build_eval_loader(splits["test"], 4, 32, workers=0)
+    cache = {}
+    train.evaluate(model, loader, splits["classnames"], torch.device("cpu"), "fp32", cache)
+    with torch.no_grad():
+        for param in model.adapter.parameters():
+            param.mul_(-3.0)
+    cached = train.evaluate(model, loader, splits["classnames"], torch.device("cpu"), "fp32", cache)
+    assert cache == {} and cached == train.evaluate(model, loader, splits["classnames"], torch.device("cpu"), "fp32")
+
+
+@dataclass
+class PlainRecipe(textrefiner.Recipe):  # no TextRefiner: the interface alone
+    epochs: int = 2
+    warmup_epochs: int = 0
+    batch_size: int = 4
+    lr: float = 0.05
+    shift_scale: float = 0.5
+
+
+class PlainShiftCLIP(ShiftCLIP):
+    recipe = PlainRecipe
+
+
+def test_a_method_without_textrefiner_settings_trains_and_evaluates(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(textrefiner.METHODS, "plain-shift", PlainShiftCLIP)
+    root, weights = synthetic(str(tmp_path))
+    common = ["--dataset", "caltech101", "--root", root, "--clip", weights, "--device", "cpu", "--workers", "0"]
+    results = train.main(["--method", "plain-shift", *common, "--subsample", "base", "--output-dir",
+                          str(tmp_path / "base")])
+    last = torch.load(tmp_path / "base" / "last.pt", weights_only=True)
+    assert set(last["model"]) == {"shift"} and results["refiner"] is False
+    new = evaluate_cli.main(["--checkpoint", str(tmp_path / "base" / "best.pt"), "--subsample", "new", "--workers",
+                             "0", "--device", "cpu"])
+    assert new["num_classes"] == 3 and new["method"] == "plain-shift"
+    assert_usage_error(train.main, ["--method", "plain-shift", *common, "--no-refiner", "--output-dir",
+                                    str(tmp_path / "x")], "--no-refiner applies to --method coop", capsys)
+
+
+def test_a_recipe_that_redeclares_a_textrefiner_setting_is_refused(monkeypatch, tmp_path, capsys):
+    """A method's own `alpha` (CLIP-Adapter's name for its ratio) would silently set TextRefiner's."""
+    @dataclass
+    class AlphaRecipe(ShiftRecipe):
+        alpha: float = 0.5
+
+    class AlphaCLIP(ShiftCLIP):
+        recipe = AlphaRecipe
+
+    monkeypatch.setitem(textrefiner.METHODS, "alpha", AlphaCLIP)
+    root, weights = synthetic(str(tmp_path))
+    assert_usage_error(train.main, ["--method", "alpha", *train_argv(root, weights, str(tmp_path / "out"))],
+                       "--method alpha: AlphaRecipe.alpha redeclares TextRefiner's setting 'alpha'", capsys)
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_every_host_starts_from_the_same_tensors_with_and_without_textrefiner():
+    """host vs host + TextRefiner at one seed is a paired comparison: the host's trainable tensors before
+    the first step do not depend on whether the refiner is built."""
+    clip = clip_model.build_model(clip_model.random_state_dict(clip_model.CONFIGS["tiny"]))
+    teacher_clip = clip_model.build_model(clip_model.random_state_dict(clip_model.CONFIGS["tiny-teacher"], seed=1))
+    width = teacher_clip.config.transformer_width
+    prompts = (torch.randn(4, width), torch.randn(1, 4, width), torch.randn(2, 4, teacher_clip.config.vision_width))
+    for name, Method in textrefiner.METHODS.items():
+        recipe = Method.recipe(**({"depth": 2} if "depth" in train.recipe_field_names(Method) else {}))
+        parts = dict(teacher=hosts.PromptSRCTeacher(teacher_clip, *prompts, ["cat", "dog"])) if name == "promptkd" else {}
+        host = {}
+        for refiner in (True, False):
+            torch.manual_seed(5)
+            model = Method(clip, ["cat", "dog"], dataclasses.replace(recipe, refiner=refiner), **parts)
+            host[refiner] = {k: v for k, v in model.named_parameters() if v.requires_grad and "refiner." not in k}
+        assert host[True].keys() == host[False].keys(), name
+        assert all(torch.equal(host[True][k], host[False][k]) for k in host[True]), name
