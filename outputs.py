@@ -4,7 +4,7 @@ there, train.py's checkpoints read back, the folder's lock, and room on its disk
 
     save_atomic(ckpt, "out/last.pt")        # torch.save, atomically; a full disk is a UserError
     ckpt = load_checkpoint("out/last.pt")   # a UserError naming the file unless it is train.py's
-    results_match(read_json("out/results.json"), dataset="dtd", seed=1)   # [] or the keys that differ
+    results_match(read_json("out/results.json"), dataset="dtd", seed=1)  # [] or keys that differ
     lock = acquire_output_lock("out")       # refused while another run holds the folder
     release_output_lock(lock)
 """
@@ -50,8 +50,9 @@ def check_room(folder, need, where, what):
 
 
 def check_checkpoint_room(folder, size, best):
-    """Room for each checkpoint a run keeps (last.pt, best.pt with best) of `size` bytes and one more
-    being written beside them, less what the folder's checkpoints take (a resumed run rewrites them)."""
+    """Room for each checkpoint a run keeps (last.pt, best.pt with best) of `size` bytes and one
+    more being written beside them, less what the folder's checkpoints take (a resumed run
+    rewrites them)."""
     kept = [os.path.join(folder, name) for name in ("last.pt", "best.pt")[:2 if best else 1]]
     taken = sum(os.path.getsize(p) for p in kept if os.path.isfile(p))
     check_room(folder, (len(kept) + 1) * size + MIN_FREE_BYTES - taken, f"--output-dir {folder}",
@@ -74,8 +75,8 @@ def replace_atomically(path, write, shared=False):
         name = os.path.basename(path)
         kept = f"the previous {name} is intact" if os.path.exists(path) else "nothing was written"
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip()
-        raise UserError(f"cannot write {path}: {reason.splitlines()[0][:200]}; {kept}; free space on "
-                        f"that disk, then run the same command again") from None
+        raise UserError(f"cannot write {path}: {reason.splitlines()[0][:200]}; {kept}; free space "
+                        f"on that disk, then run the same command again") from None
     os.replace(tmp, path)
 
 
@@ -99,7 +100,8 @@ def read_json(path):
 
 def results_match(result, **expected):
     """Whether a results.json is the one expected: the keys whose value differs ([]: it matches).
-    A run flag (seed) is read from its "args", a checkpoint compared as a file; None: not compared."""
+    A run flag (seed) is read from its "args", a checkpoint compared as a file; None is not
+    compared."""
     flags = result.get("args") if isinstance(result.get("args"), dict) else {}
 
     def holds(key, value):

@@ -43,7 +43,7 @@ from textrefiner import METHODS
 
 
 def host_average(row, numbers, source, result="result"):
-    """What a host's own paper or README published: its 11-dataset average, none with TextRefiner."""
+    """What a host's paper or README published: its 11-dataset average, none with TextRefiner."""
     return dict(note=f"Published 11-dataset averages (ViT-B/16, 16 shots, seeds 1-3; {source}); no "
                      f"{result} of {row} with TextRefiner was published:", base2new={row: numbers})
 
@@ -56,8 +56,8 @@ PUBLISHED = {
         note="Published 11-dataset averages (ViT-B/16, 16 shots, seeds 1-3):",
         base2new={"CoOp": (82.69, 63.22, 71.66), "CoOp+TextRefiner": (79.74, 74.32, 76.94)}),
     "promptkd": dict(
-        note="Published 11-dataset averages (ViT-B/16 student, seeds 1-3; PromptKD+TextRefiner: the "
-             "TextRefiner paper, 16 unlabelled shots; PromptKD and the PK columns: PromptKD's "
+        note="Published 11-dataset averages (ViT-B/16 student, seeds 1-3; PromptKD+TextRefiner: "
+             "the TextRefiner paper, 16 unlabelled shots; PromptKD and the PK columns: PromptKD's "
              "README, the full unlabelled train set):",
         base2new={"PromptKD+TextRefiner": (85.22, 79.64, 82.33), "PromptKD": (86.96, 80.73, 83.73)},
         base2new_datasets=("PK", {  # PromptKD's README: base, new, HM
@@ -173,7 +173,9 @@ def collect_xd(root, problems, seen):
     for target in dataset_dirs(root):
         for seed, folder in seed_dirs(os.path.join(root, target), problems):
             path = os.path.join(folder, "results.json")
-            if os.path.isfile(path) and (result := read_result(path, target, "all", seed, problems)):
+            if not os.path.isfile(path):
+                continue
+            if result := read_result(path, target, "all", seed, problems):
                 kind = (result["method"], result["refiner"], result.get("selection"))
                 seen.setdefault(kind, path)
                 runs.setdefault(target, {})[seed] = result["accuracy"]
@@ -271,7 +273,8 @@ def format_base2new(summary, title, published):
 def format_xd(summary, title, published):
     """One accuracy per target; a method's published cross-dataset numbers beside ours."""
     tag, beside = published.get("xd", (None, None))
-    table = [["Dataset", "Seeds", heading_cell("Accuracy")] + ([heading_cell(tag, False)] if beside else [])]
+    theirs = [heading_cell(tag, False)] if beside else []
+    table = [["Dataset", "Seeds", heading_cell("Accuracy"), *theirs]]
     for t, r in summary.items():
         theirs = value_cell(beside[t], with_std=False) if t in (beside or {}) else " " * MEAN_W
         table.append([t, ",".join(map(str, r["seeds"])), value_cell(r["accuracy"], r["std"])]
@@ -307,7 +310,8 @@ def report(root):
     selection = "; ".join(f"{s} ({train.SELECTIONS.get(s, s)})" for s in selections)
     selection = f"Model selection: {selection or 'not recorded'}"
     if runs:
-        summary = dict(summarise_base2new(runs), method=method, refiner=refiner, selection=selections)
+        summary = dict(summarise_base2new(runs), method=method, refiner=refiner,
+                       selection=selections)
         text = format_base2new(summary, f"{title}: base-to-new generalisation in {root} (mean±std "
                                         f"over seeds; HM of the mean base and new)\n{selection}",
                                PUBLISHED.get(method, {}))
@@ -409,8 +413,8 @@ def finish(step, job, args, trained, run_step):
     through run_step(script, argv); None when it is not finished and run_step is None."""
     path = os.path.join(step.folder, "results.json")
     result = outputs.read_json(path)
-    expected = dict(dataset=step.dataset, subsample=step.subsample, split="test", method=args.method,
-                    refiner=not args.no_refiner, seed=job.seed,
+    expected = dict(dataset=step.dataset, subsample=step.subsample, split="test",
+                    method=args.method, refiner=not args.no_refiner, seed=job.seed,
                     checkpoint_sha256=None if trained is None else trained.get("checkpoint_sha256"))
     if result is not None and not outputs.results_match(result, **expected):
         if run_step:
@@ -461,7 +465,8 @@ def attempt(job, args, device):
     """run_job with its failure caught (one job's error must not end the table) -> its report."""
     start = time.perf_counter()
     try:
-        done = run_job(job, args, device, lambda script, argv: run_step(script, argv, args.launcher))
+        done = run_job(job, args, device,
+                       run_step=lambda script, argv: run_step(script, argv, args.launcher))
         images = sum(r["num_images"] + r.get("train_images", 0) * r["args"].get("epochs", 0)
                      for r in done.values())
         return dict(job=str(job), ok=True, results={k: r["accuracy"] for k, r in done.items()},
@@ -504,14 +509,16 @@ def run_table(args, jobs):
     """The table's unfinished jobs (the largest first) over the slots, a worker process each: a
     line per finished job with the table's rate and ETA. A worker that dies fails its job and is
     replaced. -> the jobs' reports."""
-    pending = sorted((j for j in jobs if run_job(j, args) is None), key=lambda j: -job_cost(j, args))
+    pending = [job for job in jobs if run_job(job, args) is None]
+    pending.sort(key=lambda job: -job_cost(job, args))
     if args.job is not None:
         if not 0 <= args.job < len(jobs):
             raise UserError(f"--job {args.job}: the table has jobs 0..{len(jobs) - 1} (tables.py "
                             f"jobs lists them)")
         pending = [jobs[args.job]] if jobs[args.job] in pending else []
     where = slots(args, pending)
-    on = f" on {len(where)} slot(s) ({', '.join(d or 'launcher' for d in where)})" if pending else ""
+    names = ", ".join(device or "launcher" for device in where)
+    on = f" on {len(where)} slot(s) ({names})" if pending else ""
     print(f"{args.protocol} table of --method {args.method}: {len(jobs)} job(s), "
           f"{len(jobs) - len(pending)} finished already, {len(pending)} to run{on}")
     context = multiprocessing.get_context("spawn")  # CUDA does not survive a fork
@@ -521,7 +528,8 @@ def run_table(args, jobs):
 
     def start(device):
         tasks.put(None)  # where this worker stops
-        worker = context.Process(target=table_worker, args=(args, device, tasks, queue), daemon=True)
+        worker = context.Process(target=table_worker, args=(args, device, tasks, queue),
+                                 daemon=True)
         worker.start()
         workers[worker] = device
 

@@ -267,10 +267,9 @@ def rng_state(device):
     """This process's RNG states; of the GPUs only the one it computes on (a run resumed with fewer
     visible GPUs can restore it)."""
     py, npy = random.getstate(), np.random.get_state()
-    return dict(python=[py[0], list(py[1]), py[2]],
-                numpy=[npy[0], torch.from_numpy(npy[1].astype(np.int64)), *npy[2:]],
-                torch=torch.get_rng_state(),
-                cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return dict(python=[py[0], list(py[1]), py[2]], torch=torch.get_rng_state(), cuda=cuda,
+                numpy=[npy[0], torch.from_numpy(npy[1].astype(np.int64)), *npy[2:]])
 
 
 def set_rng_state(state, device):
@@ -317,7 +316,8 @@ def output_lock(folder, rank, world_size):
 
 def metrics(confusion, classnames):
     """confusion[true, pred] counts -> accuracy, macro-F1 over the classes that occur as a true
-    label (as Dassl's), per_class_accuracy (aligned with classnames; None: no image of the class)."""
+    label (as Dassl's), per_class_accuracy (aligned with classnames; None: a class without an
+    image)."""
     cm = confusion.double().cpu()  # (C, C)
     tp, support, predicted = cm.diag(), cm.sum(1), cm.sum(0)
     present = support > 0
@@ -390,7 +390,8 @@ def lr_at(epoch, args):
 
 
 def train_step(model, images, labels, optimizer, scaler, device, precision):
-    """One optimisation step on a uint8 loader batch -> the model's output dict (train(), bench.py)."""
+    """One optimisation step on a uint8 loader batch -> the model's output dict. train() and the
+    benchmarks run it."""
     images = data.normalize(images.to(device, non_blocking=True))
     labels = labels.to(device, non_blocking=True)
     with autocast(device, precision):
@@ -444,7 +445,8 @@ class Run:
 
 
 def setup(args, rank, world_size, device, group):
-    """The run's data, model, optimizer and loaders, its folder checked; resumed as last.pt left it."""
+    """The run's data, model, optimizer and loaders, its output folder checked; with --resume,
+    as last.pt left them."""
     args.precision = default_precision(args, device)
     paths = {name: os.path.join(args.output_dir, name)
              for name in ("last.pt", "best.pt", "log.jsonl", "results.json")}
