@@ -548,6 +548,9 @@ def run_table(args, jobs):
                                         error=f"its worker died (exit code {worker.exitcode})"))
                     progress.show(reports[-1], job_cost(pending[lost[0]], args))
                     start(device)
+            if not any(worker.is_alive() for worker in workers):  # e.g. each failed to start
+                codes = ", ".join(str(worker.exitcode) for worker in workers)
+                raise UserError(f"every table worker died (exit codes {codes}); see the errors above")
             continue
         if kind == "start":
             running[index] = value
