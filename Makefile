@@ -43,10 +43,10 @@ $(VENV_STAMP): requirements.txt
 test: $(VENV_STAMP)
 	$(PYTHON) -m pytest -q tests
 
-# The paper's protocols through eval.py's table runner (one job here; the whole table below): a
-# finished step is skipped (new/ only if it was evaluated from the model base/ tested), an interrupted
-# one resumes. GPUS > 1 runs each step under torchrun.
-TABLE = $(PYTHON) eval.py --method $(METHOD)$(if $(filter 0,$(REFINER)), --no-refiner)$(if $(TEACHERS), --teacher $(TEACHERS)) \
+# The paper's protocols through tables.py (one job here; the whole table below): a finished step is
+# skipped (new/ only if it was evaluated from the model base/ tested), an interrupted one resumes.
+# GPUS > 1 runs each step under torchrun.
+TABLE_FLAGS = --method $(METHOD)$(if $(filter 0,$(REFINER)), --no-refiner)$(if $(TEACHERS), --teacher $(TEACHERS)) \
 	--root $(DATA) --clip $(CLIP) --runs $(RUNS) --train-args="$(TRAIN_ARGS)" --eval-args="$(EVAL_ARGS)"
 LAUNCH := $(if $(filter-out 1,$(GPUS)),--launcher "$(RUN)")
 
@@ -54,33 +54,34 @@ LAUNCH := $(if $(filter-out 1,$(GPUS)),--launcher "$(RUN)")
 # them with the selected model, then test the new classes with the same checkpoint.
 base2new: install
 	@test -n "$(DATASET)" || { echo "usage: make base2new DATASET=<name> SEED=<n> [METHOD=... TEACHERS=... DATA=... CLIP=... GPUS=...]"; exit 2; }
-	@$(TABLE) --table base2new --datasets $(DATASET) --seeds $(SEED) $(LAUNCH)
+	@$(PYTHON) tables.py run base2new $(TABLE_FLAGS) --datasets $(DATASET) --seeds $(SEED) $(LAUNCH)
 
 # Cross-dataset with the method's xd recipe (train.py --xd): a transductive method trains a model per
 # target on its unlabelled images; the others train once on all ImageNet classes and test every target.
 xd: install
-	@$(TABLE) --table xd --datasets $(XD_TARGETS) --seeds $(SEED) $(LAUNCH)
+	@$(PYTHON) tables.py run xd $(TABLE_FLAGS) --datasets $(XD_TARGETS) --seeds $(SEED) $(LAUNCH)
 
 # Whole tables: every dataset and seed, queued over the GPUs (GPUS=N of them, default every visible
 # one; JOBS_PER_GPU jobs at once on each), each worker loading CLIP once; then the report. A failed
 # job is listed at the end (exit status 1) and the others go on. table-jobs lists the jobs, one per
-# line: `python eval.py --table base2new ... --job $$SLURM_ARRAY_TASK_ID` runs one (README: SLURM).
+# line: `python tables.py run base2new ... --job $$SLURM_ARRAY_TASK_ID` runs one (README: SLURM).
 SEEDS ?= 1 2 3
 DATASETS ?=
 JOBS_PER_GPU ?= 1
 TABLE_JOBS = $(if $(DATASETS),--datasets $(DATASETS)) --seeds $(SEEDS) --jobs-per-gpu $(JOBS_PER_GPU) \
 	$(if $(filter command line,$(origin GPUS)),--gpus $(GPUS))
 table: install
-	@$(TABLE) --table base2new $(TABLE_JOBS)
+	@$(PYTHON) tables.py run base2new $(TABLE_FLAGS) $(TABLE_JOBS)
 table-xd: install
-	@$(TABLE) --table xd $(TABLE_JOBS)
+	@$(PYTHON) tables.py run xd $(TABLE_FLAGS) $(TABLE_JOBS)
 table-jobs: install
-	@$(TABLE) --table $(or $(PROTOCOL),base2new) $(TABLE_JOBS) --list-jobs
+	@$(PYTHON) tables.py jobs $(or $(PROTOCOL),base2new) $(TABLE_FLAGS) $(if $(DATASETS),--datasets $(DATASETS)) \
+	  --seeds $(SEEDS)
 
 # Every table under OUTPUT; fails (status 2) when there is none, or when a results.json is not what its folder says.
 report: install
 	@found=; for d in $(wildcard $(OUTPUT)/*/base2new $(OUTPUT)/*/xd); do found=1; \
-	  $(PYTHON) eval.py --report $$d || exit 1; echo; done; \
+	  $(PYTHON) tables.py report $$d || exit 1; echo; done; \
 	  test -n "$$found" || { echo "make report: nothing to report: no $(OUTPUT)/<method>/base2new or xd (set OUTPUT=...)" >&2; exit 2; }
 
 # A synthetic CoOp-layout dataset and a tiny random CLIP, then the real base2new flow (it ends with the report):

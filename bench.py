@@ -1,19 +1,21 @@
-"""Benchmarks that time the code users run: a method's training step and evaluation with and without
-TextRefiner, a whole train.py run split by phase, and the image loader. No data or weights needed.
+"""Benchmarks that time the code users run: a method's training step and evaluation with and
+without TextRefiner, a whole train.py run split by phase, a small table, and the image loader. No
+data or weights needed.
 
-    python bench.py step                                 # coop: CoOp+TextRefiner vs CoOp (train), vs zero-shot
-    python bench.py step --eval --num-classes 1000       # inference images/s
-    python bench.py step --method promptkd               # + a random ViT-L/14 teacher
-    python bench.py step --clip tiny --device cpu        # smoke test
-    python bench.py run                                  # train.py's train() on synthetic 500x375 JPEGs
+    python bench.py step                            # CoOp+TextRefiner vs CoOp (train), vs zero-shot
+    python bench.py step --eval --num-classes 1000  # inference images/s
+    python bench.py step --method promptkd          # + a random ViT-L/14 teacher
+    python bench.py step --clip tiny --device cpu   # smoke test
+    python bench.py run                             # train.py's train() on synthetic 500x375 JPEGs
     python bench.py run --clip tiny --device cpu --workers 2
-    python bench.py table --clip tiny --device cpu --size 32  # a small table: separate processes vs eval.py --table
+    python bench.py table --clip tiny --device cpu --size 32  # separate processes vs one table
     python bench.py loader --dataset imagenet --root ~/data --workers 8
-    python bench.py synthetic work/demo --dataset caltech101 --classes 10 --images 32   # data + tiny CLIP
+    python bench.py synthetic work/demo --dataset caltech101 --classes 10 --images 32  # + tiny CLIP
 
 Targets: a training step with TextRefiner at most 1.10x the host's; evaluation images/s with
-TextRefiner at least 0.95x the host's. The models alternate within every round, the order rotating
-(kernels.bench.time_interleaved), so a busy machine slows all of them alike; each result is a median.
+TextRefiner at least 0.95x the host's. The models alternate within every round, the order
+rotating (kernels.bench.time_interleaved), so a busy machine slows all of them alike; each result
+is a median.
 """
 import argparse
 import collections
@@ -124,131 +126,193 @@ def check_batch_fits(batch_size, resolution, device):
 
 
 class PhaseTimer:
-    """Wall seconds per phase of a run: timer(phase) is a context manager; a phase ends with a CUDA
-    sync, so asynchronous GPU work is charged to the phase that queued it."""
+    """Wall seconds per phase of a train.train() run, charged by wrapping from outside what the run
+    looks up through its modules: train.setup (start-up), the train loader's batches (data
+    loading), train.train_step (compute), train.evaluate (val), train.save_checkpoint
+    (checkpointing) and train.final_test (test). A phase ends with a CUDA sync, so asynchronous GPU
+    work is charged to the phase that queued it; a call inside a phase (the test's evaluate) is
+    charged to that phase."""
+    PHASES = dict(setup="start-up", train_step="compute", evaluate="val",
+                  save_checkpoint="checkpointing", final_test="test")
 
     def __init__(self):
-        self.seconds = collections.defaultdict(float)
+        self.seconds, self.inside = collections.defaultdict(float), False
+
+    def timed(self, phase, fn):
+        def timed_fn(*args, **kwargs):
+            if self.inside:
+                return fn(*args, **kwargs)
+            self.inside, t0 = True, time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                if torch.cuda.is_initialized():
+                    torch.cuda.synchronize()
+                self.seconds[phase] += time.perf_counter() - t0
+                self.inside = False
+        return timed_fn
 
     @contextmanager
-    def __call__(self, phase):
-        t0 = time.perf_counter()
+    def wrapping(self):
+        """The block with train's phases and data.build_train_loader's batches timed."""
+        build_train_loader = data.build_train_loader
+        wrapped = {(train, name): self.timed(phase, getattr(train, name))
+                   for name, phase in self.PHASES.items()}
+        wrapped[data, "build_train_loader"] = \
+            lambda *args, **kwargs: TimedBatches(build_train_loader(*args, **kwargs), self)
+        originals = {(module, name): getattr(module, name) for module, name in wrapped}
         try:
-            yield
+            for (module, name), fn in wrapped.items():
+                setattr(module, name, fn)
+            yield self
         finally:
-            if torch.cuda.is_initialized():
-                torch.cuda.synchronize()
-            self.seconds[phase] += time.perf_counter() - t0
+            for (module, name), fn in originals.items():
+                setattr(module, name, fn)
+
+
+class TimedBatches:
+    """A train loader whose batches (its worker start-up included) are timed as data loading."""
+
+    def __init__(self, loader, timer):
+        self.loader, self.next_batch = loader, timer.timed("data loading", next)
+        self.start = timer.timed("data loading", iter)
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __getattr__(self, name):  # set_epoch, ...
+        return getattr(self.loader, name)
+
+    def __iter__(self):
+        batches = self.start(self.loader)
+        while (batch := self.next_batch(batches, None)) is not None:
+            yield batch
 
 
 RUN_PHASES = ("start-up", "data loading", "compute", "val", "checkpointing", "test")
 
 
 def run(args):
-    """train.train() itself (base classes, per-epoch val, best-val test, checkpoints) on a synthetic
-    dataset of photo-like 500x375 JPEGs and random --clip weights, its wall time by phase, then the
-    train loader alone: loader images/s against model images/s says which bounds a run on this
-    machine. One process. -> {phase: seconds, ...}."""
+    """train.train() itself (base classes, per-epoch val, best-val test, checkpoints) on a
+    synthetic dataset of photo-like 500x375 JPEGs and random --clip weights, its wall time by
+    phase, then the train loader alone: loader images/s against model images/s says which bounds a
+    run on this machine. One process. -> {phase: seconds, ...}."""
     if "RANK" in os.environ:
         raise SystemExit("bench.py run times one process; run it with python, not torchrun")
     with tempfile.TemporaryDirectory(prefix="textrefiner-run-") as tmp:
         t0 = time.perf_counter()
         root, weights = os.path.join(tmp, "data"), os.path.join(tmp, "clip.pt")
-        data.write_synthetic_dataset(root, args.layout, num_classes=args.num_classes, images_per_class=args.images,
-                                     image_size=(500, 375), natural=True)
+        data.write_synthetic_dataset(root, args.layout, num_classes=args.num_classes,
+                                     images_per_class=args.images, image_size=(500, 375),
+                                     natural=True)
         config = clip_model.CONFIGS[args.clip]
         torch.save(clip_model.random_state_dict(config), weights)
         written = time.perf_counter() - t0
         # Imports are part of a user's start-up; this process has them already, so time them apart.
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "import train"], cwd=os.path.dirname(os.path.abspath(__file__)),
-                       check=True)
+        subprocess.run([sys.executable, "-c", "import train"],
+                       cwd=os.path.dirname(os.path.abspath(__file__)), check=True)
         imports = time.perf_counter() - t0
-        run_args = train.parse_args(["--dataset", args.layout, "--root", root, "--clip", weights, "--subsample",
-                                     "base", "--output-dir", os.path.join(tmp, "run"), *args.train_flags])
-        timer = PhaseTimer()
+        run_args = train.parse_args(["--dataset", args.layout, "--root", root, "--clip", weights,
+                                     "--subsample", "base", "--output-dir",
+                                     os.path.join(tmp, "run"), *args.train_flags])
         t0 = time.perf_counter()
-        results = train.run_main(lambda _: train.train(run_args, timer), None)
+        with PhaseTimer().wrapping() as timer:
+            results = train.train(run_args)
         wall = time.perf_counter() - t0
-        splits = data.load_splits(args.layout, root, num_shots=run_args.shots, seed=run_args.seed, subsample="base")
+        splits = data.load_splits(args.layout, root, num_shots=run_args.shots, seed=run_args.seed,
+                                  subsample="base")
+        batch = min(run_args.batch_size, len(splits["train"]))
         steps_per_epoch = max(1, len(splits["train"]) // run_args.batch_size)
-        train_images = run_args.epochs * steps_per_epoch * min(run_args.batch_size, len(splits["train"]))
-        loader_rate = loader(args.layout, root, workers=run_args.workers, batch_size=run_args.batch_size,
-                             resolution=config.image_resolution, steps=2 * steps_per_epoch, num_shots=run_args.shots)
+        train_images = run_args.epochs * steps_per_epoch * batch
+        loader_rate = loader(args.layout, root, workers=run_args.workers,
+                             batch_size=run_args.batch_size, resolution=config.image_resolution,
+                             steps=2 * steps_per_epoch, num_shots=run_args.shots)
     seconds = dict(timer.seconds)
     seconds["other (logging, between phases)"] = wall - sum(seconds.values())
     model_rate = train_images / seconds["compute"]
-    print(f"\nwhole run: {args.layout} layout, base classes of {args.num_classes}, {len(splits['train'])} train / "
-          f"{len(splits['val'])} val / {len(splits['test'])} test images (500x375 JPEGs), {args.clip} random weights, "
-          f"{run_args.epochs} epochs, batch {run_args.batch_size}, {run_args.precision}, {run_args.workers} workers, "
-          f"feature cache {'off' if run_args.no_feature_cache else 'on'}; dataset written in {written:.1f} s "
-          f"(not counted)")
+    cache = "off" if run_args.no_feature_cache else "on"
+    print(f"\nwhole run: {args.layout} layout, base classes of {args.num_classes}, "
+          f"{len(splits['train'])} train / {len(splits['val'])} val / {len(splits['test'])} test "
+          f"images (500x375 JPEGs), {args.clip} random weights, {run_args.epochs} epochs, batch "
+          f"{run_args.batch_size}, {run_args.precision}, {run_args.workers} workers, feature cache "
+          f"{cache}; dataset written in {written:.1f} s (not counted)")
     print(f"{'phase':<34s}{'seconds':>9s}{'share':>8s}")
     for phase in (*RUN_PHASES, "other (logging, between phases)"):
         print(f"{phase:<34s}{seconds.get(phase, 0.0):9.2f}{seconds.get(phase, 0.0) / wall:8.1%}")
     print(f"{'whole run (train())':<34s}{wall:9.2f}{1:8.1%}")
     print(f"{'python imports (timed apart)':<34s}{imports:9.2f}")
-    print(f"training images: {train_images}; loader alone {loader_rate:.1f} images/s (decode + augment, "
-          f"{run_args.workers} workers) vs model {model_rate:.1f} images/s (training steps): the "
-          f"{'loader' if loader_rate < model_rate else 'model'} bounds training on this machine")
+    bound = "loader" if loader_rate < model_rate else "model"
+    print(f"training images: {train_images}; loader alone {loader_rate:.1f} images/s (decode + "
+          f"augment, {run_args.workers} workers) vs model {model_rate:.1f} images/s (training "
+          f"steps): the {bound} bounds training on this machine")
     print(f"test accuracy {results['accuracy']:.2f} (random weights: only the pipeline is checked)")
-    return dict(seconds, wall=wall, imports=imports, loader_images_per_s=loader_rate, model_images_per_s=model_rate)
+    return dict(seconds, wall=wall, imports=imports, loader_images_per_s=loader_rate,
+                model_images_per_s=model_rate)
 
 
 def table(args):
-    """A small base2new table (synthetic datasets x seeds, random --clip weights) run as users run it,
-    timed both ways and interleaved (the order alternating per round): as separate processes, one per
-    job (what `make base2new` runs), and as one `eval.py --table` (what `make table` runs: one process
-    whose jobs reuse the imports, the CLIP weights and the CUDA context). -> {way: median seconds}."""
+    """A small base2new table (synthetic datasets x seeds, random --clip weights) run as users run
+    it, timed both ways and interleaved (the order alternating per round): as separate processes,
+    one per job (what `make base2new` runs), and as one `tables.py run` (what `make table` runs: a
+    worker whose jobs reuse the imports, the CLIP weights and the CUDA context).
+    -> {way: median seconds}."""
     datasets = ["caltech101", "dtd", "eurosat", "oxford_pets", "food101", "sun397"][:args.datasets]
     seeds = [str(s) for s in range(1, args.seeds + 1)]
     here = os.path.dirname(os.path.abspath(__file__))
     with tempfile.TemporaryDirectory(prefix="textrefiner-table-") as tmp:
         for dataset in datasets:
-            data.write_synthetic_dataset(os.path.join(tmp, "data"), dataset, num_classes=args.num_classes,
-                                         images_per_class=args.images, image_size=args.size)
+            data.write_synthetic_dataset(os.path.join(tmp, "data"), dataset,
+                                         num_classes=args.num_classes, images_per_class=args.images,
+                                         image_size=args.size)
         weights = os.path.join(tmp, "clip.pt")
         torch.save(clip_model.random_state_dict(clip_model.CONFIGS[args.clip]), weights)
-        common = ["--table", "base2new", "--root", os.path.join(tmp, "data"), "--clip", weights,
-                  f"--train-args={' '.join(args.train_flags)} --workers {args.workers}", f"--eval-args=--workers {args.workers}"]
+        command = [sys.executable, os.path.join(here, "tables.py"), "run", "base2new", "--root",
+                   os.path.join(tmp, "data"), "--clip", weights,
+                   f"--train-args={' '.join(args.train_flags)} --workers {args.workers}",
+                   f"--eval-args=--workers {args.workers}"]
         if args.device:
-            common += ["--device", args.device]
+            command += ["--device", args.device]
 
         def separate(runs):
             for dataset in datasets:
                 for seed in seeds:
-                    subprocess.run([sys.executable, os.path.join(here, "eval.py"), *common, "--runs", runs,
-                                    "--datasets", dataset, "--seeds", seed], check=True, stdout=subprocess.DEVNULL)
+                    subprocess.run([*command, "--runs", runs, "--datasets", dataset, "--seeds",
+                                    seed], check=True, stdout=subprocess.DEVNULL)
 
         def one_table(runs):
-            subprocess.run([sys.executable, os.path.join(here, "eval.py"), *common, "--runs", runs,
-                            "--datasets", *datasets, "--seeds", *seeds], check=True, stdout=subprocess.DEVNULL)
+            subprocess.run([*command, "--runs", runs, "--datasets", *datasets, "--seeds", *seeds],
+                           check=True, stdout=subprocess.DEVNULL)
 
         times = collections.defaultdict(list)
+        ways = (("separate processes", separate), ("one table", one_table))
         for r in range(args.rounds):
-            for name, fn in (("separate processes", separate), ("one table", one_table))[::1 if r % 2 == 0 else -1]:
+            for name, fn in ways[::1 if r % 2 == 0 else -1]:
                 t0 = time.perf_counter()
                 fn(os.path.join(tmp, f"runs-{name.replace(' ', '-')}-{r}"))
                 times[name].append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "import eval"], cwd=here, check=True)
+        subprocess.run([sys.executable, "-c", "import tables"], cwd=here, check=True)
         imports = time.perf_counter() - t0
         t0 = time.perf_counter()
         clip_model.load_clip(weights)
         clip_load = time.perf_counter() - t0
     medians = {name: statistics.median(t) for name, t in times.items()}
     jobs = len(datasets) * len(seeds)
-    start_up = imports + clip_load  # what every separate process pays again
+    start_up = 2 * imports + clip_load  # every tables.py pays again: its and its worker's imports
     work = max(medians["separate processes"] - jobs * start_up, 0.0)
-    print(f"\nbench table: {len(datasets)} datasets x {len(seeds)} seeds = {jobs} base2new jobs, {args.clip} random "
-          f"weights, {args.num_classes} classes x {args.images} images of {args.size} px; {args.rounds} round(s), the "
-          f"two ways alternating; medians")
+    print(f"\nbench table: {len(datasets)} datasets x {len(seeds)} seeds = {jobs} base2new jobs, "
+          f"{args.clip} random weights, {args.num_classes} classes x {args.images} images of "
+          f"{args.size} px; {args.rounds} round(s), the two ways alternating; medians")
     for name, seconds in medians.items():
         print(f"{name:>20s}: {seconds:8.2f} s ({seconds / jobs:.2f} s a job)")
-    print(f"one table / separate processes: {medians['one table'] / medians['separate processes']:.3f}")
-    print(f"a process's start-up: {imports:.2f} s imports + {clip_load:.2f} s CLIP weights; so the separate processes "
-          f"spent about {jobs * start_up:.1f} s starting and {work:.1f} s on the jobs' own work; the table spent "
-          f"{medians['one table'] - work:.1f} s besides that work (one start-up, the report, what it does not share)")
+    ratio = medians["one table"] / medians["separate processes"]
+    print(f"one table / separate processes: {ratio:.3f}")
+    print(f"a tables.py's start-up: 2 x {imports:.2f} s imports (it and its worker) + "
+          f"{clip_load:.2f} s CLIP weights; so the separate processes spent about "
+          f"{jobs * start_up:.1f} s starting and {work:.1f} s on the jobs' own work; the table "
+          f"spent {medians['one table'] - work:.1f} s besides that work (one start-up, the report, "
+          f"what it does not share)")
     return medians
 
 
@@ -256,7 +320,8 @@ def loader(dataset, root, workers=4, batch_size=64, resolution=224, steps=50, nu
     """Decoded + augmented images/s of the train loader (the test split of a test-only dataset)."""
     splits = data.load_splits(dataset, root, num_shots=num_shots, seed=1)
     items = splits["train"] or splits["test"]
-    batches = data.build_train_loader(items, min(batch_size, len(items)), resolution, seed=1, workers=workers)
+    batches = data.build_train_loader(items, min(batch_size, len(items)), resolution, seed=1,
+                                      workers=workers)
     images, start, epoch = 0, None, 0
     while steps > 0:
         batches.set_epoch(epoch)
@@ -269,26 +334,28 @@ def loader(dataset, root, workers=4, batch_size=64, resolution=224, steps=50, nu
                 break
         epoch += 1
     rate = images / (time.perf_counter() - start)
-    print(f"{dataset}: {rate:.1f} images/s decoded+augmented ({images} images, {len(items)} in split, "
-          f"workers={workers}, batch={batch_size}, resolution={resolution})")
+    print(f"{dataset}: {rate:.1f} images/s decoded+augmented ({images} images, {len(items)} in "
+          f"split, workers={workers}, batch={batch_size}, resolution={resolution})")
     return rate
 
 
 def synthetic(args):
-    """A synthetic CoOp-layout dataset and random CLIP weights under args.out (the demos, tests); with
-    --teacher, a PromptKD teacher file of the base classes in the released folder layout, on a wider
-    random CLIP (teacher-clip.pt)."""
+    """A synthetic CoOp-layout dataset and random CLIP weights under args.out (the demos, tests);
+    with --teacher, a PromptKD teacher file of the base classes in the released folder layout, on
+    a wider random CLIP (teacher-clip.pt)."""
     root = os.path.join(args.out, "data")
     for dataset in args.dataset:
-        data.write_synthetic_dataset(root, dataset, num_classes=args.classes, images_per_class=args.images,
-                                     image_size=args.size)
-    torch.save(clip_model.random_state_dict(clip_model.CONFIGS[args.clip]), os.path.join(args.out, "clip.pt"))
+        data.write_synthetic_dataset(root, dataset, num_classes=args.classes,
+                                     images_per_class=args.images, image_size=args.size)
+    weights = clip_model.random_state_dict(clip_model.CONFIGS[args.clip])
+    torch.save(weights, os.path.join(args.out, "clip.pt"))
     if args.teacher:
         teacher = clip_model.random_state_dict(clip_model.CONFIGS["tiny-teacher"], seed=1)
         torch.save(teacher, os.path.join(args.out, "teacher-clip.pt"))
         for dataset in args.dataset:
             base = data.load_splits(dataset, root, subsample="base")["classnames"]
-            path = os.path.join(args.out, "teachers", released.TEACHER_FOLDERS[dataset][0], released.BASE2NEW_TEACHER)
+            path = os.path.join(args.out, "teachers", released.TEACHER_FOLDERS[dataset][0],
+                                released.BASE2NEW_TEACHER)
             os.makedirs(os.path.dirname(path), exist_ok=True)
             released.write_teacher_checkpoint(path, teacher, base, depth=args.teacher_depth)
     print(f"wrote {', '.join(args.dataset)} under {root} and random {args.clip} weights {args.out}/clip.pt")
@@ -308,12 +375,14 @@ def get_parser(Method=None, spec="coop"):
     s.add_argument("--warmup", type=train.ranged(int, NON_NEGATIVE), default=3, help="untimed rounds before those")
     s.add_argument("--device", type=train.device_flag, help="cuda, cuda:N or cpu (default: cuda when available)")
     s.add_argument("--precision", choices=("bf16", "fp16", "fp32"))
-    if Method is not None:  # the method's recipe (--batch-size, --depth, --teacher-clip as a size name, ...)
+    if Method is not None:  # its recipe (--batch-size, --depth, --teacher-clip as a size name, ...)
         train.add_recipe_flags(s, Method, spec)
-    r = sub.add_parser("run", help="a whole train.py run on synthetic JPEGs; unknown flags go to train.py")
+    r = sub.add_parser("run", help="a whole train.py run on synthetic JPEGs; unknown flags go to "
+                                   "train.py")
     r.add_argument("--clip", default="ViT-B/16", choices=tuple(clip_model.CONFIGS))
     r.add_argument("--num-classes", type=positive, default=20)
-    r.add_argument("--images", type=int, default=40, help="per class: a quarter test, a quarter val, the rest train")
+    r.add_argument("--images", type=int, default=40,
+                   help="per class: a quarter test, a quarter val, the rest train")
     r.add_argument("--layout", default="caltech101", choices=("caltech101", "imagenet"),
                    help="imagenet's val split is its test split")
     lo = sub.add_parser("loader", help="decoded + augmented images/s of a dataset's train loader")
@@ -323,9 +392,10 @@ def get_parser(Method=None, spec="coop"):
     lo.add_argument("--batch-size", type=int, default=64)
     lo.add_argument("--resolution", type=int, default=224)
     lo.add_argument("--steps", type=int, default=50)
-    lo.add_argument("--shots", type=int, default=-1, help="few-shot train set to read (-1: whole split)")
-    ta = sub.add_parser("table", help="a small base2new table as separate processes and as one eval.py --table; "
-                                      "unknown flags go to train.py")
+    lo.add_argument("--shots", type=int, default=-1,
+                    help="few-shot train set to read (-1: whole split)")
+    ta = sub.add_parser("table", help="a small base2new table as separate processes and as one "
+                                      "tables.py run; unknown flags go to train.py")
     ta.add_argument("--clip", default="ViT-B/16", choices=tuple(clip_model.CONFIGS))
     ta.add_argument("--datasets", type=train.ranged(int, Range(lambda v: 1 <= v <= 6, "in 1..6")), default=3,
                     help="synthetic datasets (at most 6)")
@@ -336,14 +406,16 @@ def get_parser(Method=None, spec="coop"):
     ta.add_argument("--size", type=int, default=224, help="image side in pixels")
     ta.add_argument("--workers", type=int, default=4, help="loader workers")
     ta.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    sy = sub.add_parser("synthetic", help="a synthetic dataset and random CLIP weights (and a teacher file)")
+    sy = sub.add_parser("synthetic",
+                        help="a synthetic dataset and random CLIP weights (and a teacher file)")
     sy.add_argument("out")
     sy.add_argument("--dataset", nargs="+", default=["caltech101"], choices=tuple(data.DATASETS))
     sy.add_argument("--classes", type=int, default=10)
     sy.add_argument("--images", type=int, default=32, help="per class")
     sy.add_argument("--size", type=int, default=32, help="image side in pixels")
     sy.add_argument("--clip", default="tiny", choices=tuple(clip_model.CONFIGS))
-    sy.add_argument("--teacher", action="store_true", help="also a PromptKD teacher per dataset (tiny-teacher CLIP)")
+    sy.add_argument("--teacher", action="store_true",
+                    help="also a PromptKD teacher per dataset (tiny-teacher CLIP)")
     sy.add_argument("--teacher-depth", type=int, default=2)
     return p
 
@@ -360,7 +432,8 @@ def _main(argv):
         if args.images < fewest:
             p.error(f"--images must be at least {fewest}, got {args.images}")
         # train.py's own checks, before the dataset is written
-        train.parse_args(["--dataset", args.layout, "--root", ".", "--output-dir", tempfile.gettempdir(), *rest])
+        train.parse_args(["--dataset", args.layout, "--root", ".", "--output-dir",
+                          tempfile.gettempdir(), *rest])
         return run(args)
     if args.command == "table":
         args.train_flags = rest
@@ -376,7 +449,8 @@ def _main(argv):
 
 
 def main(argv=None):
-    return train.run_main(_main, argv)
+    with train.command_line():
+        return _main(argv)
 
 
 if __name__ == "__main__":

@@ -467,7 +467,7 @@ _kept = None  # {(path, size, mtime): CLIP} inside keep_loaded()
 @contextlib.contextmanager
 def keep_loaded():
     """Inside the block load_clip returns the model it loaded before for the same unchanged file (on
-    whatever device it was moved to): eval.py's table workers read each CLIP once, not once per job.
+    whatever device it was moved to): tables.py's workers read each CLIP once, not once per job.
     Frozen models are shared this way; nothing may change their weights."""
     global _kept
     _kept = {}

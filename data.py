@@ -1,6 +1,5 @@
-"""Datasets in, results out: the 15 CoOp benchmarks (CoOp's on-disk layouts, Dassl-identical few-shot
-splits, base/new classes, CLIP transforms, distributed loaders) and the files a run writes (atomic
-writes, checkpoints, the output-folder lock).
+"""The 15 CoOp benchmarks: CoOp's on-disk layouts, Dassl-identical few-shot splits, base/new
+classes, CLIP transforms, distributed loaders, and synthetic datasets in those layouts.
 
     from data import load_splits, build_train_loader, build_eval_loader, normalize
     splits = load_splits("caltech101", "~/data", num_shots=16, seed=1, subsample="base")
@@ -15,19 +14,14 @@ Loader throughput: `python bench.py loader` (bench.py's docstring).
 Lay real data out as CoOp's DATASETS.md says; the split files are CoOp's, never invented.
 """
 import colorsys
-import fcntl
 import functools
 import json
 import math
 import os
 import pickle
 import random
-import shutil
-import socket
 import sys
 import tempfile
-import time
-import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,8 +29,6 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
-
-import clip_model
 
 DATASETS_MD = "https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -433,15 +425,15 @@ def load_splits(dataset, root, num_shots=16, seed=1, subsample="all"):
 class RunData:
     """What a run trains and evaluates on. Labels of `train` index `classnames`, the classes the
     model is built with; labels of `val` and `test` index `eval_classnames`, the classifier rows
-    `columns` (None: every row, and eval_classnames == classnames). select_split: the split
-    per-epoch model selection evaluates. all_classnames: every class of the dataset (base and new)."""
+    `rows` (None: every row, and eval_classnames == classnames). select_split: the split
+    per-epoch model selection evaluates. all_classnames: every class of the dataset (base, new)."""
     train: list
     classnames: list
     val: list
     test: list
     eval_classnames: list
     all_classnames: list
-    columns: list = None
+    rows: list = None
     select_split: str = "val"
 
 
@@ -454,11 +446,12 @@ def run_splits(dataset, root, num_shots=16, seed=1, subsample="all", transductiv
     every = load_splits(dataset, root, num_shots=num_shots, seed=seed, subsample="all")
     evaluated = subsample_classes(every, subsample)
     if not transductive:
-        return RunData(evaluated["train"], evaluated["classnames"], evaluated["val"], evaluated["test"],
-                       evaluated["classnames"], every["classnames"])
-    columns = None if subsample == "all" else subsample_labels(every["train"] or every["test"], subsample)
-    return RunData(every["train"] or every["test"], every["classnames"], evaluated["val"], evaluated["test"],
-                   evaluated["classnames"], every["classnames"], columns, select_split="test")
+        return RunData(evaluated["train"], evaluated["classnames"], evaluated["val"],
+                       evaluated["test"], evaluated["classnames"], every["classnames"])
+    train = every["train"] or every["test"]
+    rows = None if subsample == "all" else subsample_labels(train, subsample)
+    return RunData(train, every["classnames"], evaluated["val"], evaluated["test"],
+                   evaluated["classnames"], every["classnames"], rows, select_split="test")
 
 # ----------------------------------------------------------------------------- images, loaders
 
@@ -595,11 +588,13 @@ def build_train_loader(items, global_batch_size, resolution, seed, rank=0, world
                        batch_sampler=sampler, **_loader_kwargs(workers, seed, pin_memory))
 
 
-def build_eval_loader(items, batch_size, resolution, rank=0, world_size=1, workers=4, pin_memory=False):
+def build_eval_loader(items, batch_size, resolution, rank=0, world_size=1, workers=4,
+                      pin_memory=False):
     """This rank's shard items[rank::world_size], in order: every image once over all ranks.
     pin_memory: as for build_train_loader."""
     return DataLoader(_ImageSet(items[rank::world_size], build_transform(False, resolution)),
-                      batch_size=batch_size, shuffle=False, **_loader_kwargs(workers, 0, pin_memory))
+                      batch_size=batch_size, shuffle=False,
+                      **_loader_kwargs(workers, 0, pin_memory))
 
 # ----------------------------------------------------------------------------- synthetic data
 
@@ -691,231 +686,3 @@ def write_synthetic_dataset(root, dataset, num_classes=10, images_per_class=8, i
             with open(os.path.join(image_dir, "README.txt"), "w") as f:
                 f.write("not a class folder\n")
     return folder
-
-# ----------------------------------------------------------------------------- the files a run writes
-
-
-# Free space every output folder needs at start: a results.json (1000 classes: ~100 KiB) and log lines.
-MIN_FREE_BYTES = 2**20
-
-
-def check_output_dir(path, flag="--output-dir"):
-    """Fail at start, not after the work, when path cannot become a writable directory, or its disk has
-    less than MIN_FREE_BYTES free (a disk already full)."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UserError(f"{flag} {path!r} is a file, not a directory; choose another {flag}")
-    existing = path
-    while not os.path.exists(existing):
-        existing = os.path.dirname(os.path.abspath(existing))
-    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {path!r}: {existing} is not a writable directory")
-    _check_room(existing, MIN_FREE_BYTES, f"{flag} {path}", "results.json and the log need")
-
-
-def _mib(n):
-    return f"{n / 2**20:.1f} MiB"
-
-
-def _check_room(folder, need, where, what):
-    free = shutil.disk_usage(folder).free
-    if free < need:
-        raise UserError(f"{where}: its disk has {_mib(free)} free, {what} {_mib(need)}; free space on that disk, "
-                        f"or choose another folder on another disk")
-
-
-def check_checkpoint_room(folder, state, trained, best):
-    """A training run's disk at start. The rule: room for each checkpoint the run keeps (last.pt, and
-    best.pt when best is True) plus one more being written beside them, less what the folder's
-    checkpoints already take (a resumed run rewrites them), plus MIN_FREE_BYTES. A checkpoint is
-    estimated as the trainable `state` (twice with best: it also holds the best epoch's) and one
-    momentum buffer per `trained` tensor (SGD's)."""
-    size = sum(t.numel() * t.element_size() for t in [*state.values()] * (2 if best else 1) + list(trained))
-    kept = [os.path.join(folder, name) for name in ("last.pt", "best.pt")[:2 if best else 1]]
-    need = (len(kept) + 1) * size + MIN_FREE_BYTES - sum(os.path.getsize(p) for p in kept if os.path.isfile(p))
-    _check_room(folder, need, f"--output-dir {folder}", f"the run's checkpoints ({_mib(size)} each) need")
-
-
-def replace_atomically(path, write, shared=False):
-    """write(f) into path + ".tmp", flush it to the disk, rename it over path: a crash at any point
-    leaves the previous file or the complete new one. A write that fails (a full disk: an OSError,
-    or torch.save's RuntimeError) is a UserError; the temporary file is removed, path left as it was.
-    shared: a file no lock guards (a report several runs write): a temporary file of this process's own."""
-    tmp = f"{path}.{os.getpid()}.tmp" if shared else path + ".tmp"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-    except (OSError, RuntimeError) as e:
-        if os.path.lexists(tmp):
-            os.remove(tmp)
-        kept = f"the previous {os.path.basename(path)} is intact" if os.path.exists(path) else "nothing was written"
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0][:200]
-        raise UserError(f"cannot write {path}: {reason}; {kept}; free space on that disk, then run the same "
-                        f"command again") from None
-    os.replace(tmp, path)
-
-
-def save_atomic(obj, path):
-    replace_atomically(path, lambda f: torch.save(obj, f))
-
-
-def write_json(obj, path, shared=False):
-    replace_atomically(path, lambda f: f.write(json.dumps(obj, indent=2).encode()), shared)
-
-
-def check_results_owner(path, checkpoints):
-    """A training run may replace its own results.json only: refuse one that tested another checkpoint
-    (an evaluation's, written into this folder) or that cannot be read."""
-    if not os.path.exists(path):
-        return
-    try:
-        with open(path) as f:
-            tested = json.load(f).get("checkpoint")
-    except (OSError, ValueError, AttributeError):
-        tested = None
-    if not isinstance(tested, str) or os.path.realpath(tested) not in map(os.path.realpath, checkpoints):
-        raise UserError(f"{path} holds the results of another run (of {tested!r}); choose another --output-dir, or "
-                        f"move it away")
-
-
-def rewind_log(path, record):
-    """log.jsonl of a resumed run: the lines of the epochs before the checkpoint's, then its own record
-    (whatever a crash appended after it, or cut short, is dropped)."""
-
-    def epoch(line):
-        try:
-            return json.loads(line)["epoch"]
-        except (ValueError, KeyError, TypeError):
-            return math.inf  # a line cut short by a crash while appending
-    lines = open(path).read().splitlines() if os.path.exists(path) else []
-    kept = [line for line in lines if epoch(line) < record["epoch"]] + [json.dumps(record)]
-    replace_atomically(path, lambda f: f.write("".join(line + "\n" for line in kept).encode()))
-
-
-CHECKPOINT_KINDS = "train.py's best.pt or last.pt, or an authors' run folder (holding prompt_learner/ and Memory/)"
-
-
-def load_checkpoint(path):
-    """A checkpoint dict written by train.py; anything else is a UserError saying what it is."""
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint {path!r} not found")
-    if not zipfile.is_zipfile(path):
-        raise UserError(f"{path}: not a complete checkpoint ({os.path.getsize(path)} bytes, no zip directory: "
-                        f"cut short by a crash, a full disk or a copy?); expected {CHECKPOINT_KINDS}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError:
-        raise UserError(f"{path}: holds pickled objects, which train.py's checkpoints never do (an authors' "
-                        f".pth.tar file?); expected {CHECKPOINT_KINDS}") from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise UserError(f"{path}: unreadable checkpoint ({str(e).splitlines()[0][:200]}); "
-                        f"expected {CHECKPOINT_KINDS}") from None
-    if not (isinstance(ckpt, dict) and {"model", "args", "epoch"} <= ckpt.keys()):
-        raise UserError(f"{path}: not a checkpoint of train.py (no 'model', 'args' and 'epoch' entries; "
-                        f"a bare state dict?); expected {CHECKPOINT_KINDS}")
-    for state in (ckpt["model"], ckpt.get("best_model") or {}):  # the models, not the optimizer's moments
-        clip_model.check_finite(state, path, UserError)
-    return ckpt
-
-
-def _lock_holder(path):
-    """The lock file's content, {} when unreadable, None when absent."""
-    try:
-        with open(path) as f:
-            holder = json.load(f)
-        return holder if isinstance(holder, dict) else {}
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError):
-        return {}
-
-
-def _is_stale(holder):
-    """A lock of this host (and pid namespace) whose process is gone, or whose pid now runs another
-    process (its start time differs). Another host's process cannot be checked from here."""
-    if holder.get("host") != socket.gethostname() or holder.get("pidns") != _pid_namespace():
-        return False
-    try:
-        os.kill(holder["pid"], 0)
-    except ProcessLookupError:
-        return True
-    except (PermissionError, KeyError, TypeError, OverflowError):
-        return False  # alive (another user's), or not a pid at all
-    return holder.get("start") not in (None, _process_start(holder["pid"]))
-
-
-def _process_start(pid):
-    """Start time of process pid (clock ticks after boot), None where unknown: with the pid it
-    names one process, also after the pid has been reused."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _pid_namespace():
-    try:
-        return os.readlink("/proc/self/ns/pid")  # containers sharing a host name may not share pids
-    except OSError:
-        return None
-
-
-def acquire_output_lock(folder):
-    """Hold `folder` (created if absent) for a training run: create folder/.lock (host, pid, its start
-    time and pid namespace) atomically, as a hard link of a complete file (atomic on NFS too). A lock
-    of this host whose process is gone is stale and taken over (--resume after kill -9), by exactly
-    one of the processes trying: each takes an flock of the stale file, then judges it again. A live
-    lock, or another host's (whose processes cannot be checked from here), is refused. -> the lock path."""
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, ".lock")
-    me = dict(host=socket.gethostname(), pid=os.getpid(), start=_process_start(os.getpid()),
-              pidns=_pid_namespace(), since=time.strftime("%Y-%m-%d %H:%M:%S"))
-    mine = f"{path}-{me['host']}-{me['pid']}"  # not *.tmp: the start-up clean-up must leave it alone
-    with open(mine, "w") as f:
-        json.dump(me, f)
-    try:
-        for _ in range(10):
-            try:
-                os.link(mine, path)
-                return _clean(folder, path)
-            except FileExistsError:
-                pass
-            try:
-                held = open(path)
-            except FileNotFoundError:
-                continue  # released meanwhile: link again
-            with held:
-                fcntl.flock(held, fcntl.LOCK_EX)  # one judge at a time; released with the file
-                holder = _lock_holder(path)  # by path: a winner before us has replaced the file
-                if holder is None:
-                    continue
-                if not (holder and _is_stale(holder)):
-                    who = (f"pid {holder.get('pid')} on host {holder.get('host')} since {holder.get('since')}"
-                           if holder else "an unreadable lock")
-                    raise UserError(f"--output-dir {folder} is in use by another run ({who}): wait for "
-                                    f"it, or choose another --output-dir; if that run is dead (e.g. on another "
-                                    f"node), delete {path}")
-                print(f"removing the stale lock {path} of pid {holder['pid']} (no longer running)")
-                os.replace(mine, path)
-                return _clean(folder, path)
-        raise UserError(f"--output-dir {folder}: could not take {path} (it kept changing); try again")
-    finally:
-        if os.path.exists(mine):
-            os.remove(mine)
-
-
-def _clean(folder, lock):
-    """Once the lock is ours, a *.tmp in the folder is a write interrupted in an earlier run."""
-    for name in os.listdir(folder):
-        if name.endswith(".tmp"):
-            os.remove(os.path.join(folder, name))
-    return lock
-
-
-def release_output_lock(path):
-    """Remove the lock if it is still this process's."""
-    holder = _lock_holder(path) or {}
-    if (holder.get("host"), holder.get("pid")) == (socket.gethostname(), os.getpid()):
-        os.remove(path)

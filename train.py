@@ -3,22 +3,22 @@ on a CoOp benchmark, with the method's recipe unless flags say otherwise.
 
     python train.py --dataset caltech101 --root /data --subsample base --seed 1 \
         --output-dir output/coop/base2new/caltech101/seed1/base
-    python train.py --method promptkd --teacher /teachers --dataset dtd --root /data --subsample base \
-        --output-dir output/promptkd/base2new/dtd/seed1/base        # PromptKD + TextRefiner
-    torchrun --standalone --nproc_per_node=4 train.py ...          # the global --batch-size split over GPUs
-    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py ...
-    python train.py ... --resume                                    # continue an interrupted run
+    python train.py --method promptkd --teacher /teachers --dataset dtd --root /data \
+        --subsample base --output-dir output/promptkd/base2new/dtd/seed1/base  # + TextRefiner
+    torchrun --standalone --nproc_per_node=4 train.py ...   # the global --batch-size over 4 GPUs
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py
+    python train.py ... --resume                             # continue an interrupted run
 
 Flags: the run's own, and one per field of every registered recipe (unset: the --method's value).
 
-Writes into --output-dir:
-    last.pt       after every epoch, atomically: trainable state, optimizer, gradient scaler, epoch,
-                  args, every rank's RNG states, the best selection accuracy and that epoch's state
-    best.pt       the same at the epoch of best accuracy on the selection split (not with --selection last)
+Writes into --output-dir (the files and their rules: outputs.py):
+    last.pt       after every epoch, atomically: trainable state, optimizer, scaler, epoch, args,
+                  every rank's RNG states, the best selection accuracy and that epoch's state
+    best.pt       the same at the best epoch on the selection split (not with --selection last)
     log.jsonl     one line per epoch: epoch, lr, the method's loss terms, val_acc, seconds
     results.json  the selected model on the test split: accuracy, macro_f1, per_class_accuracy,
                   classnames, num_images, num_classes, method, selection, the run's flags
-    .lock         while a run holds the folder: a second run into it is refused
+    .lock         while a run or an evaluation holds the folder
 """
 import argparse
 import dataclasses
@@ -43,20 +43,23 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import clip_model
 import data
+import outputs
 import textrefiner
 from data import UserError
 from textrefiner import FINITE, METHODS, NON_NEGATIVE, POSITIVE, Range, RecipeError
 
-# DDP's broadcast_buffers became forward_sync_buffers in torch 2.13; drop this when GPU hosts have >= 2.13.
-DDP_NO_BUFFER_SYNC = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters
-                      else "broadcast_buffers")
+# DDP's broadcast_buffers became forward_sync_buffers in torch 2.13; drop this when GPU hosts
+# have >= 2.13.
+DDP_NO_BUFFER_SYNC = next(name for name in ("forward_sync_buffers", "broadcast_buffers")
+                          if name in inspect.signature(DDP).parameters)
 # Flags besides the recipe's that define the computation: a resumed run must repeat them.
 RUN_KEYS = ("method", "dataset", "clip", "shots", "seed", "subsample", "precision", "xd")
 # results.json "selection" -> what it means (printed at start and by the report).
 SELECTIONS = {"best-val": "the epoch of best val accuracy",
-              "best-test": "the epoch of best test accuracy on the evaluated classes, as released; this selects "
-                           "on test data",
+              "best-test": "the epoch of best test accuracy on the evaluated classes, as released; "
+                           "this selects on test data",
               "last": "the last epoch"}
+
 
 # ----------------------------------------------------------------------------- flags
 
@@ -303,7 +306,7 @@ def resolve_args(p, args, Method):
     fill_recipe(p, args, Method)
     check_weights_flag(p, args.clip)
     try:
-        data.check_output_dir(args.output_dir)
+        outputs.check_output_dir(args.output_dir)
     except UserError as e:
         p.error(str(e))
 
@@ -341,21 +344,16 @@ def load_clip(name, flag="--clip"):
 # ----------------------------------------------------------------------------- runtime
 
 
-_dist_timeout = None  # seconds, once setup_runtime opened a process group: named when one times out
-
-
 def setup_runtime(args):
     """-> (rank, world_size, device, group). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK."""
-    global _dist_timeout
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if int(os.environ.get("RANK", -1)) == -1:
         if device.type == "cuda" and device.index is not None:
-            torch.cuda.set_device(device)  # --device cuda:1: also the current device (Triton, streams)
+            torch.cuda.set_device(device)  # --device cuda:1: the current device too (Triton)
         return 0, 1, device, None
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-    _dist_timeout = args.dist_timeout
     timeout = datetime.timedelta(seconds=args.dist_timeout)
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     # The model's own collectives (BN statistics, cache partials) get a group of their own so
@@ -366,20 +364,21 @@ def setup_runtime(args):
 @contextmanager
 def collective(what):
     """A collective that times out inside the block (gloo raises it; NCCL's watchdog aborts with its
-    own message) ends the run with one line naming the rank and `what`."""
+    own message) ends the run with one line naming the rank, how long it waited, and `what`."""
+    start = time.perf_counter()
     try:
         yield
     except RuntimeError as e:
         if not (dist.is_initialized() and "timed out" in str(e).lower()):
             raise
-        raise SystemExit(f"rank {dist.get_rank()}: timed out after {_dist_timeout:g} s (--dist-timeout) in {what}: "
-                         f"another rank stalled or died ({str(e).splitlines()[0][:200]})") from None
+        waited, cause = time.perf_counter() - start, str(e).splitlines()[0][:200]
+        raise SystemExit(f"rank {dist.get_rank()}: timed out after {waited:.0f} s (--dist-timeout) "
+                         f"in {what}: another rank stalled or died ({cause})") from None
 
 
 def autocast(device, precision):
-    if precision == "fp32":
-        return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
 
 
 def default_precision(args, device):
@@ -396,8 +395,9 @@ def rng_state(device):
     """This process's RNG states; of the GPUs only the one it computes on (a run resumed with fewer
     visible GPUs can restore it)."""
     py, npy = random.getstate(), np.random.get_state()
-    return dict(python=[py[0], list(py[1]), py[2]], numpy=[npy[0], torch.from_numpy(npy[1].astype(np.int64)), *npy[2:]],
-                torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return dict(python=[py[0], list(py[1]), py[2]], torch=torch.get_rng_state(), cuda=cuda,
+                numpy=[npy[0], torch.from_numpy(npy[1].astype(np.int64)), *npy[2:]])
 
 
 def set_rng_state(state, device):
@@ -410,8 +410,8 @@ def set_rng_state(state, device):
 
 
 def on_rank0(check, rank, world_size, what):
-    """check() on rank 0 (the output folder's), its UserError or OSError raised on every rank: the message
-    is broadcast in the collective `what` names. -> check()'s result on rank 0, None elsewhere."""
+    """check() on rank 0 (the output folder's), its UserError or OSError raised on every rank: the
+    message is broadcast in the collective `what` names. -> check()'s result on rank 0, or None."""
     result, error = None, None
     if rank == 0:
         try:
@@ -427,17 +427,31 @@ def on_rank0(check, rank, world_size, what):
         raise UserError(error)
     return result
 
+
+@contextmanager
+def output_lock(folder, rank, world_size):
+    """The block with `folder` held by rank 0; a refusal is raised on every rank."""
+    lock = on_rank0(lambda: outputs.acquire_output_lock(folder), rank, world_size,
+                    "the broadcast of the output-folder lock")
+    try:
+        yield
+    finally:
+        if lock:
+            outputs.release_output_lock(lock)
+
 # ----------------------------------------------------------------------------- evaluation
 
 
 def metrics(confusion, classnames):
-    """confusion[true, pred] counts -> accuracy, macro-F1 over the classes that occur as a true label
-    (as Dassl's), per_class_accuracy (aligned with classnames; None for a class without images)."""
+    """confusion[true, pred] counts -> accuracy, macro-F1 over the classes that occur as a true
+    label (as Dassl's), per_class_accuracy (aligned with classnames; None: a class without an
+    image)."""
     cm = confusion.double().cpu()  # (C, C)
     tp, support, predicted = cm.diag(), cm.sum(1), cm.sum(0)
     present = support > 0
     f1 = 2 * tp / (support + predicted).clamp(min=1)
-    per_class = [(100 * tp[i] / support[i]).item() if support[i] > 0 else None for i in range(len(classnames))]
+    per_class = [(100 * tp[i] / support[i]).item() if support[i] > 0 else None
+                 for i in range(len(classnames))]
     total = int(cm.sum().item())
     return dict(accuracy=100 * tp.sum().item() / max(total, 1),
                 macro_f1=100 * f1[present].mean().item() if present.any() else 0.0,
@@ -447,8 +461,8 @@ def metrics(confusion, classnames):
 
 @torch.no_grad()
 def eval_step(model, images, device, precision, features=None):
-    """A uint8 loader batch through a model in eval mode -> (logits (B, C), image features or None);
-    given stored features instead of images, the image tower is skipped. evaluate() and bench.py run it."""
+    """A uint8 loader batch through a model in eval mode -> (logits (B, C), image features or
+    None); given stored features instead, the image tower is skipped (evaluate(), bench.py)."""
     with autocast(device, precision):
         if not textrefiner.reuses_image_features(model):
             return model(data.normalize(images.to(device, non_blocking=True))), None
@@ -458,16 +472,16 @@ def eval_step(model, images, device, precision, features=None):
 
 
 @torch.no_grad()
-def evaluate(model, loader, classnames, device, precision, feature_cache=None, columns=None):
-    """Top-1 metrics over this rank's shard, counts summed over all ranks. columns: the classifier rows
+def evaluate(model, loader, classnames, device, precision, feature_cache=None, rows=None):
+    """Top-1 metrics over this rank's shard, counts summed over all ranks. rows: the classifier rows
     of `classnames` when the model classifies more classes (a transductive run), else None.
-    feature_cache: a dict shared by one run's evaluations. A model with frozen image features gives
-    an image the same features at every evaluation (deterministic eval transform): the first pass over
-    a loader stores them batch by batch, later passes skip decoding and the tower, bitwise the same.
-    Keyed by the shard, batch size and precision: ImageNet's test pass reuses its val features."""
+    feature_cache: a dict shared by one run's evaluations. A model with frozen image features
+    gives an image the same features at every evaluation (deterministic eval transform): the first
+    pass over a loader stores them, later passes skip decoding and the tower, bitwise the same.
+    Keyed by shard, batch size and precision: ImageNet's test pass reuses its val features."""
     model.eval()
     C = len(classnames)
-    rows = None if columns is None else torch.as_tensor(columns, device=device)
+    rows = None if rows is None else torch.as_tensor(rows, device=device)
     confusion = torch.zeros(C * C, dtype=torch.int64, device=device)
     cached = feature_cache is not None and textrefiner.reuses_image_features(model)
     key = (tuple(item.impath for item in loader.dataset.items), loader.batch_size, precision)
@@ -502,8 +516,9 @@ def make_optimizer(params, recipe):
 
 
 def lr_at(epoch, args):
-    """Dassl's constant warm-up around CosineAnnealingLR(T_max=epochs), stepped once per epoch: the
-    first warmup_epochs at warmup_lr, then lr * (1 + cos(pi * (epoch - warmup_epochs) / epochs)) / 2."""
+    """Dassl's constant warm-up around CosineAnnealingLR(T_max=epochs), stepped once per epoch:
+    the first warmup_epochs at warmup_lr, then
+    lr * (1 + cos(pi * (epoch - warmup_epochs) / epochs)) / 2."""
     if epoch < args.warmup_epochs:
         return args.warmup_lr
     return args.lr * (1 + math.cos(math.pi * (epoch - args.warmup_epochs) / args.epochs)) / 2
@@ -511,7 +526,7 @@ def lr_at(epoch, args):
 
 def train_step(model, images, labels, optimizer, scaler, device, precision):
     """One optimisation step on a uint8 loader batch -> the model's output dict. train() and the
-    benchmarks run this function."""
+    benchmarks run it."""
     images = data.normalize(images.to(device, non_blocking=True))
     labels = labels.to(device, non_blocking=True)
     with autocast(device, precision):
@@ -526,7 +541,7 @@ def train_step(model, images, labels, optimizer, scaler, device, precision):
 def resume_state(path, args):
     """last.pt's checkpoint, its flags compared with this run's: the method, RUN_KEYS and the recipe
     (an input file by its SHA-256; a flag the checkpoint predates is not compared)."""
-    ckpt = data.load_checkpoint(path)
+    ckpt = outputs.load_checkpoint(path)
     if (recorded := recorded_flags(ckpt["args"])).get("method") != args.method:
         raise UserError(f"--resume: {path} is a --method {recorded.get('method')} run, this command trains "
                         f"--method {args.method}; choose another --output-dir")
@@ -538,182 +553,227 @@ def resume_state(path, args):
     return ckpt
 
 
-def train(args, timer=None):
-    """The run args describe (resolved flags). timer: phase -> context manager (bench.py's whole-run
-    benchmark charges the run's wall time to phases with it)."""
-    phase = timer or (lambda name: nullcontext())
-    with phase("start-up"):
-        rank, world_size, device, group = setup_runtime(args)
-        if args.batch_size % world_size:
-            raise UserError(f"--batch-size {args.batch_size} must be divisible by the {world_size} ranks")
-        lock = on_rank0(lambda: data.acquire_output_lock(args.output_dir), rank, world_size,
-                        "the broadcast of the output-folder lock")
-    try:
-        return _train(args, rank, world_size, device, group, phase)
-    finally:
-        if lock:
-            data.release_output_lock(lock)
+@dataclasses.dataclass
+class Run:
+    """A training run as setup() hands it to the loop."""
+    rank: int
+    world_size: int
+    device: torch.device
+    paths: dict  # last.pt, best.pt, log.jsonl, results.json in --output-dir
+    splits: data.RunData
+    raw_model: torch.nn.Module
+    model: torch.nn.Module  # raw_model, or DDP around it
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    train_loader: data.TrainLoader
+    val_loader: torch.utils.data.DataLoader  # None: the last epoch is the selected one
+    test_loader: torch.utils.data.DataLoader
+    selection: str  # best-val or best-test (the best epoch on that split), or last
+    feature_cache: dict = None  # the val/test image features of a frozen image tower
+    start_epoch: int = 0
+    best: dict = dataclasses.field(default_factory=lambda: dict(val_acc=-1.0, epoch=-1))
+    best_state: dict = None  # the best epoch's trainable state
+
+    def print0(self, text):  # rank 0 speaks for all
+        if self.rank == 0:
+            print(text)
 
 
-def _train(args, rank, world_size, device, group, phase):
-    master = rank == 0
-    print0 = print if master else (lambda *a, **k: None)
+def setup(args, rank, world_size, device, group):
+    """The run's data, model, optimizer and loaders, its output folder checked; with --resume,
+    as last.pt left them."""
     args.precision = default_precision(args, device)
-    paths = {name: os.path.join(args.output_dir, name) for name in ("last.pt", "best.pt", "log.jsonl", "results.json")}
-    Method = load_method(args.method)
-    with phase("start-up"):
-        run = data.run_splits(args.dataset, args.root, args.shots, args.seed, args.subsample, Method.transductive)
-        if not run.train:
-            raise UserError(f"--dataset {args.dataset} has no train split (test-only dataset)")
-        if not run.test:
-            raise UserError(f"--dataset {args.dataset} ({args.subsample} classes): the test split is empty; the final "
-                            f"test would have no image")
-        recipe = prepare_recipe(Method, args, run.all_classnames)
-        data.check_results_owner(paths["results.json"], (paths["best.pt"], paths["last.pt"]))
-        ckpt = None
-        if os.path.exists(paths["last.pt"]):
-            if not args.resume:
-                raise UserError(f"{paths['last.pt']} exists: pass --resume to continue that run, or choose another "
-                                f"--output-dir")
-            ckpt = resume_state(paths["last.pt"], args)
-        seed_everything(args.seed)  # the same on every rank: identical initialisation
-        raw_model = build_model(Method, load_clip(args.clip), run.classnames, recipe).to(device)
-        model = raw_model
-        if world_size > 1:
-            raw_model.set_process_group(group)
-            # No buffer broadcast per forward: BN statistics and the cache stay equal through the
-            # model's own reductions (synced once at construction).
-            with collective("DDP's set-up (the parameter and buffer broadcast from rank 0)"):
-                model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None,
-                            **{DDP_NO_BUFFER_SYNC: False})
-        params = [p for p in raw_model.parameters() if p.requires_grad]
-        optimizer = make_optimizer(params, recipe)
-        scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
-        pin = device.type == "cuda"  # pinning on a CPU run would only create a CUDA context
-        resolution = raw_model.clip.config.image_resolution
-        train_loader = data.build_train_loader(run.train, args.batch_size, resolution, args.seed, rank=rank,
-                                               world_size=world_size, workers=args.workers, pin_memory=pin)
+    paths = {name: os.path.join(args.output_dir, name)
+             for name in ("last.pt", "best.pt", "log.jsonl", "results.json")}
+    Method = load_method(args.method, args.method_file)
+    splits = data.run_splits(args.dataset, args.root, args.shots, args.seed, args.subsample,
+                             Method.transductive)
+    if not splits.train:
+        raise UserError(f"--dataset {args.dataset} has no train split (test-only dataset)")
+    if not splits.test:
+        raise UserError(f"--dataset {args.dataset} ({args.subsample} classes): the test split is "
+                        f"empty; the final test would have no image")
+    recipe = prepare_recipe(Method, args, splits.all_classnames)
+    old = outputs.read_json(paths["results.json"]) or {}  # only the results of its checkpoints
+    if os.path.exists(paths["results.json"]) and all(
+            outputs.results_match(old, checkpoint=paths[name]) for name in ("best.pt", "last.pt")):
+        raise UserError(f"{paths['results.json']} holds the results of another run (of "
+                        f"{old.get('checkpoint')!r}); choose another --output-dir, or move it away")
+    if os.path.exists(paths["last.pt"]) and not args.resume:
+        raise UserError(f"{paths['last.pt']} exists: pass --resume to continue that run, or choose "
+                        f"another --output-dir")
+    ckpt = resume_state(paths["last.pt"], args) if os.path.exists(paths["last.pt"]) else None
+    seed_everything(args.seed)  # the same on every rank: identical initialisation
+    raw_model = build_model(Method, load_clip(args.clip), splits.classnames, recipe).to(device)
+    model = raw_model
+    if world_size > 1:
+        raw_model.set_process_group(group)
+        # No buffer broadcast per forward: BN statistics and the cache stay equal through the
+        # model's own reductions (synced once at construction).
+        with collective("DDP's set-up (the parameter and buffer broadcast from rank 0)"):
+            model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None,
+                        **{DDP_NO_BUFFER_SYNC: False})
+    params = [p for p in raw_model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, recipe)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+    pin = device.type == "cuda"  # pinned memory on the CPU: a CUDA context for nothing
+    resolution = raw_model.clip.config.image_resolution
+    train_loader = data.build_train_loader(splits.train, args.batch_size, resolution, args.seed,
+                                           rank=rank, world_size=world_size, workers=args.workers,
+                                           pin_memory=pin)
 
-        def eval_loader(split):
-            return data.build_eval_loader(getattr(run, split), args.eval_batch_size, resolution, rank=rank,
-                                          world_size=world_size, workers=args.workers, pin_memory=pin)
-
-        use_val = bool(getattr(run, run.select_split)) and args.selection == "best"
-        on_rank0(lambda: data.check_checkpoint_room(args.output_dir, raw_model.trainable_state_dict(), params, use_val),
-                 rank, world_size, "the broadcast of the free-space check of --output-dir")
-        val_loader = eval_loader(run.select_split) if use_val else None
-        feature_cache = None if args.no_feature_cache else {}
-        start_epoch, best, best_state = 0, dict(val_acc=-1.0, epoch=-1), None
-        if ckpt is not None:
-            raw_model.load_trainable_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scaler.load_state_dict(ckpt["scaler"])
-            set_rng_state(ckpt["rng"][rank if len(ckpt["rng"]) == world_size else 0], device)
-            # The best model comes from last.pt itself, never from best.pt: a crash between the two
-            # writes leaves a best.pt of another epoch than ckpt["best"] names.
-            start_epoch, best, best_state = ckpt["epoch"] + 1, ckpt["best"], ckpt["best_model"]
-            if master:
-                data.rewind_log(paths["log.jsonl"], ckpt["log"])
-            print0(f"resumed from {paths['last.pt']} after epoch {ckpt['epoch']}")
-            del ckpt
-        elif master and os.path.exists(paths["log.jsonl"]):
+    def eval_loader(split):
+        return data.build_eval_loader(getattr(splits, split), args.eval_batch_size, resolution,
+                                      rank=rank, world_size=world_size, workers=args.workers,
+                                      pin_memory=pin)
+    use_val = bool(getattr(splits, splits.select_split)) and args.selection == "best"
+    # A checkpoint: the trainable state (with best.pt, the best epoch's too) and SGD's momentum.
+    state = [*raw_model.trainable_state_dict().values()] * (2 if use_val else 1)
+    size = sum(t.nbytes for t in state + params)
+    on_rank0(lambda: outputs.check_checkpoint_room(args.output_dir, size, use_val), rank,
+             world_size, "the broadcast of the free-space check of --output-dir")
+    run = Run(rank, world_size, device, paths, splits, raw_model, model, optimizer, scaler,
+              train_loader, eval_loader(splits.select_split) if use_val else None,
+              eval_loader("test"), f"best-{splits.select_split}" if use_val else "last",
+              None if args.no_feature_cache else {})
+    if ckpt is None:
+        if rank == 0 and os.path.exists(paths["log.jsonl"]):
             os.remove(paths["log.jsonl"])  # a fresh run owns its log
+        return run
+    raw_model.load_trainable_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"][rank if len(ckpt["rng"]) == world_size else 0], device)
+    # The best model comes from last.pt itself, never from best.pt: a crash between the two
+    # writes leaves a best.pt of another epoch than ckpt["best"] names.
+    run.start_epoch, run.best, run.best_state = ckpt["epoch"] + 1, ckpt["best"], ckpt["best_model"]
+    if rank == 0:
+        outputs.rewind_log(paths["log.jsonl"], ckpt["log"])
+    run.print0(f"resumed from {paths['last.pt']} after epoch {ckpt['epoch']}")
+    return run
 
-    steps = len(train_loader)
-    selection = f"best-{run.select_split}" if use_val else "last"
-    print0(f"{args.method} on {args.dataset}: {len(run.classnames)} classes, {len(run.train)} train images; "
-           f"{args.subsample} classes evaluated ({len(run.eval_classnames)}): {len(run.val)} val, {len(run.test)} "
-           f"test images; {steps} steps/epoch; {world_size} rank(s) on {device}, {args.precision}; model "
-           f"selection: {SELECTIONS[selection]}")
-    t_run, done = time.perf_counter(), 0
-    for epoch in range(start_epoch, args.epochs):
-        t_epoch = time.perf_counter()
-        lr = lr_at(epoch, args)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        train_loader.set_epoch(epoch)
-        model.train()
-        sums = torch.zeros(len(raw_model.loss_keys), dtype=torch.float64, device=device)
-        with phase("data loading"):
-            batches = iter(train_loader)  # a loader starts its workers here
-        for step in range(steps):
-            with phase("data loading"):
-                images, labels = next(batches)
-            with phase("compute"), collective(f"epoch {epoch + 1} step {step + 1} (gradient, BatchNorm, cache or "
-                                              f"loss all-reduce)"):
-                out = train_step(model, images, labels, optimizer, scaler, device, args.precision)
+
+def train(args):
+    """The run args describe (resolved flags), its output folder held -> the test results."""
+    rank, world_size, device, group = setup_runtime(args)
+    if args.batch_size % world_size:
+        raise UserError(f"--batch-size {args.batch_size} must be divisible by the {world_size} "
+                        f"ranks")
+    with output_lock(args.output_dir, rank, world_size):
+        run = setup(args, rank, world_size, device, group)
+        raw_model, splits, steps = run.raw_model, run.splits, len(run.train_loader)
+        run.print0(f"{args.method} on {args.dataset}: {len(splits.classnames)} classes, "
+                   f"{len(splits.train)} train images; {args.subsample} classes evaluated "
+                   f"({len(splits.eval_classnames)}): {len(splits.val)} val, {len(splits.test)} "
+                   f"test images; {steps} steps/epoch; {world_size} rank(s) on {device}, "
+                   f"{args.precision}; model selection: {SELECTIONS[run.selection]}")
+        t_run, done = time.perf_counter(), 0
+        for epoch in range(run.start_epoch, args.epochs):
+            t_epoch, lr = time.perf_counter(), lr_at(epoch, args)
+            for param_group in run.optimizer.param_groups:
+                param_group["lr"] = lr
+            run.train_loader.set_epoch(epoch)
+            run.model.train()
+            sums = torch.zeros(len(raw_model.loss_keys), dtype=torch.float64, device=device)
+            for step, (images, labels) in enumerate(run.train_loader):
+                out = train_step(run.model, images, labels, run.optimizer, run.scaler, device,
+                                 args.precision)
                 sums += torch.stack([out[k].detach().double() for k in raw_model.loss_keys])
                 done += 1
-                if (step + 1) % args.log_interval and step + 1 < steps:
-                    continue
-                mean = sums.clone()  # reduced over ranks: all see a non-finite loss at the same step
-                if world_size > 1:
-                    dist.all_reduce(mean)
-                mean = (mean / ((step + 1) * world_size)).tolist()
-                if not all(map(math.isfinite, mean)):
-                    kept = f"the last good checkpoint is {paths['last.pt']}" if os.path.exists(paths["last.pt"]) \
-                        else "no checkpoint was written"
-                    raise SystemExit(f"non-finite loss {mean[0]} at epoch {epoch + 1} step {step + 1}: stopping; "
-                                     f"{kept} (try a lower --lr or --precision fp32)")
-                rate = done / (time.perf_counter() - t_run)
-                eta = ((args.epochs - epoch) * steps - step - 1) / rate
-                print0(f"epoch {epoch + 1}/{args.epochs} step {step + 1}/{steps} loss {mean[0]:.4f} lr {lr:.3e} "
-                       f"{rate:.2f} it/s eta {eta / 60:.1f} min")
-        raw_model.epoch_end(epoch, args.epochs)  # e.g. PromptSRC's prompt aggregation, saved with this epoch
-        record = dict(epoch=epoch, lr=lr, **dict(zip(raw_model.loss_keys, mean)))
-        if use_val:
-            with phase("val"):
-                record["val_acc"] = evaluate(raw_model, val_loader, run.eval_classnames, device, args.precision,
-                                             feature_cache, run.columns)["accuracy"]
-            if record["val_acc"] > best["val_acc"]:
-                best = dict(val_acc=record["val_acc"], epoch=epoch)
-                best_state = {k: v.detach().clone() for k, v in raw_model.trainable_state_dict().items()}
-        record["seconds"] = time.perf_counter() - t_epoch
-        with phase("checkpointing"):
-            rngs = [rng_state(device)] * world_size
-            if world_size > 1:
-                with collective("the all-gather of the RNG states for the checkpoint"):
-                    dist.all_gather_object(rngs, rng_state(device))
-            ckpt = dict(model=raw_model.trainable_state_dict(), optimizer=optimizer.state_dict(),
-                        scaler=scaler.state_dict(), epoch=epoch, args=vars(args), selection=selection, rng=rngs,
-                        best=best, best_model=best_state, log=record)
-            if master:  # best.pt first: last.pt is what --resume trusts, written once the epoch is on disk
-                if best["epoch"] == epoch:
-                    data.save_atomic(ckpt, paths["best.pt"])
-                data.save_atomic(ckpt, paths["last.pt"])
-                with open(paths["log.jsonl"], "a") as f:
-                    f.write(json.dumps(record) + "\n")
-        print0(json.dumps(record))
-        del ckpt
+                if (step + 1) % args.log_interval == 0 or step + 1 == steps:
+                    losses = mean_losses(run, sums, step + 1, f"epoch {epoch + 1} step {step + 1}")
+                    rate = done / (time.perf_counter() - t_run)
+                    eta = ((args.epochs - epoch) * steps - step - 1) / rate / 60
+                    run.print0(f"epoch {epoch + 1}/{args.epochs} step {step + 1}/{steps} loss "
+                               f"{losses[0]:.4f} lr {lr:.3e} {rate:.2f} it/s eta {eta:.1f} min")
+            raw_model.epoch_end(epoch, args.epochs)  # e.g. PromptSRC's prompt aggregation
+            record = dict(epoch=epoch, lr=lr, **dict(zip(raw_model.loss_keys, losses)))
+            if run.val_loader is not None:
+                record["val_acc"] = evaluate(raw_model, run.val_loader, splits.eval_classnames,
+                                             device, args.precision, run.feature_cache,
+                                             splits.rows)["accuracy"]
+                if record["val_acc"] > run.best["val_acc"]:
+                    run.best = dict(val_acc=record["val_acc"], epoch=epoch)
+                    run.best_state = {k: v.detach().clone()
+                                      for k, v in raw_model.trainable_state_dict().items()}
+            record["seconds"] = time.perf_counter() - t_epoch
+            save_checkpoint(run, args, epoch, record)
+            run.print0(json.dumps(record))
+        return final_test(run, args)
 
-    if best_state is not None:  # the selected model (the last epoch with --selection last)
-        raw_model.load_trainable_state_dict(best_state)
-    with phase("test"):
-        results = evaluate(raw_model, eval_loader("test"), run.eval_classnames, device, args.precision,
-                           feature_cache, run.columns)
-    inputs = {k: getattr(args, k) for name in recipe.weight_files for k in (name, name + "_sha256")}
-    tested = os.path.abspath(paths["best.pt" if best_state is not None else "last.pt"])  # eval.py: new classes
+
+def mean_losses(run, sums, steps, where):
+    """Loss terms summed over `steps` steps -> their means over steps and ranks. All ranks see a
+    non-finite loss at the same step and stop there, keeping the last good checkpoint."""
+    mean = sums.clone()
+    if run.world_size > 1:
+        dist.all_reduce(mean)
+    mean = (mean / (steps * run.world_size)).tolist()
+    if not all(map(math.isfinite, mean)):
+        last = run.paths["last.pt"]
+        kept = f"the last good checkpoint is {last}" if os.path.exists(last) else \
+            "no checkpoint was written"
+        raise SystemExit(f"non-finite loss {mean[0]} at {where}: stopping; {kept} (try a lower "
+                         f"--lr or --precision fp32)")
+    return mean
+
+
+def save_checkpoint(run, args, epoch, record):
+    """last.pt (and best.pt at a new best) with every rank's RNG states, then the log line."""
+    rngs = [rng_state(run.device)] * run.world_size
+    if run.world_size > 1:
+        with collective("the all-gather of the RNG states for the checkpoint"):
+            dist.all_gather_object(rngs, rng_state(run.device))
+    ckpt = dict(model=run.raw_model.trainable_state_dict(), optimizer=run.optimizer.state_dict(),
+                scaler=run.scaler.state_dict(), epoch=epoch, args=vars(args),
+                selection=run.selection, rng=rngs, best=run.best, best_model=run.best_state,
+                log=record)
+    if run.rank == 0:  # best.pt first: last.pt, what --resume trusts, once the epoch is on disk
+        if run.best["epoch"] == epoch:
+            outputs.save_atomic(ckpt, run.paths["best.pt"])
+        outputs.save_atomic(ckpt, run.paths["last.pt"])
+        with open(run.paths["log.jsonl"], "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def final_test(run, args):
+    """The selected model (the last epoch's with --selection last) on the test split -> results."""
+    selected = run.best_state is not None
+    if selected:
+        run.raw_model.load_trainable_state_dict(run.best_state)
+    results = evaluate(run.raw_model, run.test_loader, run.splits.eval_classnames, run.device,
+                       args.precision, run.feature_cache, run.splits.rows)
+    weight_files = load_method(args.method, args.method_file).recipe.weight_files
+    inputs = {k: getattr(args, k) for name in weight_files for k in (name, name + "_sha256")}
+    tested = os.path.abspath(run.paths["best.pt" if selected else "last.pt"])  # eval.py's too
     results.update(split="test", dataset=args.dataset, subsample=args.subsample, method=args.method,
-                   refiner=bool(getattr(args, "refiner", False)), train_classes=len(run.classnames), train_images=len(run.train),
-                   selection=selection, checkpoint=tested, checkpoint_sha256=master and clip_model.sha256(tested),
-                   epoch=best["epoch"] if best_state is not None else args.epochs - 1, **inputs, args=vars(args))
-    if master:
-        data.write_json(results, paths["results.json"])
-    print0(f"test ({args.subsample}): accuracy {results['accuracy']:.2f} macro-F1 {results['macro_f1']:.2f} on "
-           f"{results['num_images']} images")
+                   refiner=bool(getattr(args, "refiner", False)), train_classes=len(run.splits.classnames),
+                   train_images=len(run.splits.train), selection=run.selection, checkpoint=tested,
+                   checkpoint_sha256=clip_model.sha256(tested) if run.rank == 0 else None,
+                   epoch=run.best["epoch"] if selected else args.epochs - 1, **inputs,
+                   args=vars(args))
+    if run.rank == 0:
+        outputs.write_json(results, run.paths["results.json"])
+    run.print0(f"test ({args.subsample}): accuracy {results['accuracy']:.2f} macro-F1 "
+               f"{results['macro_f1']:.2f} on {results['num_images']} images")
     return results
 
 
-def run_main(main, argv):
-    """main(argv) for the command lines: a UserError is one line on stderr and exit status 2, as
-    argparse's own errors (a loader worker's carries its traceback: its last line is kept); the
-    process group setup_runtime opened is closed, also after an error."""
+def one_line(error):
+    """A UserError's message as one line (a loader worker's has its traceback: its last line)."""
+    text = str(error).strip()
+    return text.splitlines()[-1].split(": ", 1)[-1] if "Traceback" in text else text
+
+
+@contextmanager
+def command_line():
+    """The block as a command line: a UserError is one line on stderr and exit status 2, as
+    argparse's own errors; the process group setup_runtime opened is closed, also after an error."""
     try:
-        return main(argv)
+        yield
     except UserError as e:
-        message = str(e).strip().splitlines()[-1].split(": ", 1)[-1] if "Traceback" in str(e) else str(e)
         rank = os.environ.get("RANK", "0")
-        print(f"error: {message}" if rank == "0" else f"error (rank {rank}): {message}", file=sys.stderr)
+        print(f"error{'' if rank == '0' else f' (rank {rank})'}: {one_line(e)}", file=sys.stderr)
         raise SystemExit(2) from None
     finally:
         if dist.is_initialized():
@@ -731,7 +791,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    return run_main(lambda argv: train(parse_args(argv)), argv)
+    with command_line():
+        return train(parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import torch.nn as nn
 
 import clip_model
 import data
+import outputs
 import released
 import train
 
@@ -137,7 +138,7 @@ def assert_usage_error(main, argv, message, capsys):
 
 def write_lock(folder, **holder):
     with open(os.path.join(folder, ".lock"), "w") as f:
-        json.dump(dict(dict(start=None, pidns=data._pid_namespace(), since="then"), **holder), f)
+        json.dump(dict(dict(pidns=outputs.lock_holder()["pidns"], since="then"), **holder), f)
 
 
 def dead_pid():
@@ -277,8 +278,9 @@ def write_result(folder, accuracy, **fields):
     (base2new) or <dataset>/seed<S> (xd, all classes); fields override."""
     os.makedirs(folder)
     parts = os.path.normpath(folder).split(os.sep)
-    what = dict(dataset=parts[-3], subsample=parts[-1]) if parts[-1] in ("base", "new") else \
-        dict(dataset=parts[-2], subsample="all")
+    what = dict(dataset=parts[-3], subsample=parts[-1], args=dict(seed=int(parts[-2][len("seed"):]))) \
+        if parts[-1] in ("base", "new") else dict(dataset=parts[-2], subsample="all",
+                                                    args=dict(seed=int(parts[-1][len("seed"):])))
     with open(os.path.join(folder, "results.json"), "w") as f:
         json.dump(dict(accuracy=accuracy, split="test", **dict(what, **fields)), f)
 
@@ -437,6 +439,20 @@ def pk_argv(base, out, *extra):
             "--teacher", teachers, "--teacher-clip", teacher_clip, "--subsample", "base", "--device", "cpu",
             "--epochs", str(EPOCHS), "--batch-size", "4", "--depth", str(PK_DEPTH), "--workers", "0",
             "--log-interval", "3", "--output-dir", str(out), *extra]
+
+
+def table_worker_counting_clip_reads(*args):
+    """tables.table_worker in its spawned process, appending each CLIP file it reads to the file
+    $CLIP_READS names (a monkeypatch of the test's process does not reach it)."""
+    import tables
+    read = clip_model.read_state_dict
+
+    def counted(path):
+        with open(os.environ["CLIP_READS"], "a") as f:
+            f.write(f"{path}\n")
+        return read(path)
+    clip_model.read_state_dict = counted
+    tables.table_worker(*args)
 
 
 def trained_run_dir(base):

@@ -1,5 +1,5 @@
 """eval.py: reproduces train.py's test numbers, loads the authors' checkpoint layout, shards
-under torchrun, drives the base2new make flow, and computes the report tables."""
+under torchrun; the base2new make flow and the report tables (tables.py)."""
 import json
 import os
 import shutil
@@ -11,9 +11,10 @@ import pytest
 import torch
 
 import clip_model
-import data
 import eval as evaluate_cli  # "eval" would shadow the builtin
+import outputs
 import released
+import tables
 import train
 from helpers import (
     REPO, assert_same_tensors, assert_usage_error, copy_dataset, read_results, rounded, RunsCode, synthetic,
@@ -166,7 +167,7 @@ def test_make_base2new_flow_and_skip(tmp_path):
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "1 job(s), 1 finished already, 0 to run" in again.stdout, again.stdout
     assert read_results(run_dir / "new") == new  # not evaluated again
-    summary = evaluate_cli.report(str(out / "coop" / "base2new"))
+    summary = tables.report(str(out / "coop" / "base2new"))
     row = summary["datasets"]["caltech101"]
     assert row["base"] == base["accuracy"] and row["new"] == new["accuracy"] and row["seeds"] == [2]
 
@@ -177,7 +178,7 @@ def test_make_xd_commands():
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     text = proc.stdout
-    assert "eval.py --method coop --root data --clip ViT-B/16 --runs output/coop" in text and "--table xd" in text
+    assert "tables.py run xd --method coop --root data --clip ViT-B/16 --runs output/coop" in text
     targets = "imagenetv2 imagenet_sketch imagenet_a imagenet_r caltech101 oxford_pets stanford_cars " \
               "oxford_flowers food101 fgvc_aircraft sun397 dtd eurosat ucf101"
     assert f"--datasets {targets} --seeds 3" in text
@@ -192,7 +193,7 @@ def test_report_arithmetic(tmp_path, capsys):
     write_result(tmp_path / "eurosat" / "seed1" / "base", 90)
     write_result(tmp_path / "eurosat" / "seed1" / "new", 70)
     write_result(tmp_path / "ucf101" / "seed1" / "base", 99)  # unfinished: no new result, left out
-    summary = evaluate_cli.report(str(tmp_path))
+    summary = tables.report(str(tmp_path))
     dtd = summary["datasets"]["dtd"]
     assert (dtd["base"], dtd["new"]) == (82, 62)
     assert dtd["base_std"] == pytest.approx((8 / 3) ** 0.5)  # population std of 80, 82, 84
@@ -206,8 +207,8 @@ def test_report_arithmetic(tmp_path, capsys):
     assert "82.69" in text and "76.94" in text  # published averages
     assert json.load(open(tmp_path / "report.json"))["average"]["base"] == 86
     # published rows are self-consistent: HM = 2bn/(b+n)
-    for b, n, h in [row for M in train.METHODS.values() for row in M.published["base2new"].values()]:
-        assert evaluate_cli.harmonic_mean(b, n) == pytest.approx(h, abs=0.006)
+    for b, n, h in [row for published in tables.PUBLISHED.values() for row in published["base2new"].values()]:
+        assert tables.harmonic_mean(b, n) == pytest.approx(h, abs=0.006)
     assert_columns_line_up(text.splitlines(), ["Base", "New", "HM"])
 
 
@@ -227,7 +228,7 @@ def test_report_xd(tmp_path, capsys):
     write_result(tmp_path / "imagenet_a" / "seed1", 50)
     write_result(tmp_path / "imagenet_a" / "seed2", 52)
     write_result(tmp_path / "dtd" / "seed10", 100)
-    summary = evaluate_cli.report(str(tmp_path))
+    summary = tables.report(str(tmp_path))
     assert summary["imagenet_a"]["accuracy"] == 51 and summary["imagenet_a"]["std"] == 1
     text = capsys.readouterr().out
     assert "imagenet_a" in text and "100.00±0.00" in text
@@ -246,7 +247,7 @@ def test_bad_flags_are_clear_errors(argv, message, capsys):
 
 def test_zeroshot_and_missing_data_errors(run, tmp_path, capsys):
     root, weights, _ = run
-    assert_usage_error(evaluate_cli.main, ["--report", str(tmp_path / "nothing")], "--report", capsys)
+    assert_usage_error(tables.main, ["report", str(tmp_path / "nothing")], "report", capsys)
     assert_usage_error(evaluate_cli.main, ["--zeroshot", "--dataset", "dtd", "--root", str(tmp_path / "nothing")],
                        "--root", capsys)
     stderr = assert_usage_error(evaluate_cli.main, ["--zeroshot", "--root", root], "--dataset is required", capsys)
@@ -281,13 +282,13 @@ def test_a_full_disk_loses_no_evaluation(run, tmp_path, monkeypatch, capsys):
     """The accuracy line and the results come out on stdout before results.json fails to be written;
     the one-line error advises no --resume (eval.py has none)."""
     root, weights, out = run
-    real = data.replace_atomically
+    real = outputs.replace_atomically
 
     def onto_a_full_disk(path, write, shared=False):
         os.symlink("/dev/full", path + ".tmp")  # every write there fails with ENOSPC
         return real(path, write, shared)
 
-    monkeypatch.setattr(data, "replace_atomically", onto_a_full_disk)
+    monkeypatch.setattr(outputs, "replace_atomically", onto_a_full_disk)
     with pytest.raises(SystemExit) as err:
         evaluate_cli.main(["--checkpoint", os.path.join(out, "best.pt"), "--workers", "0", "--subsample", "new",
                            "--output-dir", str(tmp_path)])
@@ -441,14 +442,14 @@ def test_report_refuses_wrong_malformed_and_stray_results(tmp_path, capsys):
     for seed in (1, 2):
         write_result(tmp_path / "dtd" / f"seed{seed}" / "base", 80)
         write_result(tmp_path / "dtd" / f"seed{seed}" / "new", 60)
-    evaluate_cli.report(str(tmp_path))  # a sound folder reports
+    tables.report(str(tmp_path))  # a sound folder reports
     shutil.copytree(tmp_path / "dtd" / "seed1", tmp_path / "dtd" / "seed1_old")
     with open(tmp_path / "dtd" / "seed2" / "new" / "results.json", "w") as f:
         f.write('{"accuracy": 6')  # cut short
     write_result(tmp_path / "eurosat" / "seed1" / "base", None)
     write_result(tmp_path / "eurosat" / "seed1" / "new", 66.67, subsample="base")  # eval.py into the base folder
     with pytest.raises(SystemExit) as err:
-        evaluate_cli.main(["--report", str(tmp_path)])
+        tables.main(["report", str(tmp_path)])
     stderr = capsys.readouterr().err
     assert err.value.code == 2 and "Traceback" not in stderr
     for message in ("dtd/seed1_old: unexpected (runs are folders seed<N>)", "dtd/seed2/new/results.json: unreadable",

@@ -15,6 +15,7 @@ import clip_model
 import data
 import eval as evaluate_cli
 import released
+import tables
 import textrefiner
 import train
 from helpers import (
@@ -334,11 +335,13 @@ def test_make_base2new_promptkd_commands():
                            "METHOD=promptkd", "TEACHERS=/t", "GPUS=2"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     text = proc.stdout
-    assert "eval.py --method promptkd --teacher /t --root data --clip ViT-B/16 --runs output/promptkd" in text
-    assert "--table base2new --datasets dtd --seeds 2 --launcher" in text and "--nproc_per_node=2" in text
+    assert "tables.py run base2new --method promptkd --teacher /t --root data --clip ViT-B/16 --runs output/promptkd" \
+        in text
+    assert "--datasets dtd --seeds 2 --launcher" in text and "--nproc_per_node=2" in text
     xd = subprocess.run(["make", "--no-print-directory", "-n", "-C", REPO, "xd", "METHOD=promptkd", "TEACHERS=/t",
                          "XD_TARGETS=dtd eurosat"], capture_output=True, text=True, timeout=60)
-    assert xd.returncode == 0 and "--table xd --datasets dtd eurosat --seeds 1" in xd.stdout, xd.stderr
+    assert xd.returncode == 0 and "tables.py run xd" in xd.stdout and "--datasets dtd eurosat --seeds 1" in xd.stdout, \
+        xd.stderr
     assert train.METHODS["promptkd"].recipe.xd == {"depth": 3}  # PromptKD's cross-dataset student
     bad = subprocess.run(["make", "-C", REPO, "base2new", "METHOD=prograd", "DATASET=dtd", f"PYTHON={sys.executable}"],
                          capture_output=True, text=True, timeout=120)
@@ -364,7 +367,7 @@ def test_report_promptkd_tables(tmp_path, capsys):
     for seed, (b, n) in zip((1, 2), ((80, 60), (84, 64))):
         write_result(tmp_path / "b2n" / "dtd" / f"seed{seed}" / "base", b, method="promptkd", selection="best-test")
         write_result(tmp_path / "b2n" / "dtd" / f"seed{seed}" / "new", n, method="promptkd", selection="best-test")
-    summary = evaluate_cli.report(str(tmp_path / "b2n"))
+    summary = tables.report(str(tmp_path / "b2n"))
     assert (summary["method"], summary["selection"]) == ("promptkd", ["best-test"])
     assert summary["datasets"]["dtd"]["base"] == 82
     text = capsys.readouterr().out
@@ -374,11 +377,10 @@ def test_report_promptkd_tables(tmp_path, capsys):
     assert "PromptKD+TextRefiner            85.22           79.64           82.33" in text
     assert "PromptKD                        86.96           80.73           83.73" in text
     # the published per-dataset table averages to the published 11-dataset row
-    b, n, h = evaluate_cli.published_average(textrefiner.PromptKDCLIP.published["base2new_datasets"][1],
-                                             data.PAPER_DATASETS)
+    b, n, h = tables.published_average(tables.PUBLISHED["promptkd"]["base2new_datasets"][1], data.PAPER_DATASETS)
     assert (round(b, 2), round(n, 2), round(h, 2)) == (86.96, 80.73, 83.73)
     write_result(tmp_path / "xd" / "dtd" / "seed1", 50.5, method="promptkd", selection="best-test")
-    evaluate_cli.report(str(tmp_path / "xd"))
+    tables.report(str(tmp_path / "xd"))
     text = capsys.readouterr().out
     assert "PromptKD + TextRefiner: accuracy in" in text and "55.08" in text.splitlines()[3]
 
@@ -388,7 +390,7 @@ def test_report_refuses_mixed_methods(tmp_path, capsys):
         for part, acc in (("base", 80), ("new", 60)):
             write_result(tmp_path / dataset / "seed1" / part, acc, **({"method": method} if method else {}))
     with pytest.raises(SystemExit):
-        evaluate_cli.main(["--report", str(tmp_path)])
+        tables.main(["report", str(tmp_path)])
     assert "mixes methods (coop:" in capsys.readouterr().err
 
 

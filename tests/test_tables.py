@@ -1,7 +1,7 @@
-"""eval.py --table (make table / base2new / xd): the jobs of a table run back to back in one process or
-over several slots with the same results as separate make base2new runs, resumably, each job's
-failure isolated; and the checks that keep a table from mixing models: new/ evaluated from the model
-its base/ tested, the report's pairing, evaluations that cannot lose or overwrite results."""
+"""tables.py (make table / base2new / xd): the jobs of a table run back to back in one worker or over
+several slots with the same results as separate make base2new runs, resumably, each job's failure
+isolated; and the checks that keep a table from mixing models: new/ evaluated from the model its
+base/ tested, the report's pairing, evaluations that cannot lose or overwrite results."""
 import json
 import os
 import shutil
@@ -13,6 +13,8 @@ import pytest
 import torch
 
 import eval as evaluate_cli
+import helpers
+import tables
 import train
 from helpers import REPO, assert_usage_error, read_results, write_lock
 
@@ -30,9 +32,9 @@ def root(tmp_path_factory):
     return str(base / "data"), str(base / "clip.pt")
 
 
-def table_argv(root, runs, *extra):
+def table_argv(root, runs, *extra, command="run"):
     data_root, weights = root
-    return ["--table", "base2new", "--root", data_root, "--clip", weights, "--runs", str(runs), "--datasets",
+    return [command, "base2new", "--root", data_root, "--clip", weights, "--runs", str(runs), "--datasets",
             *DATASETS, "--seeds", *SEEDS, f"--train-args={TRAIN}", f"--eval-args={EVAL}", *extra]
 
 
@@ -97,7 +99,7 @@ def test_two_slots_run_jobs_at_once_and_a_broken_dataset_fails_alone(root, tmp_p
     shutil.copytree(root[0], data_root, symlinks=True)
     os.remove(data_root / "dtd" / "split_zhou_DescribableTextures.json")
     with pytest.raises(SystemExit) as err:
-        evaluate_cli.main(table_argv((str(data_root), root[1]), tmp_path / "runs", "--device", "cpu", "--gpus", "2"))
+        tables.main(table_argv((str(data_root), root[1]), tmp_path / "runs", "--device", "cpu", "--gpus", "2"))
     assert err.value.code == 1
     captured = capsys.readouterr()
     assert "2 job(s) failed:" in captured.err
@@ -114,46 +116,50 @@ def test_two_slots_run_jobs_at_once_and_a_broken_dataset_fails_alone(root, tmp_p
 
 
 def test_list_jobs_and_one_job_by_index(root, tmp_path, capsys):
-    jobs = evaluate_cli.main(table_argv(root, tmp_path, "--list-jobs"))
+    jobs = tables.main(table_argv(root, tmp_path, command="jobs"))
     lines = capsys.readouterr().out.splitlines()
     assert len(jobs) == 6 and lines[0] == "0\tbase2new caltech101 seed 1\tto run" and lines[5].startswith("5\t")
-    evaluate_cli.main(table_argv(root, tmp_path, "--job", "3"))  # dtd seed 2 only, as a SLURM array task would
+    tables.main(table_argv(root, tmp_path, "--job", "3"))  # dtd seed 2 only, as a SLURM array task would
     assert sorted(os.listdir(tmp_path / "base2new")) == ["dtd", "report.json"]
     assert os.listdir(tmp_path / "base2new" / "dtd") == ["seed2"]
-    evaluate_cli.main(table_argv(root, tmp_path, "--list-jobs"))
+    tables.main(table_argv(root, tmp_path, command="jobs"))
     assert "3\tbase2new dtd seed 2\tfinished" in capsys.readouterr().out
-    assert_usage_error(evaluate_cli.main, table_argv(root, tmp_path, "--job", "6"), "--job 6: the table has jobs 0..5",
+    assert_usage_error(tables.main, table_argv(root, tmp_path, "--job", "6"), "--job 6: the table has jobs 0..5",
                        capsys)
 
 
 def test_xd_jobs_follow_the_method():
     """A transductive method trains a model per target; the others one ImageNet model per seed."""
-    args = evaluate_cli.get_parser().parse_args(["--table", "xd", "--datasets", "dtd", "eurosat", "--seeds", "1", "2"])
+    args = tables.get_parser().parse_args(["jobs", "xd", "--root", ".", "--runs", ".", "--datasets", "dtd", "eurosat",
+                                           "--seeds", "1", "2"])
     args.method = "coop"
-    assert [str(j) for j in evaluate_cli.table_jobs(args)] == ["xd imagenet seed 1", "xd imagenet seed 2"]
-    assert evaluate_cli.table_jobs(args)[0].targets == ("dtd", "eurosat")
+    assert [str(j) for j in tables.table_jobs(args)] == ["xd imagenet seed 1", "xd imagenet seed 2"]
+    assert tables.table_jobs(args)[0].targets == ("dtd", "eurosat")
     args.method = "promptkd"
-    assert [str(j) for j in evaluate_cli.table_jobs(args)] == ["xd dtd seed 1", "xd dtd seed 2", "xd eurosat seed 1",
-                                                               "xd eurosat seed 2"]
+    assert [str(j) for j in tables.table_jobs(args)] == ["xd dtd seed 1", "xd dtd seed 2", "xd eurosat seed 1",
+                                                         "xd eurosat seed 2"]
 
 
 # ----------------------------------------------------------------------------- tables that cannot mix models
 
 def one_job(root, runs, seed="1", *train_args):
     data_root, weights = root
-    return evaluate_cli.main(["--table", "base2new", "--root", data_root, "--clip", weights, "--runs", str(runs),
-                              "--datasets", "dtd", "--seeds", seed, f"--train-args={TRAIN} {' '.join(train_args)}",
-                              f"--eval-args={EVAL}"])
+    return tables.main(["run", "base2new", "--root", data_root, "--clip", weights, "--runs", str(runs),
+                        "--datasets", "dtd", "--seeds", seed, f"--train-args={TRAIN} {' '.join(train_args)}",
+                        f"--eval-args={EVAL}"])
 
 
-def test_new_is_evaluated_again_when_base_is_another_model(root, tmp_path, capsys):
+def test_new_is_evaluated_again_when_base_is_another_model(root, tmp_path, capfd):
+    """(capfd: the steps run, and print, in the table's worker process.)"""
     one_job(root, tmp_path)
     run = tmp_path / "base2new" / "dtd" / "seed1"
     first = read_results(run / "new")
     assert first["checkpoint_sha256"] == read_results(run / "base")["checkpoint_sha256"]
     shutil.rmtree(run / "base")
+    capfd.readouterr()
     one_job(root, tmp_path, "1", "--lr", "0.05")  # base trained again, with other flags
-    out = capsys.readouterr().out
+    out = capfd.readouterr().out
+    assert "test (base): accuracy" in out  # the worker's output reaches capfd
     assert f"skip: {run / 'new'} is finished" not in out  # new/ of the old model is not "finished"
     second = read_results(run / "new")
     assert second["checkpoint_sha256"] == read_results(run / "base")["checkpoint_sha256"] != first["checkpoint_sha256"]
@@ -163,7 +169,7 @@ def test_report_refuses_pairs_of_other_models_and_impossible_accuracies(root, tm
     one_job(root, tmp_path, "1")
     one_job(root, tmp_path, "2")
     b2n = tmp_path / "base2new"
-    evaluate_cli.report(str(b2n))  # sound
+    tables.report(str(b2n))  # sound
 
     def edit(path, **changes):
         result = read_results(path)
@@ -184,7 +190,7 @@ def test_report_refuses_pairs_of_other_models_and_impossible_accuracies(root, tm
     for message, (folder, changes) in cases.items():
         original = edit(folder, **changes)
         with pytest.raises(SystemExit):
-            evaluate_cli.main(["--report", str(b2n)])
+            tables.main(["report", str(b2n)])
         assert message in capsys.readouterr().err, message
         with open(os.path.join(folder, "results.json"), "w") as f:
             json.dump(original, f)
@@ -225,22 +231,22 @@ def test_evaluations_cannot_lose_or_overwrite_results(run, tmp_path, capsys, mon
 
 
 def test_a_slot_reads_each_clip_once_and_a_launcher_runs_steps_as_commands(root, tmp_path, monkeypatch, capsys):
-    """One slot, two jobs in this process: the CLIP file is read once for all four steps. With --launcher
-    every step is a command of its own instead (a failing one fails its job: exit status 1)."""
-    reads = []
-    real = evaluate_cli.clip_model.read_state_dict
-    monkeypatch.setattr(evaluate_cli.clip_model, "read_state_dict", lambda path: reads.append(path) or real(path))
+    """One slot, two jobs in its worker process: the CLIP file is read once for all four steps. With
+    --launcher every step is a command of its own instead (a failing one fails its job: exit status 1)."""
+    monkeypatch.setattr(tables, "table_worker", helpers.table_worker_counting_clip_reads)
+    monkeypatch.setenv("CLIP_READS", str(tmp_path / "reads"))
     argv = table_argv(root, tmp_path / "kept")
     argv[argv.index("--datasets") + 1:argv.index("--seeds")] = ["dtd"]
-    evaluate_cli.main(argv)
+    tables.main(argv)
+    reads = (tmp_path / "reads").read_text().splitlines()
     assert reads == [root[1]] and len(os.listdir(tmp_path / "kept" / "base2new" / "dtd")) == 2
     monkeypatch.undo()
     launched = table_argv(root, tmp_path / "launched", "--launcher", sys.executable)
     launched[launched.index("--datasets") + 1:launched.index("--seeds")] = ["dtd"]
     launched[launched.index("--seeds") + 1:launched.index("--seeds") + 3] = ["1"]
-    evaluate_cli.main(launched)
+    tables.main(launched)
     assert_same_runs(str(tmp_path / "kept"), str(tmp_path / "launched"), [("dtd", "1")])
     capsys.readouterr()
     with pytest.raises(SystemExit) as err:
-        evaluate_cli.main([*launched[:-2], "--runs", str(tmp_path / "failed"), "--launcher", "false"])
+        tables.main([*launched[:-2], "--runs", str(tmp_path / "failed"), "--launcher", "false"])
     assert err.value.code == 1 and "1 job(s) failed:" in capsys.readouterr().err

@@ -23,6 +23,7 @@ import torch
 import clip_model
 import data
 import eval as evaluate_cli
+import outputs
 import train
 from textrefiner import TextRefinerCLIP
 from helpers import (
@@ -109,7 +110,7 @@ def test_resume_after_a_crash_between_or_after_the_checkpoint_writes(run, tmp_pa
     neither what the run tests nor what it saves."""
     root, weights, out = run
     assert [r["val_acc"] for r in read_log(out)] == sorted({r["val_acc"] for r in read_log(out)})
-    real_save = data.save_atomic
+    real_save = outputs.save_atomic
 
     class Crash(Exception):
         pass
@@ -119,7 +120,7 @@ def test_resume_after_a_crash_between_or_after_the_checkpoint_writes(run, tmp_pa
         if os.path.basename(path) == crash_after and obj["epoch"] == epoch:
             raise Crash
 
-    monkeypatch.setattr(data, "save_atomic", save_then_crash)
+    monkeypatch.setattr(outputs, "save_atomic", save_then_crash)
     with pytest.raises(Crash):
         train.main(train_argv(root, weights, str(tmp_path)))
     monkeypatch.undo()
@@ -169,8 +170,8 @@ def test_atomic_writes_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
-    data.save_atomic({"x": torch.arange(1000)}, str(tmp_path / "a.pt"))
-    data.write_json({"accuracy": 50.0}, str(tmp_path / "a.json"))
+    outputs.save_atomic({"x": torch.arange(1000)}, str(tmp_path / "a.pt"))
+    outputs.write_json({"accuracy": 50.0}, str(tmp_path / "a.json"))
     size_pt, size_json = os.path.getsize(tmp_path / "a.pt"), os.path.getsize(tmp_path / "a.json")
     assert events == [("fsync", size_pt), ("replace", size_pt), ("fsync", size_json), ("replace", size_json)]
     assert torch.equal(torch.load(tmp_path / "a.pt", weights_only=True)["x"], torch.arange(1000))
@@ -259,25 +260,24 @@ def test_missing_split_file_names_the_expected_path(run, tmp_path, capsys):
 
 def test_output_dir_lock_refuses_a_second_writer_and_takes_over_stale_locks(tmp_path):
     folder = str(tmp_path)
-    lock = data.acquire_output_lock(folder)
+    lock = outputs.acquire_output_lock(folder)
     with pytest.raises(data.UserError, match=r"in use by another run \(pid \d+ on host"):
-        data.acquire_output_lock(folder)  # a live process of this host holds it
-    data.release_output_lock(lock)
+        outputs.acquire_output_lock(folder)  # a live process of this host holds it
+    outputs.release_output_lock(lock)
     assert not os.path.exists(lock)
     write_lock(folder, host="node-7", pid=dead_pid())  # another host's pid cannot be checked from here
     with pytest.raises(data.UserError, match=r"host node-7 .*if that run is dead .*delete .*\.lock"):
-        data.acquire_output_lock(folder)
+        outputs.acquire_output_lock(folder)
     write_lock(folder, host=socket.gethostname(), pid=dead_pid())  # kill -9 on this host: stale
-    assert data.acquire_output_lock(folder) == lock
-    data.release_output_lock(lock)
+    assert outputs.acquire_output_lock(folder) == lock
+    outputs.release_output_lock(lock)
     write_lock(folder, host=socket.gethostname(), pid=dead_pid(), pidns="pid:[1]")  # another container's
     with pytest.raises(data.UserError, match="in use by another run"):
-        data.acquire_output_lock(folder)
-    # the pid reused by another process (its start time differs): stale too
-    write_lock(folder, host=socket.gethostname(), pid=os.getpid(), start=-1)
-    assert data.acquire_output_lock(folder) == lock
+        outputs.acquire_output_lock(folder)
+    write_lock(folder, host=socket.gethostname(), pid=dead_pid())
+    assert outputs.acquire_output_lock(folder) == lock
     assert json.load(open(lock))["pid"] == os.getpid()
-    data.release_output_lock(lock)
+    outputs.release_output_lock(lock)
     assert sorted(os.listdir(folder)) == []  # no helper file left
 
 
@@ -287,7 +287,7 @@ def take_over_stale_locks(folder, barrier, outcomes, rounds):
         barrier.wait()  # a stale lock is in place
         lock = None
         try:
-            lock = data.acquire_output_lock(folder)
+            lock = outputs.acquire_output_lock(folder)
             outcomes.put("won")
         except data.UserError as e:
             outcomes.put("refused" if "in use by another run (pid" in str(e) else f"UserError: {e}")
@@ -295,7 +295,7 @@ def take_over_stale_locks(folder, barrier, outcomes, rounds):
             outcomes.put(f"{type(e).__name__}: {e}")
         barrier.wait()  # both outcomes are in while the winner holds the lock
         if lock:
-            data.release_output_lock(lock)
+            outputs.release_output_lock(lock)
         barrier.wait()
 
 
@@ -341,25 +341,25 @@ def test_second_training_into_a_held_output_dir_is_refused_at_start(run, tmp_pat
 
 def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path):
     path = str(tmp_path / "last.pt")
-    data.save_atomic({"epoch": 0}, path)
+    outputs.save_atomic({"epoch": 0}, path)
     os.symlink("/dev/full", path + ".tmp")  # every write there fails with ENOSPC
     with pytest.raises(data.UserError, match=r"cannot write .*last\.pt: No space left on device; the previous "
                                               r"last\.pt is intact"):
-        data.save_atomic({"epoch": 1}, path)
+        outputs.save_atomic({"epoch": 1}, path)
     assert torch.load(path, weights_only=True) == {"epoch": 0}
     assert os.listdir(tmp_path) == ["last.pt"]
 
 
 def test_full_output_disk_stops_training_with_a_message_and_resume_continues(run, tmp_path, monkeypatch, capsys):
     root, weights, out = run
-    real_save = data.save_atomic
+    real_save = outputs.save_atomic
 
     def disk_full_at_epoch_1(obj, path):
         if obj["epoch"] == 1:
             os.symlink("/dev/full", path + ".tmp")  # the disk fills up while epoch 1 is saved
         real_save(obj, path)
 
-    monkeypatch.setattr(data, "save_atomic", disk_full_at_epoch_1)
+    monkeypatch.setattr(outputs, "save_atomic", disk_full_at_epoch_1)
     assert_usage_error(train.main, train_argv(root, weights, str(tmp_path)), "No space left on device; the previous "
                        "best.pt is intact", capsys)
     monkeypatch.undo()
@@ -370,9 +370,9 @@ def test_full_output_disk_stops_training_with_a_message_and_resume_continues(run
 
 
 def torch_save_fails_at_epoch(epoch):
-    """data.save_atomic as on a disk that fills while `epoch` is saved: torch.save's writer then raises
+    """outputs.save_atomic as on a disk that fills while `epoch` is saved: torch.save's writer then raises
     its RuntimeError, not an OSError."""
-    real_save = data.save_atomic
+    real_save = outputs.save_atomic
 
     def save(obj, path):
         if obj["epoch"] != epoch:
@@ -381,7 +381,7 @@ def torch_save_fails_at_epoch(epoch):
         def torch_save_on_a_full_disk(f):
             f.write(b"PK\x03\x04")
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4288 vs 4176")
-        data.replace_atomically(path, torch_save_on_a_full_disk)
+        outputs.replace_atomically(path, torch_save_on_a_full_disk)
     return save
 
 
@@ -393,7 +393,7 @@ def test_torch_save_failing_on_a_full_disk_is_one_line_also_when_resumed(method,
     argv = train_argv(root, weights, str(tmp_path)) if method == "coop" else pk_argv(base, tmp_path)
     for epoch, extra in ((1, []), (2, ["--resume"])):
         monkeypatch.undo()
-        monkeypatch.setattr(data, "save_atomic", torch_save_fails_at_epoch(epoch))
+        monkeypatch.setattr(outputs, "save_atomic", torch_save_fails_at_epoch(epoch))
         stderr = assert_usage_error(train.main, argv + extra, "unexpected pos 4288 vs 4176; the previous ", capsys)
         assert "free space on that disk, then run the same command again" in stderr
         assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == epoch - 1
@@ -417,7 +417,7 @@ def test_a_disk_too_full_for_the_run_is_found_at_start(run, tmp_path, monkeypatc
                        f"--output-dir {tmp_path}: its disk has 0.0 MiB free, results.json and the log need 1.0 MiB",
                        capsys)
     # room for the results but not for the checkpoints: refused once the model's size is known
-    monkeypatch.setattr(shutil, "disk_usage", disk_with(data.MIN_FREE_BYTES + 1))
+    monkeypatch.setattr(shutil, "disk_usage", disk_with(outputs.MIN_FREE_BYTES + 1))
     monkeypatch.setattr(train, "train_step", lambda *a, **k: pytest.fail("training started"))
     assert_usage_error(train.main, train_argv(root, weights, str(tmp_path)),
                        f"--output-dir {tmp_path}: its disk has 1.0 MiB free, the run's checkpoints (", capsys)
