@@ -557,7 +557,8 @@ def run_table(args, jobs):
                     start(device)
             if not any(worker.is_alive() for worker in workers):  # e.g. each failed to start
                 codes = ", ".join(str(worker.exitcode) for worker in workers)
-                raise UserError(f"every table worker died (exit codes {codes}); see the errors above")
+                raise UserError(f"every table worker died (exit codes {codes}); see the errors "
+                                f"above")
             continue
         if kind == "start":
             running[index] = value
