@@ -31,6 +31,7 @@ import torch
 
 import clip_model
 import data
+import flags
 import released
 import textrefiner
 import train
@@ -73,7 +74,7 @@ def step(args, Method, recipe):
     try:
         models = {name: model.to(device) for name, model in Method.benchmark_models(clip, classnames, recipe).items()}
     except textrefiner.RecipeError as e:
-        raise UserError(train.recipe_message(e)) from None
+        raise UserError(flags.recipe_message(e)) from None
     steps = {}
     for name, model in models.items():
         params = [p for p in model.parameters() if p.requires_grad]
@@ -363,7 +364,7 @@ def synthetic(args):
 
 def get_parser(Method=None, spec="coop"):
     """bench.py's commands; with Method, step takes its recipe's flags."""
-    positive = train.ranged(int, POSITIVE)
+    positive = flags.ranged(int, POSITIVE)
     p = argparse.ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("step", help="training (or --eval) steps of a method with and without TextRefiner")
@@ -372,11 +373,11 @@ def get_parser(Method=None, spec="coop"):
     s.add_argument("--eval", action="store_true", help="inference instead of training steps")
     s.add_argument("--num-classes", type=positive, default=100)
     s.add_argument("--steps", type=positive, default=20, help="timed rounds")
-    s.add_argument("--warmup", type=train.ranged(int, NON_NEGATIVE), default=3, help="untimed rounds before those")
-    s.add_argument("--device", type=train.device_flag, help="cuda, cuda:N or cpu (default: cuda when available)")
+    s.add_argument("--warmup", type=flags.ranged(int, NON_NEGATIVE), default=3, help="untimed rounds before those")
+    s.add_argument("--device", type=flags.device_flag, help="cuda, cuda:N or cpu (default: cuda when available)")
     s.add_argument("--precision", choices=("bf16", "fp16", "fp32"))
     if Method is not None:  # its recipe (--batch-size, --depth, --teacher-clip as a size name, ...)
-        train.add_recipe_flags(s, Method, spec)
+        flags.add_recipe_flags(s, Method, spec)
     r = sub.add_parser("run", help="a whole train.py run on synthetic JPEGs; unknown flags go to "
                                    "train.py")
     r.add_argument("--clip", default="ViT-B/16", choices=tuple(clip_model.CONFIGS))
@@ -397,7 +398,7 @@ def get_parser(Method=None, spec="coop"):
     ta = sub.add_parser("table", help="a small base2new table as separate processes and as one "
                                       "tables.py run; unknown flags go to train.py")
     ta.add_argument("--clip", default="ViT-B/16", choices=tuple(clip_model.CONFIGS))
-    ta.add_argument("--datasets", type=train.ranged(int, Range(lambda v: 1 <= v <= 6, "in 1..6")), default=3,
+    ta.add_argument("--datasets", type=flags.ranged(int, Range(lambda v: 1 <= v <= 6, "in 1..6")), default=3,
                     help="synthetic datasets (at most 6)")
     ta.add_argument("--seeds", type=positive, default=2)
     ta.add_argument("--rounds", type=positive, default=2, help="each way, alternating")
@@ -422,8 +423,8 @@ def get_parser(Method=None, spec="coop"):
 
 def _main(argv):
     argv = sys.argv[1:] if argv is None else argv
-    spec = train.method_spec(argv) if argv[:1] == ["step"] else "coop"
-    Method = train.load_method(spec) if argv[:1] == ["step"] else None
+    spec = flags.method_spec(argv) if argv[:1] == ["step"] else "coop"
+    Method = flags.load_method(spec) if argv[:1] == ["step"] else None
     p = get_parser(Method, spec)
     args, rest = p.parse_known_args(argv)
     if args.command == "run":
@@ -441,7 +442,7 @@ def _main(argv):
     if rest:
         p.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "step":
-        return step(args, Method, train.fill_recipe(p, args, Method, require=False))
+        return step(args, Method, flags.fill_recipe(p, args, Method, require=False))
     if args.command == "loader":
         return loader(args.dataset, args.root, workers=args.workers, batch_size=args.batch_size,
                       resolution=args.resolution, steps=args.steps, num_shots=args.shots)

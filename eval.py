@@ -24,6 +24,7 @@ from contextlib import nullcontext
 import clip_model
 import data
 import outputs
+import flags
 import released
 import textrefiner
 import train
@@ -32,9 +33,11 @@ from textrefiner import METHODS, POSITIVE, RecipeError, ZeroShotCLIP, ZeroShotRe
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="Evaluate a checkpoint, zero-shot CLIP or an authors' run folder.")
+    p = argparse.ArgumentParser(
+        prog="eval.py",
+        description="Evaluate a checkpoint, zero-shot CLIP or an authors' run folder.")
     p.add_argument("--checkpoint", help="train.py's best.pt/last.pt, or an authors' run folder")
-    p.add_argument("--epoch", type=train.ranged(int, POSITIVE),
+    p.add_argument("--epoch", type=flags.ranged(int, POSITIVE),
                    help="authors' folder: load model.pth.tar-EPOCH (default: model-best)")
     p.add_argument("--zeroshot", action="store_true", help="zero-shot CLIP instead of a checkpoint")
     p.add_argument("--method", help="refuse a checkpoint of another method")
@@ -48,12 +51,13 @@ def get_parser():
     p.add_argument("--root", help="data root")
     p.add_argument("--subsample", choices=data.SUBSAMPLES)
     p.add_argument("--split", default="test", choices=("test", "val"))
-    p.add_argument("--clip", help="CLIP name or weights file (default: the checkpoint's, else ViT-B/16)")
-    p.add_argument("--shots", type=int, help="few-shot split that defines base/new (default: checkpoint's)")
-    p.add_argument("--seed", type=train.ranged(int, train.SEEDS))
-    p.add_argument("--batch-size", type=train.ranged(int, POSITIVE), default=100, help="per rank")
+    p.add_argument("--clip", help="CLIP name or weights file (default: the checkpoint's)")
+    p.add_argument("--shots", type=int,
+                   help="few-shot split that defines base/new (default: the checkpoint's)")
+    p.add_argument("--seed", type=flags.ranged(int, flags.SEEDS))
+    p.add_argument("--batch-size", type=flags.ranged(int, POSITIVE), default=100, help="per rank")
     p.add_argument("--output-dir", help="write results.json here")
-    train.add_run_flags(p)
+    flags.add_run_flags(p)
     return p
 
 
@@ -64,10 +68,10 @@ def check_args(p, args):
     if args.checkpoint and not os.path.exists(args.checkpoint):
         p.error(f"--checkpoint {args.checkpoint!r} does not exist")
     if args.epoch is not None and not (args.checkpoint and os.path.isdir(args.checkpoint)):
-        p.error("--epoch N picks model.pth.tar-N in an authors' run folder; a train.py checkpoint is one epoch "
-                "(best.pt: best val, last.pt: last epoch)")
+        p.error("--epoch N picks model.pth.tar-N in an authors' run folder; a train.py checkpoint "
+                "is one epoch (best.pt: best val, last.pt: last epoch)")
     if args.clip:
-        train.check_weights_flag(p, args.clip)
+        flags.check_weights_flag(p, args.clip)
     if args.output_dir:
         try:
             outputs.check_output_dir(args.output_dir)
@@ -81,58 +85,67 @@ def read_checkpoint(args):
     """-> (trainable state dict, the run's flags as a dict (method and selection included), the CLIP
     weights an authors' folder stores (None for train.py's checkpoints, which hold no CLIP))."""
     if os.path.isdir(args.checkpoint):
-        ours = [n for n in ("best.pt", "last.pt") if os.path.isfile(os.path.join(args.checkpoint, n))]
+        ours = [n for n in ("best.pt", "last.pt")
+                if os.path.isfile(os.path.join(args.checkpoint, n))]
         if ours and released.authors_method(args.checkpoint) is None:
-            raise UserError(f"--checkpoint {args.checkpoint} is a train.py output folder: pass the file, "
-                            f"{os.path.join(args.checkpoint, ours[0])}")
+            raise UserError(f"--checkpoint {args.checkpoint} is a train.py output folder: pass the "
+                            f"file, {os.path.join(args.checkpoint, ours[0])}")
         state, info = released.load_authors_run(args.checkpoint, args.epoch)
-        run = {**info["flags"], "method": info["method"], "dataset": None, "root": None, "shots": 16, "seed": 1,
-               "subsample": "all", "precision": info["precision"], "refiner": True,
-               "clip": info["clip"] or "ViT-B/16", "selected": None}
-        return state, run, info["clip_weights"]
+        recorded = dict(info["flags"], method=info["method"], dataset=None, root=None, shots=16,
+                        seed=1, subsample="all", precision=info["precision"], refiner=True,
+                        clip=info["clip"] or "ViT-B/16", selected=None)
+        return state, recorded, info["clip_weights"]
     ckpt = outputs.load_checkpoint(args.checkpoint)
-    run = dict(train.recorded_flags(ckpt["args"]), selected=ckpt.get("selection"))  # e.g. "best-test"
-    return ckpt["model"], run, None
+    # selected: the selection the run made, e.g. "best-test"
+    recorded = dict(flags.recorded_flags(ckpt["args"]), selected=ckpt.get("selection"))
+    return ckpt["model"], recorded, None
 
 
-def check_flags_fit(args, run):
-    """--method and the input flags must be the checkpoint's method's: name what the checkpoint is."""
-    if args.method and args.method != run["method"]:
-        raise UserError(f"--method {args.method}: {args.checkpoint} is a --method {run['method']} checkpoint")
-    own = train.load_method(run["method"], run.get("method_file")).recipe.weight_files
+def check_flags_fit(args, recorded):
+    """--method and the weight-file flags must be the checkpoint's method's: name what it is."""
+    method = recorded["method"]
+    if args.method and args.method != method:
+        raise UserError(f"--method {args.method}: {args.checkpoint} is a --method {method} "
+                        f"checkpoint")
+    own = flags.load_method(method, recorded.get("method_file")).recipe.weight_files
     for name in {n for Model in METHODS.values() for n in Model.recipe.weight_files} - set(own):
-        flag = name.replace("_", "-")
-        for given in (f"--{flag}", f"--allow-other-{flag}"):
+        owners = " or ".join(m for m, M in METHODS.items() if name in M.recipe.weight_files)
+        for given in (flags.flag(name), "--allow-other-" + name.replace("_", "-")):
             if getattr(args, given[2:].replace("-", "_")):
-                raise UserError(f"{given}: {args.checkpoint} is a --method {run['method']} checkpoint, which has no "
-                                f"{flag} (a checkpoint of --method "
-                                f"{' or '.join(m for m, M in METHODS.items() if name in M.recipe.weight_files)} takes {given})")
+                raise UserError(f"{given}: {args.checkpoint} is a --method {method} checkpoint, "
+                                f"which has no {name.replace('_', '-')} (a checkpoint of --method "
+                                f"{owners} takes {given})")
 
 
-def resolve_inputs(args, run, Method, classnames):
-    """The inputs the model is built from (a PromptKD student's teacher): the flags, else the run's,
-    resolved by the method (a teacher folder to its file); a file that is not the run's (SHA-256) is
-    refused unless --allow-other-<input>."""
-    recorded = {name: run.get(name) for name in Method.recipe.weight_files}
-    for name in Method.recipe.weight_files:
-        given = getattr(args, name)
-        if given is None and recorded[name] is None and Method.recipe.__dataclass_fields__[name].metadata.get("required"):
-            raise UserError(f"--{name.replace('_', '-')} is required: {args.checkpoint} names none (an authors' run "
+def resolve_inputs(args, recorded, Method, classnames):
+    """The weights files the model is built from (a PromptKD student's teacher): the flags, else
+    the run's, resolved by the recipe (a teacher folder to its file); a file that is not the run's
+    (SHA-256) is refused unless --allow-other-<name>. -> (the run's flags so resolved, recipe)."""
+    weight_files = Method.recipe.weight_files
+    rules = textrefiner.rules(Method.recipe)
+    run_files = {name: recorded.get(name) for name in weight_files}
+    for name in weight_files:
+        given, flag = getattr(args, name), flags.flag(name)
+        if given is None and run_files[name] is None and rules[name].get("required"):
+            raise UserError(f"{flag} is required: {args.checkpoint} names none (an authors' run "
                             f"folder does not record it; pass the one it was trained with)")
-        run[name] = given or recorded[name]
-        if run[name] is not None and run[name] not in clip_model.MODELS and not os.path.exists(run[name]):
-            raise UserError(f"--{name.replace('_', '-')} {run[name]!r}: no such file or folder"
-                            + ("" if given else f" (the one {args.checkpoint} was trained with; pass --{name})"))
-    recorded_sha = {name: run.get(name + "_sha256") for name in Method.recipe.weight_files}
-    namespace = argparse.Namespace(**run)
-    recipe = train.prepare_recipe(Method, namespace, classnames)
-    for name in Method.recipe.weight_files:
-        ours, theirs = getattr(namespace, name + "_sha256"), recorded_sha[name]
-        if None not in (ours, theirs) and ours != theirs and not getattr(args, "allow_other_" + name):
-            flag = name.replace("_", "-")
-            raise UserError(f"--{flag} {getattr(namespace, name)}: not the {flag} {args.checkpoint} was trained with "
-                            f"({recorded[name]}, SHA-256 {theirs[:16]}..., this file {ours[:16]}...); pass that file, "
-                            f"or --allow-other-{flag} to evaluate with this one anyway")
+        recorded[name] = given or run_files[name]
+        value = recorded[name]
+        if value is not None and value not in clip_model.MODELS and not os.path.exists(value):
+            hint = "" if given else f" (the one {args.checkpoint} was trained with; pass {flag})"
+            raise UserError(f"{flag} {value!r}: no such file or folder{hint}")
+    run_sha = {name: recorded.get(name + "_sha256") for name in weight_files}
+    namespace = argparse.Namespace(**recorded)
+    recipe = flags.prepare_recipe(Method, namespace, classnames)
+    for name in weight_files:
+        ours, theirs = getattr(namespace, name + "_sha256"), run_sha[name]
+        allowed = getattr(args, "allow_other_" + name)
+        if None not in (ours, theirs) and ours != theirs and not allowed:
+            flag = flags.flag(name)
+            raise UserError(f"{flag} {getattr(namespace, name)}: not the {flag[2:]} "
+                            f"{args.checkpoint} was trained with ({run_files[name]}, SHA-256 "
+                            f"{theirs[:16]}..., this file {ours[:16]}...); pass that file, or "
+                            f"--allow-other-{flag[2:]} to evaluate with this one anyway")
     return vars(namespace), recipe
 
 
@@ -186,19 +199,20 @@ def load_model(args, recorded, Method, splits, state, stored_clip):
     classnames = splits.eval_classnames
     if args.zeroshot:
         try:
-            recipe = ZeroShotRecipe().for_run(recorded["dataset"], recorded["subsample"], classnames)
+            recipe = ZeroShotRecipe().for_run(recorded["dataset"], recorded["subsample"],
+                                              classnames)
         except RecipeError as e:
             raise UserError(f"--zeroshot: {e.problem} (--dataset {recorded['dataset']})") from None
     else:
         recorded, recipe = resolve_inputs(args, recorded, Method, splits.all_classnames)
     clip_name = args.clip or recorded["clip"]
-    clip = train.load_clip(clip_name)
+    clip = flags.load_clip(clip_name)
     if stored_clip:
         released.check_authors_clip(clip, stored_clip, clip_name, args.checkpoint)
     if args.zeroshot:
         model = ZeroShotCLIP(clip, classnames, recipe)
     else:
-        model = train.build_model(Method, clip, splits.classnames, recipe)
+        model = flags.build_model(Method, clip, splits.classnames, recipe)
         try:
             model.load_trainable_state_dict(state)
         except ValueError as e:
@@ -219,7 +233,7 @@ def run(args):
         else:
             state, recorded, stored_clip = read_checkpoint(args)
             check_flags_fit(args, recorded)
-        Method = ZeroShotCLIP if args.zeroshot else train.load_method(recorded["method"],
+        Method = ZeroShotCLIP if args.zeroshot else flags.load_method(recorded["method"],
                                                                         recorded.get("method_file"))
         precision = eval_precision(args, recorded, device)
         dataset, root, subsample, checkpoint = what_to_evaluate(args, recorded, Method)

@@ -36,10 +36,11 @@ import torch
 import clip_model
 import data
 import eval as eval_cli  # "eval" would shadow the builtin
+import flags
 import outputs
+import textrefiner
 import train
 from data import UserError
-import textrefiner
 from textrefiner import METHODS, NON_NEGATIVE, POSITIVE
 
 
@@ -371,7 +372,7 @@ def table_jobs(args):
         datasets = args.datasets or data.PAPER_DATASETS
         return [Job("base2new", d, s) for d in datasets for s in args.seeds]
     targets = tuple(args.datasets or XD_TARGETS)
-    if train.load_method(args.method).transductive:
+    if flags.load_method(args.method).transductive:
         return [Job("xd", t, s) for t in targets for s in args.seeds]
     return [Job("xd", "imagenet", s, targets) for s in args.seeds]
 
@@ -379,7 +380,7 @@ def table_jobs(args):
 def job_cost(job, args):
     """The images a job reads, roughly: training images times epochs, and every test image."""
     classes, test = SIZES.get(job.dataset, (100, 1000))
-    Method = train.load_method(args.method)
+    Method = flags.load_method(args.method)
     share = 0.5 if job.protocol == "base2new" and not Method.transductive else 1
     trained = Method.recipe.epochs * 16 * classes * share
     return trained + test + sum(SIZES[t][1] for t in job.targets)
@@ -387,13 +388,13 @@ def job_cost(job, args):
 
 def with_refiner(args):
     """Whether the table's runs train TextRefiner: a method with its settings, not --no-refiner."""
-    return not args.no_refiner and issubclass(train.load_method(args.method).recipe, textrefiner.RefinerRecipe)
+    return not args.no_refiner and issubclass(flags.load_method(args.method).recipe, textrefiner.RefinerRecipe)
 
 
 def job_steps(job, args, device):
     """The job's training step, then the evaluations of the model it tests."""
     method = ["--method", args.method, *(["--no-refiner"] if args.no_refiner else [])]
-    for name in train.load_method(args.method).recipe.weight_files:
+    for name in flags.load_method(args.method).recipe.weight_files:
         if getattr(args, name):
             method += [f"--{name.replace('_', '-')}", getattr(args, name)]
     common = ["--root", args.root, "--clip", args.clip, *(["--device", device] if device else [])]
@@ -608,14 +609,14 @@ def get_parser():
     table.add_argument("--clip", default="ViT-B/16", help="CLIP name or weights file")
     table.add_argument("--runs", required=True, help="<runs>/<protocol>/<dataset>/seed<S>")
     table.add_argument("--datasets", nargs="+", help="default: the 11 datasets, or 14 xd targets")
-    table.add_argument("--seeds", nargs="+", type=train.ranged(int, train.SEEDS), default=[1, 2, 3])
+    table.add_argument("--seeds", nargs="+", type=flags.ranged(int, flags.SEEDS), default=[1, 2, 3])
     table.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available")
     table.add_argument("--train-args", default="", help="more train.py flags, as one string")
     table.add_argument("--eval-args", default="", help="more eval.py flags, as one string")
     run = sub.add_parser("run", parents=[table], help="run the unfinished jobs, then report")
-    run.add_argument("--gpus", type=train.ranged(int, NON_NEGATIVE),
+    run.add_argument("--gpus", type=flags.ranged(int, NON_NEGATIVE),
                      help="GPUs to use (default: every visible one); with --device cpu, CPU slots (default 1)")
-    run.add_argument("--jobs-per-gpu", type=train.ranged(int, POSITIVE), default=1,
+    run.add_argument("--jobs-per-gpu", type=flags.ranged(int, POSITIVE), default=1,
                      help="jobs at once on one GPU")
     run.add_argument("--launcher", help="run every step as a command with this prefix (torchrun: "
                                         "a job over several GPUs)")
@@ -627,7 +628,7 @@ def get_parser():
 
 def check_table_args(p, args):
     """Flag errors argparse cannot see; p.error exits with status 2 and the usage line."""
-    train.load_method(args.method)  # a --method that cannot load fails before any job
+    flags.load_method(args.method)  # a --method that cannot load fails before any job
     if not os.path.isdir(args.root):
         p.error(f"--root {args.root!r} is not a directory")
     unknown = [d for d in args.datasets or () if d not in data.DATASETS]

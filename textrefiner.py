@@ -58,7 +58,6 @@ import torch.nn.functional as F
 import clip_model
 import data
 from clip_model import text_length, tokenize
-from data import UserError
 from kernels import cache_update, feature_align
 
 

@@ -1,5 +1,6 @@
-"""Train a prompt learner (--method: CoOp + TextRefiner by default; any key of textrefiner.METHODS)
-on a CoOp benchmark, with the method's recipe unless flags say otherwise.
+"""Train a prompt learner (--method: CoOp + TextRefiner by default, another host of
+textrefiner.METHODS, or your own MODULE:CLASS / path/to/file.py:CLASS) on a CoOp benchmark, with
+the method's recipe unless flags say otherwise.
 
     python train.py --dataset caltech101 --root /data --subsample base --seed 1 \
         --output-dir output/coop/base2new/caltech101/seed1/base
@@ -8,8 +9,10 @@ on a CoOp benchmark, with the method's recipe unless flags say otherwise.
     torchrun --standalone --nproc_per_node=4 train.py ...   # the global --batch-size over 4 GPUs
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py
     python train.py ... --resume                             # continue an interrupted run
+    python train.py --method examples/clip_adapter.py:CLIPAdapter --ratio 0.5 ...  # your method
 
-Flags: the run's own, and one per field of every registered recipe (unset: the --method's value).
+Flags: the run's own, and one per field of the --method's recipe (unset: the recipe's value;
+`python train.py --method M --help` lists them).
 
 Writes into --output-dir (the files and their rules: outputs.py):
     last.pt       after every epoch, atomically: trainable state, optimizer, scaler, epoch, args,
@@ -23,15 +26,11 @@ Writes into --output-dir (the files and their rules: outputs.py):
 import argparse
 import dataclasses
 import datetime
-import hashlib
-import importlib
-import importlib.util
 import inspect
 import json
 import math
 import os
 import random
-import re
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -43,10 +42,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import clip_model
 import data
+import flags
 import outputs
 import textrefiner
 from data import UserError
-from textrefiner import FINITE, METHODS, NON_NEGATIVE, POSITIVE, Range, RecipeError
+from textrefiner import METHODS, POSITIVE
 
 # DDP's broadcast_buffers became forward_sync_buffers in torch 2.13; drop this when GPU hosts
 # have >= 2.13.
@@ -64,282 +64,53 @@ SELECTIONS = {"best-val": "the epoch of best val accuracy",
 # ----------------------------------------------------------------------------- flags
 
 
-def flag(name):
-    """The command-line spelling of a field or flag attribute: batch_size -> --batch-size."""
-    return "--" + name.replace("_", "-")
-
-
-def ranged(kind, allowed):
-    """An argparse type=: kind(text), refused by argparse (exit 2, naming the flag) unless the
-    textrefiner.Range `allowed` takes it."""
-    def parse(text):
-        value = kind(text)
-        if not allowed.ok(value):
-            raise argparse.ArgumentTypeError(f"must be {allowed.text}, got {value}")
-        return value
-    parse.__name__ = kind.__name__  # argparse's "invalid int value" names the type
-    return parse
-
-
-SEEDS = Range(lambda v: 0 <= v < 2**32, "in [0, 4294967295]")  # what numpy takes
-# timedelta overflows past ~2.7e12 s: a week is longer than any collective should wait
-TIMEOUTS = Range(lambda v: 0 < v <= 7 * 24 * 3600, "in (0, 604800] (at most a week)")
-
-
-def device_flag(name):
-    """--device's type: cpu, or a CUDA device this machine has (argparse's usage error otherwise)."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:  # not a device string: refused below as any type but cpu and cuda
-        device = torch.device("meta")
-    count = torch.cuda.device_count()
-    if device.type not in ("cpu", "cuda") or device.type == "cuda" and (device.index or 0) >= count:
-        raise argparse.ArgumentTypeError(f"{name!r}: expected cpu, cuda or cuda:N, N below the {count} CUDA devices "
-                                         f"of this machine")
-    return name
-
-
-def add_run_flags(p):
-    """The flags train.py and eval.py share."""
-    p.add_argument("--workers", type=ranged(int, NON_NEGATIVE), default=4, help="data loader workers per rank")
-    p.add_argument("--device", type=device_flag, help="cuda, cuda:N or cpu (default: cuda when available)")
-    p.add_argument("--dist-timeout", type=ranged(float, TIMEOUTS), default=900.0, metavar="SECONDS",
-                   help="torchrun: a collective waiting longer for another rank ends the run (default 900)")
-    p.add_argument("--precision", choices=("bf16", "fp16", "fp32"),
-                   help="autocast dtype of the frozen towers (default: bf16 on CUDA, fp32 on CPU)")
-
-
-def add_recipe_flags(p, Method, spec):
-    """A flag per field of the method's recipe, default None (filled in by fill_recipe). A field that is
-    also one of the command's own flags is a UserError naming the method."""
-    g = p.add_argument_group(f"the recipe of --method {spec} ({Method.recipe.__name__}); unset: the value shown")
-    rules = textrefiner.rules(Method.recipe)
-    for field in dataclasses.fields(Method.recipe):
-        kind = {"int": int, "float": float, "bool": bool}.get(field.type, field.type)  # postponed annotations
-        allowed, required = rules[field.name].get("allowed"), rules[field.name].get("required")
-        shown = field.default if field.default is not None else f"required: {required}" if required else "per dataset"
-        options = dict(help=f"{shown}", default=None)
-        if kind is bool:
-            options.update(action=argparse.BooleanOptionalAction)
-        elif isinstance(allowed, tuple):
-            options.update(choices=allowed, type=kind)
-        else:
-            kind = kind if kind in (int, float) else str
-            options.update(type=ranged(kind, allowed) if isinstance(allowed, Range) else kind)
-        try:
-            g.add_argument(flag(field.name), **options)
-        except argparse.ArgumentError:
-            raise UserError(f"--method {spec}: its recipe field {field.name!r} is also {p.prog}'s own flag "
-                            f"{flag(field.name)}; rename the field") from None
-
-
 def get_parser(spec="coop"):
     """train.py's flags, the recipe's of --method `spec` among them."""
-    p = argparse.ArgumentParser(prog="train.py", allow_abbrev=False, description="Train a prompt learner (default: CoOp + TextRefiner) "
-                                "with its recipe; every recipe flag left unset takes the --method's value.")
-    p.add_argument("--method", default="coop",
-                   help=f"one of {', '.join(METHODS)}, or your own: MODULE:CLASS or path/to/file.py:CLASS")
+    p = argparse.ArgumentParser(prog="train.py", allow_abbrev=False, description=(
+        "Train a prompt learner (default: CoOp + TextRefiner) with its recipe; every recipe flag "
+        "left unset takes the --method's value."))
+    p.add_argument("--method", default="coop", help=f"one of {', '.join(METHODS)}, or your own: "
+                                                    f"MODULE:CLASS or path/to/file.py:CLASS")
     p.add_argument("--dataset", help=f"one of {', '.join(data.DATASETS)}")
     p.add_argument("--root", help="data root holding the CoOp dataset folders")
     p.add_argument("--clip", default="ViT-B/16", help="official CLIP name or a weights file")
     p.add_argument("--shots", type=int, default=16, help="images per class (<= 0: all)")
-    p.add_argument("--seed", type=ranged(int, SEEDS), default=1)
+    p.add_argument("--seed", type=flags.ranged(int, flags.SEEDS), default=1)
     p.add_argument("--subsample", default="all", choices=data.SUBSAMPLES,
                    help="the classes evaluated (and trained on, unless the method is transductive)")
-    p.add_argument("--xd", action="store_true", help="the method's cross-dataset recipe (its Recipe.xd values)")
+    p.add_argument("--xd", action="store_true",
+                   help="the method's cross-dataset recipe (its Recipe.xd values)")
     p.add_argument("--output-dir", help="checkpoints, log.jsonl and results.json go here")
-    p.add_argument("--resume", action="store_true", help="continue from <output-dir>/last.pt if present")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from <output-dir>/last.pt if present")
     p.add_argument("--no-feature-cache", action="store_true",
-                   help="encode the val/test images at every evaluation instead of once per run (same results)")
-    p.add_argument("--eval-batch-size", type=ranged(int, POSITIVE), default=100, help="per rank")
-    p.add_argument("--log-interval", type=ranged(int, POSITIVE), default=20, help="steps between progress lines")
-    add_run_flags(p)
-    add_recipe_flags(p, load_method(spec), spec)
+                   help="encode the val/test images at every evaluation (same results, slower)")
+    p.add_argument("--eval-batch-size", type=flags.ranged(int, POSITIVE), default=100,
+                   help="per rank")
+    p.add_argument("--log-interval", type=flags.ranged(int, POSITIVE), default=20,
+                   help="steps between progress lines")
+    flags.add_run_flags(p)
+    flags.add_recipe_flags(p, flags.load_method(spec), spec)
     return p
 
 
-def method_spec(argv):
-    """--method's value in argv (default coop), read before the method's own flags exist."""
-    first = argparse.ArgumentParser(add_help=False)
-    first.add_argument("--method", default="coop")
-    return first.parse_known_args(argv)[0].method
-
-
-def parse_known(p, argv, spec):
-    """p.parse_args, except that a flag of another method's recipe is named as such."""
-    args, unknown = p.parse_known_args(argv)
-    for item in unknown:
-        name = item.split("=")[0][2:].replace("-", "_")
-        owners = [m for m, M in METHODS.items() if name.removeprefix("no_") in recipe_field_names(M)]
-        if item.startswith("--") and owners:
-            p.error(f"{item.split('=')[0]} applies to --method {' or '.join(owners)}, not {spec}")
-    if unknown:
-        p.error(f"unrecognized arguments: {' '.join(unknown)}")
-    return args
-
-
-def check_method(method, spec):
-    """UserError unless `method` (what --method `spec` names) is a PromptCLIP whose recipe is a Recipe
-    dataclass that leaves TextRefiner's settings alone."""
-    if not (isinstance(method, type) and issubclass(method, textrefiner.PromptCLIP)):
-        raise UserError(f"--method {spec}: {method!r} is not a textrefiner.PromptCLIP subclass")
-    recipe = method.recipe
-    if not (isinstance(recipe, type) and issubclass(recipe, textrefiner.Recipe) and dataclasses.is_dataclass(recipe)):
-        raise UserError(f"--method {spec}: its recipe {recipe!r} is not a @dataclass subclass of textrefiner.Recipe")
-    for field in dataclasses.fields(recipe):
-        if field.name in textrefiner.REFINER_FIELDS and not field.metadata.get("textrefiner"):
-            raise UserError(f"--method {spec}: {recipe.__name__}.{field.name} redeclares TextRefiner's setting "
-                            f"{field.name!r}; rename your field (or, to change TextRefiner's default on purpose, "
-                            f"declare it with textrefiner.setting(..., textrefiner=True))")
-
-
-def load_method(spec, recorded_file=None):
-    """--method: a name of METHODS, MODULE:CLASS (an importable module) or path/to/file.py:CLASS,
-    the file found as given or else at recorded_file (its absolute path when the run started).
-    -> the checked PromptCLIP class; UserError (one line) for what cannot be loaded."""
-    if spec in METHODS:
-        method = METHODS[spec]
-    elif ":" not in spec:
-        raise UserError(f"--method {spec!r}: expected one of {', '.join(METHODS)}, MODULE:CLASS or "
-                        f"FILE.py:CLASS")
-    else:
-        where, name = spec.rsplit(":", 1)
-        if where.endswith(".py") and not os.path.isfile(where) and recorded_file:
-            where = recorded_file
-        try:
-            module = import_file(where) if where.endswith(".py") else importlib.import_module(where)
-        except ImportError as e:
-            raise UserError(f"--method {spec}: cannot import {where} ({e})") from None
-        method = getattr(module, name, None)
-        if method is None:
-            raise UserError(f"--method {spec}: {where} has no {name}")
-    check_method(method, spec)
-    return method
-
-
-def method_file(spec):
-    """The absolute path of a --method FILE.py:CLASS's file (recorded with the run), else None."""
-    where = spec.rsplit(":", 1)[0]
-    return os.path.abspath(where) if ":" in spec and where.endswith(".py") else None
-
-
-def import_file(path):
-    """The module of a .py file, imported once per absolute path (its folder on sys.path meanwhile,
-    so it can import its neighbours)."""
-    path = os.path.abspath(path)
-    if not os.path.isfile(path):
-        raise ImportError(f"no such file {path}")
-    name = "textrefiner_method_" + hashlib.sha256(path.encode()).hexdigest()[:16]
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        sys.path.insert(0, os.path.dirname(path))
-        try:
-            spec.loader.exec_module(module)
-        except BaseException:
-            del sys.modules[name]
-            raise
-        finally:
-            sys.path.remove(os.path.dirname(path))
-    return sys.modules[name]
-
-
-def recipe_field_names(Method):
-    return {f.name for f in dataclasses.fields(Method.recipe)}
-
-
-def recorded_flags(values):
-    """A checkpoint's flags in today's spelling (no_refiner was refiner's)."""
-    if "no_refiner" in values and "refiner" not in values:
-        values = dict(values, refiner=not values["no_refiner"])
-    return values
-
-
-def recipe_of(Method, values):
-    """Method's recipe with the values a flat dict (the run's flags, a checkpoint's) holds for its fields."""
-    values = recorded_flags(values)
-    return Method.recipe(**{k: values[k] for k in recipe_field_names(Method) if values.get(k) is not None})
-
-
-def recipe_message(error):
-    """A RecipeError as the command lines say it: the field's flag, then the problem, in which the
-    other fields of the registered recipes named in snake_case (warmup_epochs) are flags too."""
-    fields = {name for Method in METHODS.values() for name in recipe_field_names(Method) if "_" in name}
-    problem = re.sub(r"\b[a-z]+(?:_[a-z]+)+\b", lambda m: flag(m[0]) if m[0] in fields else m[0], error.problem)
-    return f"{flag(error.field)} {problem}"
-
-
-def fill_recipe(p, args, Method, require=True):
-    """Every recipe flag left unset takes the recipe's value (with --xd its cross-dataset values);
-    p.error for a value the recipe refuses, and (require) for a missing required flag or weights file."""
-    given = {k: getattr(args, k) for k in recipe_field_names(Method) if getattr(args, k) is not None}
-    try:
-        recipe = Method.recipe(**{**(Method.recipe.xd if getattr(args, "xd", False) else {}), **given})
-    except RecipeError as e:
-        p.error(recipe_message(e))
-    for name, rule in textrefiner.rules(recipe).items():
-        setattr(args, name, getattr(recipe, name))
-        if require and getattr(args, name) is None and rule.get("required"):
-            p.error(f"--method {args.method} needs {flag(name)} ({rule['required']})")
-    for name in recipe.weight_files if require else ():  # weights the model is built from, as --clip
-        check_weights_flag(p, getattr(args, name), flag(name))
-    return recipe
-
-
-def check_weights_flag(p, name, flag="--clip"):
-    """p.error unless name is None, an official CLIP name or an existing file or folder."""
-    if name is not None and name not in clip_model.MODELS and not os.path.exists(name):
-        p.error(f"{flag} {name!r}: no such file or folder; expected an official name "
-                f"({', '.join(clip_model.MODELS)}) or a weights file")
-
-
 def resolve_args(p, args, Method):
-    """Flag errors argparse cannot see (p.error: status 2 and the usage line), the recipe filled in."""
+    """Flag errors argparse cannot see (p.error: status 2 and the usage line); the recipe filled
+    in."""
     for name in ("dataset", "root", "output_dir"):
         if getattr(args, name) is None:
-            p.error(f"{flag(name)} is required")
+            p.error(f"{flags.flag(name)} is required")
     if args.dataset not in data.DATASETS:
         p.error(f"--dataset {args.dataset!r}: expected one of {', '.join(data.DATASETS)}")
     if not os.path.isdir(args.root):
         p.error(f"--root {args.root!r} is not a directory")
-    fill_recipe(p, args, Method)
-    check_weights_flag(p, args.clip)
+    flags.fill_recipe(p, args, Method)
+    flags.check_weights_flag(p, args.clip)
     try:
         outputs.check_output_dir(args.output_dir)
     except UserError as e:
         p.error(str(e))
 
-
-def prepare_recipe(Method, args, classnames):
-    """The run's recipe (textrefiner.Recipe.for_run: values per dataset, a teacher folder to its file,
-    the prompts of every class checked) before any weights load, recorded in args with the SHA-256 of
-    each weights file: --resume and eval.py compare the file by content."""
-    try:
-        recipe = recipe_of(Method, vars(args)).for_run(args.dataset, args.subsample, classnames)
-    except RecipeError as e:
-        raise UserError(recipe_message(e)) from None
-    vars(args).update(dataclasses.asdict(recipe))
-    for name in recipe.weight_files:
-        value = getattr(args, name)
-        setattr(args, name + "_sha256", clip_model.sha256(value) if value and os.path.isfile(value) else None)
-    return recipe
-
-
-def build_model(Method, clip, classnames, recipe):
-    """Method(clip, classnames, recipe); a value the model cannot take is the one-line error naming its flag."""
-    try:
-        return Method(clip, classnames, recipe)
-    except RecipeError as e:
-        raise UserError(recipe_message(e)) from None
-
-
-def load_clip(name, flag="--clip"):
-    """clip_model.load_clip with a one-line error naming the flag."""
-    try:
-        return clip_model.load_clip(name)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise UserError(f"{flag} {name}: {e}") from None
 
 # ----------------------------------------------------------------------------- runtime
 
@@ -509,10 +280,12 @@ def evaluate(model, loader, classnames, device, precision, feature_cache=None, r
 
 
 def make_optimizer(params, recipe):
-    """The recipe's optimizer: SGD with momentum, or AdamW (adapters); weight decay on every tensor."""
+    """The recipe's optimizer: SGD with momentum, or AdamW (adapters); weight decay on every
+    trainable tensor."""
     if recipe.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
-    return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+    return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum,
+                           weight_decay=recipe.weight_decay)
 
 
 def lr_at(epoch, args):
@@ -539,17 +312,20 @@ def train_step(model, images, labels, optimizer, scaler, device, precision):
 
 
 def resume_state(path, args):
-    """last.pt's checkpoint, its flags compared with this run's: the method, RUN_KEYS and the recipe
-    (an input file by its SHA-256; a flag the checkpoint predates is not compared)."""
+    """last.pt's checkpoint, its flags compared with this run's: the method, RUN_KEYS and the
+    recipe (a weights file by its SHA-256; a flag the checkpoint predates is not compared)."""
     ckpt = outputs.load_checkpoint(path)
-    if (recorded := recorded_flags(ckpt["args"])).get("method") != args.method:
-        raise UserError(f"--resume: {path} is a --method {recorded.get('method')} run, this command trains "
-                        f"--method {args.method}; choose another --output-dir")
-    keys = [k + "_sha256" if getattr(args, k + "_sha256", None) else k
-            for k in RUN_KEYS + tuple(recipe_field_names(load_method(args.method)))]
-    changed = {k: (recorded[k], getattr(args, k)) for k in keys if k in recorded and recorded[k] != getattr(args, k)}
+    recorded = flags.recorded_flags(ckpt["args"])
+    if recorded.get("method") != args.method:
+        raise UserError(f"--resume: {path} is a --method {recorded.get('method')} run, this "
+                        f"command trains --method {args.method}; choose another --output-dir")
+    names = RUN_KEYS + tuple(flags.recipe_field_names(flags.load_method(args.method)))
+    keys = [k + "_sha256" if getattr(args, k + "_sha256", None) else k for k in names]
+    changed = {k: (recorded[k], getattr(args, k))
+               for k in keys if k in recorded and recorded[k] != getattr(args, k)}
     if changed:
-        raise UserError(f"--resume: flags differ from the run in {path} (checkpoint value, new value): {changed}")
+        raise UserError(f"--resume: flags differ from the run in {path} (checkpoint value, new "
+                        f"value): {changed}")
     return ckpt
 
 
@@ -585,7 +361,7 @@ def setup(args, rank, world_size, device, group):
     args.precision = default_precision(args, device)
     paths = {name: os.path.join(args.output_dir, name)
              for name in ("last.pt", "best.pt", "log.jsonl", "results.json")}
-    Method = load_method(args.method, args.method_file)
+    Method = flags.load_method(args.method, args.method_file)
     splits = data.run_splits(args.dataset, args.root, args.shots, args.seed, args.subsample,
                              Method.transductive)
     if not splits.train:
@@ -593,7 +369,7 @@ def setup(args, rank, world_size, device, group):
     if not splits.test:
         raise UserError(f"--dataset {args.dataset} ({args.subsample} classes): the test split is "
                         f"empty; the final test would have no image")
-    recipe = prepare_recipe(Method, args, splits.all_classnames)
+    recipe = flags.prepare_recipe(Method, args, splits.all_classnames)
     old = outputs.read_json(paths["results.json"]) or {}  # only the results of its checkpoints
     if os.path.exists(paths["results.json"]) and all(
             outputs.results_match(old, checkpoint=paths[name]) for name in ("best.pt", "last.pt")):
@@ -604,7 +380,8 @@ def setup(args, rank, world_size, device, group):
                         f"another --output-dir")
     ckpt = resume_state(paths["last.pt"], args) if os.path.exists(paths["last.pt"]) else None
     seed_everything(args.seed)  # the same on every rank: identical initialisation
-    raw_model = build_model(Method, load_clip(args.clip), splits.classnames, recipe).to(device)
+    clip = flags.load_clip(args.clip)
+    raw_model = flags.build_model(Method, clip, splits.classnames, recipe).to(device)
     model = raw_model
     if world_size > 1:
         raw_model.set_process_group(group)
@@ -743,11 +520,12 @@ def final_test(run, args):
         run.raw_model.load_trainable_state_dict(run.best_state)
     results = evaluate(run.raw_model, run.test_loader, run.splits.eval_classnames, run.device,
                        args.precision, run.feature_cache, run.splits.rows)
-    weight_files = load_method(args.method, args.method_file).recipe.weight_files
+    weight_files = flags.load_method(args.method, args.method_file).recipe.weight_files
     inputs = {k: getattr(args, k) for name in weight_files for k in (name, name + "_sha256")}
     tested = os.path.abspath(run.paths["best.pt" if selected else "last.pt"])  # eval.py's too
     results.update(split="test", dataset=args.dataset, subsample=args.subsample, method=args.method,
-                   refiner=bool(getattr(args, "refiner", False)), train_classes=len(run.splits.classnames),
+                   refiner=bool(getattr(args, "refiner", False)),
+                   train_classes=len(run.splits.classnames),
                    train_images=len(run.splits.train), selection=run.selection, checkpoint=tested,
                    checkpoint_sha256=clip_model.sha256(tested) if run.rank == 0 else None,
                    epoch=run.best["epoch"] if selected else args.epochs - 1, **inputs,
@@ -781,12 +559,12 @@ def command_line():
 
 
 def parse_args(argv=None):
-    spec = method_spec(argv)
-    Method = load_method(spec)
+    spec = flags.method_spec(argv)
+    Method = flags.load_method(spec)
     p = get_parser(spec)
-    args = parse_known(p, argv, spec)
+    args = flags.parse_known(p, argv, spec)
     resolve_args(p, args, Method)
-    args.method_file = method_file(spec)
+    args.method_file = flags.method_file(spec)
     return args
 
 

@@ -3,14 +3,14 @@
 frozen image tower's feature, classified against CLIP's hand-crafted "a photo of a {}." prompts,
 which TextRefiner refines. Nothing in the repository knows this file:
 
-    make base2new DATASET=caltech101 METHOD=examples/clip_adapter.py:CLIPAdapter            # + TextRefiner
-    make base2new DATASET=caltech101 METHOD=examples/clip_adapter.py:CLIPAdapter REFINER=0  # the adapter
+    make base2new DATASET=caltech101 METHOD=examples/clip_adapter.py:CLIPAdapter  # + TextRefiner
+    make base2new DATASET=caltech101 METHOD=examples/clip_adapter.py:CLIPAdapter REFINER=0
     python train.py --method examples/clip_adapter.py:CLIPAdapter --ratio 0.6 ...
     python bench.py step --method examples/clip_adapter.py:CLIPAdapter
 
-The adapter's shape and ratio are the paper's (reduction 4, ratio 0.2); the optimiser and schedule
-are this example's choice for the 16-shot base-to-new protocol (AdamW, as adapters usually are
-trained), not a reproduction of the paper's few-shot table.
+(REFINER=0 trains the adapter alone.) The adapter's shape and ratio are the paper's (reduction 4,
+ratio 0.2); the optimiser and schedule are this example's choice for the 16-shot base-to-new
+protocol (AdamW, as adapters usually are trained), not a reproduction of the paper's table.
 """
 from dataclasses import dataclass
 
@@ -45,7 +45,8 @@ class CLIPAdapter(textrefiner.PromptCLIP):
         self.adapter = nn.Sequential(nn.Linear(width, hidden, bias=False), nn.ReLU(),
                                      nn.Linear(hidden, width, bias=False), nn.ReLU())
         self.ratio = recipe.ratio
-        self.handcrafted = hosts.TemplateFeatures([recipe.template])  # frozen: encoded once per class set
+        # the frozen text tower's features, encoded once per class set
+        self.handcrafted = hosts.TemplateFeatures([recipe.template])
 
     def set_classnames(self, classnames):
         self.handcrafted.set_classnames(classnames)

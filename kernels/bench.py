@@ -24,7 +24,8 @@ import kernels
 
 README = os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
-# TIMED_ROUNDS is a multiple of 2 and 3, so with 2 or 3 implementations each takes each place equally often
+# TIMED_ROUNDS is a multiple of 2 and 3, so with 2 or 3 implementations each takes each place
+# equally often
 WARMUP_ROUNDS, TIMED_ROUNDS = 5, 30
 
 
@@ -68,7 +69,8 @@ def loop_cache_update(tokens, cache, momentum=0.8):
     for m in range(cache.shape[0]):
         rows = (assign == m).nonzero()[:, 0]
         if rows.numel() > 0:
-            new[m] = momentum * cache[m] + (1 - momentum) * (weight[rows, m, None] * x_hat[rows]).sum(dim=0)
+            weighted = (weight[rows, m, None] * x_hat[rows]).sum(dim=0)  # (D,)
+            new[m] = momentum * cache[m] + (1 - momentum) * weighted
     return F.normalize(new, dim=-1)
 
 
@@ -89,9 +91,10 @@ def bench_align(n, d, dtype, backward, d_hid=None, needs_dx=False):
     needs_dx: x requires grad (PromptKD's prompted student tokens), else frozen CLIP tokens."""
     d_hid = d if d_hid is None else d_hid
     x = torch.randn(n, d, device="cuda").to(dtype).requires_grad_(backward and needs_dx)
-    params = [torch.randn(d_hid, d, device="cuda") / d ** 0.5, torch.zeros(d_hid, device="cuda"),
-              torch.ones(d_hid, device="cuda"), torch.zeros(d_hid, device="cuda"),
-              torch.randn(d_hid, d_hid, device="cuda") / d_hid ** 0.5, torch.zeros(d_hid, device="cuda")]
+    w1, w2 = torch.randn(d_hid, d) / d ** 0.5, torch.randn(d_hid, d_hid) / d_hid ** 0.5
+    b1, beta, b2 = torch.zeros(d_hid), torch.zeros(d_hid), torch.zeros(d_hid)
+    gamma = torch.ones(d_hid)
+    params = [t.to("cuda") for t in (w1, b1, gamma, beta, w2, b2)]
     for p in params:
         p.requires_grad_(backward)
     dy = torch.randn(n, d_hid, device="cuda")
@@ -110,12 +113,14 @@ def bench_align(n, d, dtype, backward, d_hid=None, needs_dx=False):
 
     ms = time_interleaved({backend: run(backend) for backend in ("triton", "torch")})
     mode = ("fwd+bwd+dx" if needs_dx else "fwd+bwd") if backward else "fwd"
-    return dict(op="feature_align", n=n, d=d if d_hid == d else f"{d}->{d_hid}", mode=mode, ms=ms, bytes=moved)
+    width = d if d_hid == d else f"{d}->{d_hid}"
+    return dict(op="feature_align", n=n, d=width, mode=mode, ms=ms, bytes=moved)
 
 
 def table(rows, dtype):
-    lines = [f"tokens/x dtype {dtype}; M = 25; medians of {TIMED_ROUNDS} rounds after {WARMUP_ROUNDS} warm-up "
-             "rounds, the implementations alternating in every round (order rotating); ratios of the medians",
+    lines = [f"tokens/x dtype {dtype}; M = 25; medians of {TIMED_ROUNDS} rounds after "
+             f"{WARMUP_ROUNDS} warm-up rounds, the implementations alternating in every round "
+             "(order rotating); ratios of the medians",
              "",
              "| op | N | D | pass | Triton ms | torch ms | loop ms | vs torch | vs loop | Triton GB/s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -124,17 +129,21 @@ def table(rows, dtype):
         loop_ms, vs_loop = "-", "-"
         if "loop" in ms:
             loop_ms, vs_loop = f"{ms['loop']:.3f}", f"{ms['loop'] / ms['triton']:.2f}x"
+        speed = r["bytes"] / ms["triton"] / 1e6  # GB/s
         lines.append(
-            f"| {r['op']} | {r['n']} | {r['d']} | {r['mode']} | {ms['triton']:.3f} | {ms['torch']:.3f} | "
-            f"{loop_ms} | {ms['torch'] / ms['triton']:.2f}x | {vs_loop} | {r['bytes'] / ms['triton'] / 1e6:.0f} |")
+            f"| {r['op']} | {r['n']} | {r['d']} | {r['mode']} | {ms['triton']:.3f} | "
+            f"{ms['torch']:.3f} | {loop_ms} | {ms['torch'] / ms['triton']:.2f}x | {vs_loop} | "
+            f"{speed:.0f} |")
     return "\n".join(lines)
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                         help="token dtype (TextRefiner feeds fp32 aligned tokens to the cache)")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave kernels/README.md")
+    parser.add_argument("--no-write", action="store_true",
+                        help="print only; leave kernels/README.md as it is")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("kernels/bench.py: needs a CUDA device and none was found; nothing measured "
@@ -151,8 +160,8 @@ def main():
         rows.append(bench_align(n, 512, dtype, backward=False, d_hid=768))
         rows.append(bench_align(n, 512, dtype, backward=True, d_hid=768, needs_dx=True))
         print(f"done PromptKD N={n} D=512->768", file=sys.stderr)
-    header = (f"GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}; triton {triton.__version__}; "
-              f"CUDA {torch.version.cuda}")
+    header = (f"GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}; triton "
+              f"{triton.__version__}; CUDA {torch.version.cuda}")
     text = header + "\n\n" + table(rows, args.dtype)
     print(text)
     if not args.no_write:
@@ -160,8 +169,8 @@ def main():
             readme = f.read()
         if BEGIN not in readme or END not in readme:
             sys.exit(f"kernels/bench.py: {README} lacks the {BEGIN} ... {END} markers")
-        readme = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: f"{BEGIN}\n{text}\n{END}",
-                        readme, flags=re.S)
+        section = re.escape(BEGIN) + ".*?" + re.escape(END)
+        readme = re.sub(section, lambda _: f"{BEGIN}\n{text}\n{END}", readme, flags=re.S)
         with open(README, "w") as f:
             f.write(readme)
         print(f"written into {README}", file=sys.stderr)

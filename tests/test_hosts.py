@@ -16,6 +16,7 @@ import clip_model
 import eval as evaluate_cli
 import tables
 import textrefiner
+import flags
 import train
 from clip_model import CONFIGS, build_model, random_state_dict, tokenize
 from helpers import (Interrupted, assert_same_tensors, assert_usage_error, interrupt_at_epoch, read_log, read_results,
@@ -46,12 +47,12 @@ def reference(method):
     return torch.load(os.path.join(REFERENCE, f"{method}.pt"), weights_only=True)
 
 
-def recipe_for(method, *flags, dataset="oxford_pets", classnames=("cat", "dog")):
+def recipe_for(method, *argv, dataset="oxford_pets", classnames=("cat", "dog")):
     """`method`'s recipe as train.py resolves its flags, for a base-class run on `dataset`."""
-    Method = train.load_method(method)
+    Method = flags.load_method(method)
     p = train.get_parser(method)
-    args = p.parse_args(["--method", method, "--dataset", dataset, *flags])
-    return train.fill_recipe(p, args, Method, require=False).for_run(dataset, "base", list(classnames))
+    args = p.parse_args(["--method", method, "--dataset", dataset, *argv])
+    return flags.fill_recipe(p, args, Method, require=False).for_run(dataset, "base", list(classnames))
 
 
 def ours(model, official):
@@ -84,12 +85,12 @@ def official_clip():
     return build_model(state_dict)
 
 
-def official_model(method, clip, *flags):
+def official_model(method, clip, *extra):
     """Our `method` without TextRefiner as the reference run built it (its recipe, prompt depth and dataset),
     holding the official initial tensors."""
     ref = reference(method)
     depth = [str(v) for k, v in ref["hparams"].items() if k.startswith("PROMPT_DEPTH")][:1]
-    recipe = recipe_for(method, "--no-refiner", *(["--depth", *depth] if depth else []), *flags,
+    recipe = recipe_for(method, "--no-refiner", *(["--depth", *depth] if depth else []), *extra,
                         dataset=ref["dataset"], classnames=ref["classnames"])
     model = textrefiner.METHODS[method](clip, ref["classnames"], recipe)
     trainable, copied = {id(p) for p in model.parameters() if p.requires_grad}, set()
@@ -182,9 +183,9 @@ def test_trainable_counts_at_vit_b16_shapes(method):
     with torch.device("meta"):
         clip = clip_model.CLIP(CONFIGS["ViT-B/16"]).requires_grad_(False)
     official = VIT_B16_COUNTS[method]
-    for flags, count in (((), official + REFINER_PARAMETERS), (("--no-refiner",), official)):
-        model = textrefiner.METHODS[method](clip, ["cat", "dog"], recipe_for(method, *flags))
-        assert sum(p.numel() for p in model.parameters() if p.requires_grad) == count, flags
+    for argv, count in (((), official + REFINER_PARAMETERS), (("--no-refiner",), official)):
+        model = textrefiner.METHODS[method](clip, ["cat", "dog"], recipe_for(method, *argv))
+        assert sum(p.numel() for p in model.parameters() if p.requires_grad) == count, argv
 
 # ----------------------------------------------------------------------------- with TextRefiner: float64 references
 
@@ -358,7 +359,7 @@ def load_run(base, out, name="last.pt"):
     """(checkpoint, its model rebuilt from the run's flags with the checkpoint's state loaded)."""
     ckpt = torch.load(os.path.join(out, name), weights_only=True)
     Method = textrefiner.METHODS[ckpt["args"]["method"]]
-    model = Method(clip_model.load_clip(synthetic(base)[1]), ["a", "b", "c"], train.recipe_of(Method, ckpt["args"]))
+    model = Method(clip_model.load_clip(synthetic(base)[1]), ["a", "b", "c"], flags.recipe_of(Method, ckpt["args"]))
     model.load_trainable_state_dict(ckpt["model"])
     return ckpt, model
 

@@ -19,6 +19,7 @@ import data
 import eval as evaluate_cli
 import hosts
 import textrefiner
+import flags
 import train
 from clip_model import tokenize
 from helpers import assert_usage_error, synthetic, train_argv
@@ -118,7 +119,7 @@ def test_stored_image_features_are_never_served_to_a_model_that_computes_its_own
     """A method overriding image_features (CLIP-Adapter, which does not declare frozen image features)
     is encoded at every evaluation: after a change of its adapter, the cached evaluation is the uncached one."""
     root, weights, _ = run
-    Adapter = train.load_method(f"{EXAMPLE}:CLIPAdapter")
+    Adapter = flags.load_method(f"{EXAMPLE}:CLIPAdapter")
     splits = data.load_splits("caltech101", root, subsample="base")
     model = Adapter(clip_model.load_clip(weights), splits["classnames"])
     loader = data.build_eval_loader(splits["test"], 4, 32, workers=0)
@@ -183,7 +184,7 @@ def test_every_host_starts_from_the_same_tensors_with_and_without_textrefiner():
     width = teacher_clip.config.transformer_width
     prompts = (torch.randn(4, width), torch.randn(1, 4, width), torch.randn(2, 4, teacher_clip.config.vision_width))
     for name, Method in textrefiner.METHODS.items():
-        recipe = Method.recipe(**({"depth": 2} if "depth" in train.recipe_field_names(Method) else {}))
+        recipe = Method.recipe(**({"depth": 2} if "depth" in flags.recipe_field_names(Method) else {}))
         parts = dict(teacher=hosts.PromptSRCTeacher(teacher_clip, *prompts, ["cat", "dog"])) if name == "promptkd" else {}
         host = {}
         for refiner in (True, False):

@@ -17,6 +17,7 @@ import eval as evaluate_cli
 import released
 import tables
 import textrefiner
+import flags
 import train
 from helpers import (
     EPOCHS, PK_DEPTH, REPO, TEACHER_FILE, assert_close_to_scale, assert_same_tensors, assert_usage_error,
@@ -26,11 +27,11 @@ from helpers import (
 
 def test_recipe_rows_fill_flags_left_at_none_and_explicit_flags_win():
     def resolved(*argv):
-        spec = train.method_spec(list(argv))
-        Method = train.load_method(spec)
+        spec = flags.method_spec(list(argv))
+        Method = flags.load_method(spec)
         p = train.get_parser(spec)
         args = p.parse_args(list(argv))
-        recipe = train.fill_recipe(p, args, Method, require=False)
+        recipe = flags.fill_recipe(p, args, Method, require=False)
         vars(args).update(dataclasses.asdict(recipe.for_run(args.dataset, "base", ["cat", "dog"])))
         return args
 
