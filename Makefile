@@ -7,8 +7,10 @@ ifeq ($(origin PYTHON),command line)
 VENV_STAMP :=
 endif
 
-# Paper protocols, for any --method (override on the command line: make base2new DATASET=dtd SEED=2).
-# Runs go to $(OUTPUT)/<method>/ ($(OUTPUT)/<method>-plain/ with REFINER=0: the method without TextRefiner).
+# Paper protocols, for any --method (override on the command line: make base2new DATASET=dtd SEED=2),
+# your own too: METHOD=path/to/file.py:CLASS or METHOD=module:CLASS. Runs go to $(OUTPUT)/<name>/
+# ($(OUTPUT)/<name>-plain/ with REFINER=0: the method without TextRefiner), <name> the METHOD's
+# last part (coop, or CLASS).
 DATA ?= data
 CLIP ?= ViT-B/16
 GPUS ?= 1
@@ -27,7 +29,7 @@ RUN := $(PYTHON)
 else
 RUN := $(PYTHON) -m torch.distributed.run --standalone --nproc_per_node=$(GPUS)
 endif
-RUNS := $(OUTPUT)/$(METHOD)$(if $(filter 0,$(REFINER)),-plain)
+RUNS := $(OUTPUT)/$(lastword $(subst :, ,$(METHOD)))$(if $(filter 0,$(REFINER)),-plain)
 DEMO := work/demo
 
 .PHONY: install test demo demo-promptkd base2new xd table table-xd table-jobs report gpu-check

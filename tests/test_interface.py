@@ -6,6 +6,8 @@ import dataclasses
 import json
 import os
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import pytest
@@ -22,7 +24,7 @@ import textrefiner
 import flags
 import train
 from clip_model import tokenize
-from helpers import assert_usage_error, synthetic, train_argv
+from helpers import REPO, assert_usage_error, synthetic, train_argv
 
 
 @dataclass
@@ -193,3 +195,34 @@ def test_every_host_starts_from_the_same_tensors_with_and_without_textrefiner():
             host[refiner] = {k: v for k, v in model.named_parameters() if v.requires_grad and "refiner." not in k}
         assert host[True].keys() == host[False].keys(), name
         assert all(torch.equal(host[True][k], host[False][k]) for k in host[True]), name
+
+
+def test_make_runs_a_method_from_a_file_under_torchrun_and_over_two_table_workers(tmp_path, capsys):
+    """METHOD=FILE.py:CLASS through the make targets users run: base2new with GPUS=2 (each step under
+    torchrun, 2 CPU ranks) and a table over two spawned workers; runs land in OUTPUT/<CLASS>/, the
+    method's own flag is recorded, and the benchmark takes the same spec."""
+    root, weights = synthetic(str(tmp_path))
+    method_file = tmp_path / "adapter.py"
+    shutil.copy(EXAMPLE, method_file)
+    spec = f"{method_file}:CLIPAdapter"
+    train_args = "--epochs 1 --warmup-epochs 0 --batch-size 4 --workers 0 --device cpu --ratio 0.4"
+    common = [f"DATA={root}", f"CLIP={weights}", f"METHOD={spec}", f"PYTHON={sys.executable}",
+              f"TRAIN_ARGS={train_args}", "EVAL_ARGS=--workers 0 --device cpu"]
+    for target, extra in (("base2new", ["DATASET=caltech101", "GPUS=2"]),
+                          ("table", ["DATASETS=caltech101", "SEEDS=1 2", "GPUS=2"])):
+        output = tmp_path / target
+        proc = subprocess.run(["make", "--no-print-directory", "-C", REPO, target, f"OUTPUT={output}", *common, *extra],
+                              capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        seeds = (1,) if target == "base2new" else (1, 2)
+        for seed in seeds:
+            run = output / "CLIPAdapter" / "base2new" / "caltech101" / f"seed{seed}"
+            base = json.load(open(run / "base" / "results.json"))
+            assert base["method"] == spec and base["args"]["ratio"] == 0.4, target
+            assert json.load(open(run / "new" / "results.json"))["method"] == spec
+    assert "torch.distributed.run --standalone --nproc_per_node=2" in subprocess.run(
+        ["make", "-n", "-C", REPO, "base2new", "DATASET=caltech101", *common, "GPUS=2"],
+        capture_output=True, text=True).stdout
+    rates = bench.main(["step", "--method", spec, "--clip", "tiny", "--device", "cpu", "--batch-size", "2",
+                        "--num-classes", "3", "--steps", "1", "--warmup", "1"])
+    assert set(rates) == {"CLIP-Adapter+TextRefiner", "CLIP-Adapter"}
