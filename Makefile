@@ -112,5 +112,7 @@ demo-promptkd: install
 # Needs no .venv; a GPU host with its own torch: make gpu-check GPU_PYTHON=python3
 GPU_PYTHON ?= $(PYTHON)
 GPU_OUT ?= gpu-results
+# The methods of the family-benchmarks step (your own: GPU_METHODS="maple path/to/file.py:CLASS").
+GPU_METHODS ?= cocoop kgcoop ivlp maple promptsrc
 gpu-check:
-	GPU_PYTHON="$(GPU_PYTHON)" GPU_OUT="$(GPU_OUT)" .ci/gpu-check
+	GPU_PYTHON="$(GPU_PYTHON)" GPU_OUT="$(GPU_OUT)" GPU_METHODS="$(GPU_METHODS)" .ci/gpu-check
