@@ -309,7 +309,7 @@ def report(root):
     name = (Method.title or Method.__name__) if Method else method
     title = f"{name} + TextRefiner" if refiner else name
     selections = sorted({s for *_, s in seen if s})
-    selection = "; ".join(f"{s} ({train.SELECTIONS.get(s, s)})" for s in selections)
+    selection = "; ".join(f"{s} ({outputs.SELECTIONS.get(s, s)})" for s in selections)
     selection = f"Model selection: {selection or 'not recorded'}"
     if runs:
         summary = dict(summarise_base2new(runs), method=method, refiner=refiner,

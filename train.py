@@ -54,11 +54,6 @@ DDP_NO_BUFFER_SYNC = next(name for name in ("forward_sync_buffers", "broadcast_b
                           if name in inspect.signature(DDP).parameters)
 # Flags besides the recipe's that define the computation: a resumed run must repeat them.
 RUN_KEYS = ("method", "dataset", "clip", "shots", "seed", "subsample", "precision", "xd")
-# results.json "selection" -> what it means (printed at start and by the report).
-SELECTIONS = {"best-val": "the epoch of best val accuracy",
-              "best-test": "the epoch of best test accuracy on the evaluated classes, as released; "
-                           "this selects on test data",
-              "last": "the last epoch"}
 
 
 # ----------------------------------------------------------------------------- flags
@@ -443,7 +438,7 @@ def train(args):
                    f"{len(splits.train)} train images; {args.subsample} classes evaluated "
                    f"({len(splits.eval_classnames)}): {len(splits.val)} val, {len(splits.test)} "
                    f"test images; {steps} steps/epoch; {world_size} rank(s) on {device}, "
-                   f"{args.precision}; model selection: {SELECTIONS[run.selection]}")
+                   f"{args.precision}; model selection: {outputs.SELECTIONS[run.selection]}")
         t_run, done = time.perf_counter(), 0
         for epoch in range(run.start_epoch, args.epochs):
             t_epoch, lr = time.perf_counter(), lr_at(epoch, args)
