@@ -14,6 +14,7 @@ import torch
 import bench as benchmarks
 import clip_model
 import eval as evaluate_cli
+import results
 import tables
 import textrefiner
 import flags
@@ -468,8 +469,8 @@ def test_report_puts_the_published_numbers_beside_ours(method, tmp_path, capsys)
         write_result(tmp_path / "dtd" / "seed1" / part, accuracy, method=method, refiner=True, selection="last")
     tables.main(["report", str(tmp_path)])
     out = capsys.readouterr().out
-    assert out.startswith(f"{Method.title} + TextRefiner: base-to-new") and tables.PUBLISHED[method]["note"] in out
-    (name, numbers), = tables.PUBLISHED[method]["base2new"].items()
+    assert out.startswith(f"{Method.title} + TextRefiner: base-to-new") and results.PUBLISHED[method]["note"] in out
+    (name, numbers), = results.PUBLISHED[method]["base2new"].items()
     assert name == Method.title and " ".join(f"{v:.2f}" for v in numbers) in " ".join(out.split())
 
 

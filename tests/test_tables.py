@@ -14,6 +14,7 @@ import torch
 
 import eval as evaluate_cli
 import helpers
+import report
 import tables
 import train
 from helpers import REPO, assert_usage_error, read_results, write_lock
@@ -169,7 +170,7 @@ def test_report_refuses_pairs_of_other_models_and_impossible_accuracies(root, tm
     one_job(root, tmp_path, "1")
     one_job(root, tmp_path, "2")
     b2n = tmp_path / "base2new"
-    tables.report(str(b2n))  # sound
+    report.report_folder(str(b2n))  # sound
 
     def edit(path, **changes):
         result = read_results(path)
@@ -250,3 +251,4 @@ def test_a_slot_reads_each_clip_once_and_a_launcher_runs_steps_as_commands(root,
     with pytest.raises(SystemExit) as err:
         tables.main([*launched[:-2], "--runs", str(tmp_path / "failed"), "--launcher", "false"])
     assert err.value.code == 1 and "1 job(s) failed:" in capsys.readouterr().err
+
