@@ -30,7 +30,7 @@ endif
 RUNS := $(OUTPUT)/$(METHOD)$(if $(filter 0,$(REFINER)),-plain)
 DEMO := work/demo
 
-.PHONY: install test demo demo-promptkd base2new xd table table-xd table-jobs report gpu-check
+.PHONY: install test demo demo-promptkd base2new xd table table-xd table-fewshot table-jobs report gpu-check
 install: $(VENV_STAMP)
 
 # Idempotent: re-runs only when requirements.txt changes or .venv is gone.
@@ -74,9 +74,13 @@ table: install
 	@$(PYTHON) tables.py run base2new $(TABLE_FLAGS) $(TABLE_JOBS)
 table-xd: install
 	@$(PYTHON) tables.py run xd $(TABLE_FLAGS) $(TABLE_JOBS)
+# CoOp's few-shot protocol: SHOTS images of every class (the method's few-shot recipe), every class tested.
+SHOTS ?= 1 2 4 8 16
+table-fewshot: install
+	@$(PYTHON) tables.py run fewshot $(TABLE_FLAGS) $(TABLE_JOBS) --shots $(SHOTS)
 table-jobs: install
 	@$(PYTHON) tables.py jobs $(or $(PROTOCOL),base2new) $(TABLE_FLAGS) $(if $(DATASETS),--datasets $(DATASETS)) \
-	  --seeds $(SEEDS)
+	  --seeds $(SEEDS) $(if $(filter fewshot,$(PROTOCOL)),--shots $(SHOTS))
 
 # Every table under OUTPUT, then the methods side by side (<m> beside <m>-plain) in OUTPUT/report.{csv,md,tex,png};
 # reads results.json files only (no torch). Fails (status 2) when there is no table, or when a results.json is

@@ -4,6 +4,7 @@ the report of the finished runs beside the published numbers (report.py).
     python tables.py run base2new --root /data --runs output/coop   # 11 datasets x seeds 1 2 3
     python tables.py run xd --method promptkd --teacher /teachers --root /data \
         --runs output/promptkd                                       # the cross-dataset table
+    python tables.py run fewshot --root /data --runs output/coop    # 1 2 4 8 16 shots, 11 datasets
     python tables.py run base2new --root /data --runs output/coop --gpus 4 --jobs-per-gpu 2
     python tables.py run base2new --root /data --runs output/coop --datasets dtd --seeds 1 \
         --launcher "torchrun --standalone --nproc_per_node=4"       # one job over 4 GPUs
@@ -11,9 +12,11 @@ the report of the finished runs beside the published numbers (report.py).
     python tables.py run base2new --root /data --runs output/coop --job $SLURM_ARRAY_TASK_ID
     python tables.py report output/coop/base2new                    # mean±std over seeds, HM
 
-A job is one dataset and seed. base2new trains on the base classes (train.py) and tests the new
-ones with the model it tested (eval.py); xd trains on ImageNet and tests every target (a
-transductive method: a model per target). A step whose results.json is finished is skipped, an
+A job is one dataset and seed (and number of shots). base2new trains on the base classes
+(train.py) and tests the new ones with the model it tested (eval.py); xd trains on ImageNet and
+tests every target (a transductive method: a model per target); fewshot trains on --shots K images
+of every class with the method's few-shot recipe (train.py --few-shot) and tests every class, in
+<runs>/fewshot/<dataset>/shots<K>/seed<S>. A step whose results.json is finished is skipped, an
 interrupted training resumes. Each slot (--jobs-per-gpu on each of --gpus) is a worker process
 that reads each CLIP file once; a failed job is listed at the end (exit status 1), the others go
 on. --launcher runs each step as a command of its own instead (torchrun: a job over several GPUs).
@@ -63,9 +66,12 @@ class Job:
     dataset: str
     seed: int
     targets: tuple = ()
+    shots: int = None  # fewshot: the images per class trained on
 
     def __str__(self):
-        return f"{self.protocol} {self.dataset} seed {self.seed}"
+        if self.shots is None:
+            return f"{self.protocol} {self.dataset} seed {self.seed}"
+        return f"{self.protocol} {self.dataset} shots {self.shots} seed {self.seed}"
 
 
 @dataclass(frozen=True)
@@ -84,6 +90,10 @@ def table_jobs(args):
     if args.protocol == "base2new":
         datasets = args.datasets or data.PAPER_DATASETS
         return [Job("base2new", d, s) for d in datasets for s in args.seeds]
+    if args.protocol == "fewshot":
+        datasets = args.datasets or data.PAPER_DATASETS
+        return [Job("fewshot", d, s, shots=k)
+                for d in datasets for k in args.shots for s in args.seeds]
     targets = tuple(args.datasets or XD_TARGETS)
     if flags.load_method(args.method).transductive:
         return [Job("xd", t, s) for t in targets for s in args.seeds]
@@ -95,7 +105,11 @@ def job_cost(job, args):
     classes, test = SIZES.get(job.dataset, (100, 1000))
     Method = flags.load_method(args.method)
     share = 0.5 if job.protocol == "base2new" and not Method.transductive else 1
-    trained = Method.recipe.epochs * 16 * classes * share
+    epochs, shots = Method.recipe.epochs, 16
+    if job.protocol == "fewshot":
+        epochs = Method.recipe.few_shot(job.shots, job.dataset).get("epochs", epochs)
+        shots = job.shots
+    trained = epochs * shots * classes * share
     return trained + test + sum(SIZES[t][1] for t in job.targets)
 
 
@@ -113,6 +127,12 @@ def job_steps(job, args, device):
     common = ["--root", args.root, "--clip", args.clip, *(["--device", device] if device else [])]
     trains = (*method, *common, "--seed", str(job.seed))
     folder = os.path.join(args.runs, job.protocol, job.dataset, f"seed{job.seed}")
+    if job.protocol == "fewshot":
+        folder = os.path.join(args.runs, job.protocol, job.dataset, f"shots{job.shots}",
+                              f"seed{job.seed}")
+        return [Step("train.py", job.dataset, folder, job.dataset, "all",
+                     (*trains, "--few-shot", "--dataset", job.dataset, "--subsample", "all",
+                      "--shots", str(job.shots)))]
     if job.protocol == "base2new":
         return [Step("train.py", "base", os.path.join(folder, "base"), job.dataset, "base",
                      (*trains, "--dataset", job.dataset, "--subsample", "base")),
@@ -135,7 +155,7 @@ def finish(step, job, args, trained, run_step):
     path = os.path.join(step.folder, "results.json")
     result = outputs.read_json(path)
     expected = dict(dataset=step.dataset, subsample=step.subsample, split="test",
-                    method=args.method, refiner=with_refiner(args), seed=job.seed,
+                    method=args.method, refiner=with_refiner(args), seed=job.seed, shots=job.shots,
                     checkpoint_sha256=None if trained is None else trained.get("checkpoint_sha256"))
     if result is not None and not outputs.results_match(result, **expected):
         if run_step:
@@ -312,7 +332,7 @@ def get_parser():
                                             "list them, or report finished runs.")
     sub = p.add_subparsers(dest="command", required=True)
     table = argparse.ArgumentParser(add_help=False)
-    table.add_argument("protocol", choices=("base2new", "xd"))
+    table.add_argument("protocol", choices=("base2new", "xd", "fewshot"))
     table.add_argument("--method", default="coop", help="as train.py's --method")
     for name in sorted({name for Model in METHODS.values() for name in Model.recipe.weight_files}):
         flag = name.replace("_", "-")
@@ -323,6 +343,8 @@ def get_parser():
     table.add_argument("--runs", required=True, help="<runs>/<protocol>/<dataset>/seed<S>")
     table.add_argument("--datasets", nargs="+", help="default: the 11 datasets, or 14 xd targets")
     table.add_argument("--seeds", nargs="+", type=flags.ranged(int, flags.SEEDS), default=[1, 2, 3])
+    table.add_argument("--shots", nargs="+", type=flags.ranged(int, POSITIVE),
+                       help="fewshot: the images per class of its runs (default: 1 2 4 8 16)")
     table.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available")
     table.add_argument("--train-args", default="", help="more train.py flags, as one string")
     table.add_argument("--eval-args", default="", help="more eval.py flags, as one string")
@@ -335,7 +357,8 @@ def get_parser():
                                         "a job over several GPUs)")
     run.add_argument("--job", type=int, help="run only the job of this index (a SLURM array task)")
     sub.add_parser("jobs", parents=[table], help="print the jobs, one per line with its index")
-    sub.add_parser("report", help="summarise <runs>/base2new or <runs>/xd").add_argument("folder")
+    sub.add_parser("report", help="summarise <runs>/base2new, xd or fewshot (report.py: every "
+                                  "table of an output folder)").add_argument("folder")
     return p
 
 
@@ -347,6 +370,11 @@ def check_table_args(p, args):
     unknown = [d for d in args.datasets or () if d not in data.DATASETS]
     if unknown:
         p.error(f"--datasets {unknown[0]!r}: expected some of {', '.join(data.DATASETS)}")
+    if args.shots and args.protocol != "fewshot":
+        p.error(f"--shots is for the fewshot protocol; {args.protocol} runs train on 16 shots "
+                f"(train.py's --shots)")
+    if args.protocol == "fewshot":
+        args.shots = args.shots or [1, 2, 4, 8, 16]
     args.train_args, args.eval_args = shlex.split(args.train_args), shlex.split(args.eval_args)
     try:
         outputs.check_output_dir(args.runs, "--runs")
