@@ -32,7 +32,7 @@ endif
 RUNS := $(OUTPUT)/$(lastword $(subst :, ,$(METHOD)))$(if $(filter 0,$(REFINER)),-plain)
 DEMO := work/demo
 
-.PHONY: install test demo demo-promptkd base2new xd table table-xd table-jobs report gpu-check
+.PHONY: install test demo demo-promptkd base2new xd table table-xd table-fewshot table-jobs report gpu-check
 install: $(VENV_STAMP)
 
 # Idempotent: re-runs only when requirements.txt changes or .venv is gone.
@@ -76,15 +76,19 @@ table: install
 	@$(PYTHON) tables.py run base2new $(TABLE_FLAGS) $(TABLE_JOBS)
 table-xd: install
 	@$(PYTHON) tables.py run xd $(TABLE_FLAGS) $(TABLE_JOBS)
+# CoOp's few-shot protocol: SHOTS images of every class (the method's few-shot recipe), every class tested.
+SHOTS ?= 1 2 4 8 16
+table-fewshot: install
+	@$(PYTHON) tables.py run fewshot $(TABLE_FLAGS) $(TABLE_JOBS) --shots $(SHOTS)
 table-jobs: install
 	@$(PYTHON) tables.py jobs $(or $(PROTOCOL),base2new) $(TABLE_FLAGS) $(if $(DATASETS),--datasets $(DATASETS)) \
-	  --seeds $(SEEDS)
+	  --seeds $(SEEDS) $(if $(filter fewshot,$(PROTOCOL)),--shots $(SHOTS))
 
-# Every table under OUTPUT; fails (status 2) when there is none, or when a results.json is not what its folder says.
+# Every table under OUTPUT, then the methods side by side (<m> beside <m>-plain) in OUTPUT/report.{csv,md,tex,png};
+# reads results.json files only (no torch). Fails (status 2) when there is no table, or when a results.json is
+# not what its folder says.
 report: install
-	@found=; for d in $(wildcard $(OUTPUT)/*/base2new $(OUTPUT)/*/xd); do found=1; \
-	  $(PYTHON) tables.py report $$d || exit 1; echo; done; \
-	  test -n "$$found" || { echo "make report: nothing to report: no $(OUTPUT)/<method>/base2new or xd (set OUTPUT=...)" >&2; exit 2; }
+	@$(PYTHON) report.py $(OUTPUT)
 
 # A synthetic CoOp-layout dataset and a tiny random CLIP, then the real base2new flow (it ends with the report):
 # 10 classes x 32 images of 32 px, 10 epochs; ~20 s on 2 cores (mostly Python start-ups).

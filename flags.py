@@ -224,11 +224,13 @@ def recipe_message(error):
 
 
 def fill_recipe(p, args, Method, require=True):
-    """Every recipe flag left unset takes the recipe's value (with --xd its cross-dataset values);
-    p.error for a value the recipe refuses, and (require) for a missing required flag or weights
-    file."""
+    """Every recipe flag left unset takes the recipe's value (with --xd its cross-dataset values,
+    with --few-shot its few-shot values for --shots on --dataset); p.error for a value the recipe
+    refuses, and (require) for a missing required flag or weights file."""
     given = {k: getattr(args, k) for k in recipe_field_names(Method) if getattr(args, k) is not None}
     defaults = Method.recipe.xd if getattr(args, "xd", False) else {}
+    if getattr(args, "few_shot", False):
+        defaults = Method.recipe.few_shot(args.shots, args.dataset)
     try:
         recipe = Method.recipe(**{**defaults, **given})
     except RecipeError as e:

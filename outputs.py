@@ -19,14 +19,18 @@ import time
 import zipfile
 from contextlib import nullcontext
 
-import torch
+from catalog import UserError
 
-import clip_model
-from data import UserError
-
+# torch (and clip_model) are imported where a checkpoint is written or read: the report reads
+# results.json files through this module without loading torch.
 MIN_FREE_BYTES = 2**20  # what an output folder needs at start: results.json (~100 KiB) and the log
 CHECKPOINT_KINDS = ("train.py's best.pt or last.pt, or an authors' run folder (holding "
                     "prompt_learner/ and Memory/)")
+# results.json "selection" -> what it means (train.py prints it at start; the report too).
+SELECTIONS = {"best-val": "the epoch of best val accuracy",
+              "best-test": "the epoch of best test accuracy on the evaluated classes, as released; "
+                           "this selects on test data",
+              "last": "the last epoch"}
 
 
 def check_output_dir(path, flag="--output-dir"):
@@ -81,6 +85,7 @@ def replace_atomically(path, write, shared=False):
 
 
 def save_atomic(obj, path):
+    import torch
     replace_atomically(path, lambda f: torch.save(obj, f))
 
 
@@ -129,6 +134,9 @@ def rewind_log(path, record):
 
 def load_checkpoint(path):
     """A checkpoint dict written by train.py; anything else is a UserError saying what it is."""
+    import torch
+
+    import clip_model
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path!r} not found")
     if not zipfile.is_zipfile(path):

@@ -36,8 +36,7 @@ hosts (PromptKD, CoCoOp, KgCoOp, IVLP, MaPLe, PromptSRC); METHODS names them all
     model.set_classnames(new_classnames)                                 # base -> new
     torch.save(model.trainable_state_dict(), "ckpt.pt")                  # no CLIP weights
 
-In your own prompt learner (a PromptCLIP whose recipe is a RefinerRecipe has self.refiner; t
-may also be per image, (B, C, D)):
+In your own prompt learner (with a RefinerRecipe it has self.refiner; t may be (B, C, D)):
 
     image, tokens, cls_attn = textrefiner.image_pass(self, images)  # one pass of the frozen tower
     out = textrefiner.refined_ce(self, t, image, labels, tokens, cls_attn)  # the loss above
@@ -151,8 +150,7 @@ class TextRefiner(nn.Module):
         t = normalise(text_features), row by row. Not re-normalised."""
         with fp32(text_features):
             t = F.normalize(text_features.float(), dim=-1)  # (..., D)
-            # snapshot: the in-place cache update later in this step must not touch what autograd
-            # saved
+            # a snapshot: this step's in-place cache update must not touch what autograd saved
             cache = self.cache.clone()  # (M, D)
             read = torch.softmax(t @ cache.t(), dim=-1) @ cache  # (..., D)
             return self.alpha * self.extractor(torch.cat([t, read], dim=-1)) + t
@@ -258,15 +256,17 @@ class Recipe:
     lr: float = setting(0.002, POSITIVE)
     momentum: float = setting(0.9, BELOW_ONE)  # SGD's
     weight_decay: float = setting(5e-4, NON_NEGATIVE)  # on every trainable tensor
-    # at warmup_lr, then cosine from lr, stepped once per epoch
-    warmup_epochs: int = setting(1, NON_NEGATIVE)
+    warmup_epochs: int = setting(1, NON_NEGATIVE)  # at warmup_lr, then cosine from lr, per epoch
     warmup_lr: float = setting(1e-5, NON_NEGATIVE)
-    # best: the epoch of best accuracy on the val split is tested; last: the last epoch
-    selection: str = setting("best", ("best", "last"))
+    selection: str = setting("best", ("best", "last"))  # tested: the best val epoch, or the last
     # Fields naming weights the model is built from besides --clip: recorded with their SHA-256 when
     # they are files, and eval.py takes them as flags (default: the run's).
     weight_files: ClassVar[tuple] = ()
     xd: ClassVar[dict] = {}  # the cross-dataset protocol's values (train.py --xd) that differ
+
+    @classmethod
+    def few_shot(cls, shots, dataset):  # the few-shot protocol's values that differ (--few-shot)
+        return {}
 
     def __post_init__(self):
         for name, rule in rules(self).items():  # None: a value filled in later (for_run, a flag)
@@ -295,8 +295,7 @@ class RefinerRecipe(Recipe):
     alpha: float = setting(0.2, UNIT, textrefiner=True)  # the refinement's weight
     cache_momentum: float = setting(0.8, UNIT, textrefiner=True)
     topk: int = setting(5, POSITIVE, textrefiner=True)  # the patches of highest CLS attention
-    # the local tokens' loss, 1/50
-    semantic_weight: float = setting(0.02, NON_NEGATIVE, textrefiner=True)
+    semantic_weight: float = setting(0.02, NON_NEGATIVE, textrefiner=True)  # local loss, 1/50
     reg_weight: float = setting(20.0, NON_NEGATIVE, textrefiner=True)  # the L1 regulariser
 
 
@@ -338,9 +337,7 @@ class PromptCLIP(nn.Module):
     A subclass sets `recipe` (its Recipe dataclass) and writes build (its own modules, from the
     recipe), text_features and train_forward. Construction builds the host, then, for a recipe
     with TextRefiner's settings, self.refiner (after the host's tensors, so the host starts from
-    the same values with and without it), then calls set_classnames once. Evaluation computes
-    class_features() once and reuses it until a trained tensor (in place too), the refiner's
-    alpha or the autocast setting changes."""
+    the same values with and without it), then calls set_classnames once."""
     recipe = Recipe
     loss_keys = ("loss",)  # train_forward's entries that train.py logs, "loss" first
     transductive = False  # trains on the unlabelled images of every class; selects on the test split
@@ -651,8 +648,15 @@ class ContextRecipe(RefinerRecipe):
 class CoOpRecipe(ContextRecipe):
     """CoOp + TextRefiner, the paper's scripts: ViT-B/16, 16 shots, best-val model."""
     class_token_position: str = setting("end", CLASS_TOKEN_POSITIONS)
-    # cross-dataset: trained on ImageNet, the targets tested with the last epoch
-    xd: ClassVar[dict] = dict(selection="last")
+    xd: ClassVar[dict] = dict(selection="last")  # cross-dataset: the targets test the last epoch
+
+    @classmethod
+    def few_shot(cls, shots, dataset):
+        """CoOp's few-shot scripts: 16 random context vectors, the last epoch, epochs by shots."""
+        epochs = 200 if shots > 4 else 100
+        if shots <= 1 or dataset == "imagenet":
+            epochs = 50
+        return dict(n_ctx=16, ctx_init="", selection="last", epochs=epochs)
 
 
 class ContextCLIP(PromptCLIP):
@@ -671,10 +675,7 @@ class ContextCLIP(PromptCLIP):
 
 
 class TextRefinerCLIP(ContextCLIP):
-    """Frozen CLIP + CoOp prompt learner + TextRefiner; refiner=False is plain CoOp.
-
-    Evaluation uses only the image tower's global feature, and nothing trained reaches it, so an
-    evaluation loop may compute image_features once per image."""
+    """Frozen CLIP + CoOp prompt learner + TextRefiner; refiner=False is plain CoOp."""
     recipe = CoOpRecipe
     title = "CoOp"
 

@@ -9,6 +9,7 @@ the method's recipe unless flags say otherwise.
     torchrun --standalone --nproc_per_node=4 train.py ...   # the global --batch-size over 4 GPUs
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py
     python train.py ... --resume                             # continue an interrupted run
+    python train.py --few-shot --shots 4 --dataset dtd ...   # the method's few-shot recipe
     python train.py --method examples/clip_adapter.py:CLIPAdapter --ratio 0.5 ...  # your method
 
 Flags: the run's own, and one per field of the --method's recipe (unset: the recipe's value;
@@ -20,7 +21,8 @@ Writes into --output-dir (the files and their rules: outputs.py):
     best.pt       the same at the best epoch on the selection split (not with --selection last)
     log.jsonl     one line per epoch: epoch, lr, the method's loss terms, val_acc, seconds
     results.json  the selected model on the test split: accuracy, macro_f1, per_class_accuracy,
-                  classnames, num_images, num_classes, method, selection, the run's flags
+                  classnames, num_images, num_classes, method (and its title), shots,
+                  selection, the run's flags
     .lock         while a run or an evaluation holds the folder
 """
 import argparse
@@ -54,11 +56,6 @@ DDP_NO_BUFFER_SYNC = next(name for name in ("forward_sync_buffers", "broadcast_b
                           if name in inspect.signature(DDP).parameters)
 # Flags besides the recipe's that define the computation: a resumed run must repeat them.
 RUN_KEYS = ("method", "dataset", "clip", "shots", "seed", "subsample", "precision", "xd")
-# results.json "selection" -> what it means (printed at start and by the report).
-SELECTIONS = {"best-val": "the epoch of best val accuracy",
-              "best-test": "the epoch of best test accuracy on the evaluated classes, as released; "
-                           "this selects on test data",
-              "last": "the last epoch"}
 
 
 # ----------------------------------------------------------------------------- flags
@@ -78,8 +75,11 @@ def get_parser(spec="coop"):
     p.add_argument("--seed", type=flags.ranged(int, flags.SEEDS), default=1)
     p.add_argument("--subsample", default="all", choices=data.SUBSAMPLES,
                    help="the classes evaluated (and trained on, unless the method is transductive)")
-    p.add_argument("--xd", action="store_true",
-                   help="the method's cross-dataset recipe (its Recipe.xd values)")
+    protocol = p.add_mutually_exclusive_group()
+    protocol.add_argument("--xd", action="store_true",
+                          help="the method's cross-dataset recipe (its Recipe.xd values)")
+    protocol.add_argument("--few-shot", action="store_true", help="the method's few-shot recipe "
+                          "for --shots on --dataset (its Recipe.few_shot values)")
     p.add_argument("--output-dir", help="checkpoints, log.jsonl and results.json go here")
     p.add_argument("--resume", action="store_true",
                    help="continue from <output-dir>/last.pt if present")
@@ -443,7 +443,7 @@ def train(args):
                    f"{len(splits.train)} train images; {args.subsample} classes evaluated "
                    f"({len(splits.eval_classnames)}): {len(splits.val)} val, {len(splits.test)} "
                    f"test images; {steps} steps/epoch; {world_size} rank(s) on {device}, "
-                   f"{args.precision}; model selection: {SELECTIONS[run.selection]}")
+                   f"{args.precision}; model selection: {outputs.SELECTIONS[run.selection]}")
         t_run, done = time.perf_counter(), 0
         for epoch in range(run.start_epoch, args.epochs):
             t_epoch, lr = time.perf_counter(), lr_at(epoch, args)
@@ -520,10 +520,12 @@ def final_test(run, args):
         run.raw_model.load_trainable_state_dict(run.best_state)
     results = evaluate(run.raw_model, run.test_loader, run.splits.eval_classnames, run.device,
                        args.precision, run.feature_cache, run.splits.rows)
-    weight_files = flags.load_method(args.method, args.method_file).recipe.weight_files
-    inputs = {k: getattr(args, k) for name in weight_files for k in (name, name + "_sha256")}
+    Method = flags.load_method(args.method, args.method_file)
+    inputs = {k: getattr(args, k)
+              for name in Method.recipe.weight_files for k in (name, name + "_sha256")}
     tested = os.path.abspath(run.paths["best.pt" if selected else "last.pt"])  # eval.py's too
     results.update(split="test", dataset=args.dataset, subsample=args.subsample, method=args.method,
+                   title=Method.title or Method.__name__, shots=args.shots,
                    refiner=bool(getattr(args, "refiner", False)),
                    train_classes=len(run.splits.classnames),
                    train_images=len(run.splits.train), selection=run.selection, checkpoint=tested,

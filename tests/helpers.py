@@ -18,6 +18,7 @@ import clip_model
 import data
 import outputs
 import released
+import textrefiner
 import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -275,12 +276,19 @@ def rounded(state, dtype):
 
 def write_result(folder, accuracy, **fields):
     """A results.json as train.py/eval.py write it for its place: <dataset>/seed<S>/{base,new}
-    (base2new) or <dataset>/seed<S> (xd, all classes); fields override."""
+    (base2new), <dataset>/seed<S> (xd, all classes) or <dataset>/shots<K>/seed<S> (fewshot, all
+    classes), with the title train.py records for a built-in method; fields override."""
     os.makedirs(folder)
     parts = os.path.normpath(folder).split(os.sep)
     what = dict(dataset=parts[-3], subsample=parts[-1], args=dict(seed=int(parts[-2][len("seed"):]))) \
         if parts[-1] in ("base", "new") else dict(dataset=parts[-2], subsample="all",
                                                     args=dict(seed=int(parts[-1][len("seed"):])))
+    if parts[-2].startswith("shots"):
+        shots = int(parts[-2][len("shots"):])
+        what.update(dataset=parts[-3], shots=shots, args=dict(what["args"], shots=shots))
+    method = fields.get("method", "coop")
+    if method in textrefiner.METHODS:
+        what["title"] = textrefiner.METHODS[method].title
     with open(os.path.join(folder, "results.json"), "w") as f:
         json.dump(dict(accuracy=accuracy, split="test", **dict(what, **fields)), f)
 

@@ -14,6 +14,8 @@ import clip_model
 import eval as evaluate_cli  # "eval" would shadow the builtin
 import outputs
 import released
+import report
+import results
 import tables
 import train
 from helpers import (
@@ -167,7 +169,7 @@ def test_make_base2new_flow_and_skip(tmp_path):
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "1 job(s), 1 finished already, 0 to run" in again.stdout, again.stdout
     assert read_results(run_dir / "new") == new  # not evaluated again
-    summary = tables.report(str(out / "coop" / "base2new"))
+    summary = report.report_folder(str(out / "coop" / "base2new"))
     row = summary["datasets"]["caltech101"]
     assert row["base"] == base["accuracy"] and row["new"] == new["accuracy"] and row["seeds"] == [2]
 
@@ -193,7 +195,7 @@ def test_report_arithmetic(tmp_path, capsys):
     write_result(tmp_path / "eurosat" / "seed1" / "base", 90)
     write_result(tmp_path / "eurosat" / "seed1" / "new", 70)
     write_result(tmp_path / "ucf101" / "seed1" / "base", 99)  # unfinished: no new result, left out
-    summary = tables.report(str(tmp_path))
+    summary = report.report_folder(str(tmp_path))
     dtd = summary["datasets"]["dtd"]
     assert (dtd["base"], dtd["new"]) == (82, 62)
     assert dtd["base_std"] == pytest.approx((8 / 3) ** 0.5)  # population std of 80, 82, 84
@@ -207,8 +209,8 @@ def test_report_arithmetic(tmp_path, capsys):
     assert "82.69" in text and "76.94" in text  # published averages
     assert json.load(open(tmp_path / "report.json"))["average"]["base"] == 86
     # published rows are self-consistent: HM = 2bn/(b+n)
-    for b, n, h in [row for published in tables.PUBLISHED.values() for row in published["base2new"].values()]:
-        assert tables.harmonic_mean(b, n) == pytest.approx(h, abs=0.006)
+    for b, n, h in [row for published in results.PUBLISHED.values() for row in published["base2new"].values()]:
+        assert results.harmonic_mean(b, n) == pytest.approx(h, abs=0.006)
     assert_columns_line_up(text.splitlines(), ["Base", "New", "HM"])
 
 
@@ -228,7 +230,7 @@ def test_report_xd(tmp_path, capsys):
     write_result(tmp_path / "imagenet_a" / "seed1", 50)
     write_result(tmp_path / "imagenet_a" / "seed2", 52)
     write_result(tmp_path / "dtd" / "seed10", 100)
-    summary = tables.report(str(tmp_path))
+    summary = report.report_folder(str(tmp_path))
     assert summary["imagenet_a"]["accuracy"] == 51 and summary["imagenet_a"]["std"] == 1
     text = capsys.readouterr().out
     assert "imagenet_a" in text and "100.00±0.00" in text
@@ -442,7 +444,7 @@ def test_report_refuses_wrong_malformed_and_stray_results(tmp_path, capsys):
     for seed in (1, 2):
         write_result(tmp_path / "dtd" / f"seed{seed}" / "base", 80)
         write_result(tmp_path / "dtd" / f"seed{seed}" / "new", 60)
-    tables.report(str(tmp_path))  # a sound folder reports
+    report.report_folder(str(tmp_path))  # a sound folder reports
     shutil.copytree(tmp_path / "dtd" / "seed1", tmp_path / "dtd" / "seed1_old")
     with open(tmp_path / "dtd" / "seed2" / "new" / "results.json", "w") as f:
         f.write('{"accuracy": 6')  # cut short

@@ -14,6 +14,7 @@ import torch
 import bench as benchmarks
 import clip_model
 import eval as evaluate_cli
+import results
 import tables
 import textrefiner
 import flags
@@ -173,6 +174,25 @@ def test_recipes_are_the_official_configs(method):
         maple=dict(lr=0.0026, epochs=2, depth=3, gpa_mean=None, gpa_std=None),
         promptsrc=dict(lr=0.0025, epochs=20, depth=3, gpa_mean=6.0, gpa_std=10.0)).get(
         method, {k: getattr(args, k, None) for k in ("lr", "epochs", "depth", "gpa_mean", "gpa_std")})
+
+
+def test_few_shot_recipes_are_the_official_ones(capsys):
+    """train.py --few-shot: CoOp's few-shot scripts (16 context vectors at random, the last epoch;
+    50, 100, 100, 200, 200 epochs for 1, 2, 4, 8, 16 shots; ImageNet 50 at any), PromptSRC's few-shot
+    config (50 epochs, its Gaussian per dataset); KgCoOp's few-shot script runs its base-to-new config,
+    and a method without a few-shot recipe keeps its base-to-new one."""
+    for shots, epochs in {1: 50, 2: 100, 4: 100, 8: 200, 16: 200}.items():
+        coop = recipe_for("coop", "--few-shot", "--shots", str(shots), dataset="dtd")
+        assert (coop.epochs, coop.n_ctx, coop.ctx_init, coop.selection) == (epochs, 16, "", "last")
+        assert recipe_for("coop", "--few-shot", "--shots", str(shots), dataset="imagenet").epochs == 50
+    assert recipe_for("coop", "--few-shot", "--shots", "16", "--epochs", "3").epochs == 3  # a flag wins
+    for dataset, (mean, std) in (("dtd", (45, 5)), ("eurosat", (45, 5)), ("caltech101", (30, 30))):
+        src = recipe_for("promptsrc", "--few-shot", "--shots", "2", dataset=dataset)
+        assert (src.epochs, src.gpa_mean, src.gpa_std, src.depth, src.lr, src.batch_size, src.selection) == (
+            50, mean, std, 9, 0.0025, 4, "last")
+    for method in ("kgcoop", "cocoop", "ivlp", "maple", "promptkd"):
+        assert recipe_for(method, "--few-shot", "--shots", "4", dataset="dtd") == recipe_for(method, dataset="dtd")
+    assert_usage_error(train.main, ["--xd", "--few-shot", "--dataset", "dtd"], "not allowed with argument", capsys)
 
 
 @pytest.mark.parametrize("method", FAMILY)
@@ -449,8 +469,8 @@ def test_report_puts_the_published_numbers_beside_ours(method, tmp_path, capsys)
         write_result(tmp_path / "dtd" / "seed1" / part, accuracy, method=method, refiner=True, selection="last")
     tables.main(["report", str(tmp_path)])
     out = capsys.readouterr().out
-    assert out.startswith(f"{Method.title} + TextRefiner: base-to-new") and tables.PUBLISHED[method]["note"] in out
-    (name, numbers), = tables.PUBLISHED[method]["base2new"].items()
+    assert out.startswith(f"{Method.title} + TextRefiner: base-to-new") and results.PUBLISHED[method]["note"] in out
+    (name, numbers), = results.PUBLISHED[method]["base2new"].items()
     assert name == Method.title and " ".join(f"{v:.2f}" for v in numbers) in " ".join(out.split())
 
 

@@ -15,6 +15,8 @@ import clip_model
 import data
 import eval as evaluate_cli
 import released
+import report
+import results
 import tables
 import textrefiner
 import flags
@@ -368,7 +370,7 @@ def test_report_promptkd_tables(tmp_path, capsys):
     for seed, (b, n) in zip((1, 2), ((80, 60), (84, 64))):
         write_result(tmp_path / "b2n" / "dtd" / f"seed{seed}" / "base", b, method="promptkd", selection="best-test")
         write_result(tmp_path / "b2n" / "dtd" / f"seed{seed}" / "new", n, method="promptkd", selection="best-test")
-    summary = tables.report(str(tmp_path / "b2n"))
+    summary = report.report_folder(str(tmp_path / "b2n"))
     assert (summary["method"], summary["selection"]) == ("promptkd", ["best-test"])
     assert summary["datasets"]["dtd"]["base"] == 82
     text = capsys.readouterr().out
@@ -378,10 +380,10 @@ def test_report_promptkd_tables(tmp_path, capsys):
     assert "PromptKD+TextRefiner            85.22           79.64           82.33" in text
     assert "PromptKD                        86.96           80.73           83.73" in text
     # the published per-dataset table averages to the published 11-dataset row
-    b, n, h = tables.published_average(tables.PUBLISHED["promptkd"]["base2new_datasets"][1], data.PAPER_DATASETS)
+    b, n, h = results.published_average(results.PUBLISHED["promptkd"]["base2new_datasets"][1], data.PAPER_DATASETS)
     assert (round(b, 2), round(n, 2), round(h, 2)) == (86.96, 80.73, 83.73)
     write_result(tmp_path / "xd" / "dtd" / "seed1", 50.5, method="promptkd", selection="best-test")
-    tables.report(str(tmp_path / "xd"))
+    report.report_folder(str(tmp_path / "xd"))
     text = capsys.readouterr().out
     assert "PromptKD + TextRefiner: accuracy in" in text and "55.08" in text.splitlines()[3]
 

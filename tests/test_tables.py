@@ -14,6 +14,7 @@ import torch
 
 import eval as evaluate_cli
 import helpers
+import report
 import tables
 import train
 from helpers import REPO, assert_usage_error, read_results, write_lock
@@ -169,7 +170,7 @@ def test_report_refuses_pairs_of_other_models_and_impossible_accuracies(root, tm
     one_job(root, tmp_path, "1")
     one_job(root, tmp_path, "2")
     b2n = tmp_path / "base2new"
-    tables.report(str(b2n))  # sound
+    report.report_folder(str(b2n))  # sound
 
     def edit(path, **changes):
         result = read_results(path)
@@ -250,3 +251,43 @@ def test_a_slot_reads_each_clip_once_and_a_launcher_runs_steps_as_commands(root,
     with pytest.raises(SystemExit) as err:
         tables.main([*launched[:-2], "--runs", str(tmp_path / "failed"), "--launcher", "false"])
     assert err.value.code == 1 and "1 job(s) failed:" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- the few-shot table
+
+def test_fewshot_table_trains_k_shots_of_every_class_and_tests_every_class(root, tmp_path, capsys):
+    """make table-fewshot's command, then its 8 jobs (2 datasets x 1, 2 shots x 2 seeds): each trained on
+    K images of every class with CoOp's few-shot recipe and tested on the whole test split; then listed
+    as finished. The test split is read from the split file itself."""
+    dry = subprocess.run(["make", "-n", "--no-print-directory", "-C", REPO, "table-fewshot", "DATASETS=caltech101 dtd",
+                          "SEEDS=1 2", "SHOTS=1 2", "DATA=d", "OUTPUT=o"], capture_output=True, text=True, timeout=60)
+    command = " ".join(dry.stdout.split())
+    assert "tables.py run fewshot --method coop --root d --clip ViT-B/16 --runs o/coop" in command, command
+    assert "--datasets caltech101 dtd --seeds 1 2 --jobs-per-gpu 1 --shots 1 2" in command, command
+    data_root, weights = root
+    argv = ["fewshot", "--root", data_root, "--clip", weights, "--runs", str(tmp_path), "--datasets", "caltech101",
+            "dtd", "--seeds", "1", "2", "--shots", "1", "2",
+            "--train-args=--epochs 1 --warmup-epochs 0 --batch-size 4 --workers 0 --device cpu"]
+    tables.main(["run", *argv])
+    out = capsys.readouterr().out
+    assert "8 job(s), 0 finished already, 8 to run" in out and "[8/8 jobs]" in out and "few-shot accuracy" in out
+    splits = {"caltech101": "caltech-101/split_zhou_Caltech101.json", "dtd": "dtd/split_zhou_DescribableTextures.json"}
+    for dataset, split in splits.items():
+        with open(os.path.join(data_root, split)) as f:
+            test = json.load(f)["test"]
+        classes = len({label for _, label, _ in test})
+        for shots in (1, 2):
+            for seed in (1, 2):
+                r = read_results(tmp_path / "fewshot" / dataset / f"shots{shots}" / f"seed{seed}")
+                assert (r["dataset"], r["subsample"], r["shots"], r["args"]["seed"]) == (dataset, "all", shots, seed)
+                assert (r["num_classes"], r["num_images"], r["train_classes"]) == (classes, len(test), classes)
+                assert r["train_images"] == shots * classes and None not in r["per_class_accuracy"]
+                # CoOp's few-shot recipe (16 random context vectors, the last epoch), --train-args' epochs
+                assert (r["args"]["n_ctx"], r["args"]["ctx_init"], r["selection"], r["args"]["epochs"]) == (
+                    16, "", "last", 1)
+                assert r["title"] == "CoOp" and r["method"] == "coop" and r["args"]["few_shot"]
+    jobs = tables.main(["jobs", *argv])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(jobs) == 8 and lines[0] == "0\tfewshot caltech101 shots 1 seed 1\tfinished"
+    assert all(line.endswith("\tfinished") for line in lines)
+    assert_usage_error(tables.main, ["jobs", "base2new", *argv[1:]], "--shots is for the fewshot protocol", capsys)
