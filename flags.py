@@ -26,6 +26,10 @@ import textrefiner
 from data import UserError
 from textrefiner import METHODS, NON_NEGATIVE, Range, RecipeError
 
+# The methods this package ships, as imported: a class registered under one of their names later
+# is refused by load_method rather than trained and recorded as the built-in.
+BUILT_IN = dict(METHODS)
+
 
 def flag(name):
     """The command-line spelling of a field or flag attribute: batch_size -> --batch-size."""
@@ -135,6 +139,10 @@ def check_method(method, spec):
         raise UserError(f"--method {spec}: its recipe {recipe!r} is not a @dataclass subclass of "
                         f"textrefiner.Recipe")
     for field in dataclasses.fields(recipe):
+        if field.name == "method_file" or field.name.endswith("_sha256"):  # set beside the flags
+            raise UserError(f"--method {spec}: {recipe.__name__}.{field.name} is a name train.py "
+                            f"records with each run (the method's file, an input's SHA-256); "
+                            f"rename your field")
         if field.name in textrefiner.REFINER_FIELDS and not field.metadata.get("textrefiner"):
             raise UserError(f"--method {spec}: {recipe.__name__}.{field.name} redeclares "
                             f"TextRefiner's setting {field.name!r}; rename your field (or, to change "
@@ -148,6 +156,10 @@ def load_method(spec, recorded_file=None):
     -> the checked PromptCLIP class; UserError (one line) for what cannot be loaded."""
     if spec in METHODS:
         method = METHODS[spec]
+        if spec in BUILT_IN and method is not BUILT_IN[spec]:
+            raise UserError(f"--method {spec}: textrefiner.METHODS[{spec!r}] is {method!r}, not "
+                            f"the built-in {BUILT_IN[spec].__name__}; register your method under "
+                            f"a name of its own")
     elif ":" not in spec:
         raise UserError(f"--method {spec!r}: expected one of {', '.join(METHODS)}, MODULE:CLASS or "
                         f"FILE.py:CLASS")

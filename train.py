@@ -304,11 +304,31 @@ def train_step(model, images, labels, optimizer, scaler, device, precision):
     labels = labels.to(device, non_blocking=True)
     with autocast(device, precision):
         out = model(images, labels)
+    check_output(model.module if isinstance(model, DDP) else model, out)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(out["loss"]).backward()
     scaler.step(optimizer)
     scaler.update()
     return out
+
+
+def check_output(model, out):
+    """A method's train_forward output, before the backward pass: a dict holding each of its
+    loss_keys as a tensor, "loss" with a graph to the trainable tensors (UserError naming the method
+    and what its author must change)."""
+    name, keys = type(model).__name__, ("loss", *model.loss_keys)
+    if not isinstance(out, dict):
+        raise UserError(f"{name}.train_forward returned a {type(out).__name__}; it must return a "
+                        f"dict holding {', '.join(dict.fromkeys(keys))}")
+    for key in dict.fromkeys(keys):
+        if not torch.is_tensor(out.get(key)):
+            raise UserError(f"{name}.train_forward returned no tensor {key!r} (its keys: "
+                            f"{', '.join(map(str, out))}); return it, or take it out of "
+                            f"{name}.loss_keys")
+    if not out["loss"].requires_grad:
+        raise UserError(f"{name}.train_forward's 'loss' does not require grad: it was computed "
+                        f"under torch.no_grad() or from detached tensors; compute it from the "
+                        f"trainable tensors")
 
 
 def resume_state(path, args):
@@ -382,6 +402,12 @@ def setup(args, rank, world_size, device, group):
     seed_everything(args.seed)  # the same on every rank: identical initialisation
     clip = flags.load_clip(args.clip)
     raw_model = flags.build_model(Method, clip, splits.classnames, recipe).to(device)
+    params = [p for p in raw_model.parameters() if p.requires_grad]
+    if not params:
+        frozen = ", ".join(Method.frozen)
+        raise UserError(f"--method {args.method}: {Method.__name__} has no trainable tensor (no "
+                        f"parameter that requires grad outside its frozen {frozen}); its build "
+                        f"must create one, e.g. an nn.Parameter")
     model = raw_model
     if world_size > 1:
         raw_model.set_process_group(group)
@@ -390,7 +416,6 @@ def setup(args, rank, world_size, device, group):
         with collective("DDP's set-up (the parameter and buffer broadcast from rank 0)"):
             model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None,
                         **{DDP_NO_BUFFER_SYNC: False})
-    params = [p for p in raw_model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, recipe)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     pin = device.type == "cuda"  # pinned memory on the CPU: a CUDA context for nothing
