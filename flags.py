@@ -118,14 +118,22 @@ def parse_known(p, argv, spec):
     """p.parse_args, except that a flag of another method's recipe is named as such."""
     args, unknown = p.parse_known_args(argv)
     for item in unknown:
-        given = item.split("=")[0]
-        name = given[2:].replace("-", "_").removeprefix("no_")
-        owners = [m for m, M in METHODS.items() if name in recipe_field_names(M)]
-        if given.startswith("--") and owners:
-            p.error(f"{given} applies to --method {' or '.join(owners)}, not {spec}")
+        owners = recipe_owners(item)
+        if owners:
+            p.error(f"{item.split('=')[0]} applies to --method {' or '.join(owners)}, not {spec}")
     if unknown:
         p.error(f"unrecognized arguments: {' '.join(unknown)}")
     return args
+
+
+def recipe_owners(item):
+    """The registered methods whose recipe has the flag of a command-line word (--kd-weight=3,
+    --no-refiner)."""
+    given = item.split("=")[0]
+    name = given[2:].replace("-", "_").removeprefix("no_")
+    if not given.startswith("--"):
+        return []
+    return [m for m, M in METHODS.items() if name in recipe_field_names(M)]
 
 
 def check_method(method, spec):
@@ -184,6 +192,14 @@ def method_file(spec):
     return os.path.abspath(where) if ":" in spec and where.endswith(".py") else None
 
 
+def raise_errors(p, script):
+    """p's usage errors (argparse's own and p.error) as a UserError "script: message", without
+    the usage text: a step that tables.py runs fails in one line."""
+    def error(message):
+        raise UserError(f"{script}: {message}")
+    p.error = error
+
+
 def import_file(path):
     """The module of a .py file, imported once per absolute path (its folder on sys.path meanwhile,
     so it can import its neighbours)."""
@@ -211,10 +227,11 @@ def recipe_field_names(Method):
 
 
 def recorded_flags(values):
-    """A checkpoint's flags in today's spelling (no_refiner was refiner's)."""
+    """A checkpoint's flags in today's spelling (no_refiner was refiner's; a run that names no
+    method predates --method: CoOp + TextRefiner)."""
     if "no_refiner" in values and "refiner" not in values:
         values = dict(values, refiner=not values["no_refiner"])
-    return values
+    return dict(values, method=values.get("method", "coop"))
 
 
 def recipe_of(Method, values):
@@ -285,6 +302,14 @@ def build_model(Method, clip, classnames, recipe):
         return Method(clip, classnames, recipe)
     except RecipeError as e:
         raise UserError(recipe_message(e)) from None
+
+
+def clip_sha256(name):
+    """The SHA-256 of a CLIP's weights: an official name's from its download address, a file's
+    read; None for a path that is no file."""
+    if name in clip_model.MODELS:
+        return clip_model.MODELS[name].split("/")[0]
+    return clip_model.sha256(name) if os.path.isfile(name) else None
 
 
 def load_clip(name, flag="--clip"):

@@ -54,6 +54,8 @@ DDP_NO_BUFFER_SYNC = next(name for name in ("forward_sync_buffers", "broadcast_b
                           if name in inspect.signature(DDP).parameters)
 # Flags besides the recipe's that define the computation: a resumed run must repeat them.
 RUN_KEYS = ("method", "dataset", "clip", "shots", "seed", "subsample", "precision", "xd")
+# What a run writes into --output-dir.
+OUTPUT_FILES = ("last.pt", "best.pt", "log.jsonl", "results.json")
 # results.json "selection" -> what it means (printed at start and by the report).
 SELECTIONS = {"best-val": "the epoch of best val accuracy",
               "best-test": "the epoch of best test accuracy on the evaluated classes, as released; "
@@ -107,7 +109,7 @@ def resolve_args(p, args, Method):
     flags.fill_recipe(p, args, Method)
     flags.check_weights_flag(p, args.clip)
     try:
-        outputs.check_output_dir(args.output_dir)
+        outputs.check_output_dir(args.output_dir, files=OUTPUT_FILES)
     except UserError as e:
         p.error(str(e))
 
@@ -340,7 +342,8 @@ def resume_state(path, args):
         raise UserError(f"--resume: {path} is a --method {recorded.get('method')} run, this "
                         f"command trains --method {args.method}; choose another --output-dir")
     names = RUN_KEYS + tuple(flags.recipe_field_names(flags.load_method(args.method)))
-    keys = [k + "_sha256" if getattr(args, k + "_sha256", None) else k for k in names]
+    keys = [k + "_sha256" if getattr(args, k + "_sha256", None) and recorded.get(k + "_sha256")
+            else k for k in names]
     changed = {k: (recorded[k], getattr(args, k))
                for k in keys if k in recorded and recorded[k] != getattr(args, k)}
     if changed:
@@ -379,8 +382,7 @@ def setup(args, rank, world_size, device, group):
     """The run's data, model, optimizer and loaders, its output folder checked; with --resume,
     as last.pt left them."""
     args.precision = default_precision(args, device)
-    paths = {name: os.path.join(args.output_dir, name)
-             for name in ("last.pt", "best.pt", "log.jsonl", "results.json")}
+    paths = {name: os.path.join(args.output_dir, name) for name in OUTPUT_FILES}
     Method = flags.load_method(args.method, args.method_file)
     splits = data.run_splits(args.dataset, args.root, args.shots, args.seed, args.subsample,
                              Method.transductive)
@@ -390,8 +392,12 @@ def setup(args, rank, world_size, device, group):
         raise UserError(f"--dataset {args.dataset} ({args.subsample} classes): the test split is "
                         f"empty; the final test would have no image")
     recipe = flags.prepare_recipe(Method, args, splits.all_classnames)
-    old = outputs.read_json(paths["results.json"]) or {}  # only the results of its checkpoints
-    if os.path.exists(paths["results.json"]) and all(
+    args.clip_sha256 = flags.clip_sha256(args.clip)  # eval.py and --resume compare the CLIP by it
+    old = outputs.read_json(paths["results.json"])  # only the results of its checkpoints
+    if old is None and os.path.exists(paths["results.json"]):
+        raise UserError(f"{paths['results.json']} is no readable results.json; choose another "
+                        f"--output-dir, or move it away")
+    if old is not None and all(
             outputs.results_match(old, checkpoint=paths[name]) for name in ("best.pt", "last.pt")):
         raise UserError(f"{paths['results.json']} holds the results of another run (of "
                         f"{old.get('checkpoint')!r}); choose another --output-dir, or move it away")
