@@ -589,10 +589,14 @@ def command_line():
             dist.destroy_process_group()
 
 
-def parse_args(argv=None):
+def parse_args(argv=None, step=False):
+    """train.py's flags, resolved; step (a step of tables.py): a usage error is a one-line
+    UserError."""
     spec = flags.method_spec(argv)
     Method = flags.load_method(spec)
     p = get_parser(spec)
+    if step:
+        flags.raise_errors(p, "train.py")
     args = flags.parse_known(p, argv, spec)
     resolve_args(p, args, Method)
     args.method_file = flags.method_file(spec)
