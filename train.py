@@ -393,14 +393,7 @@ def setup(args, rank, world_size, device, group):
                         f"empty; the final test would have no image")
     recipe = flags.prepare_recipe(Method, args, splits.all_classnames)
     args.clip_sha256 = flags.clip_sha256(args.clip)  # eval.py and --resume compare the CLIP by it
-    old = outputs.read_json(paths["results.json"])  # only the results of its checkpoints
-    if old is None and os.path.exists(paths["results.json"]):
-        raise UserError(f"{paths['results.json']} is no readable results.json; choose another "
-                        f"--output-dir, or move it away")
-    if old is not None and all(
-            outputs.results_match(old, checkpoint=paths[name]) for name in ("best.pt", "last.pt")):
-        raise UserError(f"{paths['results.json']} holds the results of another run (of "
-                        f"{old.get('checkpoint')!r}); choose another --output-dir, or move it away")
+    check_own_results(paths)
     if os.path.exists(paths["last.pt"]) and not args.resume:
         raise UserError(f"{paths['last.pt']} exists: pass --resume to continue that run, or choose "
                         f"another --output-dir")
@@ -459,6 +452,18 @@ def setup(args, rank, world_size, device, group):
         outputs.rewind_log(paths["log.jsonl"], ckpt["log"])
     run.print0(f"resumed from {paths['last.pt']} after epoch {ckpt['epoch']}")
     return run
+
+
+def check_own_results(paths):
+    """A results.json in the output folder must be of its checkpoints (a run resumed or moved)."""
+    old = outputs.read_json(paths["results.json"])
+    if old is None and os.path.exists(paths["results.json"]):
+        raise UserError(f"{paths['results.json']} is no readable results.json; choose another "
+                        f"--output-dir, or move it away")
+    if old is not None and all(
+            outputs.results_match(old, checkpoint=paths[name]) for name in ("best.pt", "last.pt")):
+        raise UserError(f"{paths['results.json']} holds the results of another run (of "
+                        f"{old.get('checkpoint')!r}); choose another --output-dir, or move it away")
 
 
 def train(args):
