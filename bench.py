@@ -346,8 +346,11 @@ def synthetic(args):
     a wider random CLIP (teacher-clip.pt)."""
     root = os.path.join(args.out, "data")
     for dataset in args.dataset:
-        data.write_synthetic_dataset(root, dataset, num_classes=args.classes,
-                                     images_per_class=args.images, image_size=args.size)
+        try:
+            data.write_synthetic_dataset(root, dataset, num_classes=args.classes,
+                                         images_per_class=args.images, image_size=args.size)
+        except ValueError as e:  # too few images for the layout's splits
+            raise UserError(f"--images {args.images} for {dataset}: {e}") from None
     weights = clip_model.random_state_dict(clip_model.CONFIGS[args.clip])
     torch.save(weights, os.path.join(args.out, "clip.pt"))
     if args.teacher:
@@ -364,7 +367,7 @@ def synthetic(args):
 
 def get_parser(Method=None, spec="coop"):
     """bench.py's commands; with Method, step takes its recipe's flags."""
-    positive = flags.ranged(int, POSITIVE)
+    positive, workers = flags.ranged(int, POSITIVE), flags.ranged(int, NON_NEGATIVE)
     p = argparse.ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("step", help="training (or --eval) steps of a method with and without TextRefiner")
@@ -389,10 +392,10 @@ def get_parser(Method=None, spec="coop"):
     lo = sub.add_parser("loader", help="decoded + augmented images/s of a dataset's train loader")
     lo.add_argument("--dataset", required=True, choices=tuple(data.DATASETS))
     lo.add_argument("--root", default="data")
-    lo.add_argument("--workers", type=int, default=4)
-    lo.add_argument("--batch-size", type=int, default=64)
-    lo.add_argument("--resolution", type=int, default=224)
-    lo.add_argument("--steps", type=int, default=50)
+    lo.add_argument("--workers", type=workers, default=4)
+    lo.add_argument("--batch-size", type=positive, default=64)
+    lo.add_argument("--resolution", type=positive, default=224)
+    lo.add_argument("--steps", type=positive, default=50)
     lo.add_argument("--shots", type=int, default=-1,
                     help="few-shot train set to read (-1: whole split)")
     ta = sub.add_parser("table", help="a small base2new table as separate processes and as one "
@@ -403,21 +406,25 @@ def get_parser(Method=None, spec="coop"):
     ta.add_argument("--seeds", type=positive, default=2)
     ta.add_argument("--rounds", type=positive, default=2, help="each way, alternating")
     ta.add_argument("--num-classes", type=positive, default=10)
-    ta.add_argument("--images", type=positive, default=32, help="per class")
-    ta.add_argument("--size", type=int, default=224, help="image side in pixels")
-    ta.add_argument("--workers", type=int, default=4, help="loader workers")
+    ta.add_argument("--images", type=flags.ranged(int, Range(lambda v: v >= 3, "at least 3")),
+                    default=32, help="per class: a test, a val and a train image at least")
+    ta.add_argument("--size", type=positive, default=224, help="image side in pixels")
+    ta.add_argument("--workers", type=workers, default=4, help="loader workers")
     ta.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     sy = sub.add_parser("synthetic",
                         help="a synthetic dataset and random CLIP weights (and a teacher file)")
     sy.add_argument("out")
     sy.add_argument("--dataset", nargs="+", default=["caltech101"], choices=tuple(data.DATASETS))
-    sy.add_argument("--classes", type=int, default=10)
-    sy.add_argument("--images", type=int, default=32, help="per class")
-    sy.add_argument("--size", type=int, default=32, help="image side in pixels")
+    sy.add_argument("--classes", type=positive, default=10)
+    sy.add_argument("--images", type=positive, default=32, help="per class")
+    sy.add_argument("--size", type=positive, default=32, help="image side in pixels")
     sy.add_argument("--clip", default="tiny", choices=tuple(clip_model.CONFIGS))
     sy.add_argument("--teacher", action="store_true",
                     help="also a PromptKD teacher per dataset (tiny-teacher CLIP)")
-    sy.add_argument("--teacher-depth", type=int, default=2)
+    teacher = clip_model.CONFIGS["tiny-teacher"]
+    deepest = min(teacher.vision_layers, teacher.transformer_layers)
+    sy.add_argument("--teacher-depth", default=2, type=flags.ranged(
+        int, Range(lambda v: 1 <= v <= deepest, f"in 1..{deepest} (the teacher CLIP's blocks)")))
     return p
 
 

@@ -34,7 +34,7 @@ from textrefiner import METHODS, POSITIVE, RecipeError, ZeroShotCLIP, ZeroShotRe
 
 def get_parser():
     p = argparse.ArgumentParser(
-        prog="eval.py",
+        prog="eval.py", allow_abbrev=False,
         description="Evaluate a checkpoint, zero-shot CLIP or an authors' run folder.")
     p.add_argument("--checkpoint", help="train.py's best.pt/last.pt, or an authors' run folder")
     p.add_argument("--epoch", type=flags.ranged(int, POSITIVE),
@@ -52,6 +52,8 @@ def get_parser():
     p.add_argument("--subsample", choices=data.SUBSAMPLES)
     p.add_argument("--split", default="test", choices=("test", "val"))
     p.add_argument("--clip", help="CLIP name or weights file (default: the checkpoint's)")
+    p.add_argument("--allow-other-clip", action="store_true",
+                   help="evaluate with another --clip than the one the run recorded (SHA-256)")
     p.add_argument("--shots", type=int,
                    help="few-shot split that defines base/new (default: the checkpoint's)")
     p.add_argument("--seed", type=flags.ranged(int, flags.SEEDS))
@@ -72,9 +74,19 @@ def check_args(p, args):
                 "is one epoch (best.pt: best val, last.pt: last epoch)")
     if args.clip:
         flags.check_weights_flag(p, args.clip)
+    inputs = sorted({name for Model in METHODS.values() for name in Model.recipe.weight_files})
+    for name in ("clip", *inputs):
+        if getattr(args, "allow_other_" + name) and (args.zeroshot or not getattr(args, name)):
+            compared = "no run" if args.zeroshot else f"no {flags.flag(name)}"
+            p.error(f"--allow-other-{name.replace('_', '-')}: there is {compared} to compare, "
+                    f"nothing to allow")
+    for name in ("method", *inputs):
+        if args.zeroshot and getattr(args, name):
+            p.error(f"{flags.flag(name)} does not apply to --zeroshot (zero-shot CLIP has no "
+                    f"method and no inputs but --clip)")
     if args.output_dir:
         try:
-            outputs.check_output_dir(args.output_dir)
+            outputs.check_output_dir(args.output_dir, files=("results.json",))
         except UserError as e:
             p.error(str(e))
 
@@ -206,19 +218,37 @@ def load_model(args, recorded, Method, splits, state, stored_clip):
     else:
         recorded, recipe = resolve_inputs(args, recorded, Method, splits.all_classnames)
     clip_name = args.clip or recorded["clip"]
+    if not args.zeroshot and os.path.isfile(args.checkpoint):  # train.py's (a folder: the authors')
+        check_run_clip(args, recorded, clip_name)
     clip = flags.load_clip(clip_name)
     if stored_clip:
         released.check_authors_clip(clip, stored_clip, clip_name, args.checkpoint)
     if args.zeroshot:
-        model = ZeroShotCLIP(clip, classnames, recipe)
-    else:
-        model = flags.build_model(Method, clip, splits.classnames, recipe)
-        try:
-            model.load_trainable_state_dict(state)
-        except ValueError as e:
-            raise UserError(f"{args.checkpoint}: its tensors do not fit a --method "
-                            f"{recorded['method']} model with its recorded flags ({e})") from None
+        return ZeroShotCLIP(clip, classnames, recipe), recorded, clip_name
+    try:
+        model = Method(clip, splits.classnames, recipe)
+        model.load_trainable_state_dict(state)
+    except ValueError as e:  # a RecipeError too: the recorded recipe does not build on its CLIP
+        if isinstance(e, RecipeError) and e.field in Method.recipe.weight_files:
+            raise UserError(flags.recipe_message(e)) from None  # an input file's own problem
+        problem = flags.recipe_message(e) if isinstance(e, RecipeError) else e
+        raise UserError(f"{args.checkpoint}: its tensors do not fit a --method "
+                        f"{recorded['method']} model with its recorded flags ({problem}); was it "
+                        f"written by another method, or on another CLIP?") from None
     return model, recorded, clip_name
+
+
+def check_run_clip(args, recorded, clip_name):
+    """The CLIP must be the one the run was trained with (by SHA-256; an official name's is in its
+    address) unless --allow-other-clip."""
+    theirs = recorded.get("clip_sha256")
+    if theirs is None and recorded["clip"] in clip_model.MODELS:  # a run that predates the record
+        theirs = flags.clip_sha256(recorded["clip"])
+    ours = flags.clip_sha256(clip_name)
+    if None not in (theirs, ours) and ours != theirs and not args.allow_other_clip:
+        raise UserError(f"--clip {clip_name}: not the CLIP {args.checkpoint} was trained with "
+                        f"({recorded['clip']}, SHA-256 {theirs[:16]}..., this one {ours[:16]}...); "
+                        f"pass that CLIP, or --allow-other-clip to evaluate with this one anyway")
 
 
 def run(args):
@@ -283,10 +313,19 @@ def write_results(args, results):
             raise UserError(f"{e}; the results are on stdout above") from None
 
 
-def parse_args(argv=None):
-    """eval.py's flags, checked: a bad one is argparse's usage error (exit status 2)."""
+def parse_args(argv=None, step=False):
+    """eval.py's flags, checked: a bad one is argparse's usage error (exit status 2); step (a step
+    of tables.py): a one-line UserError. A recipe's flag is refused as training's."""
     p = get_parser()
-    args = p.parse_args(argv)
+    if step:
+        flags.raise_errors(p, "eval.py")
+    args, unknown = p.parse_known_args(argv)
+    for item in unknown:
+        if flags.recipe_owners(item):
+            p.error(f"{item.split('=')[0]} is a training flag (a recipe's): eval.py evaluates a "
+                    f"checkpoint with the recipe it was trained with; train again to change it")
+    if unknown:
+        p.error(f"unrecognized arguments: {' '.join(unknown)}")
     check_args(p, args)
     return args
 

@@ -26,6 +26,10 @@ import textrefiner
 from data import UserError
 from textrefiner import METHODS, NON_NEGATIVE, Range, RecipeError
 
+# The methods this package ships, as imported: a class registered under one of their names later
+# is refused by load_method rather than trained and recorded as the built-in.
+BUILT_IN = dict(METHODS)
+
 
 def flag(name):
     """The command-line spelling of a field or flag attribute: batch_size -> --batch-size."""
@@ -114,14 +118,22 @@ def parse_known(p, argv, spec):
     """p.parse_args, except that a flag of another method's recipe is named as such."""
     args, unknown = p.parse_known_args(argv)
     for item in unknown:
-        given = item.split("=")[0]
-        name = given[2:].replace("-", "_").removeprefix("no_")
-        owners = [m for m, M in METHODS.items() if name in recipe_field_names(M)]
-        if given.startswith("--") and owners:
-            p.error(f"{given} applies to --method {' or '.join(owners)}, not {spec}")
+        owners = recipe_owners(item)
+        if owners:
+            p.error(f"{item.split('=')[0]} applies to --method {' or '.join(owners)}, not {spec}")
     if unknown:
         p.error(f"unrecognized arguments: {' '.join(unknown)}")
     return args
+
+
+def recipe_owners(item):
+    """The registered methods whose recipe has the flag of a command-line word (--kd-weight=3,
+    --no-refiner)."""
+    given = item.split("=")[0]
+    name = given[2:].replace("-", "_").removeprefix("no_")
+    if not given.startswith("--"):
+        return []
+    return [m for m, M in METHODS.items() if name in recipe_field_names(M)]
 
 
 def check_method(method, spec):
@@ -135,6 +147,10 @@ def check_method(method, spec):
         raise UserError(f"--method {spec}: its recipe {recipe!r} is not a @dataclass subclass of "
                         f"textrefiner.Recipe")
     for field in dataclasses.fields(recipe):
+        if field.name == "method_file" or field.name.endswith("_sha256"):  # set beside the flags
+            raise UserError(f"--method {spec}: {recipe.__name__}.{field.name} is a name train.py "
+                            f"records with each run (the method's file, an input's SHA-256); "
+                            f"rename your field")
         if field.name in textrefiner.REFINER_FIELDS and not field.metadata.get("textrefiner"):
             raise UserError(f"--method {spec}: {recipe.__name__}.{field.name} redeclares "
                             f"TextRefiner's setting {field.name!r}; rename your field (or, to change "
@@ -148,6 +164,10 @@ def load_method(spec, recorded_file=None):
     -> the checked PromptCLIP class; UserError (one line) for what cannot be loaded."""
     if spec in METHODS:
         method = METHODS[spec]
+        if spec in BUILT_IN and method is not BUILT_IN[spec]:
+            raise UserError(f"--method {spec}: textrefiner.METHODS[{spec!r}] is {method!r}, not "
+                            f"the built-in {BUILT_IN[spec].__name__}; register your method under "
+                            f"a name of its own")
     elif ":" not in spec:
         raise UserError(f"--method {spec!r}: expected one of {', '.join(METHODS)}, MODULE:CLASS or "
                         f"FILE.py:CLASS")
@@ -170,6 +190,14 @@ def method_file(spec):
     """The absolute path of a --method FILE.py:CLASS's file (recorded with the run), else None."""
     where = spec.rsplit(":", 1)[0]
     return os.path.abspath(where) if ":" in spec and where.endswith(".py") else None
+
+
+def raise_errors(p, script):
+    """p's usage errors (argparse's own and p.error) as a UserError "script: message", without
+    the usage text: a step that tables.py runs fails in one line."""
+    def error(message):
+        raise UserError(f"{script}: {message}")
+    p.error = error
 
 
 def import_file(path):
@@ -199,10 +227,11 @@ def recipe_field_names(Method):
 
 
 def recorded_flags(values):
-    """A checkpoint's flags in today's spelling (no_refiner was refiner's)."""
+    """A checkpoint's flags in today's spelling (no_refiner was refiner's; a run that names no
+    method predates --method: CoOp + TextRefiner)."""
     if "no_refiner" in values and "refiner" not in values:
         values = dict(values, refiner=not values["no_refiner"])
-    return values
+    return dict(values, method=values.get("method", "coop"))
 
 
 def recipe_of(Method, values):
@@ -275,6 +304,14 @@ def build_model(Method, clip, classnames, recipe):
         return Method(clip, classnames, recipe)
     except RecipeError as e:
         raise UserError(recipe_message(e)) from None
+
+
+def clip_sha256(name):
+    """The SHA-256 of a CLIP's weights: an official name's from its download address, a file's
+    read; None for a path that is no file."""
+    if name in clip_model.MODELS:
+        return clip_model.MODELS[name].split("/")[0]
+    return clip_model.sha256(name) if os.path.isfile(name) else None
 
 
 def load_clip(name, flag="--clip"):

@@ -649,6 +649,15 @@ class PromptSRCCLIP(IVLPCLIP):
         super().build(clip, classnames, recipe)
         self.text_weight, self.image_weight = recipe.text_weight, recipe.image_weight
         self.gpa_mean, self.gpa_std = recipe.gpa_mean, recipe.gpa_std
+        try:  # before training, not at the end of its first epoch
+            weights = gpa_weights(recipe.gpa_mean, recipe.gpa_std, recipe.epochs)
+        except OverflowError:
+            weights = [math.nan]
+        if not (all(map(math.isfinite, weights)) and sum(weights) > 0):
+            raise RecipeError("gpa_mean", f"{recipe.gpa_mean} and gpa_std {recipe.gpa_std}: the "
+                                          f"aggregation weights of epochs 1..{recipe.epochs} are "
+                                          f"not finite numbers of a positive sum; choose a mean "
+                                          f"and a std nearer the epochs' scale")
         self.zs_text = TemplateFeatures(PROMPTSRC_TEMPLATES)
 
     def trained(self):

@@ -33,13 +33,22 @@ SELECTIONS = {"best-val": "the epoch of best val accuracy",
               "last": "the last epoch"}
 
 
-def check_output_dir(path, flag="--output-dir"):
-    """At start, not after the work: path can become a writable folder on a disk with room."""
+def check_output_dir(path, flag="--output-dir", files=()):
+    """At start, not after the work: path can become a writable folder on a disk with room, where
+    none of the files the command writes there (`files`, names) is a folder."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"{flag} {path!r} is a file, not a directory; choose another {flag}")
     existing = path
     while not os.path.exists(existing):
+        if os.path.islink(existing):  # the folder would be created where the link points
+            raise UserError(f"{flag} {path!r}: {existing} is a symbolic link to "
+                            f"{os.readlink(existing)!r}, which does not exist; create that folder "
+                            f"or choose another {flag}")
         existing = os.path.dirname(os.path.abspath(existing))
+    for name in files:
+        if os.path.isdir(os.path.join(path, name)):
+            raise UserError(f"{flag} {path!r}: its {name} is a folder, where this command writes a "
+                            f"file; move it away or choose another {flag}")
     if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"{flag} {path!r}: {existing} is not a writable directory")
     check_room(existing, MIN_FREE_BYTES, f"{flag} {path}", "results.json and the log need")
@@ -105,15 +114,19 @@ def read_json(path):
 
 def results_match(result, **expected):
     """Whether a results.json is the one expected: the keys whose value differs ([]: it matches).
-    A run flag (seed) is read from its "args", a checkpoint compared as a file; None is not
-    compared."""
+    A run flag (seed) is read from its "args"; a checkpoint is the one recorded at the recorded
+    path (written again there: the results are its old ones) or with the recorded content (its
+    SHA-256: a run folder moved or copied elsewhere); None is not compared."""
     flags = result.get("args") if isinstance(result.get("args"), dict) else {}
 
     def holds(key, value):
         found = result.get(key, flags.get(key))
-        if key == "checkpoint" and isinstance(found, str):
-            return os.path.realpath(found) == os.path.realpath(value)
-        return found == value
+        if key != "checkpoint" or not isinstance(found, str):
+            return found == value
+        if os.path.realpath(found) == os.path.realpath(value):
+            return True
+        recorded = result.get("checkpoint_sha256")
+        return bool(recorded) and os.path.isfile(value) and clip_model.sha256(value) == recorded
     return [key for key, value in expected.items() if value is not None and not holds(key, value)]
 
 
@@ -154,6 +167,9 @@ def load_checkpoint(path):
     if not (isinstance(ckpt, dict) and {"model", "args", "epoch"} <= ckpt.keys()):
         raise UserError(f"{path}: not a checkpoint of train.py (no 'model', 'args' and 'epoch' "
                         f"entries; a bare state dict?); expected {CHECKPOINT_KINDS}")
+    if not (isinstance(ckpt["args"], dict) and isinstance(ckpt["args"].get("method", ""), str)):
+        raise UserError(f"{path}: its 'args' name no --method (not a dict, or a method that is "
+                        f"no name: an edited file?); expected {CHECKPOINT_KINDS}")
     for state in (ckpt["model"], ckpt.get("best_model") or {}):  # the models, not the optimizer's
         clip_model.check_finite(state, path, UserError)
     return ckpt

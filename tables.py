@@ -179,10 +179,15 @@ def run_job(job, args, device=None, run_step=None):
     stop at the first of them). -> {base, new or the dataset: results} of every step, or None."""
     training, *evaluations = job_steps(job, args, device)
     done = {training.label: finish(training, job, args, None, run_step)}
+    trained = done[training.label]
+    if trained is not None and isinstance(trained.get("checkpoint"), str):
+        # its checkpoint where the runs are now (moved or copied: not where it was written)
+        tested = os.path.join(training.folder, os.path.basename(trained["checkpoint"]))
+        trained = dict(trained, checkpoint=tested)
     for step in evaluations:
-        if done[training.label] is None:
+        if trained is None:
             return None
-        done[step.label] = finish(step, job, args, done[training.label], run_step)
+        done[step.label] = finish(step, job, args, trained, run_step)
     return None if None in done.values() else done
 
 # ----------------------------------------------------------------------------- the workers
@@ -197,9 +202,9 @@ def run_step(script, argv, launcher=None):
         if status := subprocess.run(command).returncode:
             raise UserError(f"{shlex.join(command)} exited with status {status}")
     elif script == "train.py":
-        train.train(train.parse_args(argv))
+        train.train(train.parse_args(argv, step=True))
     else:
-        eval_cli.run(eval_cli.parse_args(argv))
+        eval_cli.run(eval_cli.parse_args(argv, step=True))
 
 
 def attempt(job, args, device):
@@ -375,11 +380,62 @@ def check_table_args(p, args):
                 f"(train.py's --shots)")
     if args.protocol == "fewshot":
         args.shots = args.shots or [1, 2, 4, 8, 16]
-    args.train_args, args.eval_args = shlex.split(args.train_args), shlex.split(args.eval_args)
     try:
         outputs.check_output_dir(args.runs, "--runs")
     except UserError as e:
         p.error(str(e))
+    gpus, visible = getattr(args, "gpus", None), torch.cuda.device_count()
+    if gpus and visible and not args.launcher and args.device != "cpu" and gpus > visible:
+        p.error(f"--gpus {gpus}: this machine has {visible} visible CUDA device(s)")
+    check_passed_flags(p, args)
+
+
+# What defines a job besides the flags its steps are given, refused in --train-args/--eval-args:
+# -> the flag of tables.py that sets it (None: the protocol does). --device is not one: where a
+# step runs is not what it computes (--device cpu there keeps a GPU host's table on the CPU).
+JOB_FLAGS = {"--dataset": "--datasets", "--seed": "--seeds", "--output-dir": "--runs",
+             "--method": "--method", "--refiner": "--no-refiner", "--no-refiner": "--no-refiner",
+             "--subsample": None, "--xd": None, "--shots": None, "--few-shot": None,
+             "--resume": None,
+             "--checkpoint": None, "--split": None, "--zeroshot": None}
+
+
+def check_passed_flags(p, args):
+    """--train-args and --eval-args split as a shell would; a flag that defines the job (one its
+    steps are given, JOB_FLAGS; for an evaluation also the inputs its training recorded) refused;
+    then their values checked as train.py and eval.py would, at start rather than in every job."""
+    job = table_jobs(args)[0]
+    steps = job_steps(job, args, "cpu")
+    inputs = {name for Model in METHODS.values() for name in Model.recipe.weight_files}
+    recorded = {f"--{kind}{name.replace('_', '-')}" for name in {"clip", *inputs}
+                for kind in ("", "allow-other-")}
+    for script, name in (("train.py", "train_args"), ("eval.py", "eval_args")):
+        given, option = getattr(args, name), flags.flag(name)
+        try:
+            words = shlex.split(given)
+        except ValueError as e:
+            p.error(f"{option} {given!r}: {e} (a quote left open?)")
+        own = {word for step in steps if step.script == script for word in step.argv
+               if word.startswith("--") and word != "--device"}
+        own |= set(JOB_FLAGS) | (recorded if script == "eval.py" else set())
+        for flag in (word.split("=")[0] for word in words):
+            if flag.startswith("--") and flag in own:
+                ours = flag[2:].replace("-", "_") in vars(args)  # --root, --clip, --teacher
+                instead = JOB_FLAGS.get(flag, flag if ours else None)
+                how = f": give tables.py {instead} instead" if instead else " (by its protocol)"
+                p.error(f"{option} {flag}: defines the job, which tables.py sets for each job{how}")
+        setattr(args, name, words)
+    try:
+        train.parse_args([*steps[0].argv, *args.train_args, "--output-dir", steps[0].folder],
+                         step=True)
+    except UserError as e:
+        p.error(f"--train-args: {e}")
+    evaluation = eval_cli.get_parser()
+    flags.raise_errors(evaluation, "eval.py")
+    try:
+        evaluation.parse_args(args.eval_args)
+    except UserError as e:
+        p.error(f"--eval-args: {e}")
 
 
 def main(argv=None):

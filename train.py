@@ -56,6 +56,8 @@ DDP_NO_BUFFER_SYNC = next(name for name in ("forward_sync_buffers", "broadcast_b
                           if name in inspect.signature(DDP).parameters)
 # Flags besides the recipe's that define the computation: a resumed run must repeat them.
 RUN_KEYS = ("method", "dataset", "clip", "shots", "seed", "subsample", "precision", "xd")
+# What a run writes into --output-dir.
+OUTPUT_FILES = ("last.pt", "best.pt", "log.jsonl", "results.json")
 
 
 # ----------------------------------------------------------------------------- flags
@@ -107,7 +109,7 @@ def resolve_args(p, args, Method):
     flags.fill_recipe(p, args, Method)
     flags.check_weights_flag(p, args.clip)
     try:
-        outputs.check_output_dir(args.output_dir)
+        outputs.check_output_dir(args.output_dir, files=OUTPUT_FILES)
     except UserError as e:
         p.error(str(e))
 
@@ -304,11 +306,31 @@ def train_step(model, images, labels, optimizer, scaler, device, precision):
     labels = labels.to(device, non_blocking=True)
     with autocast(device, precision):
         out = model(images, labels)
+    check_output(model.module if isinstance(model, DDP) else model, out)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(out["loss"]).backward()
     scaler.step(optimizer)
     scaler.update()
     return out
+
+
+def check_output(model, out):
+    """A method's train_forward output, before the backward pass: a dict holding each of its
+    loss_keys as a tensor, "loss" with a graph to the trainable tensors (UserError naming the method
+    and what its author must change)."""
+    name, keys = type(model).__name__, ("loss", *model.loss_keys)
+    if not isinstance(out, dict):
+        raise UserError(f"{name}.train_forward returned a {type(out).__name__}; it must return a "
+                        f"dict holding {', '.join(dict.fromkeys(keys))}")
+    for key in dict.fromkeys(keys):
+        if not torch.is_tensor(out.get(key)):
+            raise UserError(f"{name}.train_forward returned no tensor {key!r} (its keys: "
+                            f"{', '.join(map(str, out))}); return it, or take it out of "
+                            f"{name}.loss_keys")
+    if not out["loss"].requires_grad:
+        raise UserError(f"{name}.train_forward's 'loss' does not require grad: it was computed "
+                        f"under torch.no_grad() or from detached tensors; compute it from the "
+                        f"trainable tensors")
 
 
 def resume_state(path, args):
@@ -320,7 +342,8 @@ def resume_state(path, args):
         raise UserError(f"--resume: {path} is a --method {recorded.get('method')} run, this "
                         f"command trains --method {args.method}; choose another --output-dir")
     names = RUN_KEYS + tuple(flags.recipe_field_names(flags.load_method(args.method)))
-    keys = [k + "_sha256" if getattr(args, k + "_sha256", None) else k for k in names]
+    keys = [k + "_sha256" if getattr(args, k + "_sha256", None) and recorded.get(k + "_sha256")
+            else k for k in names]
     changed = {k: (recorded[k], getattr(args, k))
                for k in keys if k in recorded and recorded[k] != getattr(args, k)}
     if changed:
@@ -359,8 +382,7 @@ def setup(args, rank, world_size, device, group):
     """The run's data, model, optimizer and loaders, its output folder checked; with --resume,
     as last.pt left them."""
     args.precision = default_precision(args, device)
-    paths = {name: os.path.join(args.output_dir, name)
-             for name in ("last.pt", "best.pt", "log.jsonl", "results.json")}
+    paths = {name: os.path.join(args.output_dir, name) for name in OUTPUT_FILES}
     Method = flags.load_method(args.method, args.method_file)
     splits = data.run_splits(args.dataset, args.root, args.shots, args.seed, args.subsample,
                              Method.transductive)
@@ -370,11 +392,8 @@ def setup(args, rank, world_size, device, group):
         raise UserError(f"--dataset {args.dataset} ({args.subsample} classes): the test split is "
                         f"empty; the final test would have no image")
     recipe = flags.prepare_recipe(Method, args, splits.all_classnames)
-    old = outputs.read_json(paths["results.json"]) or {}  # only the results of its checkpoints
-    if os.path.exists(paths["results.json"]) and all(
-            outputs.results_match(old, checkpoint=paths[name]) for name in ("best.pt", "last.pt")):
-        raise UserError(f"{paths['results.json']} holds the results of another run (of "
-                        f"{old.get('checkpoint')!r}); choose another --output-dir, or move it away")
+    args.clip_sha256 = flags.clip_sha256(args.clip)  # eval.py and --resume compare the CLIP by it
+    check_own_results(paths)
     if os.path.exists(paths["last.pt"]) and not args.resume:
         raise UserError(f"{paths['last.pt']} exists: pass --resume to continue that run, or choose "
                         f"another --output-dir")
@@ -382,6 +401,12 @@ def setup(args, rank, world_size, device, group):
     seed_everything(args.seed)  # the same on every rank: identical initialisation
     clip = flags.load_clip(args.clip)
     raw_model = flags.build_model(Method, clip, splits.classnames, recipe).to(device)
+    params = [p for p in raw_model.parameters() if p.requires_grad]
+    if not params:
+        frozen = ", ".join(Method.frozen)
+        raise UserError(f"--method {args.method}: {Method.__name__} has no trainable tensor (no "
+                        f"parameter that requires grad outside its frozen {frozen}); its build "
+                        f"must create one, e.g. an nn.Parameter")
     model = raw_model
     if world_size > 1:
         raw_model.set_process_group(group)
@@ -390,7 +415,6 @@ def setup(args, rank, world_size, device, group):
         with collective("DDP's set-up (the parameter and buffer broadcast from rank 0)"):
             model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None,
                         **{DDP_NO_BUFFER_SYNC: False})
-    params = [p for p in raw_model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, recipe)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     pin = device.type == "cuda"  # pinned memory on the CPU: a CUDA context for nothing
@@ -428,6 +452,18 @@ def setup(args, rank, world_size, device, group):
         outputs.rewind_log(paths["log.jsonl"], ckpt["log"])
     run.print0(f"resumed from {paths['last.pt']} after epoch {ckpt['epoch']}")
     return run
+
+
+def check_own_results(paths):
+    """A results.json in the output folder must be of its checkpoints (a run resumed or moved)."""
+    old = outputs.read_json(paths["results.json"])
+    if old is None and os.path.exists(paths["results.json"]):
+        raise UserError(f"{paths['results.json']} is no readable results.json; choose another "
+                        f"--output-dir, or move it away")
+    if old is not None and all(
+            outputs.results_match(old, checkpoint=paths[name]) for name in ("best.pt", "last.pt")):
+        raise UserError(f"{paths['results.json']} holds the results of another run (of "
+                        f"{old.get('checkpoint')!r}); choose another --output-dir, or move it away")
 
 
 def train(args):
@@ -560,10 +596,14 @@ def command_line():
             dist.destroy_process_group()
 
 
-def parse_args(argv=None):
+def parse_args(argv=None, step=False):
+    """train.py's flags, resolved; step (a step of tables.py): a usage error is a one-line
+    UserError."""
     spec = flags.method_spec(argv)
     Method = flags.load_method(spec)
     p = get_parser(spec)
+    if step:
+        flags.raise_errors(p, "train.py")
     args = flags.parse_known(p, argv, spec)
     resolve_args(p, args, Method)
     args.method_file = flags.method_file(spec)

@@ -127,6 +127,26 @@ def test_nonsense_run_flags_are_refused_before_the_dataset_is_written(flags, mes
     assert_usage_error(benchmarks.main, ["run", "--clip", "tiny", "--device", "cpu", *flags], message, capsys)
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["loader", "--dataset", "dtd", "--workers", "-1"], "--workers: must be >= 0, got -1"),
+    (["loader", "--dataset", "dtd", "--batch-size", "0"], "--batch-size: must be positive"),
+    (["loader", "--dataset", "dtd", "--resolution", "0"], "--resolution: must be positive"),
+    (["loader", "--dataset", "dtd", "--steps", "0"], "--steps: must be positive"),
+    (["table", "--size", "0"], "--size: must be positive"),
+    (["table", "--workers", "-2"], "--workers: must be >= 0"),
+    (["table", "--images", "2"], "--images: must be at least 3, got 2"),
+    (["synthetic", "OUT", "--classes", "0"], "--classes: must be positive"),
+    (["synthetic", "OUT", "--size", "0"], "--size: must be positive"),
+    (["synthetic", "OUT", "--teacher-depth", "4"], "--teacher-depth: must be in 1..3 (the teacher CLIP's blocks)"),
+    (["synthetic", "OUT", "--images", "2"], "--images 2 for caltech101: images_per_class=2 leaves no train images"),
+])
+def test_every_number_of_the_other_benchmarks_is_checked_at_start(argv, message, tmp_path, monkeypatch, capsys):
+    for name in ("loader", "table"):
+        monkeypatch.setattr(benchmarks, name, lambda *a, **k: pytest.fail("started"))
+    argv = [str(tmp_path / "out") if a == "OUT" else a for a in argv]
+    assert_usage_error(benchmarks.main, argv, message, capsys)
+
+
 def test_benchmarks_time_the_steps_training_and_evaluation_run(run, tmp_path, monkeypatch, capsys):
     """The benchmarks time train()'s and evaluate()'s own step functions, and evaluate as evaluate()
     does: the class features computed once per model, not once per step (a model.eval() per step

@@ -20,7 +20,7 @@ import tables
 import train
 from helpers import (
     REPO, assert_same_tensors, assert_usage_error, copy_dataset, read_results, rounded, RunsCode, synthetic,
-    torchrun_two_ranks, train_argv, write_authors_folder, write_result)
+    teacher_setup, torchrun_two_ranks, train_argv, write_authors_folder, write_result)
 
 
 def test_eval_reproduces_training_test_numbers(run, tmp_path):
@@ -470,3 +470,51 @@ def test_make_report_fails_without_output_or_on_a_bad_result(tmp_path):
     write_result(tmp_path / "output" / "coop" / "base2new" / "dtd" / "seed1" / "new", None)
     proc = make_report(tmp_path / "output")
     assert proc.returncode != 0 and "accuracy is None" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--zeroshot", "--method", "coop"], "--method does not apply to --zeroshot"),
+    (["--zeroshot", "--teacher", "t.pth.tar"], "--teacher does not apply to --zeroshot"),
+    (["--zeroshot", "--clip", "ViT-B/16", "--allow-other-clip"], "--allow-other-clip: there is no run to compare"),
+    (["--checkpoint", "CKPT", "--allow-other-teacher"], "--allow-other-teacher: there is no --teacher to compare"),
+    (["--checkpoint", "CKPT", "--no-refiner"], "--no-refiner is a training flag (a recipe's)"),
+    (["--checkpoint", "CKPT", "--lr=0.1"], "--lr is a training flag (a recipe's)"),
+    (["--checkpoint", "CKPT", "--datasets", "oxford_pets"], "unrecognized arguments: --datasets oxford_pets"),
+    (["--checkpoint", "CKPT", "--seeds", "2"], "unrecognized arguments: --seeds 2"),
+    (["--checkpoint", "CKPT", "--sub", "new"], "unrecognized arguments: --sub new"),  # not --subsample
+])
+def test_flags_an_evaluation_does_not_use_are_refused(argv, message, tmp_path, capsys):
+    """A flag of training, of the table or of the other mode was ignored (e.g. --no-refiner evaluated with
+    the refiner and recorded refiner: true)."""
+    (tmp_path / "c.pt").write_bytes(b"")
+    argv = [str(tmp_path / "c.pt") if a == "CKPT" else a for a in argv]
+    assert_usage_error(evaluate_cli.main, [*argv, "--dataset", "caltech101", "--root", str(tmp_path)], message, capsys)
+
+
+@pytest.mark.parametrize("method", ["ivlp", "promptkd", 7])
+def test_a_checkpoint_naming_another_method_is_said_not_to_fit_it(method, run, tmp_path, capsys):
+    """A checkpoint whose args name another method than the one that wrote it: its recorded recipe
+    does not build on the run's CLIP (was "--depth must be at most 2"), or the name is no method."""
+    root, weights, out = run
+    ckpt = torch.load(os.path.join(out, "best.pt"), weights_only=True)
+    torch.save(dict(ckpt, args=dict(ckpt["args"], method=method)), tmp_path / "other.pt")
+    teacher_clip, teachers = teacher_setup(os.path.dirname(out))
+    inputs = ["--teacher", teachers, "--teacher-clip", teacher_clip] if method == "promptkd" else []
+    message = f"its tensors do not fit a --method {method} model" if method != 7 else "its 'args' name no --method"
+    assert_usage_error(evaluate_cli.main, ["--checkpoint", str(tmp_path / "other.pt"), *inputs, "--workers", "0",
+                                           "--device", "cpu"], f"other.pt: {message}", capsys)
+
+
+def test_evaluating_with_another_clip_than_the_runs_is_named(run, tmp_path, capsys):
+    """--clip of other weights (the same shapes: it evaluated without a word) is refused by the SHA-256 the
+    run recorded, unless --allow-other-clip; the run's CLIP at another path is the same CLIP."""
+    root, weights, out = run
+    best, common = os.path.join(out, "best.pt"), ["--workers", "0", "--device", "cpu"]
+    other = tmp_path / "other-clip.pt"
+    torch.save(clip_model.random_state_dict(clip_model.CONFIGS["tiny"], seed=1), other)
+    assert_usage_error(evaluate_cli.main, ["--checkpoint", best, "--clip", str(other), *common],
+                       f"--clip {other}: not the CLIP {best} was trained with ({weights}, SHA-256", capsys)
+    evaluate_cli.main(["--checkpoint", best, "--clip", str(other), "--allow-other-clip", *common])
+    shutil.copy(weights, tmp_path / "same-clip.pt")
+    same = evaluate_cli.main(["--checkpoint", best, "--clip", str(tmp_path / "same-clip.pt"), *common])
+    assert same["accuracy"] == read_results(out)["accuracy"]

@@ -3,6 +3,7 @@ that records its calls: a GPU session must not be spent on a script that cannot 
 import os
 import stat
 import subprocess
+import sys
 
 import pytest
 
@@ -113,3 +114,12 @@ def test_gpu_check_keeps_within_its_total_budget(tmp_path):
     assert "pytest" not in summary.split("FAILED:")[1]  # slow, not failed
     assert "train-fp16 (not run: budget spent)" in summary
     assert len(calls) < 1 + len(STEPS)
+
+
+def test_no_cuda_with_a_real_python_is_one_line_without_a_traceback(tmp_path):
+    """The availability check was an assert: a 3-line AssertionError traceback before the clear line."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", GPU_PYTHON=sys.executable, GPU_OUT=str(tmp_path / "out"))
+    proc = subprocess.run([os.path.join(REPO, ".ci", "gpu-check")], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert (proc.stdout, proc.stderr) == (f"gpu-check: no CUDA device visible to {sys.executable}\n", "")

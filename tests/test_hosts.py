@@ -22,7 +22,7 @@ import train
 from clip_model import CONFIGS, build_model, random_state_dict, tokenize
 from helpers import (Interrupted, assert_same_tensors, assert_usage_error, interrupt_at_epoch, read_log, read_results,
                      ref_encode_image, ref_encode_text, ref_projection, rel_err, spec_cache_update,
-                     spec_semantic_tokens, synthetic, torchrun_two_ranks, write_result)
+                     spec_semantic_tokens, synthetic, torchrun_two_ranks, train_argv, write_result)
 
 FAMILY = ("cocoop", "kgcoop", "ivlp", "maple", "promptsrc")
 DEEP = ("ivlp", "maple", "promptsrc")  # prompts in both towers: a --depth
@@ -511,3 +511,21 @@ def test_losses_and_logits_stay_fp32_under_bf16_autocast(tiny_sd, method):
     assert all(p.dtype == p.grad.dtype == torch.float32 for p in models[1].parameters() if p.requires_grad)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert models[1].eval()(x).dtype == torch.float32
+
+
+@pytest.mark.parametrize("mean, std", [(1e200, 1.0), (15.0, 1e-300), (1e308, 1e-10)])
+def test_gpa_settings_whose_weights_overflow_are_refused_before_training(mean, std):
+    """--gpa-mean 1e200 or --gpa-std 1e-300 trained a whole epoch, then OverflowError (or NaN weights)."""
+    clip = build_model(random_state_dict(CONFIGS["tiny"]))
+    recipe = textrefiner.METHODS["promptsrc"].recipe(depth=2, gpa_mean=mean, gpa_std=std)
+    with pytest.raises(textrefiner.RecipeError) as err:
+        textrefiner.METHODS["promptsrc"](clip, ["cat", "dog"], recipe)
+    assert flags.recipe_message(err.value).startswith(f"--gpa-mean {mean} and --gpa-std {std}: the aggregation "
+                                                      f"weights of epochs 1..20 are not finite numbers")
+
+
+def test_gpa_overflow_on_the_command_line_is_one_line_before_any_epoch(run, tmp_path, capsys):
+    root, weights, _ = run
+    argv = train_argv(root, weights, str(tmp_path), "--method", "promptsrc", "--depth", "2", "--gpa-std", "1e-300")
+    assert_usage_error(train.main, argv, "--gpa-mean 15.0 and --gpa-std 1e-300: the aggregation weights", capsys)
+    assert not os.path.exists(tmp_path / "last.pt")

@@ -226,3 +226,77 @@ def test_make_runs_a_method_from_a_file_under_torchrun_and_over_two_table_worker
     rates = bench.main(["step", "--method", spec, "--clip", "tiny", "--device", "cpu", "--batch-size", "2",
                         "--num-classes", "3", "--steps", "1", "--warmup", "1"])
     assert set(rates) == {"CLIP-Adapter+TextRefiner", "CLIP-Adapter"}
+
+# ----------------------------------------------------------------------------- a method's author's mistakes, named
+
+
+@pytest.mark.parametrize("field, message", [
+    ("seed", "its recipe field 'seed' is also train.py's own flag --seed; rename the field"),
+    ("output_dir", "its recipe field 'output_dir' is also train.py's own flag --output-dir"),
+    ("dataset", "its recipe field 'dataset' is also train.py's own flag --dataset"),
+    ("resume", "its recipe field 'resume' is also train.py's own flag --resume"),
+    ("workers", "its recipe field 'workers' is also train.py's own flag --workers"),
+    ("method_file", "ClashRecipe.method_file is a name train.py records with each run"),
+    ("teacher_sha256", "ClashRecipe.teacher_sha256 is a name train.py records with each run"),
+])
+def test_a_recipe_field_named_like_a_run_flag_is_refused_and_the_other_methods_still_work(
+        field, message, monkeypatch, tmp_path, capsys):
+    Recipe = dataclasses.make_dataclass("ClashRecipe", [(field, int, 3)], bases=(ShiftRecipe,))
+    monkeypatch.setitem(textrefiner.METHODS, "clash", type("ClashCLIP", (ShiftCLIP,), dict(recipe=Recipe)))
+    argv = ["--dataset", "caltech101", "--root", str(tmp_path), "--output-dir", str(tmp_path / "out")]
+    assert_usage_error(train.main, ["--method", "clash", *argv], f"--method clash: {message}", capsys)
+    # while it is registered, every other method's commands parse as before
+    assert train.parse_args(["--method", "kgcoop", *argv]).method == "kgcoop"
+    assert evaluate_cli.parse_args(["--zeroshot", "--dataset", "caltech101"]).zeroshot
+    assert bench.get_parser(flags.load_method("coop")).parse_args(["step"]).command == "step"
+
+
+class FrozenShiftCLIP(PlainShiftCLIP):
+    def build(self, clip, classnames, recipe):
+        super().build(clip, classnames, recipe)
+        self.shift.requires_grad_(False)  # nothing left to train
+
+
+class UnreturnedLossCLIP(PlainShiftCLIP):
+    loss_keys = ("loss", "loss_kl")  # train_forward never returns loss_kl
+
+
+class DetachedLossCLIP(PlainShiftCLIP):
+    def train_forward(self, images, labels):
+        with torch.no_grad():
+            return super().train_forward(images, labels)
+
+
+class TupleCLIP(PlainShiftCLIP):
+    def train_forward(self, images, labels):
+        out = super().train_forward(images, labels)
+        return out["loss"], out["logits"]
+
+
+@pytest.mark.parametrize("Method, message", [
+    (FrozenShiftCLIP, "--method broken: FrozenShiftCLIP has no trainable tensor (no parameter that requires grad"),
+    (UnreturnedLossCLIP, "UnreturnedLossCLIP.train_forward returned no tensor 'loss_kl' (its keys: loss, "),
+    (DetachedLossCLIP, "DetachedLossCLIP.train_forward's 'loss' does not require grad"),
+    (TupleCLIP, "TupleCLIP.train_forward returned a tuple; it must return a dict holding loss"),
+])
+def test_a_method_breaking_the_contract_is_named_before_its_first_step(Method, message, run, monkeypatch, tmp_path,
+                                                                       capsys):
+    """Were raw exceptions: "optimizer got an empty parameter list", KeyError, "element 0 of tensors does not
+    require grad"."""
+    root, weights, _ = run
+    monkeypatch.setitem(textrefiner.METHODS, "broken", Method)
+    assert_usage_error(train.main, ["--method", "broken", *train_argv(root, weights, str(tmp_path / "out"))], message,
+                       capsys)
+    assert not os.path.exists(tmp_path / "out" / "last.pt")
+
+
+def test_a_method_registered_under_a_built_in_name_is_refused(run, monkeypatch, tmp_path, capsys):
+    """METHODS["coop"] = MyCLIP trained MyCLIP and recorded its runs as coop."""
+    root, weights, out = run
+    monkeypatch.setitem(textrefiner.METHODS, "coop", ShiftCLIP)
+    message = "--method coop: textrefiner.METHODS['coop'] is <class 'test_interface.ShiftCLIP'>, not the built-in " \
+              "TextRefinerCLIP; register your method under a name of its own"
+    assert_usage_error(train.main, train_argv(root, weights, str(tmp_path / "out")), message, capsys)
+    assert_usage_error(evaluate_cli.main, ["--checkpoint", os.path.join(out, "best.pt"), "--workers", "0"], message,
+                       capsys)
+    assert not os.path.exists(tmp_path / "out")

@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 
+import data
 import eval as evaluate_cli
 import helpers
 import report
@@ -291,3 +292,82 @@ def test_fewshot_table_trains_k_shots_of_every_class_and_tests_every_class(root,
     assert len(jobs) == 8 and lines[0] == "0\tfewshot caltech101 shots 1 seed 1\tfinished"
     assert all(line.endswith("\tfinished") for line in lines)
     assert_usage_error(tables.main, ["jobs", "base2new", *argv[1:]], "--shots is for the fewshot protocol", capsys)
+
+
+@pytest.mark.parametrize("option, words, message", [
+    ("--train-args", "--seed 5", "--train-args --seed: defines the job, which tables.py sets for each job: give "
+                                 "tables.py --seeds instead"),
+    ("--train-args", "--method kgcoop", "--train-args --method: defines the job"),
+    ("--train-args", "--no-refiner", "--train-args --no-refiner: defines the job"),
+    ("--train-args", "--refiner", "give tables.py --no-refiner instead"),
+    ("--train-args", "--dataset=dtd", "give tables.py --datasets instead"),
+    ("--train-args", "--output-dir x", "give tables.py --runs instead"),
+    ("--train-args", "--clip x.pt", "give tables.py --clip instead"),
+    ("--train-args", "--subsample all", "--train-args --subsample: defines the job, which tables.py sets for each "
+                                        "job (by its protocol)"),
+    ("--train-args", "--shots 4", "--train-args --shots: defines the job"),
+    ("--train-args", "--xd", "--train-args --xd: defines the job"),
+    ("--train-args", "--resume", "--train-args --resume: defines the job"),
+    ("--eval-args", "--subsample base", "--eval-args --subsample: defines the job"),
+    ("--eval-args", "--seed 2", "--eval-args --seed: defines the job"),
+    ("--eval-args", "--checkpoint=x.pt", "--eval-args --checkpoint: defines the job"),
+    ("--eval-args", "--split val", "--eval-args --split: defines the job"),
+    ("--eval-args", "--teacher t", "--eval-args --teacher: defines the job, which tables.py sets for each job: give "
+                                   "tables.py --teacher instead"),
+    ("--eval-args", "--allow-other-clip", "--eval-args --allow-other-clip: defines the job"),
+    ("--train-args", "--ctx-init 'a photo", "--train-args \"--ctx-init 'a photo\": No closing quotation"),
+    ("--train-args", "--epochs 0", "--train-args: train.py: argument --epochs: must be positive, got 0"),
+    ("--train-args", "--kd-weight 3", "--train-args: train.py: --kd-weight applies to --method promptkd, not coop"),
+    ("--eval-args", "--batch-size 0", "--eval-args: eval.py: argument --batch-size: must be positive, got 0"),
+])
+def test_pass_through_flags_cannot_redefine_the_job_and_are_checked_at_start(option, words, message, run, tmp_path,
+                                                                             capsys):
+    """--seed 5 trained seed 5 into seed 1's folder, --method kgcoop filled the coop folder, --subsample base
+    put a base evaluation in new/ (each exit 0); an unclosed quote was a traceback, a value error the
+    failure of every job."""
+    root, weights, _ = run
+    argv = ["jobs", "base2new", "--root", root, "--clip", weights, "--runs", str(tmp_path), "--datasets", "caltech101",
+            "--seeds", "1", f"{option}={words}"]
+    assert_usage_error(tables.main, argv, message, capsys)
+
+
+def test_a_step_refusing_its_flags_fails_in_one_line_naming_the_script(run, capsys):
+    root, _, _ = run
+    with pytest.raises(data.UserError, match=r"^train.py: argument --epochs: must be positive, got 0$"):
+        tables.run_step("train.py", ["--dataset", "caltech101", "--root", root, "--epochs", "0", "--output-dir", "x"])
+    with pytest.raises(data.UserError, match=r"^eval.py: argument --batch-size: must be positive, got 0$"):
+        tables.run_step("eval.py", ["--zeroshot", "--batch-size", "0"])
+    assert capsys.readouterr().err == ""  # no usage text
+
+
+def test_a_moved_table_evaluates_new_from_the_checkpoint_where_it_is_now(run, tmp_path):
+    """A base/ trained elsewhere (its results.json names a checkpoint path that is gone) and moved into
+    the table: new/ is evaluated from base/'s checkpoint where it is now, and the report pairs them."""
+    root, weights, out = run
+    base = tmp_path / "runs" / "base2new" / "caltech101" / "seed1" / "base"
+    shutil.copytree(out, base)
+    trained = read_results(base)
+    with open(base / "results.json", "w") as f:
+        json.dump(dict(trained, checkpoint="/gone/base/best.pt"), f)
+    p = tables.get_parser()
+    args = p.parse_args(["run", "base2new", "--root", root, "--clip", weights, "--runs", str(tmp_path / "runs"),
+                         "--datasets", "caltech101", "--seeds", "1", "--eval-args=--workers 0 --device cpu"])
+    tables.check_table_args(p, args)
+    steps = []
+
+    def recorded(script, argv):
+        steps.append((script, argv))
+        tables.run_step(script, argv)
+    done = tables.run_job(tables.table_jobs(args)[0], args, run_step=recorded)
+    assert [script for script, _ in steps] == ["eval.py"]
+    assert steps[0][1][steps[0][1].index("--checkpoint") + 1] == str(base / "best.pt")
+    assert done["new"]["checkpoint_sha256"] == trained["checkpoint_sha256"]
+    assert tables.report(str(tmp_path / "runs" / "base2new"))["datasets"]["caltech101"]["seeds"] == [1]
+
+
+def test_more_gpus_than_the_machine_has_are_refused_at_start(run, tmp_path, monkeypatch, capsys):
+    root, weights, _ = run
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    argv = ["run", "base2new", "--root", root, "--clip", weights, "--runs", str(tmp_path), "--datasets", "caltech101",
+            "--seeds", "1", "--gpus", "2", "--job", "7"]
+    assert_usage_error(tables.main, argv, "--gpus 2: this machine has 1 visible CUDA device(s)", capsys)

@@ -636,3 +636,40 @@ def test_nonfinite_clip_or_checkpoint_is_refused_at_load_naming_file_and_tensor(
     torch.save(ckpt, tmp_path / "b" / "last.pt")
     assert_usage_error(train.main, train_argv(root, weights, str(tmp_path / "b"), "--resume"),
                        f"{tmp_path}/b/last.pt: tensor refiner.cache holds NaN or inf values", capsys)
+
+
+@pytest.mark.parametrize("main", [train.main, evaluate_cli.main], ids=["train", "eval"])
+@pytest.mark.parametrize("make, message", [
+    (lambda out: os.makedirs(out / "results.json"), "its results.json is a folder, where this command writes a file"),
+    (lambda out: os.symlink(out.parent / "nowhere", out), "out is a symbolic link to"),
+], ids=["results-json-folder", "dangling-link"])
+def test_an_output_dir_that_cannot_take_the_results_names_why_at_start(main, make, message, run, tmp_path, capsys):
+    """A results.json that is a folder was "the results of another run (of None)"; a dangling symbolic
+    link as --output-dir was "[Errno 17] File exists"."""
+    root, weights, out = run
+    make(tmp_path / "out")
+    argv = train_argv(root, weights, str(tmp_path / "out")) if main is train.main else \
+        ["--checkpoint", os.path.join(out, "best.pt"), "--workers", "0", "--output-dir", str(tmp_path / "out")]
+    assert_usage_error(main, argv, message, capsys)
+    assert not os.path.exists(tmp_path / "nowhere")
+
+
+def test_a_finished_run_moved_elsewhere_is_still_the_same_run(run, tmp_path, capsys):
+    """A run is its content, not its path: a finished folder copied (cp -r) and moved (mv) elsewhere
+    resumes (nothing left to train: the same test) and evaluates its own checkpoint into itself; a
+    results.json of another checkpoint there is still another run's."""
+    root, weights, out = run
+    shutil.copytree(out, tmp_path / "copy")
+    os.rename(tmp_path / "copy", tmp_path / "moved")
+    moved = str(tmp_path / "moved")
+    with open(os.path.join(moved, "results.json")) as f:
+        before = json.load(f)
+    again = train.main(train_argv(root, weights, moved, "--resume"))
+    assert (again["accuracy"], again["checkpoint_sha256"]) == (before["accuracy"], before["checkpoint_sha256"])
+    evaluated = evaluate_cli.main(["--checkpoint", os.path.join(moved, "best.pt"), "--workers", "0", "--device",
+                                   "cpu", "--output-dir", moved])
+    assert evaluated["accuracy"] == before["accuracy"]
+    with open(os.path.join(moved, "results.json"), "w") as f:
+        json.dump(dict(before, checkpoint_sha256="0" * 64), f)
+    assert_usage_error(train.main, train_argv(root, weights, moved, "--resume"), "holds the results of another run",
+                       capsys)
