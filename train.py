@@ -16,7 +16,7 @@ Flags: the run's own, and one per field of the --method's recipe (unset: the rec
 
 Writes into --output-dir (the files and their rules: outputs.py):
     last.pt       after every epoch, atomically: trainable state, optimizer, scaler, epoch, args,
-                  every rank's RNG states, the best selection accuracy and that epoch's state
+                  class names, every rank's RNG states, the best epoch's accuracy and state
     best.pt       the same at the best epoch on the selection split (not with --selection last)
     log.jsonl     one line per epoch: epoch, lr, the method's loss terms, val_acc, seconds
     results.json  the selected model on the test split: accuracy, macro_f1, per_class_accuracy,
@@ -504,7 +504,7 @@ def save_checkpoint(run, args, epoch, record):
     ckpt = dict(model=run.raw_model.trainable_state_dict(), optimizer=run.optimizer.state_dict(),
                 scaler=run.scaler.state_dict(), epoch=epoch, args=vars(args),
                 selection=run.selection, rng=rngs, best=run.best, best_model=run.best_state,
-                log=record)
+                log=record, classnames=run.splits.classnames)  # predict.py's default classes
     if run.rank == 0:  # best.pt first: last.pt, what --resume trusts, once the epoch is on disk
         if run.best["epoch"] == epoch:
             outputs.save_atomic(ckpt, run.paths["best.pt"])
@@ -565,6 +565,7 @@ def parse_args(argv=None):
     args = flags.parse_known(p, argv, spec)
     resolve_args(p, args, Method)
     args.method_file = flags.method_file(spec)
+    args.clip_sha256 = clip_model.weights_sha256(args.clip)  # predict.py refuses another CLIP
     return args
 
 
