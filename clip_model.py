@@ -386,6 +386,14 @@ def sha256(path):
     return h.hexdigest()
 
 
+def weights_sha256(name_or_path):
+    """The SHA-256 of CLIP weights: an official name's from its URL (download checks the file
+    against it), a file's from its bytes; None for anything else."""
+    if name_or_path in MODELS:
+        return MODELS[name_or_path].split("/")[0]
+    return sha256(name_or_path) if os.path.isfile(name_or_path) else None
+
+
 def download(url, download_root=None) -> str:
     """Fetch <...>/<sha256>/<file> into <download_root or ~/.cache/clip>/<file>; return its path.
 

@@ -41,19 +41,12 @@ def get_parser():
                    help="authors' folder: load model.pth.tar-EPOCH (default: model-best)")
     p.add_argument("--zeroshot", action="store_true", help="zero-shot CLIP instead of a checkpoint")
     p.add_argument("--method", help="refuse a checkpoint of another method")
-    inputs = {name for Model in METHODS.values() for name in Model.recipe.weight_files}
-    for name in sorted(inputs):
-        flag = name.replace("_", "-")
-        p.add_argument(f"--{flag}", help="default: the run's")
-        p.add_argument(f"--allow-other-{flag}", action="store_true",
-                       help=f"evaluate with another --{flag} file than the one the run recorded")
+    add_input_flags(p)
     p.add_argument("--dataset", help=f"one of {', '.join(data.DATASETS)}")
     p.add_argument("--root", help="data root")
     p.add_argument("--subsample", choices=data.SUBSAMPLES)
     p.add_argument("--split", default="test", choices=("test", "val"))
     p.add_argument("--clip", help="CLIP name or weights file (default: the checkpoint's)")
-    p.add_argument("--allow-other-clip", action="store_true",
-                   help="evaluate with another --clip than the one the run recorded (SHA-256)")
     p.add_argument("--shots", type=int,
                    help="few-shot split that defines base/new (default: the checkpoint's)")
     p.add_argument("--seed", type=flags.ranged(int, flags.SEEDS))
@@ -61,6 +54,20 @@ def get_parser():
     p.add_argument("--output-dir", help="write results.json here")
     flags.add_run_flags(p)
     return p
+
+
+def add_input_flags(p):
+    """--allow-other-clip, and --<name> and --allow-other-<name> for every weights file a
+    registered method is built from besides CLIP (PromptKD's --teacher, --teacher-clip): default
+    the run's."""
+    p.add_argument("--allow-other-clip", action="store_true",
+                   help="use another --clip than the one the run recorded (SHA-256)")
+    inputs = {name for Model in METHODS.values() for name in Model.recipe.weight_files}
+    for name in sorted(inputs):
+        flag = name.replace("_", "-")
+        p.add_argument(f"--{flag}", help="default: the run's")
+        p.add_argument(f"--allow-other-{flag}", action="store_true",
+                       help=f"use another --{flag} file than the one the run recorded")
 
 
 def check_args(p, args):
@@ -94,8 +101,9 @@ def check_args(p, args):
 
 
 def read_checkpoint(args):
-    """-> (trainable state dict, the run's flags as a dict (method and selection included), the CLIP
-    weights an authors' folder stores (None for train.py's checkpoints, which hold no CLIP))."""
+    """-> (trainable state dict, the run's flags as a dict (method, selection and the classes the
+    model was built with included; None where the checkpoint does not say), the CLIP weights an
+    authors' folder stores (None for train.py's checkpoints, which hold no CLIP))."""
     if os.path.isdir(args.checkpoint):
         ours = [n for n in ("best.pt", "last.pt")
                 if os.path.isfile(os.path.join(args.checkpoint, n))]
@@ -105,12 +113,26 @@ def read_checkpoint(args):
         state, info = released.load_authors_run(args.checkpoint, args.epoch)
         recorded = dict(info["flags"], method=info["method"], dataset=None, root=None, shots=16,
                         seed=1, subsample="all", precision=info["precision"], refiner=True,
-                        clip=info["clip"] or "ViT-B/16", selected=None)
+                        clip=info["clip"] or "ViT-B/16", selected=None, classnames=None)
         return state, recorded, info["clip_weights"]
     ckpt = outputs.load_checkpoint(args.checkpoint)
     # selected: the selection the run made, e.g. "best-test"
-    recorded = dict(flags.recorded_flags(ckpt["args"]), selected=ckpt.get("selection"))
+    recorded = dict(flags.recorded_flags(ckpt["args"]), selected=ckpt.get("selection"),
+                    classnames=ckpt.get("classnames"))
     return ckpt["model"], recorded, None
+
+
+def read_run(args):
+    """What --checkpoint (or --zeroshot) holds -> (trainable state or None, the run's flags as
+    read_checkpoint gives them, an authors' folder's CLIP weights or None, the method's class)."""
+    if args.zeroshot:
+        recorded = dict(method=None, dataset=None, root=None, shots=16, seed=1, subsample="all",
+                        clip="ViT-B/16", precision=None, selected=None, classnames=None)
+        return None, recorded, None, ZeroShotCLIP
+    state, recorded, stored_clip = read_checkpoint(args)
+    check_flags_fit(args, recorded)
+    Method = flags.load_method(recorded["method"], recorded.get("method_file"))
+    return state, recorded, stored_clip, Method
 
 
 def check_flags_fit(args, recorded):
@@ -206,9 +228,9 @@ def what_to_evaluate(args, recorded, Method):
     return dataset, root, subsample, checkpoint
 
 
-def load_model(args, recorded, Method, splits, state, stored_clip):
-    """The model to evaluate, its inputs resolved -> (model, the run's flags so resolved, CLIP)."""
-    classnames = splits.eval_classnames
+def load_model(args, recorded, Method, classnames, all_classnames, state, stored_clip):
+    """The model of `classnames` (all_classnames: every class the run meets, whose prompts must
+    fit), its inputs resolved -> (model, the run's flags so resolved, the CLIP's name or file)."""
     if args.zeroshot:
         try:
             recipe = ZeroShotRecipe().for_run(recorded["dataset"], recorded["subsample"],
@@ -216,7 +238,7 @@ def load_model(args, recorded, Method, splits, state, stored_clip):
         except RecipeError as e:
             raise UserError(f"--zeroshot: {e.problem} (--dataset {recorded['dataset']})") from None
     else:
-        recorded, recipe = resolve_inputs(args, recorded, Method, splits.all_classnames)
+        recorded, recipe = resolve_inputs(args, recorded, Method, all_classnames)
     clip_name = args.clip or recorded["clip"]
     if not args.zeroshot and os.path.isfile(args.checkpoint):  # train.py's (a folder: the authors')
         check_run_clip(args, recorded, clip_name)
@@ -226,7 +248,7 @@ def load_model(args, recorded, Method, splits, state, stored_clip):
     if args.zeroshot:
         return ZeroShotCLIP(clip, classnames, recipe), recorded, clip_name
     try:
-        model = Method(clip, splits.classnames, recipe)
+        model = Method(clip, classnames, recipe)
         model.load_trainable_state_dict(state)
     except ValueError as e:  # a RecipeError too: the recorded recipe does not build on its CLIP
         if isinstance(e, RecipeError) and e.field in Method.recipe.weight_files:
@@ -242,9 +264,9 @@ def check_run_clip(args, recorded, clip_name):
     """The CLIP must be the one the run was trained with (by SHA-256; an official name's is in its
     address) unless --allow-other-clip."""
     theirs = recorded.get("clip_sha256")
-    if theirs is None and recorded["clip"] in clip_model.MODELS:  # a run that predates the record
-        theirs = flags.clip_sha256(recorded["clip"])
-    ours = flags.clip_sha256(clip_name)
+    if theirs is None:  # a run that predates the record: the CLIP it names, as it is now
+        theirs = clip_model.weights_sha256(recorded["clip"])
+    ours = clip_model.weights_sha256(clip_name)
     if None not in (theirs, ours) and ours != theirs and not args.allow_other_clip:
         raise UserError(f"--clip {clip_name}: not the CLIP {args.checkpoint} was trained with "
                         f"({recorded['clip']}, SHA-256 {theirs[:16]}..., this one {ours[:16]}...); "
@@ -256,15 +278,7 @@ def run(args):
     another evaluation into it meanwhile is refused: no result is lost between check and write)."""
     rank, world_size, device, _ = train.setup_runtime(args)
     with train.output_lock(args.output_dir, rank, world_size) if args.output_dir else nullcontext():
-        if args.zeroshot:
-            state, stored_clip = None, None
-            recorded = dict(method=None, dataset=None, root=None, shots=16, seed=1, subsample="all",
-                            clip="ViT-B/16", precision=None, selected=None)
-        else:
-            state, recorded, stored_clip = read_checkpoint(args)
-            check_flags_fit(args, recorded)
-        Method = ZeroShotCLIP if args.zeroshot else flags.load_method(recorded["method"],
-                                                                        recorded.get("method_file"))
+        state, recorded, stored_clip, Method = read_run(args)
         precision = eval_precision(args, recorded, device)
         dataset, root, subsample, checkpoint = what_to_evaluate(args, recorded, Method)
         shots = recorded["shots"] if args.shots is None else args.shots
@@ -277,7 +291,8 @@ def run(args):
         # The run's own classes (its teacher's): its subsample on its dataset; else those evaluated.
         own = recorded["subsample"] if dataset == recorded["dataset"] else subsample
         recorded.update(dataset=dataset, root=root, shots=shots, seed=seed, subsample=own)
-        model, recorded, clip_name = load_model(args, recorded, Method, splits, state, stored_clip)
+        model, recorded, clip_name = load_model(args, recorded, Method, splits.classnames,
+                                                splits.all_classnames, state, stored_clip)
         loader = data.build_eval_loader(items, args.batch_size, model.clip.config.image_resolution,
                                         rank=rank, world_size=world_size, workers=args.workers,
                                         pin_memory=device.type == "cuda")

@@ -306,14 +306,6 @@ def build_model(Method, clip, classnames, recipe):
         raise UserError(recipe_message(e)) from None
 
 
-def clip_sha256(name):
-    """The SHA-256 of a CLIP's weights: an official name's from its download address, a file's
-    read; None for a path that is no file."""
-    if name in clip_model.MODELS:
-        return clip_model.MODELS[name].split("/")[0]
-    return clip_model.sha256(name) if os.path.isfile(name) else None
-
-
 def load_clip(name, flag="--clip"):
     """clip_model.load_clip with a one-line error naming the flag."""
     try:

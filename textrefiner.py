@@ -21,7 +21,7 @@ over the patches.
 
 At test time nothing is aligned or updated: `refined` depends on no image, so it is computed
 once per evaluation. Trainable: align and extractor (1,050,624 values at D = 512); the cache is
-saved state.
+saved state. The refiner maths, the losses and the cache are fp32 even under autocast.
 
 Reading order: FeatureAlign and TextRefiner (the method; `train_terms` is the refiner's share of
 a training step); Recipe and PromptCLIP (what train.py, eval.py and bench.py need from any
@@ -40,8 +40,6 @@ In your own prompt learner (with a RefinerRecipe it has self.refiner; t may be (
 
     image, tokens, cls_attn = textrefiner.image_pass(self, images)  # one pass of the frozen tower
     out = textrefiner.refined_ce(self, t, image, labels, tokens, cls_attn)  # the loss above
-
-The refiner maths, the losses and the cache are fp32 even under autocast.
 """
 import dataclasses
 import math
@@ -700,12 +698,9 @@ class ZeroShotRecipe(Recipe):
     template: str = None  # "a photo of a {}." where the dataset has none
 
     def for_run(self, dataset, subsample, classnames):
-        if dataset is not None and dataset not in data.DATASETS:
-            raise ValueError(f"ZeroShotRecipe: unknown dataset {dataset!r}; expected one of "
-                             f"{', '.join(data.DATASETS)}")
         recipe = self
-        if self.template is None:
-            template = data.DATASETS[dataset].template if dataset else "a photo of a {}."
+        if self.template is None:  # dataset_info: the ValueError naming an unknown dataset
+            template = data.dataset_info(dataset).template if dataset else "a photo of a {}."
             recipe = dataclasses.replace(self, template=template)
         check_prompt_lengths(recipe.template.format, classnames, "template", repr(recipe.template))
         return recipe
@@ -740,6 +735,12 @@ class ZeroShotCLIP(PromptCLIP):
 METHODS = {"coop": TextRefinerCLIP}
 
 import hosts  # noqa: E402  (after METHODS: hosts.py registers its classes in it)
+
+
+def load(checkpoint, classnames=None, clip=None, device=None):
+    """A trained checkpoint ready for inference: .predict(images, topk) (predict.py's docstring)."""
+    import predict  # not at the top: predict.py imports eval.py and train.py, which import this
+    return predict.load(checkpoint, classnames, clip, device)
 
 
 def __getattr__(name):

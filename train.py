@@ -17,7 +17,7 @@ Flags: the run's own, and one per field of the --method's recipe (unset: the rec
 
 Writes into --output-dir (the files and their rules: outputs.py):
     last.pt       after every epoch, atomically: trainable state, optimizer, scaler, epoch, args,
-                  every rank's RNG states, the best selection accuracy and that epoch's state
+                  class names, every rank's RNG states, the best epoch's accuracy and state
     best.pt       the same at the best epoch on the selection split (not with --selection last)
     log.jsonl     one line per epoch: epoch, lr, the method's loss terms, val_acc, seconds
     results.json  the selected model on the test split: accuracy, macro_f1, per_class_accuracy,
@@ -392,7 +392,7 @@ def setup(args, rank, world_size, device, group):
         raise UserError(f"--dataset {args.dataset} ({args.subsample} classes): the test split is "
                         f"empty; the final test would have no image")
     recipe = flags.prepare_recipe(Method, args, splits.all_classnames)
-    args.clip_sha256 = flags.clip_sha256(args.clip)  # eval.py and --resume compare the CLIP by it
+    args.clip_sha256 = clip_model.weights_sha256(args.clip)  # eval.py and --resume compare it
     check_own_results(paths)
     if os.path.exists(paths["last.pt"]) and not args.resume:
         raise UserError(f"{paths['last.pt']} exists: pass --resume to continue that run, or choose "
@@ -540,7 +540,7 @@ def save_checkpoint(run, args, epoch, record):
     ckpt = dict(model=run.raw_model.trainable_state_dict(), optimizer=run.optimizer.state_dict(),
                 scaler=run.scaler.state_dict(), epoch=epoch, args=vars(args),
                 selection=run.selection, rng=rngs, best=run.best, best_model=run.best_state,
-                log=record)
+                log=record, classnames=run.splits.classnames)  # predict.py's default classes
     if run.rank == 0:  # best.pt first: last.pt, what --resume trusts, once the epoch is on disk
         if run.best["epoch"] == epoch:
             outputs.save_atomic(ckpt, run.paths["best.pt"])
