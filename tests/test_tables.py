@@ -362,7 +362,7 @@ def test_a_moved_table_evaluates_new_from_the_checkpoint_where_it_is_now(run, tm
     assert [script for script, _ in steps] == ["eval.py"]
     assert steps[0][1][steps[0][1].index("--checkpoint") + 1] == str(base / "best.pt")
     assert done["new"]["checkpoint_sha256"] == trained["checkpoint_sha256"]
-    assert tables.report(str(tmp_path / "runs" / "base2new"))["datasets"]["caltech101"]["seeds"] == [1]
+    assert report.report_folder(str(tmp_path / "runs" / "base2new"))["datasets"]["caltech101"]["seeds"] == [1]
 
 
 def test_more_gpus_than_the_machine_has_are_refused_at_start(run, tmp_path, monkeypatch, capsys):
