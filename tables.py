@@ -491,8 +491,11 @@ def attempt(job, args, device):
     return dict(job=str(job), ok=False, error=error, images=0, seconds=time.perf_counter() - start)
 
 
-def table_worker(args, device, tasks, reports):
-    """A slot's process: the next job until there is none; each CLIP file read once for all."""
+def table_worker(args, device, tasks, reports, start_method):
+    """A slot's process: the next job until there is none; each CLIP file read once for all. Its
+    loaders start their workers as the table's process would (start_method: on Linux fork, where
+    a spawned process's default, spawn, would import torch again in every loader worker)."""
+    multiprocessing.set_start_method(start_method, force=True)
     with clip_model.keep_loaded():
         while (task := tasks.get()) is not None:
             index, job = task
@@ -530,45 +533,55 @@ def run_table(args, jobs):
     print(f"{args.protocol} table of --method {args.method}: {len(jobs)} job(s), "
           f"{len(jobs) - len(pending)} finished already, {len(pending)} to run{on}")
     context = multiprocessing.get_context("spawn")  # CUDA does not survive a fork
+    loaders = multiprocessing.get_start_method()  # how the workers' loaders start theirs
     tasks, queue, workers, running, reports = context.Queue(), context.Queue(), {}, {}, []
     for index, job in enumerate(pending):
         tasks.put((index, job))
 
     def start(device):
         tasks.put(None)  # where this worker stops
-        worker = context.Process(target=table_worker, args=(args, device, tasks, queue),
-                                 daemon=True)
+        # not a daemon: a daemon may not start the loader's worker processes
+        worker = context.Process(target=table_worker, args=(args, device, tasks, queue, loaders))
         worker.start()
         workers[worker] = device
+
+    def replace_dead():
+        """A worker that died with a job: that job failed, the slot restarts."""
+        for worker, device in list(workers.items()):
+            lost = [i for i, pid in running.items() if pid == worker.pid]
+            if lost and not worker.is_alive():
+                del workers[worker], running[lost[0]]
+                reports.append(dict(job=str(pending[lost[0]]), ok=False, images=0, seconds=0,
+                                    error=f"its worker died (exit code {worker.exitcode})"))
+                progress.show(reports[-1], job_cost(pending[lost[0]], args))
+                start(device)
+        if not any(worker.is_alive() for worker in workers):  # e.g. each failed to start
+            codes = ", ".join(str(worker.exitcode) for worker in workers)
+            raise UserError(f"every table worker died (exit codes {codes}); see the errors above")
 
     for device in where:
         start(device)
     progress = Progress(sum(job_cost(j, args) for j in pending), len(pending))
-    while len(reports) < len(pending):
-        try:
-            kind, index, value = queue.get(timeout=5)
-        except Empty:  # a worker that died with a job: that job failed, the slot restarts
-            for worker, device in list(workers.items()):
-                lost = [i for i, pid in running.items() if pid == worker.pid]
-                if lost and not worker.is_alive():
-                    del workers[worker], running[lost[0]]
-                    reports.append(dict(job=str(pending[lost[0]]), ok=False, images=0, seconds=0,
-                                        error=f"its worker died (exit code {worker.exitcode})"))
-                    progress.show(reports[-1], job_cost(pending[lost[0]], args))
-                    start(device)
-            if not any(worker.is_alive() for worker in workers):  # e.g. each failed to start
-                codes = ", ".join(str(worker.exitcode) for worker in workers)
-                raise UserError(f"every table worker died (exit codes {codes}); see the errors "
-                                f"above")
-            continue
-        if kind == "start":
-            running[index] = value
-        else:
-            del running[index]
-            reports.append(value)
-            progress.show(value, job_cost(pending[index], args))
-    for worker in workers:
-        worker.join()
+    try:
+        while len(reports) < len(pending):
+            try:
+                kind, index, value = queue.get(timeout=5)
+            except Empty:
+                replace_dead()
+                continue
+            if kind == "start":
+                running[index] = value
+            else:
+                del running[index]
+                reports.append(value)
+                progress.show(value, job_cost(pending[index], args))
+    except BaseException:  # Ctrl-C, every worker dead: the workers end with the table
+        for worker in workers:
+            worker.terminate()
+        raise
+    finally:
+        for worker in workers:
+            worker.join()
     return reports
 
 

@@ -231,17 +231,19 @@ def test_evaluations_cannot_lose_or_overwrite_results(run, tmp_path, capsys, mon
 
 
 def test_a_slot_reads_each_clip_once_and_a_launcher_runs_steps_as_commands(root, tmp_path, monkeypatch, capsys):
-    """One slot, two jobs in its worker process: the CLIP file is read once for all four steps. With
-    --launcher every step is a command of its own instead (a failing one fails its job: exit status 1)."""
+    """One slot, two jobs in its worker process, with a loader worker: the CLIP file is read once for
+    all four steps. With --launcher every step is a command of its own instead (a failing one fails
+    its job: exit status 1)."""
     monkeypatch.setattr(tables, "table_worker", helpers.table_worker_counting_clip_reads)
     monkeypatch.setenv("CLIP_READS", str(tmp_path / "reads"))
-    argv = table_argv(root, tmp_path / "kept")
+    one_loader_worker = [f"--train-args={TRAIN} --workers 1", f"--eval-args={EVAL} --workers 1"]
+    argv = [*table_argv(root, tmp_path / "kept"), *one_loader_worker]
     argv[argv.index("--datasets") + 1:argv.index("--seeds")] = ["dtd"]
     tables.main(argv)
     reads = (tmp_path / "reads").read_text().splitlines()
     assert reads == [root[1]] and len(os.listdir(tmp_path / "kept" / "base2new" / "dtd")) == 2
     monkeypatch.undo()
-    launched = table_argv(root, tmp_path / "launched", "--launcher", sys.executable)
+    launched = table_argv(root, tmp_path / "launched", *one_loader_worker, "--launcher", sys.executable)
     launched[launched.index("--datasets") + 1:launched.index("--seeds")] = ["dtd"]
     launched[launched.index("--seeds") + 1:launched.index("--seeds") + 3] = ["1"]
     tables.main(launched)
