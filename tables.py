@@ -36,6 +36,7 @@ import torch
 import clip_model
 import data
 import eval as eval_cli  # "eval" would shadow the builtin
+import features
 import flags
 import outputs
 import textrefiner
@@ -492,11 +493,14 @@ def attempt(job, args, device):
 
 
 def table_worker(args, device, tasks, reports, start_method):
-    """A slot's process: the next job until there is none; each CLIP file read once for all. Its
+    """A slot's process: the next job until there is none; each CLIP file read once for all, and
+    the evaluation images' features of a frozen image tower computed once for all (a
+    features.FeatureCache kept for the worker's runs; with --feature-store, also on disk). Its
     loaders start their workers as the table's process would (start_method: on Linux fork, where
     a spawned process's default, spawn, would import torch again in every loader worker)."""
     multiprocessing.set_start_method(start_method, force=True)
-    with clip_model.keep_loaded():
+    cache = features.FeatureCache(args.feature_store, int(args.feature_store_gib * 2**30))
+    with clip_model.keep_loaded(), features.kept(cache):
         while (task := tasks.get()) is not None:
             index, job = task
             reports.put(("start", index, os.getpid()))
@@ -520,6 +524,8 @@ def run_table(args, jobs):
     """The table's unfinished jobs (the largest first) over the slots, a worker process each: a
     line per finished job with the table's rate and ETA. A worker that dies fails its job and is
     replaced. -> the jobs' reports."""
+    if args.feature_store:
+        outputs.check_output_dir(args.feature_store, "--feature-store")
     pending = [job for job in jobs if run_job(job, args) is None]
     pending.sort(key=lambda job: -job_cost(job, args))
     if args.job is not None:
@@ -634,6 +640,11 @@ def get_parser():
     run.add_argument("--launcher", help="run every step as a command with this prefix (torchrun: "
                                         "a job over several GPUs)")
     run.add_argument("--job", type=int, help="run only the job of this index (a SLURM array task)")
+    run.add_argument("--feature-store", metavar="DIR",
+                     help="also keep the frozen image tower's features of the evaluation images "
+                          "on disk here, for later tables (default: in each worker's memory)")
+    run.add_argument("--feature-store-gib", type=flags.ranged(float, POSITIVE), default=16.0,
+                     help="the most --feature-store may hold; the least recently used entries go")
     sub.add_parser("jobs", parents=[table], help="print the jobs, one per line with its index")
     sub.add_parser("report", help="summarise <runs>/base2new or <runs>/xd").add_argument("folder")
     return p
