@@ -51,17 +51,19 @@ test: $(VENV_STAMP)
 TABLE_FLAGS = --method $(METHOD)$(if $(filter 0,$(REFINER)), --no-refiner)$(if $(TEACHERS), --teacher $(TEACHERS)) \
 	--root $(DATA) --clip $(CLIP) --runs $(RUNS) --train-args="$(TRAIN_ARGS)" --eval-args="$(EVAL_ARGS)"
 LAUNCH := $(if $(filter-out 1,$(GPUS)),--launcher "$(RUN)")
+# FEATURE_STORE=DIR: the evaluation images' frozen-tower features also kept on disk, for later tables.
+STORE := $(if $(FEATURE_STORE),--feature-store $(FEATURE_STORE))
 
 # Train on the base classes (a transductive method: on the unlabelled shots of every class), test
 # them with the selected model, then test the new classes with the same checkpoint.
 base2new: install
 	@test -n "$(DATASET)" || { echo "usage: make base2new DATASET=<name> SEED=<n> [METHOD=... TEACHERS=... DATA=... CLIP=... GPUS=...]"; exit 2; }
-	@$(PYTHON) tables.py run base2new $(TABLE_FLAGS) --datasets $(DATASET) --seeds $(SEED) $(LAUNCH)
+	@$(PYTHON) tables.py run base2new $(TABLE_FLAGS) --datasets $(DATASET) --seeds $(SEED) $(LAUNCH) $(STORE)
 
 # Cross-dataset with the method's xd recipe (train.py --xd): a transductive method trains a model per
 # target on its unlabelled images; the others train once on all ImageNet classes and test every target.
 xd: install
-	@$(PYTHON) tables.py run xd $(TABLE_FLAGS) --datasets $(XD_TARGETS) --seeds $(SEED) $(LAUNCH)
+	@$(PYTHON) tables.py run xd $(TABLE_FLAGS) --datasets $(XD_TARGETS) --seeds $(SEED) $(LAUNCH) $(STORE)
 
 # Whole tables: every dataset and seed, queued over the GPUs (GPUS=N of them, default every visible
 # one; JOBS_PER_GPU jobs at once on each), each worker loading CLIP once; then the report. A failed
@@ -73,13 +75,13 @@ JOBS_PER_GPU ?= 1
 TABLE_JOBS = $(if $(DATASETS),--datasets $(DATASETS)) --seeds $(SEEDS) --jobs-per-gpu $(JOBS_PER_GPU) \
 	$(if $(filter command line,$(origin GPUS)),--gpus $(GPUS))
 table: install
-	@$(PYTHON) tables.py run base2new $(TABLE_FLAGS) $(TABLE_JOBS)
+	@$(PYTHON) tables.py run base2new $(TABLE_FLAGS) $(TABLE_JOBS) $(STORE)
 table-xd: install
-	@$(PYTHON) tables.py run xd $(TABLE_FLAGS) $(TABLE_JOBS)
+	@$(PYTHON) tables.py run xd $(TABLE_FLAGS) $(TABLE_JOBS) $(STORE)
 # CoOp's few-shot protocol: SHOTS images of every class (the method's few-shot recipe), every class tested.
 SHOTS ?= 1 2 4 8 16
 table-fewshot: install
-	@$(PYTHON) tables.py run fewshot $(TABLE_FLAGS) $(TABLE_JOBS) --shots $(SHOTS)
+	@$(PYTHON) tables.py run fewshot $(TABLE_FLAGS) $(TABLE_JOBS) --shots $(SHOTS) $(STORE)
 table-jobs: install
 	@$(PYTHON) tables.py jobs $(or $(PROTOCOL),base2new) $(TABLE_FLAGS) $(if $(DATASETS),--datasets $(DATASETS)) \
 	  --seeds $(SEEDS) $(if $(filter fewshot,$(PROTOCOL)),--shots $(SHOTS))

@@ -8,8 +8,10 @@ data or weights needed.
     python bench.py step --clip tiny --device cpu   # smoke test
     python bench.py run                             # train.py's train() on synthetic 500x375 JPEGs
     python bench.py run --clip tiny --device cpu --workers 2
-    python bench.py table --clip tiny --device cpu --size 32  # separate processes vs one table
+    python bench.py table --clip tiny --device cpu --size 32  # separate processes vs one table,
+                                                              # with and without the caches
     python bench.py loader --dataset imagenet --root ~/data --workers 8
+    python bench.py decode --dataset imagenet --root ~/data  # test images/s: PIL vs decode on GPU
     python bench.py synthetic work/demo --dataset caltech101 --classes 10 --images 32  # + tiny CLIP
 
 Targets: a training step with TextRefiner at most 1.10x the host's; evaluation images/s with
@@ -19,6 +21,7 @@ is a median.
 """
 import argparse
 import collections
+import json
 import os
 import statistics
 import subprocess
@@ -31,13 +34,16 @@ import torch
 
 import clip_model
 import data
+import eval as eval_cli  # "eval" would shadow the builtin
 import flags
 import released
+import tables
 import textrefiner
 import train
 from data import UserError
 from textrefiner import NON_NEGATIVE, POSITIVE, Range
 from kernels.bench import time_interleaved
+from tables import table_worker as tables_worker
 
 TRAIN_STEP_TARGET, EVAL_RATE_TARGET = 1.10, 0.95
 
@@ -137,20 +143,20 @@ class PhaseTimer:
                   save_checkpoint="checkpointing", final_test="test")
 
     def __init__(self):
-        self.seconds, self.inside = collections.defaultdict(float), False
+        self.seconds, self.phase = collections.defaultdict(float), None  # the phase running
 
     def timed(self, phase, fn):
         def timed_fn(*args, **kwargs):
-            if self.inside:
+            if self.phase is not None:
                 return fn(*args, **kwargs)
-            self.inside, t0 = True, time.perf_counter()
+            self.phase, t0 = phase, time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
                 if torch.cuda.is_initialized():
                     torch.cuda.synchronize()
                 self.seconds[phase] += time.perf_counter() - t0
-                self.inside = False
+                self.phase = None
         return timed_fn
 
     @contextmanager
@@ -197,7 +203,8 @@ def run(args):
     """train.train() itself (base classes, per-epoch val, best-val test, checkpoints) on a
     synthetic dataset of photo-like 500x375 JPEGs and random --clip weights, its wall time by
     phase, then the train loader alone: loader images/s against model images/s says which bounds a
-    run on this machine. One process. -> {phase: seconds, ...}."""
+    run on this machine; on CUDA, the run's val and test images decoded both ways (decode_rates).
+    One process. -> {phase: seconds, ...}."""
     if "RANK" in os.environ:
         raise SystemExit("bench.py run times one process; run it with python, not torchrun")
     with tempfile.TemporaryDirectory(prefix="textrefiner-run-") as tmp:
@@ -229,6 +236,10 @@ def run(args):
         loader_rate = loader(args.layout, root, workers=run_args.workers,
                              batch_size=run_args.batch_size, resolution=config.image_resolution,
                              steps=2 * steps_per_epoch, num_shots=run_args.shots)
+        device = torch.device(run_args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.type == "cuda":  # the run's val and test JPEGs decoded both ways
+            decode_rates(splits["val"] + splits["test"], config.image_resolution, run_args.workers,
+                         device)
     seconds = dict(timer.seconds)
     seconds["other (logging, between phases)"] = wall - sum(seconds.values())
     model_rate = train_images / seconds["compute"]
@@ -254,44 +265,51 @@ def run(args):
 
 def table(args):
     """A small base2new table (synthetic datasets x seeds, random --clip weights) run as users run
-    it, timed both ways and interleaved (the order alternating per round): as separate processes,
-    one per job (what `make base2new` runs), and as one `tables.py run` (what `make table` runs: a
-    worker whose jobs reuse the imports, the CLIP weights and the CUDA context).
-    -> {way: median seconds}."""
+    it, three ways interleaved (the order rotating per round): as separate processes, one per job
+    (what `make base2new` runs); as one `tables.py run` (what `make table` runs: a worker whose jobs
+    reuse the imports, the CLIP weights, the CUDA context and the test images' features); and as
+    that table with --no-feature-cache (every cache off). Each way's processes count what they do
+    (TableCounts). -> {way: median seconds}."""
     datasets = ["caltech101", "dtd", "eurosat", "oxford_pets", "food101", "sun397"][:args.datasets]
     seeds = [str(s) for s in range(1, args.seeds + 1)]
     here = os.path.dirname(os.path.abspath(__file__))
     with tempfile.TemporaryDirectory(prefix="textrefiner-table-") as tmp:
+        root = os.path.join(tmp, "data")
         for dataset in datasets:
-            data.write_synthetic_dataset(os.path.join(tmp, "data"), dataset,
-                                         num_classes=args.num_classes, images_per_class=args.images,
-                                         image_size=args.size)
+            data.write_synthetic_dataset(root, dataset, num_classes=args.num_classes,
+                                         images_per_class=args.images, image_size=args.size)
         weights = os.path.join(tmp, "clip.pt")
         torch.save(clip_model.random_state_dict(clip_model.CONFIGS[args.clip]), weights)
-        command = [sys.executable, os.path.join(here, "tables.py"), "run", "base2new", "--root",
-                   os.path.join(tmp, "data"), "--clip", weights,
-                   f"--train-args={' '.join(args.train_flags)} --workers {args.workers}",
-                   f"--eval-args=--workers {args.workers}"]
+        command = [sys.executable, "-c", "import bench; bench.counted_tables()", "run", "base2new",
+                   "--root", root, "--clip", weights]
         if args.device:
             command += ["--device", args.device]
+        flags_of = {"--train-args": [*args.train_flags, "--workers", str(args.workers)],
+                    "--eval-args": ["--workers", str(args.workers)]}
 
-        def separate(runs):
-            for dataset in datasets:
-                for seed in seeds:
-                    subprocess.run([*command, "--runs", runs, "--datasets", dataset, "--seeds",
-                                    seed], check=True, stdout=subprocess.DEVNULL)
+        def tables_py(runs, counts, jobs, *more):
+            """A `tables.py run` per (datasets, seeds) of jobs; `more` flags for both steps."""
+            for some_datasets, some_seeds in jobs:
+                steps = [f"{flag}={' '.join([*given, *more])}" for flag, given in flags_of.items()]
+                subprocess.run([*command, "--runs", runs, "--datasets", *some_datasets, "--seeds",
+                                *some_seeds, *steps], check=True, stdout=subprocess.DEVNULL,
+                               cwd=here, env=dict(os.environ, BENCH_COUNTS=counts))
 
-        def one_table(runs):
-            subprocess.run([*command, "--runs", runs, "--datasets", *datasets, "--seeds", *seeds],
-                           check=True, stdout=subprocess.DEVNULL)
-
-        times = collections.defaultdict(list)
-        ways = (("separate processes", separate), ("one table", one_table))
+        one_by_one = [([d], [s]) for d in datasets for s in seeds]
+        ways = {"separate processes": lambda runs, counts: tables_py(runs, counts, one_by_one),
+                "one table": lambda runs, counts: tables_py(runs, counts, [(datasets, seeds)]),
+                "one table, no caches": lambda runs, counts: tables_py(
+                    runs, counts, [(datasets, seeds)], "--no-feature-cache")}
+        times, counts = collections.defaultdict(list), {}
         for r in range(args.rounds):
-            for name, fn in ways[::1 if r % 2 == 0 else -1]:
+            for name in list(ways)[r % 3:] + list(ways)[:r % 3]:
+                folder = os.path.join(tmp, f"{name.replace(' ', '-').replace(',', '')}-{r}")
                 t0 = time.perf_counter()
-                fn(os.path.join(tmp, f"runs-{name.replace(' ', '-')}-{r}"))
+                ways[name](folder, folder + ".counts")
                 times[name].append(time.perf_counter() - t0)
+                counts[name] = TableCounts.read(folder + ".counts")
+        test_images = {os.path.abspath(i.impath) for d in datasets
+                       for i in data.load_splits(d, root, num_shots=0)["test"]}
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-c", "import tables"], cwd=here, check=True)
         imports = time.perf_counter() - t0
@@ -304,17 +322,134 @@ def table(args):
     work = max(medians["separate processes"] - jobs * start_up, 0.0)
     print(f"\nbench table: {len(datasets)} datasets x {len(seeds)} seeds = {jobs} base2new jobs, "
           f"{args.clip} random weights, {args.num_classes} classes x {args.images} images of "
-          f"{args.size} px; {args.rounds} round(s), the two ways alternating; medians")
+          f"{args.size} px; {args.rounds} round(s), the ways alternating; medians")
     for name, seconds in medians.items():
         print(f"{name:>20s}: {seconds:8.2f} s ({seconds / jobs:.2f} s a job)")
     ratio = medians["one table"] / medians["separate processes"]
     print(f"one table / separate processes: {ratio:.3f}")
+    print(f"one table / one table, no caches: "
+          f"{medians['one table'] / medians['one table, no caches']:.3f}")
     print(f"a tables.py's start-up: 2 x {imports:.2f} s imports (it and its worker) + "
           f"{clip_load:.2f} s CLIP weights; so the separate processes spent about "
           f"{jobs * start_up:.1f} s starting and {work:.1f} s on the jobs' own work; the table "
           f"spent {medians['one table'] - work:.1f} s besides that work (one start-up, the report, "
           f"what it does not share)")
+    TableCounts.show(counts, test_images)
     return medians
+
+
+class TableCounts:
+    """What a table's workers do, counted from inside them (counted_tables): the image files they
+    and the loader processes they fork open (an audit hook on the interpreter's "open" events), the
+    images their CLIP image towers take in training and in evaluation, and the wall seconds of
+    train.py's phases (PhaseTimer) and of the eval.py steps. Each worker appends to the file
+    $BENCH_COUNTS a line per image file opened, and its running totals after each step."""
+    IMAGES = (".jpg", ".jpeg", ".png")
+
+    def __init__(self, path):
+        self.log = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        self.timer, self.tower = PhaseTimer(), collections.Counter()
+
+    def opened(self, event, args):
+        if event == "open" and isinstance(args[0], str) and args[0].lower().endswith(self.IMAGES):
+            os.write(self.log, f"open\t{os.path.abspath(args[0])}\n".encode())
+
+    def counted(self, clip, images, *args, **kwargs):
+        """CLIP.encode_image, its images counted by phase (the training steps' or evaluation)."""
+        self.tower["training" if self.timer.phase == "compute" else "evaluation"] += len(images)
+        return self.encode_image(clip, images, *args, **kwargs)
+
+    def run_step(self, script, argv, launcher=None):
+        try:
+            return self.step(script, argv, launcher)
+        finally:
+            totals = dict(pid=os.getpid(), seconds=self.timer.seconds, tower=self.tower)
+            os.write(self.log, f"totals\t{json.dumps(totals)}\n".encode())
+
+    def work(self, *args):
+        """tables.table_worker(*args), counted."""
+        sys.addaudithook(self.opened)  # for good: an audit hook cannot be removed
+        self.encode_image = clip_model.CLIP.encode_image
+        clip_model.CLIP.encode_image = lambda clip, *a, **k: self.counted(clip, *a, **k)
+        self.step, tables.run_step = tables.run_step, self.run_step
+        eval_cli.run = self.timer.timed("eval.py", eval_cli.run)
+        with self.timer.wrapping():
+            tables_worker(*args)
+
+    @staticmethod
+    def read(path):
+        """-> (Counter of image opens by path, seconds by phase, tower images by phase)."""
+        opens, totals = collections.Counter(), {}
+        with open(path) as f:
+            for line in f:
+                kind, _, value = line.rstrip("\n").partition("\t")
+                if kind == "open":
+                    opens[value] += 1
+                else:
+                    totals[json.loads(value)["pid"]] = json.loads(value)
+        seconds, tower = collections.Counter(), collections.Counter()
+        for process in totals.values():
+            seconds.update(process["seconds"])
+            tower.update(process["tower"])
+        return opens, seconds, tower
+
+    @staticmethod
+    def show(counts, test_images):
+        """A column per way: image files opened (test, other), tower images, seconds by phase."""
+        rows = collections.defaultdict(list)
+        for opens, seconds, tower in counts.values():
+            for split, files in (("test", test_images),
+                                 ("train and val", set(opens) - test_images)):
+                n = [opens[f] for f in files]
+                rows[f"{split} image files opened"].append(f"{sum(n)} ({max(n, default=0)}/file)")
+            for phase in ("training", "evaluation"):
+                rows[f"image tower images, {phase}"].append(str(tower[phase]))
+            for phase in (*RUN_PHASES, "eval.py"):
+                rows[f"seconds: {phase}"].append(f"{seconds[phase]:.2f}")
+        width = max(map(len, counts)) + 2
+        heading = "".join(f"{way:>{width}s}" for way in counts)
+        print(f"\n{'counted in the workers (last round)':<34s}{heading}")
+        for row, cells in rows.items():
+            print(f"{row:<34s}" + "".join(f"{c:>{width}s}" for c in cells))
+
+
+def counted_tables():
+    """`python -c "import bench; bench.counted_tables()" ARGS`: tables.main(ARGS), its workers
+    counted (TableCounts) into the file $BENCH_COUNTS."""
+    tables.table_worker = counted_table_worker
+    tables.main(sys.argv[1:])
+
+
+def counted_table_worker(*args):
+    TableCounts(os.environ["BENCH_COUNTS"]).work(*args)
+
+
+def decode_rates(items, resolution, workers, device, batch_size=100, rounds=3):
+    """Evaluation images/s through the evaluation loader, decoded and preprocessed with PIL in
+    `workers` loader workers and with decode_jpeg on `device` in batches (data.DecodedOn; the
+    loader workers read the files), the two alternating; medians. -> {way: images/s}."""
+    ways = {name: data.build_eval_loader(items, batch_size, resolution, workers=workers,
+                                         decode_on=on)
+            for name, on in (("PIL in the loader workers", None),
+                             (f"decode_jpeg on {device}", device))}
+    passes = {name: (lambda loader=loader: sum(1 for _ in loader)) for name, loader in ways.items()}
+    medians = time_interleaved(passes, timer=synced_seconds, warmup=1, rounds=rounds)
+    rates = {name: len(items) / seconds for name, seconds in medians.items()}
+    for name, rate in rates.items():
+        print(f"{name:>28s}: {rate:9.1f} images/s")
+    pil, decoded = rates.values()
+    print(f"decode_jpeg on {device} / PIL: {decoded / pil:.2f}x ({len(items)} images, {workers} "
+          f"loader workers, batch {batch_size}, {resolution} px)")
+    return rates
+
+
+def decode(args):
+    """decode_rates on a dataset's test split (--device, default cuda when available)."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type != "cuda":
+        print("no CUDA device: decode_jpeg runs on the CPU here (the GPU decode is not measured)")
+    items = data.load_splits(args.dataset, args.root, num_shots=0)["test"]
+    return decode_rates(items, args.resolution, args.workers, device, args.batch_size, args.rounds)
 
 
 def loader(dataset, root, workers=4, batch_size=64, resolution=224, steps=50, num_shots=-1):
@@ -398,8 +533,18 @@ def get_parser(Method=None, spec="coop"):
     lo.add_argument("--steps", type=positive, default=50)
     lo.add_argument("--shots", type=int, default=-1,
                     help="few-shot train set to read (-1: whole split)")
-    ta = sub.add_parser("table", help="a small base2new table as separate processes and as one "
-                                      "tables.py run; unknown flags go to train.py")
+    de = sub.add_parser("decode", help="evaluation images/s: PIL in the loader workers vs "
+                                       "decode_jpeg on the GPU in batches")
+    de.add_argument("--dataset", required=True, choices=tuple(data.DATASETS))
+    de.add_argument("--root", default="data")
+    de.add_argument("--workers", type=flags.ranged(int, NON_NEGATIVE), default=8)
+    de.add_argument("--batch-size", type=positive, default=100)
+    de.add_argument("--resolution", type=positive, default=224)
+    de.add_argument("--rounds", type=positive, default=3)
+    de.add_argument("--device", type=flags.device_flag, help="default: cuda when available")
+    ta = sub.add_parser("table", help="a small base2new table as separate processes, as one "
+                                      "tables.py run and as one without caches; unknown flags go "
+                                      "to train.py")
     ta.add_argument("--clip", default="ViT-B/16", choices=tuple(clip_model.CONFIGS))
     ta.add_argument("--datasets", type=flags.ranged(int, Range(lambda v: 1 <= v <= 6, "in 1..6")), default=3,
                     help="synthetic datasets (at most 6)")
@@ -450,6 +595,8 @@ def _main(argv):
         p.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "step":
         return step(args, Method, flags.fill_recipe(p, args, Method, require=False))
+    if args.command == "decode":
+        return decode(args)
     if args.command == "loader":
         return loader(args.dataset, args.root, workers=args.workers, batch_size=args.batch_size,
                       resolution=args.resolution, steps=args.steps, num_shots=args.shots)

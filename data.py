@@ -15,6 +15,7 @@ Lay real data out as CoOp's DATASETS.md says; the split files are CoOp's, never 
 """
 import colorsys
 import functools
+import io
 import json
 import math
 import os
@@ -28,7 +29,9 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
+from torchvision import io as image_io
 from torchvision import transforms as T
+from torchvision.transforms.v2 import functional as F
 
 # data.DATASETS, data.UserError: the names every module uses (catalog.py: without torch)
 from catalog import DATASETS, PAPER_DATASETS, UserError  # noqa: F401
@@ -446,9 +449,10 @@ def _to_8_bits(image):
     return Image.fromarray(np.clip(np.round(pixels / 257), 0, 255).astype(np.uint8))  # mode L
 
 
-def load_image(path):
+def load_image(path, contents=None):
+    """The file at path (or its contents, bytes, already read) as an RGB PIL image."""
     try:
-        with Image.open(path) as image:
+        with Image.open(path if contents is None else io.BytesIO(contents)) as image:
             if image.mode == "I" or image.mode.startswith("I;16"):
                 image = _to_8_bits(image)
             return image.convert("RGB")
@@ -463,13 +467,44 @@ def _mix(*ints):
     return int(np.random.SeedSequence(ints).generate_state(1, np.uint64)[0] >> 1)
 
 
-class _ImageSet(Dataset):
-    """Eval: key = index. Train: key = (epoch, index), and the random crop/flip of a
-    sample is drawn from a generator seeded with (seed, epoch, index), so it does not
-    depend on which worker or rank decodes it."""
+def _pixels(image):
+    """PIL image -> uint8 tensor (H, W, 3), as Image.fromarray takes it back."""
+    return torch.from_numpy(np.array(image))
 
-    def __init__(self, items, transform, seed=None):
-        self.items, self.transform, self.seed = items, transform, seed
+
+class DecodedImages:
+    """Training images decoded once (one pass of a loader with `workers`) and kept as uint8 in one
+    buffer, in item order while they fit in max_bytes; image(i) is items[i] as load_image gives
+    it, from the buffer or, past the bound, from its file."""
+
+    def __init__(self, items, max_bytes, workers, seed):
+        self.items, self.where, kept, total = items, {}, {}, 0
+        if max_bytes > 0:
+            images = _ImageSet(items, _pixels)
+            for index, (pixels, _) in enumerate(DataLoader(images, batch_size=None,
+                                                           **_loader_kwargs(workers, seed, False))):
+                if total + pixels.numel() <= max_bytes:
+                    # a copy: a tensor from a loader worker holds a shared-memory file open
+                    kept[index], self.where[index] = pixels.clone(), (total, pixels.shape)
+                    total += pixels.numel()
+        self.buffer = torch.empty(total, dtype=torch.uint8)
+        for index, (offset, shape) in self.where.items():
+            self.buffer[offset:offset + math.prod(shape)] = kept.pop(index).view(-1)
+
+    def image(self, index):
+        if index not in self.where:
+            return load_image(self.items[index].impath)
+        offset, shape = self.where[index]
+        return Image.fromarray(self.buffer[offset:offset + math.prod(shape)].view(shape).numpy())
+
+
+class _ImageSet(Dataset):
+    """Eval: key = index. Train: key = (epoch, index), the image from `decoded` (DecodedImages),
+    and the random crop/flip of a sample is drawn from a generator seeded with (seed, epoch,
+    index), so it does not depend on which worker or rank decodes it."""
+
+    def __init__(self, items, transform, seed=None, decoded=None):
+        self.items, self.transform, self.seed, self.decoded = items, transform, seed, decoded
 
     def __len__(self):
         return len(self.items)
@@ -479,8 +514,7 @@ class _ImageSet(Dataset):
             item = self.items[key]
             return self.transform(load_image(item.impath)), item.label
         epoch, index = key
-        item = self.items[index]
-        image = load_image(item.impath)
+        item, image = self.items[index], self.decoded.image(index)
         # torchvision draws from the global CPU generator. Seed only that one: fork_rng
         # (devices=[]) restores only it, and torch.manual_seed would also reseed the CUDA
         # generators, for good, of the main process when workers=0.
@@ -528,27 +562,96 @@ def _loader_kwargs(workers, seed, pin_memory):
 
 
 def build_train_loader(items, global_batch_size, resolution, seed, rank=0, world_size=1, workers=4,
-                       pin_memory=False):
+                       pin_memory=False, keep_decoded=0):
     """Yields (images (b, 3, R, R), labels (b,)) with b = global_batch_size / world_size;
     the ranks' slices of a step, concatenated in rank order, are the single-process batch.
     pin_memory: page-locked batches for fast copies to a CUDA device; pass it only when
-    training on CUDA (pinning creates a CUDA context, and helps nothing on the CPU)."""
+    training on CUDA (pinning creates a CUDA context, and helps nothing on the CPU).
+    keep_decoded: bytes of decoded images kept in memory (DecodedImages; 0: each image decoded
+    from its file every epoch); the batches are bitwise the same either way."""
     if not items:
         raise ValueError("no training images")
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
     sampler = _GlobalBatchSampler(len(items), global_batch_size, seed, rank, world_size)
-    return TrainLoader(_ImageSet(items, build_transform(True, resolution), seed),
+    decoded = DecodedImages(items, keep_decoded, workers, seed)
+    return TrainLoader(_ImageSet(items, build_transform(True, resolution), seed, decoded),
                        batch_sampler=sampler, **_loader_kwargs(workers, seed, pin_memory))
 
 
 def build_eval_loader(items, batch_size, resolution, rank=0, world_size=1, workers=4,
-                      pin_memory=False):
+                      pin_memory=False, decode_on=None):
     """This rank's shard items[rank::world_size], in order: every image once over all ranks.
-    pin_memory: as for build_train_loader."""
-    return DataLoader(_ImageSet(items[rank::world_size], build_transform(False, resolution)),
-                      batch_size=batch_size, shuffle=False,
-                      **_loader_kwargs(workers, 0, pin_memory))
+    pin_memory: as for build_train_loader. decode_on: a device to decode the JPEGs on in batches
+    (DecodedOn); None: PIL in the loader workers. loader.preprocessing names the pipeline."""
+    shard = items[rank::world_size]
+    if decode_on is not None:
+        files = DataLoader(_Files(shard), batch_size=batch_size, collate_fn=_file_batch,
+                           **_loader_kwargs(workers, 0, pin_memory))
+        return DecodedOn(files, resolution, decode_on)
+    transform = build_transform(False, resolution)
+    loader = DataLoader(_ImageSet(shard, transform), batch_size=batch_size, shuffle=False,
+                        **_loader_kwargs(workers, 0, pin_memory))
+    loader.preprocessing = f"PIL {transform}"
+    return loader
+
+
+class _Files(_ImageSet):
+    """Eval items as ((path, the file's bytes uint8 (N,)), label)."""
+
+    def __init__(self, items):
+        super().__init__(items, None)
+
+    def __getitem__(self, index):
+        item = self.items[index]
+        try:
+            with open(item.impath, "rb") as f:
+                contents = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+        except FileNotFoundError:
+            raise MissingData(f"image listed in the split is missing: {item.impath}") from None
+        return (item.impath, contents), item.label
+
+
+def _file_batch(batch):
+    return [file for file, _ in batch], torch.tensor([label for _, label in batch])
+
+
+class DecodedOn:
+    """An evaluation loader whose JPEGs are decoded on `device` in batches (nvjpeg on CUDA through
+    torchvision.io.decode_jpeg), resized (bicubic, antialiased) and centre-cropped there as
+    build_transform(False) does with PIL: close to PIL's pixels, not bitwise. A file it cannot
+    decode (another format, a JPEG nvjpeg refuses) goes through PIL."""
+
+    def __init__(self, files, resolution, device):
+        self.files, self.resolution, self.device = files, resolution, torch.device(device)
+        self.dataset, self.batch_size = files.dataset, files.batch_size
+        self.preprocessing = f"decode_jpeg on {self.device.type}, resize {resolution} bicubic " \
+                             f"antialiased, center crop"
+
+    def __len__(self):
+        return len(self.files)
+
+    def __iter__(self):
+        for files, labels in self.files:
+            yield self.decode(files), labels
+
+    def decode(self, files):
+        """[(path, its bytes)] -> uint8 (B, 3, R, R) on the device."""
+        R, out = self.resolution, [None] * len(files)
+        contents = [c for _, c in files]
+        jpegs = [i for i, c in enumerate(contents) if c[:3].tolist() == [0xFF, 0xD8, 0xFF]]
+        try:
+            decoded = image_io.decode_jpeg([contents[i] for i in jpegs], device=self.device,
+                                           mode=image_io.ImageReadMode.RGB)
+        except RuntimeError:  # one bad file fails the batch: each through PIL
+            decoded = []
+        for i, image in zip(jpegs, decoded):  # (3, H, W)
+            image = F.resize(image, [R], interpolation=T.InterpolationMode.BICUBIC, antialias=True)
+            out[i] = F.center_crop(image, [R, R])
+        for i in [i for i, image in enumerate(out) if image is None]:
+            image = load_image(files[i][0], contents[i].numpy().tobytes())
+            out[i] = build_transform(False, R)(image).to(self.device)
+        return torch.stack(out)  # (B, 3, R, R)
 
 # ----------------------------------------------------------------------------- synthetic data
 

@@ -23,6 +23,7 @@ from contextlib import nullcontext
 
 import clip_model
 import data
+import features
 import outputs
 import flags
 import released
@@ -295,9 +296,11 @@ def run(args):
                                                 splits.all_classnames, state, stored_clip)
         loader = data.build_eval_loader(items, args.batch_size, model.clip.config.image_resolution,
                                         rank=rank, world_size=world_size, workers=args.workers,
-                                        pin_memory=device.type == "cuda")
+                                        pin_memory=device.type == "cuda",
+                                        decode_on=train.decode_device(args, device))
         results = train.evaluate(model.to(device), loader, splits.eval_classnames, device,
-                                 precision, rows=None if args.zeroshot else splits.rows)
+                                 precision, features.for_run(args.no_feature_cache),
+                                 rows=None if args.zeroshot else splits.rows)
         inputs = {k: recorded.get(k)
                   for name in Method.recipe.weight_files for k in (name, name + "_sha256")}
         resolved = dict(dataset=dataset, root=root, subsample=subsample, shots=shots, seed=seed,

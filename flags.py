@@ -76,6 +76,12 @@ def add_run_flags(p):
                    help="torchrun: a collective waiting longer ends the run (default 900)")
     p.add_argument("--precision", choices=("bf16", "fp16", "fp32"),
                    help="autocast dtype of the frozen towers (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--no-feature-cache", action="store_true",
+                   help="no cache: the val/test images encoded at every evaluation, the training "
+                        "images decoded every epoch (same results, slower)")
+    p.add_argument("--eval-decode", choices=("cpu", "cuda"), default="cpu",
+                   help="where val/test JPEGs are decoded: cpu (PIL, as Dassl) or cuda (nvjpeg, "
+                        "in batches; pixels close to PIL's, not bitwise)")
 
 
 def add_recipe_flags(p, Method, spec):

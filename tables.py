@@ -37,6 +37,7 @@ import torch
 import clip_model
 import data
 import eval as eval_cli  # "eval" would shadow the builtin
+import features
 import flags
 import outputs
 import report
@@ -229,9 +230,15 @@ def attempt(job, args, device):
     return dict(job=str(job), ok=False, error=error, images=0, seconds=time.perf_counter() - start)
 
 
-def table_worker(args, device, tasks, reports):
-    """A slot's process: the next job until there is none; each CLIP file read once for all."""
-    with clip_model.keep_loaded():
+def table_worker(args, device, tasks, reports, start_method):
+    """A slot's process: the next job until there is none; each CLIP file read once for all, and
+    the evaluation images' features of a frozen image tower computed once for all (a
+    features.FeatureCache kept for the worker's runs; with --feature-store, also on disk). Its
+    loaders start their workers as the table's process would (start_method: on Linux fork, where
+    a spawned process's default, spawn, would import torch again in every loader worker)."""
+    multiprocessing.set_start_method(start_method, force=True)
+    cache = features.FeatureCache(args.feature_store, int(args.feature_store_gib * 2**30))
+    with clip_model.keep_loaded(), features.kept(cache):
         while (task := tasks.get()) is not None:
             index, job = task
             reports.put(("start", index, os.getpid()))
@@ -255,6 +262,8 @@ def run_table(args, jobs):
     """The table's unfinished jobs (the largest first) over the slots, a worker process each: a
     line per finished job with the table's rate and ETA. A worker that dies fails its job and is
     replaced. -> the jobs' reports."""
+    if args.feature_store:
+        outputs.check_output_dir(args.feature_store, "--feature-store")
     pending = [job for job in jobs if run_job(job, args) is None]
     pending.sort(key=lambda job: -job_cost(job, args))
     if args.job is not None:
@@ -268,45 +277,55 @@ def run_table(args, jobs):
     print(f"{args.protocol} table of --method {args.method}: {len(jobs)} job(s), "
           f"{len(jobs) - len(pending)} finished already, {len(pending)} to run{on}")
     context = multiprocessing.get_context("spawn")  # CUDA does not survive a fork
+    loaders = multiprocessing.get_start_method()  # how the workers' loaders start theirs
     tasks, queue, workers, running, reports = context.Queue(), context.Queue(), {}, {}, []
     for index, job in enumerate(pending):
         tasks.put((index, job))
 
     def start(device):
         tasks.put(None)  # where this worker stops
-        worker = context.Process(target=table_worker, args=(args, device, tasks, queue),
-                                 daemon=True)
+        # not a daemon: a daemon may not start the loader's worker processes
+        worker = context.Process(target=table_worker, args=(args, device, tasks, queue, loaders))
         worker.start()
         workers[worker] = device
+
+    def replace_dead():
+        """A worker that died with a job: that job failed, the slot restarts."""
+        for worker, device in list(workers.items()):
+            lost = [i for i, pid in running.items() if pid == worker.pid]
+            if lost and not worker.is_alive():
+                del workers[worker], running[lost[0]]
+                reports.append(dict(job=str(pending[lost[0]]), ok=False, images=0, seconds=0,
+                                    error=f"its worker died (exit code {worker.exitcode})"))
+                progress.show(reports[-1], job_cost(pending[lost[0]], args))
+                start(device)
+        if not any(worker.is_alive() for worker in workers):  # e.g. each failed to start
+            codes = ", ".join(str(worker.exitcode) for worker in workers)
+            raise UserError(f"every table worker died (exit codes {codes}); see the errors above")
 
     for device in where:
         start(device)
     progress = Progress(sum(job_cost(j, args) for j in pending), len(pending))
-    while len(reports) < len(pending):
-        try:
-            kind, index, value = queue.get(timeout=5)
-        except Empty:  # a worker that died with a job: that job failed, the slot restarts
-            for worker, device in list(workers.items()):
-                lost = [i for i, pid in running.items() if pid == worker.pid]
-                if lost and not worker.is_alive():
-                    del workers[worker], running[lost[0]]
-                    reports.append(dict(job=str(pending[lost[0]]), ok=False, images=0, seconds=0,
-                                        error=f"its worker died (exit code {worker.exitcode})"))
-                    progress.show(reports[-1], job_cost(pending[lost[0]], args))
-                    start(device)
-            if not any(worker.is_alive() for worker in workers):  # e.g. each failed to start
-                codes = ", ".join(str(worker.exitcode) for worker in workers)
-                raise UserError(f"every table worker died (exit codes {codes}); see the errors "
-                                f"above")
-            continue
-        if kind == "start":
-            running[index] = value
-        else:
-            del running[index]
-            reports.append(value)
-            progress.show(value, job_cost(pending[index], args))
-    for worker in workers:
-        worker.join()
+    try:
+        while len(reports) < len(pending):
+            try:
+                kind, index, value = queue.get(timeout=5)
+            except Empty:
+                replace_dead()
+                continue
+            if kind == "start":
+                running[index] = value
+            else:
+                del running[index]
+                reports.append(value)
+                progress.show(value, job_cost(pending[index], args))
+    except BaseException:  # Ctrl-C, every worker dead: the workers end with the table
+        for worker in workers:
+            worker.terminate()
+        raise
+    finally:
+        for worker in workers:
+            worker.join()
     return reports
 
 
@@ -361,6 +380,11 @@ def get_parser():
     run.add_argument("--launcher", help="run every step as a command with this prefix (torchrun: "
                                         "a job over several GPUs)")
     run.add_argument("--job", type=int, help="run only the job of this index (a SLURM array task)")
+    run.add_argument("--feature-store", metavar="DIR",
+                     help="also keep the frozen image tower's features of the evaluation images "
+                          "on disk here, for later tables (default: in each worker's memory)")
+    run.add_argument("--feature-store-gib", type=flags.ranged(float, POSITIVE), default=16.0,
+                     help="the most --feature-store may hold; the least recently used entries go")
     sub.add_parser("jobs", parents=[table], help="print the jobs, one per line with its index")
     sub.add_parser("report", help="summarise <runs>/base2new, xd or fewshot (report.py: every "
                                   "table of an output folder)").add_argument("folder")

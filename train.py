@@ -44,18 +44,20 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import clip_model
 import data
+import features
 import flags
 import outputs
 import textrefiner
 from data import UserError
-from textrefiner import METHODS, POSITIVE
+from textrefiner import METHODS, NON_NEGATIVE, POSITIVE
 
 # DDP's broadcast_buffers became forward_sync_buffers in torch 2.13; drop this when GPU hosts
 # have >= 2.13.
 DDP_NO_BUFFER_SYNC = next(name for name in ("forward_sync_buffers", "broadcast_buffers")
                           if name in inspect.signature(DDP).parameters)
 # Flags besides the recipe's that define the computation: a resumed run must repeat them.
-RUN_KEYS = ("method", "dataset", "clip", "shots", "seed", "subsample", "precision", "xd")
+RUN_KEYS = ("method", "dataset", "clip", "shots", "seed", "subsample", "precision", "xd",
+            "eval_decode")
 # What a run writes into --output-dir.
 OUTPUT_FILES = ("last.pt", "best.pt", "log.jsonl", "results.json")
 
@@ -85,8 +87,9 @@ def get_parser(spec="coop"):
     p.add_argument("--output-dir", help="checkpoints, log.jsonl and results.json go here")
     p.add_argument("--resume", action="store_true",
                    help="continue from <output-dir>/last.pt if present")
-    p.add_argument("--no-feature-cache", action="store_true",
-                   help="encode the val/test images at every evaluation (same results, slower)")
+    p.add_argument("--keep-decoded", type=flags.ranged(float, NON_NEGATIVE), default=4.0,
+                   metavar="GIB", help="decoded training images kept in memory, per rank (GiB; "
+                                       "past it, decoded every epoch; same results either way)")
     p.add_argument("--eval-batch-size", type=flags.ranged(int, POSITIVE), default=100,
                    help="per rank")
     p.add_argument("--log-interval", type=flags.ranged(int, POSITIVE), default=20,
@@ -152,6 +155,17 @@ def collective(what):
 def autocast(device, precision):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     return torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+
+
+def decode_device(args, device):
+    """Where evaluation JPEGs are decoded (--eval-decode): None (PIL, in the loader workers), or
+    the run's CUDA device."""
+    if args.eval_decode == "cpu":
+        return None
+    if device.type != "cuda":
+        raise UserError(f"--eval-decode cuda: this run computes on {device}; decoding on the GPU "
+                        f"needs a CUDA --device")
+    return device
 
 
 def default_precision(args, device):
@@ -248,23 +262,26 @@ def eval_step(model, images, device, precision, features=None):
 def evaluate(model, loader, classnames, device, precision, feature_cache=None, rows=None):
     """Top-1 metrics over this rank's shard, counts summed over all ranks. rows: the classifier rows
     of `classnames` when the model classifies more classes (a transductive run), else None.
-    feature_cache: a dict shared by one run's evaluations. A model with frozen image features
-    gives an image the same features at every evaluation (deterministic eval transform): the first
-    pass over a loader stores them, later passes skip decoding and the tower, bitwise the same.
-    Keyed by shard, batch size and precision: ImageNet's test pass reuses its val features."""
+    feature_cache: a features.FeatureCache (a run's, or a table worker's). A model with frozen
+    image features gives an image the same features at every evaluation (deterministic eval
+    transform): the first pass over a loader stores them, later passes (of this run, or of later
+    runs sharing the cache) skip decoding and the tower, bitwise the same."""
     model.eval()
     C = len(classnames)
     rows = None if rows is None else torch.as_tensor(rows, device=device)
     confusion = torch.zeros(C * C, dtype=torch.int64, device=device)
     cached = feature_cache is not None and textrefiner.reuses_image_features(model)
-    key = (tuple(item.impath for item in loader.dataset.items), loader.batch_size, precision)
-    stored = feature_cache.get(key) if cached else None
-    computed = []  # [(features (B, D) on the device, labels (B,))]
-    for inputs, labels in loader if stored is None else stored:
+    key = feature_cache.key(model, loader, precision, device) if cached else None
+    stored = feature_cache.get(key, device) if cached else None
+    if stored is not None:  # the labels of this run's classes (base, new) are the items'
+        labels = torch.tensor([item.label for item in loader.dataset.items])
+        batches = zip(stored, labels.split(loader.batch_size))
+    computed = []  # [features (B, D) on the device]
+    for inputs, labels in loader if stored is None else batches:
         if stored is None:
-            logits, features = eval_step(model, inputs, device, precision)  # (B, C), (B, D)
+            logits, encoded = eval_step(model, inputs, device, precision)  # (B, C), (B, D)
             if cached:
-                computed.append((features, labels))
+                computed.append(encoded)
         else:
             logits, _ = eval_step(model, None, device, precision, features=inputs)
         if rows is not None:
@@ -272,7 +289,7 @@ def evaluate(model, loader, classnames, device, precision, feature_cache=None, r
         idx = labels.to(device, non_blocking=True) * C + logits.argmax(1)
         confusion.index_add_(0, idx, torch.ones_like(idx))
     if cached and stored is None:
-        feature_cache[key] = computed
+        feature_cache.put(key, computed)
     if dist.is_initialized():
         with collective("the all-reduce of the evaluation counts"):
             dist.all_reduce(confusion)
@@ -368,7 +385,7 @@ class Run:
     val_loader: torch.utils.data.DataLoader  # None: the last epoch is the selected one
     test_loader: torch.utils.data.DataLoader
     selection: str  # best-val or best-test (the best epoch on that split), or last
-    feature_cache: dict = None  # the val/test image features of a frozen image tower
+    feature_cache: features.FeatureCache = None  # the val/test image features of a frozen tower
     start_epoch: int = 0
     best: dict = dataclasses.field(default_factory=lambda: dict(val_acc=-1.0, epoch=-1))
     best_state: dict = None  # the best epoch's trainable state
@@ -419,24 +436,26 @@ def setup(args, rank, world_size, device, group):
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     pin = device.type == "cuda"  # pinned memory on the CPU: a CUDA context for nothing
     resolution = raw_model.clip.config.image_resolution
-    train_loader = data.build_train_loader(splits.train, args.batch_size, resolution, args.seed,
-                                           rank=rank, world_size=world_size, workers=args.workers,
-                                           pin_memory=pin)
-
-    def eval_loader(split):
-        return data.build_eval_loader(getattr(splits, split), args.eval_batch_size, resolution,
-                                      rank=rank, world_size=world_size, workers=args.workers,
-                                      pin_memory=pin)
+    decode_on = decode_device(args, device)
     use_val = bool(getattr(splits, splits.select_split)) and args.selection == "best"
     # A checkpoint: the trainable state (with best.pt, the best epoch's too) and SGD's momentum.
     state = [*raw_model.trainable_state_dict().values()] * (2 if use_val else 1)
     size = sum(t.nbytes for t in state + params)
     on_rank0(lambda: outputs.check_checkpoint_room(args.output_dir, size, use_val), rank,
              world_size, "the broadcast of the free-space check of --output-dir")
+    keep = 0 if args.no_feature_cache else int(args.keep_decoded * 2**30)  # bytes
+    train_loader = data.build_train_loader(splits.train, args.batch_size, resolution, args.seed,
+                                           rank=rank, world_size=world_size, workers=args.workers,
+                                           pin_memory=pin, keep_decoded=keep)
+
+    def eval_loader(split):
+        return data.build_eval_loader(getattr(splits, split), args.eval_batch_size, resolution,
+                                      rank=rank, world_size=world_size, workers=args.workers,
+                                      pin_memory=pin, decode_on=decode_on)
     run = Run(rank, world_size, device, paths, splits, raw_model, model, optimizer, scaler,
               train_loader, eval_loader(splits.select_split) if use_val else None,
               eval_loader("test"), f"best-{splits.select_split}" if use_val else "last",
-              None if args.no_feature_cache else {})
+              features.for_run(args.no_feature_cache))
     if ckpt is None:
         if rank == 0 and os.path.exists(paths["log.jsonl"]):
             os.remove(paths["log.jsonl"])  # a fresh run owns its log

@@ -1,6 +1,8 @@
 """What several test files share: the synthetic data and tiny CLIP, one CoOp and one PromptKD
 training run (conftest.py's session fixtures), the authors' file writers, float64 references of the
 towers and of TextRefiner's equations, and assertion helpers."""
+import collections
+import contextlib
 import json
 import math
 import os
@@ -177,6 +179,38 @@ def counting(calls, name, fn):
         calls[name] += 1
         return fn(*args, **kwargs)
     return counted
+
+
+_image_opens = []  # [the file descriptor image opens are written to] while image_opens() records
+_audit_hooked = []  # [True] once the hook is added: an audit hook stays for the process's life
+
+
+def _record_image_open(event, args):
+    if event == "open" and _image_opens and isinstance(args[0], str) and \
+            args[0].lower().endswith((".jpg", ".jpeg", ".png")):
+        os.write(_image_opens[-1], f"{os.path.abspath(args[0])}\n".encode())
+
+
+@contextlib.contextmanager
+def image_opens(path):
+    """The block with every image file that this process and the loader workers it forks open
+    (the interpreter's "open" audit events, not the code's own counting) appended to path; yields
+    a function -> Counter of the opens so far by absolute path."""
+    if not _audit_hooked:
+        sys.addaudithook(_record_image_open)
+        _audit_hooked.append(True)
+    _image_opens.append(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT))
+    try:
+        yield lambda: opened_images(path)
+    finally:
+        os.close(_image_opens.pop())
+
+
+def opened_images(path):
+    """Counter of the image paths in a file image_opens (or bench.TableCounts) wrote."""
+    with open(path) as f:
+        return collections.Counter(line.rstrip("\n").split("\t")[-1] for line in f
+                                   if not line.startswith("totals\t"))
 
 
 def read_results(folder):
@@ -449,10 +483,12 @@ def pk_argv(base, out, *extra):
             "--log-interval", "3", "--output-dir", str(out), *extra]
 
 
-def table_worker_counting_clip_reads(*args):
+def table_worker_counting_reads(*args):
     """tables.table_worker in its spawned process, appending each CLIP file it reads to the file
-    $CLIP_READS names (a monkeypatch of the test's process does not reach it)."""
-    import tables
+    $CLIP_READS names (a monkeypatch of the test's process does not reach it), and each image file
+    it or its loader workers open to $BENCH_COUNTS (bench.TableCounts: the interpreter's audit
+    events)."""
+    import bench
     read = clip_model.read_state_dict
 
     def counted(path):
@@ -460,7 +496,7 @@ def table_worker_counting_clip_reads(*args):
             f.write(f"{path}\n")
         return read(path)
     clip_model.read_state_dict = counted
-    tables.table_worker(*args)
+    bench.counted_table_worker(*args)
 
 
 def trained_run_dir(base):

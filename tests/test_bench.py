@@ -189,9 +189,26 @@ def test_run_benchmark_times_every_phase_of_a_real_run(monkeypatch, capsys):
 
 
 @pytest.mark.slow
-def test_table_benchmark_times_both_ways(capsys):
+def test_table_benchmark_times_every_way_and_counts_what_each_reads(capsys):
     medians = benchmarks.main(["table", "--clip", "tiny", "--device", "cpu", "--size", "32", "--num-classes", "4",
                                "--images", "8", "--workers", "0", "--datasets", "1", "--seeds", "1", "--rounds", "1",
                                "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "4"])
-    assert set(medians) == {"separate processes", "one table"} and all(v > 0 for v in medians.values())
-    assert "one table / separate processes:" in capsys.readouterr().out
+    ways = ("separate processes", "one table", "one table, no caches")
+    assert set(medians) == set(ways) and all(v > 0 for v in medians.values())
+    out = capsys.readouterr().out
+    assert "one table / separate processes:" in out and "one table / one table, no caches:" in out
+    rows = {line[:34].strip(): line[34:].split() for line in out.splitlines()[-13:]}
+    # 4 classes x 8 images: 2 test images a class, each evaluated once (base, then new)
+    assert rows["test image files opened"] == ["8", "(1/file)"] * 3
+    # the training step: 2 base classes x 4 images, batch 4: 2 steps; the evaluations: 4 val + 4 test
+    # images of the base classes, 4 test images of the new ones
+    assert rows["image tower images, training"] == ["8"] * 3
+    assert rows["image tower images, evaluation"] == ["12"] * 3
+    assert all(float(seconds) > 0 for phase in ("compute", "test", "eval.py") for seconds in rows[f"seconds: {phase}"])
+
+
+def test_decode_benchmark_runs_both_ways_on_the_cpu(run, capsys):
+    rates = benchmarks.main(["decode", "--dataset", "caltech101", "--root", run[0], "--workers", "0",
+                             "--rounds", "1", "--resolution", "24", "--device", "cpu"])
+    assert set(rates) == {"PIL in the loader workers", "decode_jpeg on cpu"} and all(r > 0 for r in rates.values())
+    assert "decode_jpeg on cpu / PIL:" in capsys.readouterr().out

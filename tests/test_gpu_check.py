@@ -63,7 +63,7 @@ def test_gpu_check_runs_every_step_and_passes_when_all_do(tmp_path):
         "bench.main(['step', '--method', method, '--num-classes', '100', '--steps', '6', '--warmup', '2', *mode]) "
         "cocoop kgcoop ivlp maple promptsrc",
         "bench.py run --num-classes 10 --precision bf16",
-        "bench.py table --datasets 2 --seeds 1",
+        "bench.py table --datasets 1 --seeds 2",
         "clip_model.random_state_dict(clip_model.CONFIGS['ViT-B/16'])",
         "--precision fp16",
     ]

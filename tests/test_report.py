@@ -2,7 +2,6 @@
 differences) recomputed here from the results.json files, the side-by-side files make report writes
 (report.csv, .md, .tex, .png), the refusals, and a report that never imports torch."""
 import csv
-import json
 import math
 import os
 import statistics

@@ -2,6 +2,7 @@
 several slots with the same results as separate make base2new runs, resumably, each job's failure
 isolated; and the checks that keep a table from mixing models: new/ evaluated from the model its
 base/ tested, the report's pairing, evaluations that cannot lose or overwrite results."""
+import collections
 import json
 import os
 import shutil
@@ -57,16 +58,37 @@ def files(folder):
 SAME = ("accuracy", "macro_f1", "per_class_accuracy", "classnames", "num_images", "epoch", "selection", "method")
 
 
+# What a checkpoint holds besides the flags (args) and the log line (its seconds)
+CHECKPOINT = ("model", "optimizer", "scaler", "epoch", "selection", "rng", "best", "best_model")
+
+
 def assert_same_runs(a, b, jobs):
-    """The results of every job's steps, and the tested models bitwise, are the same under a and b."""
+    """The results of every job's steps, and the checkpoints' tensors and states bitwise, are the
+    same under a and b."""
     for dataset, seed in jobs:
         for part in ("base", "new"):
             ra = read_results(os.path.join(a, "base2new", dataset, f"seed{seed}", part))
             rb = read_results(os.path.join(b, "base2new", dataset, f"seed{seed}", part))
             assert {k: ra.get(k) for k in SAME} == {k: rb.get(k) for k in SAME}, (dataset, seed, part)
-        ma, mb = (torch.load(os.path.join(x, "base2new", dataset, f"seed{seed}", "base", "last.pt"),
-                             weights_only=True)["model"] for x in (a, b))
-        assert all(torch.equal(ma[k], mb[k]) for k in ma), (dataset, seed)
+        for name in ("last.pt", "best.pt"):
+            ca, cb = (torch.load(os.path.join(x, "base2new", dataset, f"seed{seed}", "base", name),
+                                 weights_only=True) for x in (a, b))
+            assert_same_state({k: ca[k] for k in CHECKPOINT}, {k: cb[k] for k in CHECKPOINT},
+                              (dataset, seed, name))
+
+
+def assert_same_state(a, b, where):
+    """Nested dicts, lists and tensors equal, the tensors bitwise."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, (dict, list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), where
+        keys = a.keys() if isinstance(a, dict) else range(len(a))
+        assert all(k in b for k in keys) if isinstance(a, dict) else True, where
+        for k in keys:
+            assert_same_state(a[k], b[k], (*where, k))
+    else:
+        assert a == b, (where, a, b)
 
 
 @pytest.mark.slow
@@ -232,18 +254,35 @@ def test_evaluations_cannot_lose_or_overwrite_results(run, tmp_path, capsys, mon
     assert read_results(tmp_path / "rel")["checkpoint"] == os.path.realpath(best)
 
 
-def test_a_slot_reads_each_clip_once_and_a_launcher_runs_steps_as_commands(root, tmp_path, monkeypatch, capsys):
-    """One slot, two jobs in its worker process: the CLIP file is read once for all four steps. With
-    --launcher every step is a command of its own instead (a failing one fails its job: exit status 1)."""
-    monkeypatch.setattr(tables, "table_worker", helpers.table_worker_counting_clip_reads)
+def test_a_slot_reads_each_file_once_and_a_launcher_runs_steps_as_commands(root, tmp_path, monkeypatch, capsys):
+    """One slot, two jobs (seeds) in its worker process, with a loader worker: the CLIP file is read
+    once for all four steps, every test image file is opened once (the worker keeps the tower's
+    features) and each training and val image once per seed that picks it (counted by the
+    interpreter's audit events in the worker and its loader processes). With --launcher every step
+    is a command of its own instead, here with --no-feature-cache: the same results and checkpoints
+    bitwise (a failing step fails its job: exit status 1)."""
+    monkeypatch.setattr(tables, "table_worker", helpers.table_worker_counting_reads)
     monkeypatch.setenv("CLIP_READS", str(tmp_path / "reads"))
-    argv = table_argv(root, tmp_path / "kept")
+    monkeypatch.setenv("BENCH_COUNTS", str(tmp_path / "opens"))
+    one_loader_worker = [f"--train-args={TRAIN} --workers 1", f"--eval-args={EVAL} --workers 1"]
+    store = ["--feature-store", str(tmp_path / "store")]
+    argv = [*table_argv(root, tmp_path / "kept"), *one_loader_worker, *store]
     argv[argv.index("--datasets") + 1:argv.index("--seeds")] = ["dtd"]
     tables.main(argv)
     reads = (tmp_path / "reads").read_text().splitlines()
     assert reads == [root[1]] and len(os.listdir(tmp_path / "kept" / "base2new" / "dtd")) == 2
+    assert os.listdir(tmp_path / "store") and all(n.endswith(".pt") for n in os.listdir(tmp_path / "store"))
+    opens = helpers.opened_images(tmp_path / "opens")
+    test = [os.path.abspath(i.impath) for i in data.load_splits("dtd", root[0], num_shots=0)["test"]]
+    picks = {split: collections.Counter(os.path.abspath(i.impath) for seed in SEEDS
+                                        for i in data.load_splits("dtd", root[0], 16, int(seed), "base")[split])
+             for split in ("train", "val")}
+    assert set(opens) == set(test) | set(picks["train"]) | set(picks["val"])
+    assert all(opens[f] == 1 for f in test) and all(opens[f] == n for f, n in picks["train"].items())
+    assert all(opens[f] <= n for f, n in picks["val"].items())  # the same val pass: served again
     monkeypatch.undo()
-    launched = table_argv(root, tmp_path / "launched", "--launcher", sys.executable)
+    no_cache = [f"{flags} --no-feature-cache" for flags in one_loader_worker]
+    launched = table_argv(root, tmp_path / "launched", *no_cache, "--launcher", sys.executable)
     launched[launched.index("--datasets") + 1:launched.index("--seeds")] = ["dtd"]
     launched[launched.index("--seeds") + 1:launched.index("--seeds") + 3] = ["1"]
     tables.main(launched)

@@ -23,12 +23,13 @@ import torch
 import clip_model
 import data
 import eval as evaluate_cli
+import features
 import outputs
 import train
 from textrefiner import TextRefinerCLIP
 from helpers import (
     EPOCHS, LR, REPO, assert_same_tensors, assert_usage_error, copy_dataset, counting, dead_pid, interrupt_at_epoch,
-    Interrupted, pk_argv, read_log, synthetic, torchrun_two_ranks, train_argv, write_lock)
+    Interrupted, image_opens, pk_argv, read_log, synthetic, torchrun_two_ranks, train_argv, write_lock)
 
 # 6 classes -> 3 base classes; per class 6 train, 3 val, 3 test images of 32 px: 4 steps/epoch.
 
@@ -561,9 +562,11 @@ def test_stalled_rank_times_out_with_a_message_naming_rank_and_collective(run, t
 
 def test_feature_cache_one_tower_pass_per_val_test_image_and_identical_results(tmp_path, monkeypatch):
     """base2new with val on an ImageNet-layout dataset (its val split is its test split):
-    with the feature cache every val/test image goes through the image tower for evaluation
-    exactly once per run, and the logits, val accuracies and test metrics are bitwise those
-    of a run that encodes the images at every evaluation."""
+    with the caches every val/test image goes through the image tower for evaluation exactly
+    once per run, and every image file, val/test or training, is opened once (the training
+    images decoded once, data.DecodedImages); the logits, val accuracies and test metrics are
+    bitwise those of a run with --no-feature-cache, which encodes the val/test images at every
+    evaluation and opens each training image every epoch it is drawn."""
     root = str(tmp_path / "data")
     data.write_synthetic_dataset(root, "imagenet", num_classes=6, images_per_class=8, image_size=32)
     weights = synthetic(str(tmp_path))[1]
@@ -585,13 +588,22 @@ def test_feature_cache_one_tower_pass_per_val_test_image_and_identical_results(t
     monkeypatch.setattr(TextRefinerCLIP, "image_features", counted_features)
     monkeypatch.setattr(TextRefinerCLIP, "frozen_image_features", True, raising=False)  # still the frozen tower
     monkeypatch.setattr(train, "eval_step", recorded_step)
-    results = {}
+    results, opens = {}, {}
     for run_name, extra in (("cached", ()), ("uncached", ("--no-feature-cache",))):
         out = str(tmp_path / run_name)
         argv = train_argv(root, weights, out, *extra)
         argv[argv.index("caltech101")] = "imagenet"
-        results[run_name] = train.main(argv), read_log(out)
+        with image_opens(str(tmp_path / f"{run_name}.opens")) as opened:
+            results[run_name] = train.main(argv), read_log(out)
+        opens[run_name] = opened()
     assert encoded == {"cached": len(test_items), "uncached": (EPOCHS + 1) * len(test_items)}
+    train_items = data.load_splits("imagenet", root, subsample="base")["train"]
+    train_files = {os.path.abspath(i.impath) for i in train_items}
+    test_files = {os.path.abspath(i.impath) for i in test_items}
+    assert opens["cached"] == dict.fromkeys(train_files | test_files, 1)
+    steps = len(train_files) // 4  # batch 4, the last incomplete batch dropped
+    assert sum(opens["uncached"][f] for f in train_files) == EPOCHS * steps * 4
+    assert all(opens["uncached"][f] == EPOCHS + 1 for f in test_files)
     (cached, cached_log), (uncached, uncached_log) = results["cached"], results["uncached"]
     for key in ("accuracy", "macro_f1", "per_class_accuracy", "num_images", "epoch"):
         assert cached[key] == uncached[key], key
@@ -610,11 +622,11 @@ def test_feature_cache_is_not_used_for_a_model_whose_image_features_train(run, m
     forwards = collections.Counter()
     real_forward = TextRefinerCLIP.forward
     monkeypatch.setattr(TextRefinerCLIP, "forward", counting(forwards, "forward", real_forward))
-    cache = {}  # a run's feature cache
+    cache = features.FeatureCache()  # a run's feature cache
     model.frozen_image_features = False
     first = train.evaluate(model, loader, splits["classnames"], torch.device("cpu"), "fp32", cache)
     second = train.evaluate(model, loader, splits["classnames"], torch.device("cpu"), "fp32", cache)
-    assert forwards["forward"] == 2 * len(loader) and cache == {} and first == second
+    assert forwards["forward"] == 2 * len(loader) and len(cache) == 0 and first == second
     model.frozen_image_features = True
     train.evaluate(model, loader, splits["classnames"], torch.device("cpu"), "fp32", cache)
     assert forwards["forward"] == 2 * len(loader) and len(cache) == 1  # logits() from features
