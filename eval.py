@@ -54,6 +54,7 @@ def get_parser():
     p.add_argument("--batch-size", type=flags.ranged(int, POSITIVE), default=100, help="per rank")
     p.add_argument("--output-dir", help="write results.json here")
     flags.add_run_flags(p)
+    flags.add_image_flags(p)
     return p
 
 

@@ -67,7 +67,7 @@ def device_flag(name):
 
 
 def add_run_flags(p):
-    """The flags train.py and eval.py share."""
+    """The flags train.py, eval.py and predict.py share."""
     p.add_argument("--workers", type=ranged(int, NON_NEGATIVE), default=4,
                    help="data loader workers per rank")
     p.add_argument("--device", type=device_flag,
@@ -76,6 +76,10 @@ def add_run_flags(p):
                    help="torchrun: a collective waiting longer ends the run (default 900)")
     p.add_argument("--precision", choices=("bf16", "fp16", "fp32"),
                    help="autocast dtype of the frozen towers (default: bf16 on CUDA, fp32 on CPU)")
+
+
+def add_image_flags(p):
+    """How train.py and eval.py read the dataset's images (predict.py reads the user's as given)."""
     p.add_argument("--no-feature-cache", action="store_true",
                    help="no cache: the val/test images encoded at every evaluation, the training "
                         "images decoded every epoch (same results, slower)")

@@ -95,6 +95,7 @@ def get_parser(spec="coop"):
     p.add_argument("--log-interval", type=flags.ranged(int, POSITIVE), default=20,
                    help="steps between progress lines")
     flags.add_run_flags(p)
+    flags.add_image_flags(p)
     flags.add_recipe_flags(p, flags.load_method(spec), spec)
     return p
 
