@@ -281,7 +281,7 @@ def table(args):
         weights = os.path.join(tmp, "clip.pt")
         torch.save(clip_model.random_state_dict(clip_model.CONFIGS[args.clip]), weights)
         command = [sys.executable, "-c", "import bench; bench.counted_tables()", "run", "base2new",
-                   "--root", root, "--clip", weights]
+                   "--method", args.method, "--root", root, "--clip", weights]
         if args.device:
             command += ["--device", args.device]
         flags_of = {"--train-args": [*args.train_flags, "--workers", str(args.workers)],
@@ -320,9 +320,10 @@ def table(args):
     jobs = len(datasets) * len(seeds)
     start_up = 2 * imports + clip_load  # every tables.py pays again: its and its worker's imports
     work = max(medians["separate processes"] - jobs * start_up, 0.0)
-    print(f"\nbench table: {len(datasets)} datasets x {len(seeds)} seeds = {jobs} base2new jobs, "
-          f"{args.clip} random weights, {args.num_classes} classes x {args.images} images of "
-          f"{args.size} px; {args.rounds} round(s), the ways alternating; medians")
+    print(f"\nbench table of --method {args.method}: {len(datasets)} datasets x {len(seeds)} seeds "
+          f"= {jobs} base2new jobs, {args.clip} random weights, {args.num_classes} classes x "
+          f"{args.images} images of {args.size} px; {args.rounds} round(s), the ways alternating; "
+          f"medians")
     for name, seconds in medians.items():
         print(f"{name:>20s}: {seconds:8.2f} s ({seconds / jobs:.2f} s a job)")
     ratio = medians["one table"] / medians["separate processes"]
@@ -545,6 +546,8 @@ def get_parser(Method=None, spec="coop"):
     ta = sub.add_parser("table", help="a small base2new table as separate processes, as one "
                                       "tables.py run and as one without caches; unknown flags go "
                                       "to train.py")
+    ta.add_argument("--method", default="coop", help="as tables.py's --method (a built-in name, "
+                                                     "MODULE:CLASS or FILE.py:CLASS)")
     ta.add_argument("--clip", default="ViT-B/16", choices=tuple(clip_model.CONFIGS))
     ta.add_argument("--datasets", type=flags.ranged(int, Range(lambda v: 1 <= v <= 6, "in 1..6")), default=3,
                     help="synthetic datasets (at most 6)")

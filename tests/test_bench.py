@@ -196,6 +196,7 @@ def test_table_benchmark_times_every_way_and_counts_what_each_reads(capsys):
     ways = ("separate processes", "one table", "one table, no caches")
     assert set(medians) == set(ways) and all(v > 0 for v in medians.values())
     out = capsys.readouterr().out
+    assert "bench table of --method coop: 1 datasets x 1 seeds" in out
     assert "one table / separate processes:" in out and "one table / one table, no caches:" in out
     rows = {line[:34].strip(): line[34:].split() for line in out.splitlines()[-13:]}
     # 4 classes x 8 images: 2 test images a class, each evaluated once (base, then new)
