@@ -730,8 +730,7 @@ class ZeroShotCLIP(PromptCLIP):
             return F.normalize(text.float(), dim=-1)
 
 
-# --method names. hosts.py adds the other hosts when it is imported, below; a user's own method
-# needs no entry: --method path/to/file.py:CLASS.
+# --method names (hosts.py adds the other hosts; a method of your own: --method FILE.py:CLASS).
 METHODS = {"coop": TextRefinerCLIP}
 
 import hosts  # noqa: E402  (after METHODS: hosts.py registers its classes in it)
