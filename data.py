@@ -481,8 +481,8 @@ class DecodedImages:
         self.items, self.where, kept, total = items, {}, {}, 0
         if max_bytes > 0:
             images = _ImageSet(items, _pixels)
-            for index, (pixels, _) in enumerate(DataLoader(images, batch_size=None,
-                                                           **_loader_kwargs(workers, seed, False))):
+            one_pass = dict(_loader_kwargs(workers, seed, False), persistent_workers=False)
+            for index, (pixels, _) in enumerate(DataLoader(images, batch_size=None, **one_pass)):
                 if total + pixels.numel() <= max_bytes:
                     # a copy: a tensor from a loader worker holds a shared-memory file open
                     kept[index], self.where[index] = pixels.clone(), (total, pixels.shape)

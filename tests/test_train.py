@@ -4,6 +4,7 @@ The helpers here (synthetic data, one shared training run, torchrun, flag errors
 imported by test_eval.py.
 """
 import collections
+import gc
 import json
 import math
 import multiprocessing
@@ -491,9 +492,12 @@ def test_bad_test_split_is_reported_before_training(run, tmp_path, change, messa
     assert not os.path.exists(tmp_path / "out" / "last.pt") and time.perf_counter() - t0 < 30
 
 
-def test_unreadable_image_in_a_loader_worker_is_one_line(run, tmp_path, capsys):
+def test_unreadable_image_in_a_loader_worker_is_one_line(run, tmp_path, capsys, monkeypatch):
     """Images are checked to exist at start, not decoded (too slow for ImageNet): a corrupt one
     fails in a worker process, whose traceback the loader attaches; the user sees one line."""
+    # torch joins the workers of a loader whose worker raised only after this timeout (5 s): the
+    # loaders are collected below, within the test, with a shorter one
+    monkeypatch.setattr(torch.utils.data._utils, "MP_STATUS_CHECK_INTERVAL", 0.2)
     root, weights, _ = run
     root = copy_dataset(root, tmp_path, lambda s: s)
     with open(os.path.join(root, "caltech-101", "split_zhou_Caltech101.json")) as f:
@@ -506,6 +510,7 @@ def test_unreadable_image_in_a_loader_worker_is_one_line(run, tmp_path, capsys):
     argv[argv.index("--workers") + 1] = "1"
     assert_usage_error(train.main, argv, f"cannot read image {root}/caltech-101/101_ObjectCategories/{first_test}",
                        capsys)
+    gc.collect()
 
 
 def test_truncated_last_pt_is_a_clear_error(run, tmp_path, capsys):
