@@ -29,9 +29,6 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from torchvision import io as image_io
-from torchvision import transforms as T
-from torchvision.transforms.v2 import functional as F
 
 # data.DATASETS, data.UserError: the names every module uses (catalog.py: without torch)
 from catalog import DATASETS, PAPER_DATASETS, UserError  # noqa: F401
@@ -414,16 +411,70 @@ def run_splits(dataset, root, num_shots=16, seed=1, subsample="all", transductiv
 
 
 def build_transform(train, resolution):
-    """PIL image -> uint8 tensor (3, R, R). Batches leave the loader workers as uint8 (4x less
-    shared and pinned memory and host-to-device traffic than float32); normalize() turns them
-    into the CLIP input on the device."""
-    bicubic = T.InterpolationMode.BICUBIC
-    if train:
-        head = [T.RandomResizedCrop(resolution, scale=(0.08, 1.0), interpolation=bicubic),
-                T.RandomHorizontalFlip()]
-    else:  # shorter side to `resolution`, then the central square
-        head = [T.Resize(resolution, interpolation=bicubic), T.CenterCrop(resolution)]
-    return T.Compose(head + [T.PILToTensor()])
+    """PIL image -> uint8 tensor (3, R, R): ImageView (Dassl's views, torchvision's arithmetic).
+    Batches leave the loader workers as uint8 (4x less shared and pinned memory and host-to-device
+    traffic than float32); normalize() turns them into the CLIP input on the device."""
+    return ImageView(train, resolution)
+
+
+class ImageView:
+    """The view of a training image (a random resized crop of 8-100% of its area, aspect ratio in
+    [3/4, 4/3], then a horizontal flip with probability 1/2) or of an evaluation image (shorter side
+    to R, then the central square), bicubic, as torchvision's RandomResizedCrop +
+    RandomHorizontalFlip and Resize + CenterCrop compute them on PIL images: the same random draws
+    from the global torch generator, in the same order, the same pixels (tested against
+    torchvision). Written out because importing torchvision costs every process about 1.3 s (its
+    models import torch._dynamo), more than a small run's work."""
+    SCALE, RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
+
+    def __init__(self, train, resolution):
+        self.train, self.resolution = train, resolution
+
+    def __repr__(self):  # part of the evaluation features' key (features.py): stable across runs
+        kind = "random resized crop + flip" if self.train else "resize + center crop"
+        return f"ImageView({kind}, {self.resolution} px, bicubic)"
+
+    def __call__(self, image):
+        R = self.resolution
+        if self.train:
+            left, top, w, h = self.random_box(*image.size)
+            image = resize(image.crop((left, top, left + w, top + h)), (R, R))
+            if torch.rand(1) < 0.5:
+                image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        else:
+            w, h = image.size
+            longer = int(R * max(w, h) / min(w, h))  # rounded down, as torchvision does
+            image = resize(image, (R, longer) if w <= h else (longer, R))
+            w, h = image.size  # at least R x R: no padding
+            left, top = int(round((w - R) / 2.0)), int(round((h - R) / 2.0))
+            image = image.crop((left, top, left + R, top + R))
+        return torch.from_numpy(np.array(image)).permute(2, 0, 1)  # (3, R, R) uint8
+
+    def random_box(self, width, height):
+        """(left, top, w, h) of the training crop: up to 10 draws of area and aspect ratio, then
+        the largest central box within the ratio range."""
+        log_ratio = torch.log(torch.tensor(self.RATIO))
+        for _ in range(10):
+            area = width * height * torch.empty(1).uniform_(*self.SCALE).item()
+            ratio = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1])).item()
+            w, h = int(round(math.sqrt(area * ratio))), int(round(math.sqrt(area / ratio)))
+            if 0 < w <= width and 0 < h <= height:
+                top = torch.randint(0, height - h + 1, size=(1,)).item()
+                left = torch.randint(0, width - w + 1, size=(1,)).item()
+                return left, top, w, h
+        low, high = self.RATIO
+        if width / height < low:
+            w, h = width, int(round(width / low))
+        elif width / height > high:
+            w, h = int(round(height * high)), height
+        else:
+            w, h = width, height
+        return (width - w) // 2, (height - h) // 2, w, h
+
+
+def resize(image, size):
+    """PIL image to size (width, height), bicubic; an image of that size is returned as it is."""
+    return image if image.size == size else image.resize(size, Image.Resampling.BICUBIC)
 
 
 def normalize(images):
@@ -623,6 +674,9 @@ class DecodedOn:
     decode (another format, a JPEG nvjpeg refuses) goes through PIL."""
 
     def __init__(self, files, resolution, device):
+        from torchvision import io  # only here: its import costs a process about 1.3 s
+        from torchvision.transforms.v2 import functional
+        self.io, self.functional = io, functional
         self.files, self.resolution, self.device = files, resolution, torch.device(device)
         self.dataset, self.batch_size = files.dataset, files.batch_size
         self.preprocessing = f"decode_jpeg on {self.device.type}, resize {resolution} bicubic " \
@@ -641,12 +695,13 @@ class DecodedOn:
         contents = [c for _, c in files]
         jpegs = [i for i, c in enumerate(contents) if c[:3].tolist() == [0xFF, 0xD8, 0xFF]]
         try:
-            decoded = image_io.decode_jpeg([contents[i] for i in jpegs], device=self.device,
-                                           mode=image_io.ImageReadMode.RGB)
+            decoded = self.io.decode_jpeg([contents[i] for i in jpegs], device=self.device,
+                                          mode=self.io.ImageReadMode.RGB)
         except RuntimeError:  # one bad file fails the batch: each through PIL
             decoded = []
+        F, bicubic = self.functional, self.functional.InterpolationMode.BICUBIC
         for i, image in zip(jpegs, decoded):  # (3, H, W)
-            image = F.resize(image, [R], interpolation=T.InterpolationMode.BICUBIC, antialias=True)
+            image = F.resize(image, [R], interpolation=bicubic, antialias=True)
             out[i] = F.center_crop(image, [R, R])
         for i in [i for i, image in enumerate(out) if image is None]:
             image = load_image(files[i][0], contents[i].numpy().tobytes())

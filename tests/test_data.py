@@ -186,21 +186,25 @@ def test_transforms():
 
 
 @pytest.mark.parametrize("train", [False, True])
-def test_uint8_batches_normalised_on_the_device_equal_totensor_normalize_bitwise(train):
-    """The loaders' uint8 output + normalize() gives exactly (bitwise, float32) what the
-    reference pipeline, torchvision's ToTensor + Normalize after the same crop, gives."""
+@pytest.mark.parametrize("height, width", [(37, 53), (53, 37), (20, 20), (7, 11), (300, 9), (8, 400)])
+def test_uint8_batches_normalised_on_the_device_equal_totensor_normalize_bitwise(train, height, width):
+    """The loaders' uint8 output + normalize() gives exactly (bitwise, float32) what the reference
+    pipeline, torchvision's transforms (Dassl's) then ToTensor + Normalize, gives, drawing the same
+    random numbers: landscape, portrait, already the size, smaller than it (upscaled), and so narrow
+    that every random crop is refused (the central fallback)."""
     bicubic = T.InterpolationMode.BICUBIC
     head = [T.RandomResizedCrop(20, scale=(0.08, 1.0), interpolation=bicubic), T.RandomHorizontalFlip()] \
         if train else [T.Resize(20, interpolation=bicubic), T.CenterCrop(20)]
     reference = T.Compose(head + [T.ToTensor(), T.Normalize(data.CLIP_MEAN, data.CLIP_STD)])
     rng = np.random.default_rng(3)
-    for _ in range(4):
-        image = Image.fromarray(rng.integers(0, 256, (37, 53, 3), dtype=np.uint8))
-        torch.manual_seed(7)
-        want = reference(image)
-        torch.manual_seed(7)  # the same random crop and flip
+    for seed in range(6):
+        image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        torch.manual_seed(seed)
+        want, after = reference(image), torch.rand(1)
+        torch.manual_seed(seed)  # the same random crop and flip
         got = data.normalize(data.build_transform(train, 20)(image)[None])[0]
-        assert got.dtype == torch.float32 and torch.equal(got, want)
+        assert got.dtype == torch.float32 and torch.equal(got, want), seed
+        assert torch.equal(torch.rand(1), after), seed  # as many draws
     every_value = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16).expand(1, 3, 16, 16)
     want = T.Normalize(data.CLIP_MEAN, data.CLIP_STD)(T.ToTensor()(Image.fromarray(
         every_value[0].permute(1, 2, 0).numpy().copy())))

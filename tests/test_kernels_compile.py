@@ -278,4 +278,5 @@ def test_every_variant_and_dtype_was_compiled(reports):
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, ROOT)  # kernels/, as the test's subprocess finds it
     json.dump(compile_all(int(sys.argv[1])), sys.stdout)

@@ -166,32 +166,36 @@ def test_xd_jobs_follow_the_method():
 
 # ----------------------------------------------------------------------------- tables that cannot mix models
 
-def one_job(root, runs, seed="1", *train_args):
+def dtd_jobs(root, runs, seeds=("1",), *train_args):
+    """The table's dtd jobs, each through tables.run_job in this process (what a table's worker runs
+    for a job: the tests here are about which steps run, not about the worker pool)."""
     data_root, weights = root
-    return tables.main(["run", "base2new", "--root", data_root, "--clip", weights, "--runs", str(runs),
-                        "--datasets", "dtd", "--seeds", seed, f"--train-args={TRAIN} {' '.join(train_args)}",
-                        f"--eval-args={EVAL}"])
+    p = tables.get_parser()
+    args = p.parse_args(["run", "base2new", "--root", data_root, "--clip", weights, "--runs", str(runs),
+                         "--datasets", "dtd", "--seeds", *seeds, f"--train-args={TRAIN} {' '.join(train_args)}",
+                         f"--eval-args={EVAL}"])
+    tables.check_table_args(p, args)
+    for job in tables.table_jobs(args):
+        tables.run_job(job, args, run_step=tables.run_step)
 
 
 def test_new_is_evaluated_again_when_base_is_another_model(root, tmp_path, capfd):
-    """(capfd: the steps run, and print, in the table's worker process.)"""
-    one_job(root, tmp_path)
+    dtd_jobs(root, tmp_path)
     run = tmp_path / "base2new" / "dtd" / "seed1"
     first = read_results(run / "new")
     assert first["checkpoint_sha256"] == read_results(run / "base")["checkpoint_sha256"]
     shutil.rmtree(run / "base")
     capfd.readouterr()
-    one_job(root, tmp_path, "1", "--lr", "0.05")  # base trained again, with other flags
+    dtd_jobs(root, tmp_path, ("1",), "--lr", "0.05")  # base trained again, with other flags
     out = capfd.readouterr().out
-    assert "test (base): accuracy" in out  # the worker's output reaches capfd
+    assert "test (base): accuracy" in out
     assert f"skip: {run / 'new'} is finished" not in out  # new/ of the old model is not "finished"
     second = read_results(run / "new")
     assert second["checkpoint_sha256"] == read_results(run / "base")["checkpoint_sha256"] != first["checkpoint_sha256"]
 
 
 def test_report_refuses_pairs_of_other_models_and_impossible_accuracies(root, tmp_path, capsys):
-    one_job(root, tmp_path, "1")
-    one_job(root, tmp_path, "2")
+    dtd_jobs(root, tmp_path, ("1", "2"))
     b2n = tmp_path / "base2new"
     report.report_folder(str(b2n))  # sound
 
