@@ -98,6 +98,7 @@ class FeatureCache:
         if key not in self.entries and self.folder:
             features = self._read(key, device)
             if features is not None:
+                print(f"evaluation features read from the feature store: {self._path(key)}")
                 self.entries[key] = features
         return self.entries.get(key)
 

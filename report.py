@@ -468,16 +468,25 @@ SIDE_BY_SIDE = ("mean±std over seeds [95% CI half-width]; Δ = with - without T
 
 def report_output(output):
     """Every table folder <output>/<m>/<protocol>: its table and report.json, then per protocol the
-    methods side by side, written to <output>/report.{csv,md,tex,png}. Any problem in any folder:
-    each printed on its own line, no report made (UserError)."""
+    methods side by side, written to <output>/report.{csv,md,tex,png}. A folder with no finished
+    run yet is left out (a note); any other problem in any folder: each printed on its own line,
+    no report made (UserError)."""
     names = sorted(os.listdir(output)) if os.path.isdir(output) else []
     folders = [os.path.join(output, name, protocol) for name in names for protocol in PROTOCOLS
                if os.path.isdir(os.path.join(output, name, protocol))]
     if not folders:
         raise UserError(f"nothing to report: no {output}/<method>/base2new, xd or fewshot (make "
                         f"report OUTPUT=...)")
-    problems = []
-    tables = [checked_runs(folder, problems) for folder in folders]
+    problems, tables = [], []
+    for folder in folders:
+        found = []
+        runs = checked_runs(folder, found)
+        if found == [f"{folder}: {NO_RUNS}"]:  # e.g. its first job failed: no table yet
+            print(f"note: {folder} has {NO_RUNS}; left out", file=sys.stderr)
+            continue
+        problems, tables = problems + found, tables + [runs]
+    if not (tables or problems):
+        raise UserError(f"nothing to report: no finished run under {output}")
     groups = {} if problems else pair_folders(tables, problems)
     if problems:
         refuse(problems, output)

@@ -479,7 +479,7 @@ def main(argv=None):
             try:
                 report.report_folder(os.path.join(args.runs, args.protocol))
             except UserError as e:
-                print(f"report: {e}", file=sys.stderr)
+                print(e, file=sys.stderr)
         failed = [f"  {r['job']}: {r['error']}" for r in reports if not r["ok"]]
         if failed:
             print("\n".join([f"{len(failed)} job(s) failed:", *failed]), file=sys.stderr)

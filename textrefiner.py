@@ -275,7 +275,7 @@ class Recipe:
                 raise RecipeError(name, f"must be one of {', '.join(map(str, allowed))}, got {value!r}")
         if not self.warmup_epochs < self.epochs:
             raise RecipeError("warmup_epochs", f"must be in [0, epochs), got {self.warmup_epochs}: pass "
-                                               f"warmup_epochs 0 to train {self.epochs} epoch(s) without")
+                                               f"warmup_epochs 0 to train {self.epochs} epoch(s) without warm-up")
 
     def for_run(self, dataset, subsample, classnames):
         """This recipe for one run, before any weights load: values that depend on the dataset

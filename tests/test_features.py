@@ -60,8 +60,10 @@ def test_a_feature_store_serves_later_tables_whole_or_recomputes(base, tmp_path,
     first = evaluate(features.FeatureCache(str(store)))
     assert first[0] == reference and first[1] == len(loader) and first[3] == dict.fromkeys(files, 1)
     entry = next(store.iterdir())
+    capsys.readouterr()
     later = evaluate(features.FeatureCache(str(store)))  # a later table: nothing decoded or encoded
     assert later[0] == reference and later[1] == 0 and later[3] == {}
+    assert f"evaluation features read from the feature store: {entry}" in capsys.readouterr().out
     assert all(torch.equal(a, b) for a, b in zip(later[2], reference_logits))
     blob, head = entry.read_bytes(), len(features.header(entry.stem, b""))
     altered = io.BytesIO()  # a loadable payload, not the one stored

@@ -4,6 +4,7 @@ differences) recomputed here from the results.json files, the side-by-side files
 import csv
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -176,3 +177,18 @@ def test_report_refuses_folders_that_do_not_pair(tmp_path, capsys):
     write_result(mine / "dtd" / "seed1", 50.0, method="my_method.py:Mine", refiner=False)
     summary = report.main([str(mine)])
     assert summary["dtd"]["accuracy"] == 50.0 and capsys.readouterr().out.startswith("my_method.py:Mine: accuracy in")
+
+
+def test_a_method_folder_with_no_finished_run_is_left_out_of_the_report(tmp_path, capsys):
+    """A method's first job failed and left an empty base/ (a flag the CLIP cannot take): the other
+    methods are still reported, the empty one named in a note; with nothing finished anywhere, one line."""
+    write_result(tmp_path / "coop" / "xd" / "dtd" / "seed1", 50.0)
+    os.makedirs(tmp_path / "promptsrc" / "base2new" / "dtd" / "seed1" / "base")
+    report.main([str(tmp_path)])
+    captured = capsys.readouterr()
+    assert f"note: {tmp_path / 'promptsrc' / 'base2new'} has no finished runs" in captured.err
+    assert "CoOp" in captured.out and os.path.exists(tmp_path / "report.csv")
+    shutil.rmtree(tmp_path / "coop")
+    with pytest.raises(SystemExit) as err:
+        report.main([str(tmp_path)])
+    assert err.value.code == 2 and f"nothing to report: no finished run under {tmp_path}" in capsys.readouterr().err
