@@ -448,7 +448,7 @@ class ImageView:
             w, h = image.size  # at least R x R: no padding
             left, top = int(round((w - R) / 2.0)), int(round((h - R) / 2.0))
             image = image.crop((left, top, left + R, top + R))
-        return torch.from_numpy(np.array(image)).permute(2, 0, 1)  # (3, R, R) uint8
+        return _pixels(image).permute(2, 0, 1)  # (3, R, R) uint8
 
     def random_box(self, width, height):
         """(left, top, w, h) of the training crop: up to 10 draws of area and aspect ratio, then
@@ -526,7 +526,8 @@ def _pixels(image):
 class DecodedImages:
     """Training images decoded once (one pass of a loader with `workers`) and kept as uint8 in one
     buffer, in item order while they fit in max_bytes; image(i) is items[i] as load_image gives
-    it, from the buffer or, past the bound, from its file."""
+    it, from the buffer or, past the bound, from its file. One tensor, not one per image: a loader
+    worker that receives the dataset pickled (spawn) maps one shared-memory segment, not thousands."""
 
     def __init__(self, items, max_bytes, workers, seed):
         self.items, self.where, kept, total = items, {}, {}, 0
@@ -566,7 +567,7 @@ class _ImageSet(Dataset):
             return self.transform(load_image(item.impath)), item.label
         epoch, index = key
         item, image = self.items[index], self.decoded.image(index)
-        # torchvision draws from the global CPU generator. Seed only that one: fork_rng
+        # ImageView draws from the global CPU generator. Seed only that one: fork_rng
         # (devices=[]) restores only it, and torch.manual_seed would also reseed the CUDA
         # generators, for good, of the main process when workers=0.
         with torch.random.fork_rng(devices=[]):
