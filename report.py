@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from PIL import Image, ImageDraw, ImageFont
 
 import outputs
-from catalog import PAPER_DATASETS, UserError
+from catalog import UserError
 from results import (AVERAGED, GAP, METRICS, NO_RUNS, PROTOCOLS, PUBLISHED, TITLES, Stat,
                      checked_runs, dataset_order, describe, paired_delta, paper_name, seed_average,
                      shots_text, table_text)
@@ -101,8 +101,10 @@ def averages(protocol, variants):
     out, counts = {kind: {} for kind in found}, {}
     for shots in sorted({k for values in found.values() for _, k in values}, key=str):
         among = [d for d in AVERAGED[protocol] if all((d, shots) in v for v in found.values())]
+        if not among:  # e.g. xd targets that are ImageNet variants only: no average row
+            continue
         per_kind = {kind: seed_average([v[(d, shots)] for d in among]) for kind, v in found.items()}
-        if among and all(per_kind.values()):
+        if all(per_kind.values()):
             counts[shots] = len(among)
             for kind, per_seed in per_kind.items():
                 out[kind][shots] = per_seed
@@ -211,7 +213,8 @@ def grid(protocol, lines):
         rows, methods = [], []
         for line in block:
             seeds = sorted({s for stat in line.cells.values() for s in stat.seeds})
-            rows.append(Row(line.label + averaged_text(line.averaged), ",".join(map(str, seeds)),
+            label = line.label + averaged_text(line.averaged, len(AVERAGED[protocol]))
+            rows.append(Row(label, ",".join(map(str, seeds)),
                             [line.cells.get(c) for c in columns], line.kind == "delta"))
             if line.method not in methods:
                 methods.append(line.method)
@@ -222,9 +225,9 @@ def grid(protocol, lines):
     return ["Dataset", "Method", "Seeds", *names], blocks, notes
 
 
-def averaged_text(counts):
-    """" (k/11)" after an average row's label when it averages fewer than all the datasets."""
-    total = len(PAPER_DATASETS)
+def averaged_text(counts, total):
+    """" (k/total)" after an average row's label when it averages fewer than all `total` datasets
+    of its protocol (11; 10 for xd, whose ImageNet is the source)."""
     if not counts or min(counts) == total:
         return ""
     k = str(min(counts)) if min(counts) == max(counts) else f"{min(counts)}-{max(counts)}"

@@ -192,3 +192,19 @@ def test_a_method_folder_with_no_finished_run_is_left_out_of_the_report(tmp_path
     with pytest.raises(SystemExit) as err:
         report.main([str(tmp_path)])
     assert err.value.code == 2 and f"nothing to report: no finished run under {tmp_path}" in capsys.readouterr().err
+
+
+def test_side_by_side_xd_averages_out_of_its_ten_targets_or_has_no_average_row(tmp_path, capsys):
+    """The xd average is over the 10 targets besides ImageNet (the source): 2 of them read "(2/10)";
+    targets that are ImageNet variants only have no average row (this crashed in the side-by-side)."""
+    for folder, refiner in (("coop", True), ("coop-plain", False)):
+        write_result(tmp_path / folder / "xd" / "imagenet_a" / "seed1", 40.0, refiner=refiner)
+    report.main([str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "Side by side, xd" in out and "Average" not in out.split("Side by side, xd")[1]
+    for folder, refiner in (("coop", True), ("coop-plain", False)):
+        for dataset in ("dtd", "eurosat"):
+            write_result(tmp_path / folder / "xd" / dataset / "seed1", 50.0, refiner=refiner)
+    report.main([str(tmp_path)])
+    side_by_side = capsys.readouterr().out.split("Side by side, xd")[1]
+    assert "CoOp (2/10)" in side_by_side and "/11)" not in side_by_side
