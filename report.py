@@ -57,10 +57,10 @@ def report_folder(root):
         raise UserError(f"report {root!r}: not a directory")
     problems = []
     runs = checked_runs(root, problems)
-    if problems == [f"{root}: {NO_RUNS}"]:
-        raise UserError(f"report {problems[0]}")
     if problems:
         refuse(problems, root)
+    if not runs.values:
+        raise UserError(f"report {root}: {NO_RUNS}")
     summary, text = table_text(runs)
     print(text)
     write_summary(summary, root)
@@ -482,12 +482,12 @@ def report_output(output):
                         f"report OUTPUT=...)")
     problems, tables = [], []
     for folder in folders:
-        found = []
-        runs = checked_runs(folder, found)
-        if found == [f"{folder}: {NO_RUNS}"]:  # e.g. its first job failed: no table yet
+        found = len(problems)
+        runs = checked_runs(folder, problems)
+        if len(problems) == found and not runs.values:  # e.g. its first job failed: no table yet
             print(f"note: {folder} has {NO_RUNS}; left out", file=sys.stderr)
             continue
-        problems, tables = problems + found, tables + [runs]
+        tables.append(runs)
     if not (tables or problems):
         raise UserError(f"nothing to report: no finished run under {output}")
     groups = {} if problems else pair_folders(tables, problems)

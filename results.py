@@ -313,8 +313,7 @@ NO_RUNS = "no finished runs (<dataset>/seed<S>/results.json)"
 
 def checked_runs(root, problems):
     """read_runs of a table folder, then what makes it no table: several methods, or base2new or
-    xd runs of several shot counts; no finished run (NO_RUNS) when nothing else is wrong."""
-    before = len(problems)
+    xd runs of several shot counts (a folder without a finished run has empty runs.values)."""
     runs = read_runs(root, protocol_of(root), problems)
     if len({(method, refiner) for method, refiner, _ in runs.models}) > 1:
         mixed = ", ".join(f"{m}{'' if refiner else ' without TextRefiner'}: {p}"
@@ -324,8 +323,6 @@ def checked_runs(root, problems):
     if len(runs.shots - {None}) > 1 and runs.protocol != "fewshot":
         problems.append(f"{root} mixes runs of {sorted(runs.shots - {None})} shots; one table per "
                         f"shot count: move one elsewhere")
-    if len(problems) == before and not runs.values:
-        problems.append(f"{root}: {NO_RUNS}")
     return runs
 
 # ----------------------------------------------------------------------------- one table

@@ -188,6 +188,10 @@ def test_a_method_folder_with_no_finished_run_is_left_out_of_the_report(tmp_path
     captured = capsys.readouterr()
     assert f"note: {tmp_path / 'promptsrc' / 'base2new'} has no finished runs" in captured.err
     assert "CoOp" in captured.out and os.path.exists(tmp_path / "report.csv")
+    with pytest.raises(SystemExit) as err:  # that folder's own table: one line
+        report.main([str(tmp_path / "promptsrc" / "base2new")])
+    assert err.value.code == 2 and capsys.readouterr().err.endswith(
+        f"\nerror: report {tmp_path / 'promptsrc' / 'base2new'}: no finished runs (<dataset>/seed<S>/results.json)\n")
     shutil.rmtree(tmp_path / "coop")
     with pytest.raises(SystemExit) as err:
         report.main([str(tmp_path)])
