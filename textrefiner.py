@@ -736,10 +736,10 @@ METHODS = {"coop": TextRefinerCLIP}
 import hosts  # noqa: E402  (after METHODS: hosts.py registers its classes in it)
 
 
-def load(checkpoint, classnames=None, clip=None, device=None):
-    """A trained checkpoint ready for inference: .predict(images, topk) (predict.py's docstring)."""
+def load(checkpoint, classnames=None, clip=None, device=None, **options):
+    """A trained checkpoint ready for inference (.predict(images, topk)): predict.load."""
     import predict  # not at the top: predict.py imports eval.py and train.py, which import this
-    return predict.load(checkpoint, classnames, clip, device)
+    return predict.load(checkpoint, classnames, clip, device, **options)
 
 
 def __getattr__(name):

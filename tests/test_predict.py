@@ -74,7 +74,9 @@ def test_exported_head_on_plain_clip_gives_predicts_probabilities(run, tmp_path)
     for i, size in enumerate(((48, 36), (30, 45))):  # not square: the resize and the crop count
         paths.append(str(tmp_path / f"{i}.png"))
         Image.open(paths[i]).resize(size, Image.BILINEAR).save(paths[-1])
-    model = textrefiner.load(os.path.join(out, "best.pt"), device="cpu")  # the Python API
+    model = textrefiner.load(os.path.join(out, "best.pt"), device="cpu", precision="fp32")  # the Python API
+    with pytest.raises(TypeError, match="load: unknown options colour"):  # predict.load's options, checked
+        textrefiner.load(os.path.join(out, "best.pt"), device="cpu", colour=1)
     predicted = torch.tensor([[p for _, p in sorted(top, key=lambda t: head["classnames"].index(t[0]))]
                               for top in model.predict(paths, topk=3)])
     torch.testing.assert_close(plain_clip_probabilities(head, paths), predicted, rtol=0, atol=1e-4)
