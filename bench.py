@@ -64,7 +64,7 @@ def step(args, Method, recipe):
     TextRefiner, and any the method adds) on random weights and a synthetic uint8 batch, through
     train.train_step (training) or train.eval_step (--eval; each model put in eval mode once, as
     evaluate() does, so class features are computed once). -> {name: steps/s}."""
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = flags.chosen_device(args.device)
     precision = train.default_precision(args, device)
     train.seed_everything(0)
     config = clip_model.CONFIGS[args.clip]
@@ -236,7 +236,7 @@ def run(args):
         loader_rate = loader(args.layout, root, workers=run_args.workers,
                              batch_size=run_args.batch_size, resolution=config.image_resolution,
                              steps=2 * steps_per_epoch, num_shots=run_args.shots)
-        device = torch.device(run_args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = flags.chosen_device(run_args.device)
         if device.type == "cuda":  # the run's val and test JPEGs decoded both ways
             decode_rates(splits["val"] + splits["test"], config.image_resolution, run_args.workers,
                          device)
@@ -446,7 +446,7 @@ def decode_rates(items, resolution, workers, device, batch_size=100, rounds=3):
 
 def decode(args):
     """decode_rates on a dataset's test split (--device, default cuda when available)."""
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = flags.chosen_device(args.device)
     if device.type != "cuda":
         print("no CUDA device: decode_jpeg runs on the CPU here (the GPU decode is not measured)")
     items = data.load_splits(args.dataset, args.root, num_shots=0)["test"]

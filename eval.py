@@ -190,7 +190,7 @@ def eval_precision(args, recorded, device):
     fp32 is tested in fp32, not in the bf16 default); the CPU computes in fp32."""
     if args.precision is None and device.type == "cuda" and recorded["precision"]:
         return recorded["precision"]
-    return args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    return train.default_precision(args, device)
 
 
 def what_to_evaluate(args, recorded, Method):

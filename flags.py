@@ -66,6 +66,11 @@ def device_flag(name):
     return name
 
 
+def chosen_device(name):
+    """--device's value (None: not given) as a torch.device; by default cuda when available."""
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def add_run_flags(p):
     """The flags train.py, eval.py and predict.py share."""
     p.add_argument("--workers", type=ranged(int, NON_NEGATIVE), default=4,

@@ -153,7 +153,7 @@ def open_model(args, classnames=None):
     model, recorded, clip_name = evaluation.load_model(args, recorded, Method, names, names, state,
                                                        stored_clip)
     sha = clip_model.weights_sha256(clip_name)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = flags.chosen_device(args.device)
     precision = evaluation.eval_precision(args, recorded, device)
     return Predictor(model.to(device).eval(), names, device, precision, clip_name, sha, recorded,
                      args.batch_size, args.workers)

@@ -123,7 +123,7 @@ def resolve_args(p, args, Method):
 
 def setup_runtime(args):
     """-> (rank, world_size, device, group). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK."""
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = flags.chosen_device(args.device)
     if int(os.environ.get("RANK", -1)) == -1:
         if device.type == "cuda" and device.index is not None:
             torch.cuda.set_device(device)  # --device cuda:1: the current device too (Triton)
