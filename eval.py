@@ -64,8 +64,7 @@ def add_input_flags(p):
     the run's."""
     p.add_argument("--allow-other-clip", action="store_true",
                    help="use another --clip than the one the run recorded (SHA-256)")
-    inputs = {name for Model in METHODS.values() for name in Model.recipe.weight_files}
-    for name in sorted(inputs):
+    for name in flags.input_names():
         flag = name.replace("_", "-")
         p.add_argument(f"--{flag}", help="default: the run's")
         p.add_argument(f"--allow-other-{flag}", action="store_true",
@@ -83,7 +82,7 @@ def check_args(p, args):
                 "is one epoch (best.pt: best val, last.pt: last epoch)")
     if args.clip:
         flags.check_weights_flag(p, args.clip)
-    inputs = sorted({name for Model in METHODS.values() for name in Model.recipe.weight_files})
+    inputs = flags.input_names()
     for name in ("clip", *inputs):
         if getattr(args, "allow_other_" + name) and (args.zeroshot or not getattr(args, name)):
             compared = "no run" if args.zeroshot else f"no {flags.flag(name)}"
@@ -132,25 +131,25 @@ def read_run(args):
                         clip="ViT-B/16", precision=None, selected=None, classnames=None)
         return None, recorded, None, ZeroShotCLIP
     state, recorded, stored_clip = read_checkpoint(args)
-    check_flags_fit(args, recorded)
-    Method = flags.load_method(recorded["method"], recorded.get("method_file"))
-    return state, recorded, stored_clip, Method
+    return state, recorded, stored_clip, checkpoint_method(args, recorded)
 
 
-def check_flags_fit(args, recorded):
-    """--method and the weight-file flags must be the checkpoint's method's: name what it is."""
+def checkpoint_method(args, recorded):
+    """The class of the checkpoint's method; --method and the weight-file flags must be its: a
+    flag of another method is named with what the checkpoint is."""
     method = recorded["method"]
     if args.method and args.method != method:
         raise UserError(f"--method {args.method}: {args.checkpoint} is a --method {method} "
                         f"checkpoint")
-    own = flags.load_method(method, recorded.get("method_file")).recipe.weight_files
-    for name in {n for Model in METHODS.values() for n in Model.recipe.weight_files} - set(own):
+    Method = flags.load_method(method, recorded.get("method_file"))
+    for name in set(flags.input_names()) - set(Method.recipe.weight_files):
         owners = " or ".join(m for m, M in METHODS.items() if name in M.recipe.weight_files)
-        for given in (flags.flag(name), "--allow-other-" + name.replace("_", "-")):
-            if getattr(args, given[2:].replace("-", "_")):
-                raise UserError(f"{given}: {args.checkpoint} is a --method {method} checkpoint, "
-                                f"which has no {name.replace('_', '-')} (a checkpoint of --method "
-                                f"{owners} takes {given})")
+        for given in (flags.flag(attribute) for attribute in (name, "allow_other_" + name)
+                      if getattr(args, attribute)):
+            raise UserError(f"{given}: {args.checkpoint} is a --method {method} checkpoint, "
+                            f"which has no {name.replace('_', '-')} (a checkpoint of --method "
+                            f"{owners} takes {given})")
+    return Method
 
 
 def resolve_inputs(args, recorded, Method, classnames):

@@ -66,6 +66,13 @@ def device_flag(name):
     return name
 
 
+def input_names():
+    """The weights files a registered method is built from besides CLIP (its recipe's
+    weight_files: PromptKD's teacher, teacher_clip), sorted: eval.py's, predict.py's and the table
+    runner's --<name> flags. Read at each call: a plug-in method may register more."""
+    return sorted({name for Model in METHODS.values() for name in Model.recipe.weight_files})
+
+
 def chosen_device(name):
     """--device's value (None: not given) as a torch.device; by default cuda when available."""
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))

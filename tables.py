@@ -44,7 +44,7 @@ import report
 import textrefiner
 import train
 from data import UserError
-from textrefiner import METHODS, NON_NEGATIVE, POSITIVE
+from textrefiner import NON_NEGATIVE, POSITIVE
 
 
 # ----------------------------------------------------------------------------- the jobs
@@ -358,7 +358,7 @@ def get_parser():
     table = argparse.ArgumentParser(add_help=False)
     table.add_argument("protocol", choices=("base2new", "xd", "fewshot"))
     table.add_argument("--method", default="coop", help="as train.py's --method")
-    for name in sorted({name for Model in METHODS.values() for name in Model.recipe.weight_files}):
+    for name in flags.input_names():
         flag = name.replace("_", "-")
         table.add_argument(f"--{flag}", help=f"train.py's --{flag} (an input of the method's)")
     table.add_argument("--no-refiner", action="store_true", help="the method without TextRefiner")
@@ -430,8 +430,7 @@ def check_passed_flags(p, args):
     then their values checked as train.py and eval.py would, at start rather than in every job."""
     job = table_jobs(args)[0]
     steps = job_steps(job, args, "cpu")
-    inputs = {name for Model in METHODS.values() for name in Model.recipe.weight_files}
-    recorded = {f"--{kind}{name.replace('_', '-')}" for name in {"clip", *inputs}
+    recorded = {f"--{kind}{name.replace('_', '-')}" for name in ("clip", *flags.input_names())
                 for kind in ("", "allow-other-")}
     for script, name in (("train.py", "train_args"), ("eval.py", "eval_args")):
         given, option = getattr(args, name), flags.flag(name)
