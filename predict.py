@@ -152,10 +152,9 @@ def open_model(args, classnames=None):
         raise UserError("--classnames: the class list is empty")
     model, recorded, clip_name = evaluation.load_model(args, recorded, Method, names, names, state,
                                                        stored_clip)
-    sha = clip_model.weights_sha256(clip_name)
     device = flags.chosen_device(args.device)
     precision = evaluation.eval_precision(args, recorded, device)
-    return Predictor(model.to(device).eval(), names, device, precision, clip_name, sha, recorded,
+    return Predictor(model.to(device).eval(), names, device, precision, clip_name, recorded,
                      args.batch_size, args.workers)
 
 
@@ -206,11 +205,10 @@ class Predictor:
     """A model in eval mode on its device with its classes: predict(images, topk), logits(images),
     head() (--export-head's dict). Images: paths or PIL images, in eval.py's batches."""
 
-    def __init__(self, model, classnames, device, precision, clip, clip_sha256, recorded,
-                 batch_size=100, workers=0):
+    def __init__(self, model, classnames, device, precision, clip, recorded, batch_size=100,
+                 workers=0):
         self.model, self.classnames, self.recorded = model, classnames, recorded
-        self.device, self.precision = device, precision
-        self.clip, self.clip_sha256 = clip, clip_sha256
+        self.device, self.precision, self.clip = device, precision, clip
         self.batch_size, self.workers = batch_size, workers
 
     def batches(self, images):
@@ -257,9 +255,10 @@ class Predictor:
             raise UserError(f"--export-head: {why}")
         with torch.no_grad():
             weight = self.model.class_features().float().cpu().contiguous()  # (C, D)
+        # the CLIP's SHA-256 computed here: only a head records it
         return dict(weight=weight, classnames=list(self.classnames),
                     logit_scale=self.model.clip.logit_scale.exp().item(), clip=self.clip,
-                    clip_sha256=self.clip_sha256)
+                    clip_sha256=clip_model.weights_sha256(self.clip))
 
 
 def plain_tower(model):
