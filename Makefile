@@ -72,8 +72,8 @@ xd: install
 SEEDS ?= 1 2 3
 DATASETS ?=
 JOBS_PER_GPU ?= 1
-TABLE_JOBS = $(if $(DATASETS),--datasets $(DATASETS)) --seeds $(SEEDS) --jobs-per-gpu $(JOBS_PER_GPU) \
-	$(if $(filter command line,$(origin GPUS)),--gpus $(GPUS))
+TABLE_SELECT = $(if $(DATASETS),--datasets $(DATASETS)) --seeds $(SEEDS)
+TABLE_JOBS = $(TABLE_SELECT) --jobs-per-gpu $(JOBS_PER_GPU) $(if $(filter command line,$(origin GPUS)),--gpus $(GPUS))
 table: install
 	@$(PYTHON) tables.py run base2new $(TABLE_FLAGS) $(TABLE_JOBS) $(STORE)
 table-xd: install
@@ -83,8 +83,8 @@ SHOTS ?= 1 2 4 8 16
 table-fewshot: install
 	@$(PYTHON) tables.py run fewshot $(TABLE_FLAGS) $(TABLE_JOBS) --shots $(SHOTS) $(STORE)
 table-jobs: install
-	@$(PYTHON) tables.py jobs $(or $(PROTOCOL),base2new) $(TABLE_FLAGS) $(if $(DATASETS),--datasets $(DATASETS)) \
-	  --seeds $(SEEDS) $(if $(filter fewshot,$(PROTOCOL)),--shots $(SHOTS))
+	@$(PYTHON) tables.py jobs $(or $(PROTOCOL),base2new) $(TABLE_FLAGS) $(TABLE_SELECT) \
+	  $(if $(filter fewshot,$(PROTOCOL)),--shots $(SHOTS))
 
 # Every table under OUTPUT, then the methods side by side (<m> beside <m>-plain) in OUTPUT/report.{csv,md,tex,png};
 # reads results.json files only (no torch). Fails (status 2) when there is no table, or when a results.json is

@@ -21,9 +21,9 @@ is a median.
 """
 import argparse
 import collections
+import itertools
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -295,19 +295,19 @@ def table(args):
                                 *some_seeds, *steps], check=True, stdout=subprocess.DEVNULL,
                                cwd=here, env=dict(os.environ, BENCH_COUNTS=counts))
 
-        one_by_one = [([d], [s]) for d in datasets for s in seeds]
-        ways = {"separate processes": lambda runs, counts: tables_py(runs, counts, one_by_one),
-                "one table": lambda runs, counts: tables_py(runs, counts, [(datasets, seeds)]),
-                "one table, no caches": lambda runs, counts: tables_py(
-                    runs, counts, [(datasets, seeds)], "--no-feature-cache")}
-        times, counts = collections.defaultdict(list), {}
-        for r in range(args.rounds):
-            for name in list(ways)[r % 3:] + list(ways)[:r % 3]:
-                folder = os.path.join(tmp, f"{name.replace(' ', '-').replace(',', '')}-{r}")
-                t0 = time.perf_counter()
-                ways[name](folder, folder + ".counts")
-                times[name].append(time.perf_counter() - t0)
-                counts[name] = TableCounts.read(folder + ".counts")
+        last, made = {}, itertools.count()  # each way's latest runs folder
+
+        def way(name, *jobs_and_flags):
+            def run():
+                last[name] = os.path.join(tmp, f"runs-{next(made)}")
+                tables_py(last[name], last[name] + ".counts", *jobs_and_flags)
+            return run
+        one_by_one, together = [([d], [s]) for d in datasets for s in seeds], [(datasets, seeds)]
+        ways = {"separate processes": way("separate processes", one_by_one),
+                "one table": way("one table", together),
+                "one table, no caches": way("one table, no caches", together, "--no-feature-cache")}
+        medians = time_interleaved(ways, timer=synced_seconds, warmup=0, rounds=args.rounds)
+        counts = {name: TableCounts.read(folder + ".counts") for name, folder in last.items()}
         test_images = {os.path.abspath(i.impath) for d in datasets
                        for i in data.load_splits(d, root, num_shots=0)["test"]}
         t0 = time.perf_counter()
@@ -316,7 +316,6 @@ def table(args):
         t0 = time.perf_counter()
         clip_model.load_clip(weights)
         clip_load = time.perf_counter() - t0
-    medians = {name: statistics.median(t) for name, t in times.items()}
     jobs = len(datasets) * len(seeds)
     start_up = 2 * imports + clip_load  # every tables.py pays again: its and its worker's imports
     work = max(medians["separate processes"] - jobs * start_up, 0.0)
@@ -503,7 +502,7 @@ def synthetic(args):
 
 def get_parser(Method=None, spec="coop"):
     """bench.py's commands; with Method, step takes its recipe's flags."""
-    positive, workers = flags.ranged(int, POSITIVE), flags.ranged(int, NON_NEGATIVE)
+    positive, non_negative = flags.ranged(int, POSITIVE), flags.ranged(int, NON_NEGATIVE)
     p = argparse.ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("step", help="training (or --eval) steps of a method with and without TextRefiner")
@@ -512,7 +511,7 @@ def get_parser(Method=None, spec="coop"):
     s.add_argument("--eval", action="store_true", help="inference instead of training steps")
     s.add_argument("--num-classes", type=positive, default=100)
     s.add_argument("--steps", type=positive, default=20, help="timed rounds")
-    s.add_argument("--warmup", type=flags.ranged(int, NON_NEGATIVE), default=3, help="untimed rounds before those")
+    s.add_argument("--warmup", type=non_negative, default=3, help="untimed rounds before those")
     s.add_argument("--device", type=flags.device_flag, help="cuda, cuda:N or cpu (default: cuda when available)")
     s.add_argument("--precision", choices=("bf16", "fp16", "fp32"))
     if Method is not None:  # its recipe (--batch-size, --depth, --teacher-clip as a size name, ...)
@@ -528,7 +527,7 @@ def get_parser(Method=None, spec="coop"):
     lo = sub.add_parser("loader", help="decoded + augmented images/s of a dataset's train loader")
     lo.add_argument("--dataset", required=True, choices=tuple(data.DATASETS))
     lo.add_argument("--root", default="data")
-    lo.add_argument("--workers", type=workers, default=4)
+    lo.add_argument("--workers", type=non_negative, default=4)
     lo.add_argument("--batch-size", type=positive, default=64)
     lo.add_argument("--resolution", type=positive, default=224)
     lo.add_argument("--steps", type=positive, default=50)
@@ -538,7 +537,7 @@ def get_parser(Method=None, spec="coop"):
                                        "decode_jpeg on the GPU in batches")
     de.add_argument("--dataset", required=True, choices=tuple(data.DATASETS))
     de.add_argument("--root", default="data")
-    de.add_argument("--workers", type=flags.ranged(int, NON_NEGATIVE), default=8)
+    de.add_argument("--workers", type=non_negative, default=8)
     de.add_argument("--batch-size", type=positive, default=100)
     de.add_argument("--resolution", type=positive, default=224)
     de.add_argument("--rounds", type=positive, default=3)
@@ -557,7 +556,7 @@ def get_parser(Method=None, spec="coop"):
     ta.add_argument("--images", type=flags.ranged(int, Range(lambda v: v >= 3, "at least 3")),
                     default=32, help="per class: a test, a val and a train image at least")
     ta.add_argument("--size", type=positive, default=224, help="image side in pixels")
-    ta.add_argument("--workers", type=workers, default=4, help="loader workers")
+    ta.add_argument("--workers", type=non_negative, default=4, help="loader workers")
     ta.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     sy = sub.add_parser("synthetic",
                         help="a synthetic dataset and random CLIP weights (and a teacher file)")

@@ -420,7 +420,7 @@ class KgCoOpRecipe(CoOpRecipe):
         if self.template is None:
             template = KGCOOP_TEMPLATES.get(dataset)
             if not template and dataset:
-                template = data.DATASETS[dataset].template
+                template = data.dataset_info(dataset).template
             recipe = dataclasses.replace(recipe, template=template or "a photo of a {}.")
         return recipe
 
