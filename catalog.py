@@ -60,3 +60,5 @@ DATASETS = {
 }
 # the 11 datasets of the papers' tables
 PAPER_DATASETS = [name for name, info in DATASETS.items() if info.paper_name]
+# the cross-dataset targets of a model trained on ImageNet: its 4 variants, then the other 10
+XD_TARGETS = [name for name, info in DATASETS.items() if info.test_only] + PAPER_DATASETS[1:]

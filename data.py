@@ -30,8 +30,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-# data.DATASETS, data.UserError: the names every module uses (catalog.py: without torch)
-from catalog import DATASETS, PAPER_DATASETS, UserError  # noqa: F401
+# data.DATASETS, data.XD_TARGETS, data.UserError: what every module uses (catalog.py: no torch)
+from catalog import DATASETS, PAPER_DATASETS, XD_TARGETS, UserError  # noqa: F401
 
 DATASETS_MD = "https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

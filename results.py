@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass, field
 
 import outputs
-from catalog import DATASETS, PAPER_DATASETS
+from catalog import DATASETS, PAPER_DATASETS, XD_TARGETS
 
 PROTOCOLS = ("base2new", "xd", "fewshot")
 METRICS = {"base2new": ("base", "new", "hm"), "xd": ("accuracy",), "fewshot": ("accuracy",)}
@@ -365,8 +365,7 @@ def published_average(published, datasets):
 
 def dataset_order(datasets):
     """The papers' order (ImageNet, its variants, the other 10), then any other name."""
-    variants = [d for d, info in DATASETS.items() if info.test_only]
-    known = ["imagenet", *variants, *PAPER_DATASETS[1:]]
+    known = ["imagenet", *XD_TARGETS]
     return [d for d in known if d in datasets] + sorted(d for d in datasets if d not in known)
 
 

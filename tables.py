@@ -55,7 +55,6 @@ SIZES = {"imagenet": (1000, 50000), "caltech101": (100, 2465), "oxford_pets": (3
          "fgvc_aircraft": (100, 3333), "sun397": (397, 19850), "dtd": (47, 1692),
          "eurosat": (10, 8100), "ucf101": (101, 3783), "imagenetv2": (1000, 10000),
          "imagenet_sketch": (1000, 50889), "imagenet_a": (200, 7500), "imagenet_r": (200, 30000)}
-XD_TARGETS = [d for d, info in data.DATASETS.items() if info.test_only] + data.PAPER_DATASETS[1:]
 
 
 @dataclass(frozen=True)
@@ -95,7 +94,7 @@ def table_jobs(args):
         datasets = args.datasets or data.PAPER_DATASETS
         return [Job("fewshot", d, s, shots=k)
                 for d in datasets for k in args.shots for s in args.seeds]
-    targets = tuple(args.datasets or XD_TARGETS)
+    targets = tuple(args.datasets or data.XD_TARGETS)
     if flags.load_method(args.method).transductive:
         return [Job("xd", t, s) for t in targets for s in args.seeds]
     return [Job("xd", "imagenet", s, targets) for s in args.seeds]
