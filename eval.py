@@ -301,8 +301,7 @@ def run(args):
         results = train.evaluate(model.to(device), loader, splits.eval_classnames, device,
                                  precision, features.for_run(args.no_feature_cache),
                                  rows=None if args.zeroshot else splits.rows)
-        inputs = {k: recorded.get(k)
-                  for name in Method.recipe.weight_files for k in (name, name + "_sha256")}
+        inputs = flags.input_record(Method, recorded)
         resolved = dict(dataset=dataset, root=root, subsample=subsample, shots=shots, seed=seed,
                         clip=clip_name, precision=precision, method=recorded["method"], **inputs)
         trained = not args.zeroshot

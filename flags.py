@@ -73,6 +73,13 @@ def input_names():
     return sorted({name for Model in METHODS.values() for name in Model.recipe.weight_files})
 
 
+def input_record(Method, values):
+    """results.json's entries of the method's weights files: each one's path and SHA-256, from
+    `values` (the run's flags as a dict)."""
+    return {key: values.get(key)
+            for name in Method.recipe.weight_files for key in (name, name + "_sha256")}
+
+
 def chosen_device(name):
     """--device's value (None: not given) as a torch.device; by default cuda when available."""
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))

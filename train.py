@@ -577,8 +577,7 @@ def final_test(run, args):
     results = evaluate(run.raw_model, run.test_loader, run.splits.eval_classnames, run.device,
                        args.precision, run.feature_cache, run.splits.rows)
     Method = flags.load_method(args.method, args.method_file)
-    inputs = {k: getattr(args, k)
-              for name in Method.recipe.weight_files for k in (name, name + "_sha256")}
+    inputs = flags.input_record(Method, vars(args))
     tested = os.path.abspath(run.paths["best.pt" if selected else "last.pt"])  # eval.py's too
     results.update(split="test", dataset=args.dataset, subsample=args.subsample, method=args.method,
                    title=Method.title or Method.__name__, shots=args.shots,
