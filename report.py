@@ -113,8 +113,8 @@ def averages(protocol, variants):
 
 def method_lines(protocol, dataset, group, variants):
     """The lines of one method on a dataset: host, with TextRefiner, Δ (those it has)."""
-    title = next(iter(variants.values())).title
-    name = title if group == next(iter(variants.values())).method else f"{title} ({group})"
+    first = next(iter(variants.values()))  # the variants share their method
+    name = first.title if group == first.method else f"{first.title} ({group})"
     labels = dict(no=name, yes=f"{name} + TextRefiner", delta="Δ TextRefiner")
     counts = {}
     if dataset == "average":
@@ -123,7 +123,7 @@ def method_lines(protocol, dataset, group, variants):
         series = {kind: {k: per_seed for (d, k), per_seed in runs.values.items() if d == dataset}
                   for kind, runs in variants.items()}
     shots = set().union(*(runs.shots for runs in variants.values()))
-    common = dict(method=next(iter(variants.values())).method, averaged=tuple(counts.values()),
+    common = dict(method=first.method, averaged=tuple(counts.values()),
                   shots=next(iter(shots)) if len(shots) == 1 else None)
     lines = [Line(dataset, group, kind, labels[kind], columns(protocol, series[kind], describe),
                   **common) for kind in ("no", "yes") if series.get(kind)]
