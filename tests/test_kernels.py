@@ -821,16 +821,17 @@ def counted(calls, name, fn):
     return wrapper
 
 
-class DoubledGradient(torch.autograd.Function):
-    """The identity, with a wrong backward."""
+class IdentityWithBackward(torch.autograd.Function):
+    """The identity, with the backward given: a wrong one (doubling) or one that raises."""
 
     @staticmethod
-    def forward(ctx, y):
+    def forward(ctx, y, backward):
+        ctx.given_backward = backward
         return y.clone()
 
     @staticmethod
     def backward(ctx, grad):
-        return 2 * grad
+        return ctx.given_backward(grad), None
 
 
 def warning_line(kernel, device, problem):
@@ -866,7 +867,8 @@ def test_a_wrong_cache_kernel_is_reported_once_and_the_reference_used_after(auto
 
 @pytest.mark.parametrize("wrong, problem", [
     (lambda y, mean, var: (y * 1.01, mean, var), r"y off by \S+ \(tolerance 0.0001 x \S+\)"),
-    (lambda y, mean, var: (DoubledGradient.apply(y), mean, var), r"dx off by \S+ \(tolerance 0.0001 x \S+\)"),
+    (lambda y, mean, var: (IdentityWithBackward.apply(y, lambda g: 2 * g), mean, var),
+     r"dx off by \S+ \(tolerance 0.0001 x \S+\)"),
 ])
 def test_a_wrong_feature_alignment_is_reported_once_and_the_reference_used_after(auto_triton, monkeypatch, capsys,
                                                                                   wrong, problem):
@@ -900,18 +902,6 @@ def raised_line(kernel, device):
             f"{RAISED}; using the reference for the rest of this run\n")
 
 
-class RaisingGradient(torch.autograd.Function):
-    """The identity, with a backward that raises as kernel_error does."""
-
-    @staticmethod
-    def forward(ctx, y):
-        return y.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        kernel_error()
-
-
 def test_a_cache_kernel_that_raises_is_reported_once_and_the_reference_used_after(
         auto_triton, monkeypatch, capsys):
     from kernels import triton_cache_update
@@ -940,7 +930,7 @@ def test_a_feature_alignment_that_raises_is_reported_once_and_the_reference_used
         if raises_in == "forward":
             kernel_error()
         y, mean, var = real(*args, **kwargs)
-        return RaisingGradient.apply(y), mean, var
+        return IdentityWithBackward.apply(y, kernel_error), mean, var
 
     monkeypatch.setattr(triton_feature_align, "feature_align", broken)
     x = random_tokens(37, 48, torch.float32, seed=42)
