@@ -46,6 +46,7 @@ from kernels.bench import time_interleaved
 from tables import table_worker as tables_worker
 
 TRAIN_STEP_TARGET, EVAL_RATE_TARGET = 1.10, 0.95
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")  # the image files TableCounts counts
 
 
 def synced_seconds(fn):
@@ -338,21 +339,26 @@ def table(args):
     return medians
 
 
+def opened_image(event, args):
+    """The absolute path of the image file an interpreter "open" audit event opens, else None."""
+    if event == "open" and isinstance(args[0], str) and args[0].lower().endswith(IMAGE_SUFFIXES):
+        return os.path.abspath(args[0])
+    return None
+
+
 class TableCounts:
     """What a table's workers do, counted from inside them (counted_tables): the image files they
     and the loader processes they fork open (an audit hook on the interpreter's "open" events), the
     images their CLIP image towers take in training and in evaluation, and the wall seconds of
     train.py's phases (PhaseTimer) and of the eval.py steps. Each worker appends to the file
     $BENCH_COUNTS a line per image file opened, and its running totals after each step."""
-    IMAGES = (".jpg", ".jpeg", ".png")
-
     def __init__(self, path):
         self.log = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
         self.timer, self.tower = PhaseTimer(), collections.Counter()
 
     def opened(self, event, args):
-        if event == "open" and isinstance(args[0], str) and args[0].lower().endswith(self.IMAGES):
-            os.write(self.log, f"open\t{os.path.abspath(args[0])}\n".encode())
+        if path := opened_image(event, args):
+            os.write(self.log, f"open\t{path}\n".encode())
 
     def counted(self, clip, images, *args, **kwargs):
         """CLIP.encode_image, its images counted by phase (the training steps' or evaluation)."""

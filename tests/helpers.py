@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import bench
 import clip_model
 import data
 import outputs
@@ -186,9 +187,8 @@ _audit_hooked = []  # [True] once the hook is added: an audit hook stays for the
 
 
 def _record_image_open(event, args):
-    if event == "open" and _image_opens and isinstance(args[0], str) and \
-            args[0].lower().endswith((".jpg", ".jpeg", ".png")):
-        os.write(_image_opens[-1], f"{os.path.abspath(args[0])}\n".encode())
+    if _image_opens and (path := bench.opened_image(event, args)):
+        os.write(_image_opens[-1], f"{path}\n".encode())
 
 
 @contextlib.contextmanager
@@ -488,7 +488,6 @@ def table_worker_counting_reads(*args):
     $CLIP_READS names (a monkeypatch of the test's process does not reach it), and each image file
     it or its loader workers open to $BENCH_COUNTS (bench.TableCounts: the interpreter's audit
     events)."""
-    import bench
     read = clip_model.read_state_dict
 
     def counted(path):
