@@ -524,10 +524,9 @@ def _pixels(image):
 
 
 class DecodedImages:
-    """Training images decoded once (one pass of a loader with `workers`) and kept as uint8 in one
-    buffer, in item order while they fit in max_bytes; image(i) is items[i] as load_image gives
-    it, from the buffer or, past the bound, from its file. One tensor, not one per image: a loader
-    worker that receives the dataset pickled (spawn) maps one shared-memory segment, not thousands."""
+    """Training images decoded once (a loader pass with `workers`), kept as uint8 in one buffer (a
+    spawned loader worker maps one shared-memory segment, not one per image) while they fit in
+    max_bytes; image(i) is items[i] as load_image gives it, from the buffer or from its file."""
 
     def __init__(self, items, max_bytes, workers, seed):
         self.items, self.where, kept, total = items, {}, {}, 0
